@@ -1,0 +1,33 @@
+"""The structured shard events: one JSON line per shard attempt start, end or error."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import dagster as dg
+
+SHARD_EVENTS = ("shard_start", "shard_end", "shard_error")
+
+
+def shard_event(context: dg.AssetExecutionContext, event: str, **fields: Any) -> str:
+    """Log one shard event as a single JSON line (sorted keys) to the run's log; return the line."""
+    if event not in SHARD_EVENTS:
+        raise ValueError(f"unknown shard event {event!r}")
+    line = json.dumps({"event": event, **fields}, sort_keys=True, default=str)
+    if event == "shard_error":
+        context.log.error(line)
+    else:
+        context.log.info(line)
+    return line
+
+
+def parse_shard_event(message: str) -> dict[str, Any] | None:
+    """The event dict if `message` is a shard event line, else None."""
+    if not message.startswith("{"):
+        return None
+    try:
+        data = json.loads(message)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and data.get("event") in SHARD_EVENTS else None

@@ -1,0 +1,188 @@
+"""`shard_profiles` (one partition per shard) and `customer_profiles` (the merged table + export)."""
+
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+import dagster as dg
+
+from etl_assets import staging, warehouse
+from etl_assets.logs import shard_event
+from etl_assets.rules import install_rules, merge_sql
+from etl_assets.schema import SOURCES, profile_columns
+from etl_assets.settings import EtlSettings
+from etl_assets.sharding import shard_partitions
+
+# Bump when the rows a shard writes would change for the same input (rules, merge, columns).
+CODE_VERSION = "1"
+
+# Retries live on the shard, not the orchestrator: waits of (2^n - 1) x 1 s, jittered +/- 1 s.
+SHARD_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=3, delay=1.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+
+class ChaosFailure(RuntimeError):
+    """The injected failure of the chaos drill (CHAOS_FAIL_SHARD)."""
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What one shard write produced."""
+
+    shard_id: int
+    record_count: int
+    source_data_hash: str
+    preview: list[tuple]
+
+
+def build_shard(
+    settings: EtlSettings,
+    shard_id: int,
+    run_id: str,
+    after_delete: Optional[Callable[[], None]] = None,
+) -> ShardResult:
+    """Merge and score one shard's slices, then overwrite its rows in the warehouse."""
+    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    source_hash = staging.shard_input_hash(staged, shard_id)
+    with warehouse.scratch() as con:
+        install_rules(con)
+        for name, source in staged.items():
+            con.execute(
+                f"CREATE TEMP TABLE {name} AS SELECT * FROM read_parquet($path)",
+                {"path": source.slice_path(shard_id)},
+            )
+        con.execute(f"CREATE TEMP TABLE new_rows AS {merge_sql()}", {"shard_id": shard_id})
+        preview = con.execute(
+            "SELECT customer_id, email, health_score, churn_risk, expansion_potential "
+            "FROM new_rows ORDER BY customer_id LIMIT 5"
+        ).fetchall()
+        with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s):
+            written = warehouse.overwrite_shard(
+                con,
+                "new_rows",
+                shard_count=settings.shard_count,
+                shard_id=shard_id,
+                manifest={
+                    "source_data_hash": source_hash,
+                    "code_version": CODE_VERSION,
+                    "run_id": run_id,
+                },
+                after_delete=after_delete,
+            )
+    return ShardResult(shard_id, written, source_hash, preview)
+
+
+def _preview_markdown(rows: list[tuple]) -> str:
+    header = "| customer_id | email | health | churn | expansion |\n|---|---|---|---|---|\n"
+    return header + "".join(
+        "| " + " | ".join("" if v is None else str(v) for v in row) + " |\n" for row in rows
+    )
+
+
+def _profile_column_schema() -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in profile_columns()])
+
+
+def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:
+    """The partitioned `shard_profiles` asset and the merged `customer_profiles` asset."""
+
+    @dg.asset(
+        name="shard_profiles",
+        group_name="profiles",
+        partitions_def=shard_partitions(shard_count),
+        deps=list(SOURCES),
+        retry_policy=SHARD_RETRY_POLICY,
+        kinds={"duckdb"},
+        owners=["team:data-platform"],
+        code_version=CODE_VERSION,
+        description=(
+            "One partition per hash shard: merges the shard's customers across the four sources "
+            "(CRM owns identity), scores health / churn / expansion, and overwrites the shard's "
+            "rows in DuckDB `shard_profiles` in one transaction."
+        ),
+        metadata={"dagster/column_schema": _profile_column_schema()},
+    )
+    def shard_profiles(
+        context: dg.AssetExecutionContext, settings: EtlSettings
+    ) -> dg.MaterializeResult:
+        shard_id = int(context.partition_key)
+        attempt = context.retry_number + 1
+        started = time.monotonic()
+        shard_event(context, "shard_start", shard_id=shard_id, attempt=attempt, run_id=context.run_id)
+        try:
+            if settings.chaos_fail_shard == shard_id and (
+                settings.chaos_fail_mode == "always" or context.retry_number == 0
+            ):
+                raise ChaosFailure(f"chaos: shard {shard_id} fails on attempt {attempt}")
+            result = build_shard(settings, shard_id, context.run_id)
+        except staging.StagingError as exc:
+            shard_event(context, "shard_error", shard_id=shard_id, attempt=attempt,
+                        error=str(exc), retryable=False)
+            raise dg.Failure(description=str(exc), allow_retries=False) from exc
+        except Exception as exc:
+            shard_event(context, "shard_error", shard_id=shard_id, attempt=attempt,
+                        error=f"{type(exc).__name__}: {exc}", retryable=True)
+            raise
+        elapsed_ms = int((time.monotonic() - started) * 1000)
+        shard_event(context, "shard_end", shard_id=shard_id, attempt=attempt,
+                    record_count=result.record_count, elapsed_ms=elapsed_ms)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(f"{result.source_data_hash[:16]}-c{CODE_VERSION}"),
+            metadata={
+                "dagster/row_count": result.record_count,
+                "elapsed_ms": elapsed_ms,
+                "attempt": attempt,
+                "shard_id": shard_id,
+                "source_data_hash": result.source_data_hash,
+                "preview": dg.MetadataValue.md(_preview_markdown(result.preview)),
+            },
+        )
+
+    @dg.asset(
+        name="customer_profiles",
+        group_name="profiles",
+        deps=[shard_profiles],
+        kinds={"duckdb", "csv"},
+        owners=["team:data-platform"],
+        code_version=CODE_VERSION,
+        description=(
+            "Every shard merged into DuckDB `customer_profiles`, one row per idempotency key, "
+            "and exported as CSV sorted by customer_id (EXPORT_PATH, default merged_output.csv)."
+        ),
+        metadata={"dagster/column_schema": _profile_column_schema()},
+    )
+    def customer_profiles(
+        context: dg.AssetExecutionContext, settings: EtlSettings
+    ) -> dg.MaterializeResult:
+        with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s) as con:
+            count = warehouse.rebuild_customer_profiles(con, settings.shard_count)
+            warehouse.export_csv(con, settings.export_path)
+            summary = profile_summary(con)
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": count,
+                "export_path": dg.MetadataValue.path(settings.export_path),
+                "summary": dg.MetadataValue.md(summary),
+            }
+        )
+
+    return shard_profiles, customer_profiles
+
+
+def profile_summary(con) -> str:
+    """Markdown: churn and expansion distribution, average health, rejected rows per source."""
+    rows = con.execute(
+        f"""SELECT churn_risk, count(*), round(avg(health_score), 1)
+            FROM {warehouse.ALIAS}.customer_profiles GROUP BY churn_risk ORDER BY churn_risk"""
+    ).fetchall()
+    rejected = con.execute(
+        f"SELECT source, count(*) FROM {warehouse.ALIAS}.rejected_rows GROUP BY source ORDER BY source"
+    ).fetchall()
+    lines = ["| churn_risk | customers | avg health |", "|---|---|---|"]
+    lines += [f"| {risk} | {n} | {avg} |" for risk, n, avg in rows]
+    lines += ["", "| source | rejected rows |", "|---|---|"]
+    lines += [f"| {source} | {n} |" for source, n in rejected] or ["| (none) | 0 |"]
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""The four source files' typed schemas and domains, and the profile's column order.
+
+This is the single place that says what a valid source row looks like; validation SQL, staging,
+the generator and the docs are all derived from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+Kind = Literal["id", "text", "int", "decimal", "money", "date", "category"]
+
+# DuckDB type each kind is staged as. Money is exact; other measures are doubles.
+SQL_TYPES: dict[str, str] = {
+    "id": "VARCHAR",
+    "text": "VARCHAR",
+    "int": "BIGINT",
+    "decimal": "DOUBLE",
+    "money": "DECIMAL(18,2)",
+    "date": "DATE",
+    "category": "VARCHAR",
+}
+
+PLANS = ("Starter", "Business", "Professional", "Enterprise")
+PAYMENT_STATUSES = ("Active", "Past Due", "Failed")
+DEAL_STAGES = ("Lead", "Qualified", "Proposal", "Negotiation", "Closed Won", "Enterprise")
+ACCOUNT_STATUSES = ("Active", "Inactive", "Trial")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One source column: its kind, optional inclusive range, and domain for categoricals."""
+
+    name: str
+    kind: Kind
+    min: Optional[float] = None
+    max: Optional[float] = None
+    domain: tuple[str, ...] = ()
+
+    @property
+    def sql_type(self) -> str:
+        return SQL_TYPES[self.kind]
+
+
+@dataclass(frozen=True)
+class SourceSchema:
+    """A source file: its asset name, file name, columns in file order, and what it describes."""
+
+    name: str
+    filename: str
+    columns: tuple[Column, ...]
+    description: str
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def data_columns(self) -> tuple[Column, ...]:
+        """Every column but customer_id."""
+        return tuple(c for c in self.columns if c.kind != "id")
+
+
+_ID = Column("customer_id", "id")
+_EMAIL = Column("email", "text")
+
+SOURCES: dict[str, SourceSchema] = {
+    s.name: s
+    for s in (
+        SourceSchema(
+            "crm",
+            "crm.csv",
+            (
+                _ID,
+                _EMAIL,
+                Column("company_name", "text"),
+                Column("industry", "text"),
+                Column("employee_count", "int", min=0),
+                Column("deal_stage", "category", domain=DEAL_STAGES),
+                Column("deal_value", "money", min=0),
+                Column("sales_owner", "text"),
+                Column("last_contact", "date"),
+            ),
+            "CRM accounts: the system of record for identity fields (email, company).",
+        ),
+        SourceSchema(
+            "billing",
+            "billing.csv",
+            (
+                _ID,
+                _EMAIL,
+                Column("plan", "category", domain=PLANS),
+                Column("mrr", "money", min=0),
+                Column("payment_status", "category", domain=PAYMENT_STATUSES),
+                Column("subscription_start", "date"),
+                Column("last_payment", "date"),
+            ),
+            "Billing subscriptions: plan, monthly recurring revenue and payment status.",
+        ),
+        SourceSchema(
+            "product",
+            "product.csv",
+            (
+                _ID,
+                _EMAIL,
+                Column("signup_date", "date"),
+                Column("last_active", "date"),
+                Column("total_sessions", "int", min=0),
+                Column("features_used", "int", min=0),
+                Column("usage_pct", "decimal", min=0, max=100),
+                Column("account_status", "category", domain=ACCOUNT_STATUSES),
+            ),
+            "Product analytics: sessions, feature adoption and usage percentage.",
+        ),
+        SourceSchema(
+            "support",
+            "support.csv",
+            (
+                _ID,
+                _EMAIL,
+                Column("total_tickets", "int", min=0),
+                Column("open_tickets", "int", min=0),
+                Column("avg_resolution_hrs", "decimal", min=0),
+                Column("last_ticket_date", "date"),
+                Column("nps_score", "int", min=0, max=10),
+                Column("csat_score", "decimal", min=0, max=5),
+            ),
+            "Support desk: ticket counts, resolution time, NPS and CSAT.",
+        ),
+    )
+}
+
+# Cross-column rules: (source, reason, left column, right column) meaning left <= right.
+NOT_GREATER_THAN: tuple[tuple[str, str, str], ...] = (("support", "open_tickets", "total_tickets"),)
+
+SCORE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("health_score", "INTEGER"),
+    ("churn_risk", "VARCHAR"),
+    ("expansion_potential", "VARCHAR"),
+)
+
+
+def profile_columns() -> list[tuple[str, str]]:
+    """The profile row, in export order: id, email, each source's other columns, scores, keys."""
+    cols: list[tuple[str, str]] = [("customer_id", "VARCHAR"), ("email", "VARCHAR")]
+    for source in SOURCES.values():
+        cols += [(c.name, c.sql_type) for c in source.data_columns if c.name != "email"]
+    cols += list(SCORE_COLUMNS)
+    cols += [("shard_id", "INTEGER"), ("idempotency_key", "VARCHAR")]
+    return cols

@@ -1,0 +1,119 @@
+"""Configuration: environment variables and CLI flags resolved into one settings object.
+
+Every module reads its configuration from an `EtlSettings` instance handed to it (as a Dagster
+resource inside assets, as a plain object in the CLI); nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import dagster as dg
+
+# Environment variable -> settings field. CLI flags override these.
+ENV_VARS: dict[str, str] = {
+    "DATA_DIR": "data_dir",
+    "ETL_HOME": "home_dir",
+    "DUCKDB_PATH": "duckdb_path",
+    "STAGING_DIR": "staging_dir",
+    "EXPORT_PATH": "export_path",
+    "SHARD_COUNT": "shard_count",
+    "CHAOS_FAIL_SHARD": "chaos_fail_shard",
+    "CHAOS_FAIL_MODE": "chaos_fail_mode",
+    "MAX_REJECT_FRACTION": "max_reject_fraction",
+    "LOCK_TIMEOUT_S": "lock_timeout_s",
+}
+
+DEFAULT_HOME = "var"
+CHAOS_MODES = ("once", "always")
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+class EtlSettings(dg.ConfigurableResource):
+    """Where the pipeline reads and writes, how many shards, and the chaos switches.
+
+    Paths are absolute once built through `from_env`, so the UI shows exactly what a run used.
+    """
+
+    data_dir: str = "data"
+    home_dir: str = DEFAULT_HOME
+    duckdb_path: str = ""
+    staging_dir: str = ""
+    export_path: str = ""
+    shard_count: int = 10
+    chaos_fail_shard: Optional[int] = None
+    chaos_fail_mode: str = "once"
+    max_reject_fraction: float = 0.01
+    lock_timeout_s: float = 60.0
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "EtlSettings":
+        """Build settings from environment variables, then apply non-None `overrides` (CLI flags)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for var, field in ENV_VARS.items():
+            raw = env.get(var, "").strip()
+            if raw:
+                values[field] = _parse(var, field, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**_resolve_paths(values)).validated()
+
+    def validated(self) -> "EtlSettings":
+        """Raise `SettingsError` naming the bad value; return self when everything is usable."""
+        if self.shard_count < 1:
+            raise SettingsError(f"SHARD_COUNT must be at least 1, got {self.shard_count}")
+        if self.chaos_fail_mode not in CHAOS_MODES:
+            raise SettingsError(
+                f"CHAOS_FAIL_MODE must be one of {', '.join(CHAOS_MODES)}, got {self.chaos_fail_mode!r}"
+            )
+        if self.chaos_fail_shard is not None and not 0 <= self.chaos_fail_shard < self.shard_count:
+            raise SettingsError(
+                f"CHAOS_FAIL_SHARD={self.chaos_fail_shard} is not a shard id (0..{self.shard_count - 1})"
+            )
+        if not 0 <= self.max_reject_fraction <= 1:
+            raise SettingsError(
+                f"MAX_REJECT_FRACTION must be between 0 and 1, got {self.max_reject_fraction}"
+            )
+        return self
+
+    @property
+    def shard_ids(self) -> list[int]:
+        """Every shard id, in order."""
+        return list(range(self.shard_count))
+
+    @property
+    def dagster_home(self) -> Path:
+        """The default Dagster home inside the git-ignored folder (DAGSTER_HOME wins when set)."""
+        return Path(self.home_dir) / "dagster_home"
+
+
+def _parse(var: str, field: str, raw: str) -> Any:
+    annotation = EtlSettings.model_fields[field].annotation
+    try:
+        if annotation in (int, Optional[int]):
+            return int(raw)
+        if annotation is float:
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{var}={raw!r} is not a number") from None
+    return raw
+
+
+def _resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
+    home = Path(values.get("home_dir") or DEFAULT_HOME).resolve()
+    defaults = {
+        "duckdb_path": home / "warehouse.duckdb",
+        "staging_dir": home / "staging",
+        "export_path": home / "merged_output.csv",
+    }
+    out = dict(values, home_dir=str(home))
+    out["data_dir"] = str(Path(values.get("data_dir") or "data").resolve())
+    for field, default in defaults.items():
+        out[field] = str(Path(values[field]).resolve()) if values.get(field) else str(default)
+    return out

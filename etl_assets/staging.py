@@ -1,0 +1,163 @@
+"""Staged source slices on disk: one Parquet file per shard, published atomically.
+
+Layout: `<staging_dir>/<source>/<version>/shard_<k>.parquet` plus `<source>/current.json`, the
+pointer shards read. A version directory is written under a temporary name and renamed into
+place, and the pointer is replaced with os.replace, so a crash never leaves a half-written file
+under a name a reader would use. Readers need no DuckDB lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+POINTER = "current.json"
+KEEP_VERSIONS = 2  # the current one and the previous, for a reader that started just before
+
+
+class StagingError(RuntimeError):
+    """The staged data a shard needs is missing or was staged for another layout."""
+
+
+@dataclass(frozen=True)
+class StagedSource:
+    """What a source asset published: the file's identity and its per-shard slices."""
+
+    source: str
+    file_sha256: str
+    shard_count: int
+    version_dir: str
+    slice_hashes: dict[int, str]
+    slice_rows: dict[int, int]
+
+    def slice_path(self, shard_id: int) -> str:
+        return str(Path(self.version_dir) / f"shard_{shard_id}.parquet")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "file_sha256": self.file_sha256,
+            "shard_count": self.shard_count,
+            "version_dir": self.version_dir,
+            "slice_hashes": {str(k): v for k, v in sorted(self.slice_hashes.items())},
+            "slice_rows": {str(k): v for k, v in sorted(self.slice_rows.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StagedSource":
+        return cls(
+            source=data["source"],
+            file_sha256=data["file_sha256"],
+            shard_count=int(data["shard_count"]),
+            version_dir=data["version_dir"],
+            slice_hashes={int(k): v for k, v in data["slice_hashes"].items()},
+            slice_rows={int(k): int(v) for k, v in data["slice_rows"].items()},
+        )
+
+
+def new_temp_dir(staging_dir: str, source: str) -> Path:
+    """A fresh private directory to write a version into before publishing it."""
+    path = Path(staging_dir) / source / f".tmp-{uuid.uuid4().hex}"
+    path.mkdir(parents=True)
+    return path
+
+
+def publish(staging_dir: str, tmp_dir: Optional[Path], staged: StagedSource) -> StagedSource:
+    """Rename `tmp_dir` to the version directory, then point `current.json` at it.
+
+    With `tmp_dir` None the version directory already exists (same bytes, published earlier)
+    and only the pointer moves.
+    """
+    final = Path(staged.version_dir)
+    if tmp_dir is None:
+        pass
+    elif final.exists():
+        # Same content, same layout, same code: a concurrent run published these bytes first.
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    else:
+        _fsync_dir_files(tmp_dir)
+        os.rename(tmp_dir, final)
+    _write_pointer(Path(staging_dir) / staged.source, staged)
+    _prune(Path(staging_dir) / staged.source, keep=final.name)
+    return staged
+
+
+def read_pointer(staging_dir: str, source: str) -> StagedSource:
+    """The source's current staged version; StagingError if it was never staged."""
+    path = Path(staging_dir) / source / POINTER
+    try:
+        staged = StagedSource.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise StagingError(
+            f"source {source!r} has not been staged yet ({path} missing): materialize the "
+            "sources first"
+        ) from None
+    if not Path(staged.version_dir).is_dir():
+        raise StagingError(f"source {source!r}: staged version {staged.version_dir} is gone")
+    return staged
+
+
+def _write_pointer(source_dir: Path, staged: StagedSource) -> None:
+    tmp = source_dir / f".{POINTER}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(staged.to_json(), fh, sort_keys=True, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, source_dir / POINTER)
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    for child in directory.iterdir():
+        with open(child, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _prune(source_dir: Path, keep: str) -> None:
+    """Remove temp leftovers of dead writers and all but the newest versions."""
+    versions = []
+    for child in source_dir.iterdir():
+        if not child.is_dir() or child.name == keep:
+            continue
+        if child.name.startswith(".tmp-"):
+            # Another live writer could own it; only remove ones older than a minute.
+            if _age_s(child) > 60:
+                shutil.rmtree(child, ignore_errors=True)
+        else:
+            versions.append(child)
+    versions.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in versions[KEEP_VERSIONS - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def current_sources(
+    staging_dir: str, sources: list[str], shard_count: int
+) -> dict[str, StagedSource]:
+    """Every source's current staged version; StagingError if one is missing or mis-sharded."""
+    staged = {name: read_pointer(staging_dir, name) for name in sources}
+    for name, source in staged.items():
+        if source.shard_count != shard_count:
+            raise StagingError(
+                f"source {name!r} is staged for {source.shard_count} shards, not {shard_count}: "
+                "materialize the sources again with this SHARD_COUNT"
+            )
+    return staged
+
+
+def shard_input_hash(staged: dict[str, StagedSource], shard_id: int) -> str:
+    """The shard's source_data_hash: sha256 over each source's slice hash, in source order."""
+    text = "|".join(f"{name}:{staged[name].slice_hashes[shard_id]}" for name in staged)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,258 @@
+"""Reading a source CSV into DuckDB and sorting every row into accepted or rejected.
+
+File-level problems raise `SourceFileError` with one line naming the file. Row-level problems
+never raise: the row goes to the rejected set with a reason, so rows read = accepted + rejected.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from etl_assets.schema import NOT_GREATER_THAN, Column, SourceSchema
+
+INT_PATTERN = "[+-]?[0-9]+"
+DECIMAL_PATTERN = r"[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)"
+DATE_PATTERN = "[0-9]{4}-[0-9]{2}-[0-9]{2}"
+_REASON_BY_KIND = {
+    "int": "invalid_integer",
+    "decimal": "invalid_decimal",
+    "money": "invalid_decimal",
+    "date": "invalid_date",
+    "category": "invalid_category",
+}
+
+
+class SourceFileError(RuntimeError):
+    """A source file that cannot be read at all; str() is one line naming the file."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass
+class ReadReport:
+    """What reading one source produced (tables `accepted` and `rejected` hold the rows)."""
+
+    rows_read: int
+    accepted: int
+    rejected: int
+    reasons: Counter = field(default_factory=Counter)
+    extra_columns: list[str] = field(default_factory=list)
+
+    @property
+    def top_reason(self) -> str | None:
+        return self.reasons.most_common(1)[0][0] if self.reasons else None
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of the file's bytes, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_header(path: Path, schema: SourceSchema) -> tuple[list[str], list[str]]:
+    """Return (columns in file order, extra columns); SourceFileError for unusable files."""
+    if not path.is_file():
+        raise SourceFileError(path, "file not found")
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    if not head.strip():
+        raise SourceFileError(path, "file is empty (expected a header line)")
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    try:
+        text = decoder.decode(head, final=False)
+    except UnicodeDecodeError as exc:
+        raise SourceFileError(path, f"not valid UTF-8 (byte offset {exc.start})") from None
+    first_line = text.splitlines()[0] if text else ""
+    columns = [c.strip() for c in next(csv.reader([first_line]))]
+    duplicates = sorted(c for c, n in Counter(columns).items() if n > 1)
+    if duplicates:
+        raise SourceFileError(path, f"duplicate column(s) in header: {', '.join(duplicates)}")
+    missing = [c for c in schema.column_names if c not in columns]
+    if missing:
+        raise SourceFileError(
+            path, f"missing required column(s): {', '.join(missing)} (header: {first_line[:200]})"
+        )
+    extra = [c for c in columns if c not in schema.column_names]
+    return columns, extra
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _typed_expr(col: Column) -> str:
+    """SQL for the typed value of `col` from its trimmed text `v_<name>` (NULL if it won't parse)."""
+    v = f"v_{col.name}"
+    if col.kind == "int":
+        return f"CASE WHEN regexp_full_match({v}, '{INT_PATTERN}') THEN TRY_CAST({v} AS BIGINT) END"
+    if col.kind in ("decimal", "money"):
+        return (
+            f"CASE WHEN regexp_full_match({v}, '{DECIMAL_PATTERN}') "
+            f"THEN TRY_CAST({v} AS {col.sql_type}) END"
+        )
+    if col.kind == "date":
+        return (
+            f"CASE WHEN regexp_full_match({v}, '{DATE_PATTERN}') "
+            f"THEN CAST(try_strptime({v}, '%Y-%m-%d') AS DATE) END"
+        )
+    if col.kind == "category":
+        # Canonical spelling of the domain value that matches after normalization.
+        dom = f"$domain_{col.name}"
+        return (
+            f"list_extract({dom}, list_position(list_transform({dom}, lambda d: etl_norm(d)), "
+            f"etl_norm({v})))"
+        )
+    if col.kind == "id":
+        return v
+    return f"CASE WHEN trim({_quote(col.name)}) = '' THEN NULL ELSE {_quote(col.name)} END"
+
+
+def validation_sql(schema: SourceSchema) -> tuple[str, dict[str, object]]:
+    """SQL creating temp table `checked` from `raw_rows`, and its bound parameters.
+
+    `checked` has rec (0-based record index), nl (embedded newlines), the typed columns,
+    reason (NULL when valid), raw (the row as read, JSON) and row_hash (md5 of the raw values).
+    """
+    params: dict[str, object] = {}
+    trimmed = ", ".join(
+        f"nullif(trim({_quote(c.name)}), '') AS v_{c.name}" for c in schema.columns
+    )
+    typed = ", ".join(f"{_typed_expr(c)} AS {c.name}" for c in schema.columns)
+    checks: list[str] = ["WHEN v_customer_id IS NULL THEN 'missing_customer_id'"]
+    for col in schema.data_columns:
+        if col.kind in _REASON_BY_KIND:
+            checks.append(
+                f"WHEN v_{col.name} IS NOT NULL AND {col.name} IS NULL "
+                f"THEN '{_REASON_BY_KIND[col.kind]}({col.name})'"
+            )
+        if col.kind == "category":
+            params[f"domain_{col.name}"] = list(col.domain)
+        if col.min is not None:
+            params[f"min_{col.name}"] = col.min
+            checks.append(f"WHEN {col.name} < $min_{col.name} THEN 'out_of_range({col.name})'")
+        if col.max is not None:
+            params[f"max_{col.name}"] = col.max
+            checks.append(f"WHEN {col.name} > $max_{col.name} THEN 'out_of_range({col.name})'")
+    for source, left, right in NOT_GREATER_THAN:
+        if source == schema.name:
+            checks.append(f"WHEN {left} > {right} THEN '{left}_exceeds_{right}'")
+    raw_values = ", ".join(_quote(c) for c in schema.column_names)
+    newline_count = " + ".join(
+        f"coalesce(length({_quote(c)}) - length(replace({_quote(c)}, chr(10), '')), 0)"
+        for c in schema.column_names
+    )
+    sql = f"""
+        CREATE OR REPLACE TEMP TABLE checked AS
+        WITH src AS (SELECT rowid AS rec, to_json(r) AS raw, * FROM raw_rows r),
+        trimmed AS (SELECT rec, raw, {trimmed},
+                           md5(to_json(list_value({raw_values}))) AS row_hash,
+                           {newline_count} AS nl
+                    FROM src),
+        typed AS (SELECT rec, raw, row_hash, nl, {", ".join("v_" + c.name for c in schema.columns)},
+                         {typed} FROM trimmed)
+        SELECT rec, nl, {", ".join(schema.column_names)}, row_hash, raw,
+               CASE {" ".join(checks)} END AS reason
+        FROM typed
+    """
+    return sql, params
+
+
+def read_source(
+    con: duckdb.DuckDBPyConnection, path: Path, schema: SourceSchema
+) -> ReadReport:
+    """Read and validate one source file into temp tables `accepted` and `rejected`.
+
+    accepted: customer_id, the typed columns, row_hash — one row per customer_id (the last valid
+    row in the file wins). rejected: line_number, customer_id, reason, raw.
+    """
+    columns, extra = read_header(path, schema)
+    try:
+        con.execute(
+            """CREATE OR REPLACE TEMP TABLE raw_rows AS SELECT * FROM read_csv(
+                   $path, header = true, auto_detect = false, columns = $columns,
+                   delim = ',', quote = '"', escape = '"', encoding = 'utf-8',
+                   store_rejects = true, rejects_table = 'csv_rejects',
+                   rejects_scan = 'csv_reject_scans', max_line_size = 10000000)""",
+            {"path": str(path), "columns": {c: "VARCHAR" for c in columns}},
+        )
+    except duckdb.Error as exc:
+        raise SourceFileError(path, f"cannot be parsed as CSV: {_first_line(exc)}") from exc
+    encoding_errors = con.execute(
+        "SELECT min(line) FROM csv_rejects WHERE error_type = 'INVALID ENCODING'"
+    ).fetchone()[0]
+    if encoding_errors is not None:
+        raise SourceFileError(path, f"not valid UTF-8 (first bad line: {encoding_errors})")
+
+    sql, params = validation_sql(schema)
+    con.execute(sql, params)
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE ranked AS
+            SELECT *, CASE WHEN reason IS NULL THEN
+                row_number() OVER (PARTITION BY customer_id, reason IS NULL ORDER BY rec DESC)
+            END AS dup_rank
+            FROM checked"""
+    )
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE accepted AS
+            SELECT {", ".join(schema.column_names)}, row_hash FROM ranked WHERE dup_rank = 1"""
+    )
+    _build_rejected(con)
+    rows_read, accepted, rejected = con.execute(
+        """SELECT (SELECT count(*) FROM checked) + (SELECT count(*) FROM csv_rejects),
+                  (SELECT count(*) FROM accepted), (SELECT count(*) FROM rejected)"""
+    ).fetchone()
+    reasons = Counter(
+        dict(con.execute("SELECT reason, count(*) FROM rejected GROUP BY reason").fetchall())
+    )
+    if rows_read == 0:
+        raise SourceFileError(path, "has a header but no data rows")
+    return ReadReport(int(rows_read), int(accepted), int(rejected), reasons, extra)
+
+
+def _build_rejected(con: duckdb.DuckDBPyConnection) -> None:
+    # Physical line of a record = header line + records before it + newlines embedded in them.
+    # Computing that needs a running sum, done only when some field holds a newline.
+    has_newlines = con.execute("SELECT coalesce(sum(nl), 0) > 0 FROM checked").fetchone()[0]
+    preceding_nl = (
+        "coalesce(sum(nl) OVER (ORDER BY rec ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)"
+        if has_newlines
+        else "0"
+    )
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE rejected AS
+            SELECT line_number, customer_id, reason, raw FROM (
+                SELECT 2 + rec + {preceding_nl} AS line_number, nullif(trim(customer_id), '') AS customer_id,
+                       coalesce(reason, 'duplicate_customer_id') AS reason, raw,
+                       reason IS NOT NULL OR dup_rank > 1 AS is_rejected
+                FROM ranked)
+            WHERE is_rejected"""
+    )
+    # Records the CSV reader itself refused (wrong number of fields, ...) do not get a rec
+    # number, so every record after them sits one line lower than counted above.
+    structural = con.execute(
+        "SELECT line, error_type, csv_line FROM csv_rejects ORDER BY line"
+    ).fetchall()
+    for line, error_type, csv_line in structural:
+        con.execute("UPDATE rejected SET line_number = line_number + 1 WHERE line_number >= ?", [line])
+        con.execute(
+            "INSERT INTO rejected VALUES (?, NULL, ?, ?)",
+            [line, f"malformed_row({str(error_type).lower().replace(' ', '_')})", csv_line],
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,216 @@
+"""The DuckDB warehouse: connections under a lock policy, and the transactional writes.
+
+DuckDB lets one process hold a database file read-write. Heavy work happens in scratch in-memory
+connections; the warehouse file is attached only for the short write, which runs in one
+transaction and is always followed by DETACH/close, even when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import duckdb
+
+from etl_assets.schema import profile_columns
+
+ALIAS = "wh"
+_LOCK_HOLDER = re.compile(r"PID (\d+)")
+
+
+class WarehouseLockedError(RuntimeError):
+    """The warehouse file stayed locked by another process for longer than the lock timeout."""
+
+
+def _profile_ddl(extra: str = "") -> str:
+    cols = ", ".join(f"{name} {sql_type}" for name, sql_type in profile_columns())
+    return f"({cols}{extra})"
+
+
+# Tables are created on first use; the statements are idempotent.
+DDL: tuple[str, ...] = (
+    # shard_count is kept so rows from an earlier shard layout are never mixed with the current one.
+    f"CREATE TABLE IF NOT EXISTS {ALIAS}.shard_profiles {_profile_ddl(', shard_count INTEGER')}",
+    f"""CREATE TABLE IF NOT EXISTS {ALIAS}.shard_manifest (
+        shard_count INTEGER, shard_id INTEGER, source_data_hash VARCHAR, code_version VARCHAR,
+        record_count BIGINT, run_id VARCHAR, PRIMARY KEY (shard_count, shard_id))""",
+    f"""CREATE TABLE IF NOT EXISTS {ALIAS}.rejected_rows (
+        source VARCHAR, line_number BIGINT, customer_id VARCHAR, reason VARCHAR, raw VARCHAR,
+        file_sha256 VARCHAR)""",
+)
+
+
+def _holder(message: str) -> str:
+    match = _LOCK_HOLDER.search(message)
+    if not match:
+        return "another process"
+    pid = match.group(1)
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        cmd = ""
+    return f"process {pid}" + (f" ({cmd[:120]})" if cmd else "")
+
+
+def _with_lock_retry(action: Callable[[], None], path: str, timeout_s: float) -> None:
+    """Run `action` (which opens the file), waiting out lock conflicts with bounded backoff."""
+    deadline = time.monotonic() + timeout_s
+    wait = 0.05
+    while True:
+        try:
+            action()
+            return
+        except duckdb.IOException as exc:
+            message = str(exc)
+            if "lock" not in message.lower():
+                raise
+            if time.monotonic() >= deadline:
+                raise WarehouseLockedError(
+                    f"{path}: still locked by {_holder(message)} after {timeout_s:.0f}s"
+                ) from exc
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())) * random.uniform(0.5, 1.0))
+            wait = min(wait * 2, 2.0)
+
+
+@contextmanager
+def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float) -> Iterator[str]:
+    """Attach the warehouse file to `con` as `wh` for a short write; always detach afterwards."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _with_lock_retry(lambda: con.execute(f"ATTACH ? AS {ALIAS}", [path]), path, timeout_s)
+    try:
+        for ddl in DDL:
+            con.execute(ddl)
+        yield ALIAS
+    finally:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # no transaction open: the normal case
+        con.execute(f"DETACH {ALIAS}")
+
+
+@contextmanager
+def scratch() -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB connection for heavy work, closed whatever happens."""
+    con = duckdb.connect(":memory:")
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+@contextmanager
+def reader(path: str, timeout_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A scratch connection with the warehouse attached (for reads and short writes)."""
+    with scratch() as con, attached(con, path, timeout_s):
+        yield con
+
+
+def overwrite_shard(
+    con: duckdb.DuckDBPyConnection,
+    rows_table: str,
+    *,
+    shard_count: int,
+    shard_id: int,
+    manifest: dict[str, object],
+    after_delete: Optional[Callable[[], None]] = None,
+) -> int:
+    """Replace one shard's rows and manifest entry in ONE transaction; return the rows written.
+
+    `con` must have the warehouse attached (see `attached`). `rows_table` holds the new profile
+    rows. `after_delete` runs between the DELETE and the INSERT (a fault-injection point for
+    tests); if it raises, the transaction rolls back and the old rows stay.
+    """
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            f"DELETE FROM {ALIAS}.shard_profiles WHERE shard_count = ? AND shard_id = ?",
+            [shard_count, shard_id],
+        )
+        if after_delete is not None:
+            after_delete()
+        con.execute(
+            f"INSERT INTO {ALIAS}.shard_profiles SELECT *, CAST(? AS INTEGER) FROM {rows_table} "
+            "ORDER BY customer_id",
+            [shard_count],
+        )
+        written = con.execute(
+            f"SELECT count(*) FROM {ALIAS}.shard_profiles WHERE shard_count = ? AND shard_id = ?",
+            [shard_count, shard_id],
+        ).fetchone()[0]
+        con.execute(
+            f"INSERT OR REPLACE INTO {ALIAS}.shard_manifest VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                shard_count,
+                shard_id,
+                manifest["source_data_hash"],
+                manifest["code_version"],
+                written,
+                manifest["run_id"],
+            ],
+        )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return int(written)
+
+
+def replace_rejected(
+    con: duckdb.DuckDBPyConnection, source: str, rejected_table: str, file_sha256: str
+) -> None:
+    """Replace a source's quarantined rows in one transaction (warehouse attached to `con`)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f"DELETE FROM {ALIAS}.rejected_rows WHERE source = ?", [source])
+        con.execute(
+            f"INSERT INTO {ALIAS}.rejected_rows SELECT ?, line_number, customer_id, reason, raw, ? "
+            f"FROM {rejected_table} ORDER BY line_number",
+            [source, file_sha256],
+        )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def rebuild_customer_profiles(con: duckdb.DuckDBPyConnection, shard_count: int) -> int:
+    """Rebuild `customer_profiles` from the current shard layout, one row per idempotency key."""
+    cols = ", ".join(name for name, _ in profile_columns())
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            f"""CREATE OR REPLACE TABLE {ALIAS}.customer_profiles AS
+                SELECT {cols} FROM {ALIAS}.shard_profiles WHERE shard_count = ?
+                QUALIFY row_number() OVER (PARTITION BY idempotency_key ORDER BY shard_id) = 1
+                ORDER BY customer_id""",
+            [shard_count],
+        )
+        count = con.execute(f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0]
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return int(count)
+
+
+def export_csv(con: duckdb.DuckDBPyConnection, export_path: str) -> None:
+    """Write customer_profiles sorted by customer_id; the file appears complete or not at all."""
+    target = Path(export_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        con.execute(
+            f"COPY (SELECT * FROM {ALIAS}.customer_profiles ORDER BY customer_id) TO ? "
+            "(FORMAT csv, HEADER true, DELIMITER ',')",
+            [str(tmp)],
+        )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
