@@ -157,7 +157,7 @@ def validation_sql(schema: SourceSchema) -> tuple[str, dict[str, object]]:
     sql = f"""
         CREATE OR REPLACE TEMP TABLE checked AS
         WITH src AS (SELECT rowid AS rec, to_json(r) AS raw, * FROM raw_rows r),
-        trimmed AS (SELECT rec, raw, {trimmed},
+        trimmed AS (SELECT *, {trimmed},
                            md5(to_json(list_value({raw_values}))) AS row_hash,
                            {newline_count} AS nl
                     FROM src),

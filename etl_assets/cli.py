@@ -1,0 +1,120 @@
+"""The `etl-assets` command: run the pipeline, generate data."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from etl_assets.runner import RunOutcome, run_pipeline
+from etl_assets.settings import EtlSettings, SettingsError
+
+
+def _settings(args: argparse.Namespace) -> EtlSettings:
+    return EtlSettings.from_env(
+        data_dir=getattr(args, "data_dir", None),
+        shard_count=getattr(args, "shards", None),
+        export_path=getattr(args, "export", None),
+        duckdb_path=getattr(args, "duckdb", None),
+    )
+
+
+# The instance config written into a new Dagster home (an existing one is left alone).
+DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+"""
+
+
+def ensure_dagster_home(settings: EtlSettings) -> Path:
+    """Use DAGSTER_HOME if set, else the git-ignored default; create it so runs are recorded."""
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML, encoding="utf-8")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Materialize sources, every shard and customer_profiles; print the summary."""
+    settings = _settings(args)
+    ensure_dagster_home(settings)
+    outcome = run_pipeline(settings, echo=print, verbose=args.verbose)
+    print_summary(outcome)
+    if not outcome.ok:
+        print(f"FAILED: {outcome.reason}")
+        return 1
+    return 0
+
+
+def print_summary(outcome: RunOutcome) -> None:
+    """The per-shard table, the check results and where the export is."""
+    if outcome.shards:
+        print()
+        print(f"{'shard':>5}  {'attempts':>8}  {'records':>8}  {'elapsed_ms':>10}  status")
+        for row in outcome.shards:
+            status = "ok" if row.ok else f"FAILED {row.error}"[:100]
+            records = "" if row.records is None else row.records
+            elapsed = "" if row.elapsed_ms is None else row.elapsed_ms
+            print(f"{row.shard_id:>5}  {row.attempts:>8}  {records:>8}  {elapsed:>10}  {status}")
+        total = sum(r.records or 0 for r in outcome.shards)
+        print(f"{'total':>5}  {'':>8}  {total:>8}")
+    if outcome.checks:
+        print()
+        for name, passed, metadata in outcome.checks:
+            figures = ", ".join(f"{k}={v}" for k, v in metadata.items())
+            print(f"check {name:<32} {'PASSED' if passed else 'FAILED'}  {figures}")
+    if outcome.ok and outcome.export_path:
+        print()
+        print(f"export: {outcome.export_path}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Write the four synthetic source files."""
+    from etl_assets.generate import generate
+
+    started = time.monotonic()
+    paths = generate(args.rows, seed=args.seed, out_dir=args.out)
+    for path in paths.values():
+        print(path)
+    print(f"generated {args.rows} customers in {time.monotonic() - started:.2f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="etl-assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="materialize sources, all shards, customer_profiles + checks")
+    run.add_argument("--data-dir", help="folder with crm.csv, billing.csv, product.csv, support.csv")
+    run.add_argument("--shards", type=int, help="number of shards (SHARD_COUNT, default 10)")
+    run.add_argument("--export", help="path of the merged CSV (EXPORT_PATH)")
+    run.add_argument("--duckdb", help="warehouse file (DUCKDB_PATH)")
+    run.add_argument("-v", "--verbose", action="store_true", help="also show Dagster's own logs")
+    run.set_defaults(func=cmd_run)
+
+    gen = sub.add_parser("generate", help="write synthetic source CSVs")
+    gen.add_argument("--rows", type=int, required=True, help="number of customers")
+    gen.add_argument("--seed", type=int, default=42)
+    gen.add_argument("--out", default="data", help="output folder (default data/)")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `etl-assets` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Running the whole pipeline through Dagster, recording every run in the instance.
+
+Sources, then one run per shard partition (Dagster's unit of retry and visibility), then
+customer_profiles with its checks. The outcome is read back from Dagster's own results and
+event log, so what the CLI prints is what the UI shows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import dagster as dg
+
+from etl_assets.definitions import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB, build_defs
+from etl_assets.logs import parse_shard_event
+from etl_assets.settings import EtlSettings
+
+@dataclass
+class ShardRow:
+    """One line of the per-shard table."""
+
+    shard_id: int
+    attempts: int = 0
+    records: Optional[int] = None
+    elapsed_ms: Optional[int] = None
+    ok: bool = False
+    error: str = ""
+
+
+@dataclass
+class RunOutcome:
+    """Everything `etl-assets run` reports; exit code 0 iff `ok`."""
+
+    shards: list[ShardRow] = field(default_factory=list)
+    checks: list[tuple[str, bool, dict]] = field(default_factory=list)
+    reason: str = ""
+    export_path: str = ""
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
+
+
+# Dagster's console logger is silenced for the CLI; its events still go to the instance.
+QUIET_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+def _metadata(evaluation: Any) -> dict[str, Any]:
+    return {k: getattr(v, "value", v) for k, v in (evaluation.metadata or {}).items()}
+
+
+def first_failure(result: dg.ExecuteInProcessResult) -> str:
+    """One line: the first failed step's user-facing error."""
+    for event in result.all_events:
+        if event.is_step_failure:
+            data = event.step_failure_data
+            if data.user_failure_data is not None and data.user_failure_data.description:
+                return data.user_failure_data.description
+            error = data.error
+            # Dagster wraps user errors; the innermost cause is the one a user can act on.
+            while error is not None and error.cause is not None:
+                error = error.cause
+            message = error.message.strip().splitlines() if error else []
+            return f"{event.step_key}: {message[0] if message else 'failed'}"
+    return "run failed"
+
+
+def shard_events(instance: dg.DagsterInstance, run_id: str) -> list[dict[str, Any]]:
+    """The JSON shard events of a run, in log order."""
+    events = []
+    for entry in instance.all_logs(run_id):
+        parsed = parse_shard_event(entry.user_message or "")
+        if parsed is not None:
+            events.append(parsed)
+    return events
+
+
+def shard_row(shard_id: int, events: list[dict[str, Any]], success: bool, error: str) -> ShardRow:
+    """Summarize one shard run's events as a table row."""
+    row = ShardRow(shard_id=shard_id, ok=success, error="" if success else error)
+    row.attempts = sum(1 for e in events if e["event"] == "shard_start")
+    ends = [e for e in events if e["event"] == "shard_end"]
+    if ends:
+        row.records = int(ends[-1]["record_count"])
+        row.elapsed_ms = int(ends[-1]["elapsed_ms"])
+    return row
+
+
+def run_pipeline(
+    settings: EtlSettings, echo: Callable[[str], None] = print, verbose: bool = False
+) -> RunOutcome:
+    """Materialize everything for `settings` in the instance at DAGSTER_HOME."""
+    defs = build_defs(settings)
+    instance = dg.DagsterInstance.get()
+    run_config = {} if verbose else QUIET_RUN_CONFIG
+    outcome = RunOutcome(export_path=settings.export_path)
+
+    def execute(job_name: str, **kwargs: Any) -> dg.ExecuteInProcessResult:
+        result = defs.resolve_job_def(job_name).execute_in_process(
+            instance=instance, raise_on_error=False, run_config=run_config, **kwargs
+        )
+        outcome.run_ids.append(result.run_id)
+        return result
+
+    result = execute(SOURCES_JOB)
+    for evaluation in result.get_asset_check_evaluations():
+        name = f"{evaluation.asset_key.to_user_string()}.{evaluation.check_name}"
+        outcome.checks.append((name, evaluation.passed, _metadata(evaluation)))
+        if not evaluation.passed and not outcome.reason:
+            outcome.reason = evaluation.description or f"check {name} failed"
+    if not result.success and not outcome.reason:
+        outcome.reason = first_failure(result)
+    if outcome.reason:
+        return outcome
+
+    for shard_id in settings.shard_ids:
+        result = execute(SHARDS_JOB, partition_key=str(shard_id))
+        events = shard_events(instance, result.run_id)
+        for event in events:
+            echo(_json_line(event))
+        row = shard_row(shard_id, events, result.success, "" if result.success else first_failure(result))
+        outcome.shards.append(row)
+    failed = [r for r in outcome.shards if not r.ok]
+    if failed:
+        first = failed[0]
+        others = f" (and shards {', '.join(str(r.shard_id) for r in failed[1:])})" if failed[1:] else ""
+        outcome.reason = (
+            f"shard {first.shard_id} failed after {first.attempts} attempt(s): {first.error}{others}; "
+            "customer_profiles was not rebuilt"
+        )
+        return outcome
+
+    result = execute(PROFILES_JOB)
+    for evaluation in result.get_asset_check_evaluations():
+        outcome.checks.append((evaluation.check_name, evaluation.passed, _metadata(evaluation)))
+    failed_checks = [name for name, passed, _ in outcome.checks if not passed]
+    if failed_checks:
+        outcome.reason = f"check(s) failed: {', '.join(failed_checks)}"
+    elif not result.success:
+        outcome.reason = first_failure(result)
+    return outcome
+
+
+def _json_line(event: dict[str, Any]) -> str:
+    return json.dumps(event, sort_keys=True)
