@@ -86,6 +86,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_home(args: argparse.Namespace) -> int:
+    """Create the Dagster home (DAGSTER_HOME or var/dagster_home) and print its path."""
+    print(ensure_dagster_home(_settings(args)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="etl-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--out", default="data", help="output folder (default data/)")
     gen.set_defaults(func=cmd_generate)
+    home = sub.add_parser("home", help="create the Dagster home used by run and `make ui`")
+    home.set_defaults(func=cmd_home)
     return parser
 
 

@@ -1,0 +1,92 @@
+"""Shared fixtures: temp folders with real DuckDB files and a real, temporary Dagster home."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from etl_assets.schema import SOURCES
+from etl_assets.settings import EtlSettings
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data"
+
+
+@pytest.fixture
+def sample_dir(tmp_path: Path) -> Path:
+    """A private copy of the shipped 1,000-customer sample."""
+    target = tmp_path / "data"
+    shutil.copytree(SAMPLE, target)
+    return target
+
+
+@pytest.fixture
+def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temporary DAGSTER_HOME with telemetry off, set in the environment for the test."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def instance(dagster_home: Path) -> Iterator[dg.DagsterInstance]:
+    """The persistent instance at the temporary DAGSTER_HOME."""
+    with dg.DagsterInstance.get() as inst:
+        yield inst
+
+
+def make_settings(tmp_path: Path, data_dir: Path, **overrides) -> EtlSettings:
+    """Settings whose warehouse, staging and export live under tmp_path/var."""
+    return EtlSettings.from_env(env={}, data_dir=str(data_dir), home_dir=str(tmp_path / "var"),
+                                **overrides)
+
+
+def write_csv(path: Path, header: Iterable[str], rows: Iterable[Iterable[object]]) -> Path:
+    """Write a CSV the way a supplier would (None -> empty field)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(list(header))
+        for row in rows:
+            writer.writerow(["" if v is None else v for v in row])
+    return path
+
+
+def write_sources(data_dir: Path, rows: dict[str, list[dict[str, object]]]) -> Path:
+    """Write all four files from dicts keyed by column name (missing keys -> empty)."""
+    for name, schema in SOURCES.items():
+        write_csv(
+            data_dir / schema.filename,
+            schema.column_names,
+            ([r.get(c) for c in schema.column_names] for r in rows.get(name, [])),
+        )
+    return data_dir
+
+
+def read_export(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def build_profiles(settings: EtlSettings) -> dict[str, dict[str, object]]:
+    """Stage, build every shard and rebuild customer_profiles without Dagster; rows by id."""
+    from etl_assets import warehouse
+    from etl_assets.profiles import build_shard
+    from etl_assets.sources import stage_source
+
+    for schema in SOURCES.values():
+        stage_source(schema, settings)
+    for shard_id in settings.shard_ids:
+        build_shard(settings, shard_id, run_id="test")
+    with warehouse.reader(settings.duckdb_path, 5) as con:
+        warehouse.rebuild_customer_profiles(con, settings.shard_count)
+        cur = con.execute("SELECT * FROM wh.customer_profiles ORDER BY customer_id")
+        names = [d[0] for d in cur.description]
+        return {row[0]: dict(zip(names, row)) for row in cur.fetchall()}

@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+
+from etl_assets.settings import EtlSettings, SettingsError
+
+
+def test_defaults_live_in_git_ignored_var_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = EtlSettings.from_env(env={})
+    assert s.shard_count == 10
+    assert s.data_dir == str(tmp_path / "data")
+    assert s.duckdb_path == str(tmp_path / "var" / "warehouse.duckdb")
+    assert s.export_path == str(tmp_path / "var" / "merged_output.csv")
+    assert s.dagster_home == tmp_path / "var" / "dagster_home"
+    assert s.chaos_fail_shard is None
+
+
+def test_environment_then_flags(tmp_path):
+    env = {"SHARD_COUNT": "4", "DATA_DIR": str(tmp_path / "in"), "CHAOS_FAIL_SHARD": "3",
+           "DUCKDB_PATH": str(tmp_path / "w.duckdb")}
+    s = EtlSettings.from_env(env=env)
+    assert (s.shard_count, s.chaos_fail_shard) == (4, 3)
+    assert s.duckdb_path == str(tmp_path / "w.duckdb")
+    s = EtlSettings.from_env(env=env, shard_count=8, data_dir=str(tmp_path / "other"))
+    assert s.shard_count == 8 and s.data_dir == str(tmp_path / "other")
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"SHARD_COUNT": "ten"}, "SHARD_COUNT='ten' is not a number"),
+        ({"SHARD_COUNT": "0"}, "SHARD_COUNT must be at least 1"),
+        ({"CHAOS_FAIL_SHARD": "12"}, "CHAOS_FAIL_SHARD=12 is not a shard id"),
+        ({"CHAOS_FAIL_MODE": "sometimes"}, "CHAOS_FAIL_MODE must be one of"),
+        ({"MAX_REJECT_FRACTION": "2"}, "MAX_REJECT_FRACTION must be between 0 and 1"),
+    ],
+)
+def test_bad_values_are_named(env, message):
+    with pytest.raises(SettingsError, match=message):
+        EtlSettings.from_env(env=env)
