@@ -156,7 +156,7 @@ def validation_sql(schema: SourceSchema) -> tuple[str, dict[str, object]]:
     )
     sql = f"""
         CREATE OR REPLACE TEMP TABLE checked AS
-        WITH src AS (SELECT rowid AS rec, to_json(r) AS raw, * FROM raw_rows r),
+        WITH src AS (SELECT rowid AS rec, CAST(to_json(r) AS VARCHAR) AS raw, * FROM raw_rows r),
         trimmed AS (SELECT *, {trimmed},
                            md5(to_json(list_value({raw_values}))) AS row_hash,
                            {newline_count} AS nl
@@ -211,7 +211,7 @@ def read_source(
     )
     _build_rejected(con)
     rows_read, accepted, rejected = con.execute(
-        """SELECT (SELECT count(*) FROM checked) + (SELECT count(*) FROM csv_rejects),
+        """SELECT (SELECT count(*) FROM checked) + (SELECT count(DISTINCT line) FROM csv_rejects),
                   (SELECT count(*) FROM accepted), (SELECT count(*) FROM rejected)"""
     ).fetchone()
     reasons = Counter(
@@ -243,7 +243,8 @@ def _build_rejected(con: duckdb.DuckDBPyConnection) -> None:
     # Records the CSV reader itself refused (wrong number of fields, ...) do not get a rec
     # number, so every record after them sits one line lower than counted above.
     structural = con.execute(
-        "SELECT line, error_type, csv_line FROM csv_rejects ORDER BY line"
+        # The reader reports a record once per surplus field; one line is one record.
+        "SELECT line, min(error_type), min(csv_line) FROM csv_rejects GROUP BY line ORDER BY line"
     ).fetchall()
     for line, error_type, csv_line in structural:
         con.execute("UPDATE rejected SET line_number = line_number + 1 WHERE line_number >= ?", [line])
