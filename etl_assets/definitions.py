@@ -31,7 +31,6 @@ def build_defs(settings: Optional[EtlSettings] = None) -> dg.Definitions:
         ),
         dg.define_asset_job(
             SHARDS_JOB, selection=dg.AssetSelection.assets(shard_profiles),
-            partitions_def=shard_profiles.partitions_def,
             description="Build one shard partition of shard_profiles.",
         ),
         dg.define_asset_job(

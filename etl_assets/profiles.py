@@ -111,13 +111,13 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
         shard_id = int(context.partition_key)
         attempt = context.retry_number + 1
         started = time.monotonic()
-        shard_event(context, "shard_start", shard_id=shard_id, attempt=attempt, run_id=context.run_id)
+        shard_event(context, "shard_start", shard_id=shard_id, attempt=attempt, run_id=context.run.run_id)
         try:
             if settings.chaos_fail_shard == shard_id and (
                 settings.chaos_fail_mode == "always" or context.retry_number == 0
             ):
                 raise ChaosFailure(f"chaos: shard {shard_id} fails on attempt {attempt}")
-            result = build_shard(settings, shard_id, context.run_id)
+            result = build_shard(settings, shard_id, context.run.run_id)
         except staging.StagingError as exc:
             shard_event(context, "shard_error", shard_id=shard_id, attempt=attempt,
                         error=str(exc), retryable=False)

@@ -1,0 +1,76 @@
+"""The commands a user types: `etl-assets run` and `dagster asset materialize`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+
+BIN = Path(sys.executable).parent
+
+
+def _env(tmp_path, **extra):
+    env = dict(os.environ)
+    for var in ("SHARD_COUNT", "CHAOS_FAIL_SHARD", "CHAOS_FAIL_MODE", "DATA_DIR", "EXPORT_PATH"):
+        env.pop(var, None)
+    env.update(DAGSTER_HOME=str(tmp_path / "dagster_home"), ETL_HOME=str(tmp_path / "var"), **extra)
+    return env
+
+
+def test_chaos_drill_acceptance(tmp_path, sample_dir):
+    out = tmp_path / "out.csv"
+    proc = subprocess.run(
+        [str(BIN / "etl-assets"), "run", "--data-dir", str(sample_dir), "--export", str(out)],
+        cwd=tmp_path, env=_env(tmp_path, CHAOS_FAIL_SHARD="3"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = out.read_text(encoding="utf-8").splitlines()
+    crm_lines = (sample_dir / "crm.csv").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(crm_lines) == 1001
+    ids = [l.split(",", 1)[0] for l in lines[1:]]
+    assert len(ids) == len(set(ids))
+    stdout = proc.stdout
+    assert '"attempt": 1, "error": "ChaosFailure: chaos: shard 3 fails on attempt 1", "event": "shard_error"' in stdout
+    assert '"attempt": 2, "elapsed_ms"' in stdout and '"event": "shard_end", "record_count"' in stdout
+    assert "check shards_current" in stdout and "FAILED" not in stdout
+    assert f"export: {out}" in stdout
+    # Every run is recorded in the Dagster home that `make ui` reads.
+    assert (tmp_path / "dagster_home" / "history" / "runs.db").exists()
+
+
+def test_persistent_failure_exits_nonzero_naming_the_shard(tmp_path, sample_dir):
+    proc = subprocess.run(
+        [str(BIN / "etl-assets"), "run", "--data-dir", str(sample_dir), "--shards", "4"],
+        cwd=tmp_path, env=_env(tmp_path, CHAOS_FAIL_SHARD="1", CHAOS_FAIL_MODE="always"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("FAILED: shard 1 failed after 4 attempt(s)")
+
+
+def test_missing_source_file_fails_with_one_clear_line(tmp_path, sample_dir):
+    (sample_dir / "billing.csv").unlink()
+    proc = subprocess.run(
+        [str(BIN / "etl-assets"), "run", "--data-dir", str(sample_dir)],
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines()[-1] == f"FAILED: {sample_dir / 'billing.csv'}: file not found"
+
+
+def test_dagster_cli_materializes_one_shard(tmp_path, sample_dir):
+    env = _env(tmp_path, DATA_DIR=str(sample_dir))
+    (tmp_path / "dagster_home").mkdir()
+    base = [str(BIN / "dagster"), "asset", "materialize", "-m", "etl_assets.definitions"]
+    for args in (["--select", "crm,billing,product,support"],
+                 ["--select", "shard_profiles", "--partition", "3"]):
+        proc = subprocess.run(base + args, cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    con = duckdb.connect(str(tmp_path / "var" / "warehouse.duckdb"), read_only=True)
+    shards = con.execute("SELECT DISTINCT shard_id FROM shard_profiles").fetchall()
+    count = con.execute("SELECT count(*) FROM shard_profiles").fetchone()[0]
+    assert shards == [(3,)] and count > 50

@@ -1,0 +1,127 @@
+"""End to end through real Dagster runs, a real instance and real DuckDB files."""
+
+import csv
+import shutil
+
+import dagster as dg
+import pytest
+
+from etl_assets import warehouse
+from etl_assets.profiles import build_shard
+from etl_assets.runner import run_pipeline
+from etl_assets_tests.conftest import make_settings, read_export
+
+pytestmark = pytest.mark.usefixtures("dagster_home")
+
+
+def _input_customers(data_dir):
+    ids = set()
+    for name in ("crm", "billing", "product", "support"):
+        with open(data_dir / f"{name}.csv", newline="", encoding="utf-8") as fh:
+            ids |= {row["customer_id"] for row in csv.DictReader(fh)}
+    return ids
+
+
+def test_chaos_retry_heals_exactly_once_and_reruns_are_byte_identical(tmp_path, sample_dir, instance):
+    clean = make_settings(tmp_path, sample_dir)
+    first = run_pipeline(clean, echo=lambda line: None)
+    assert first.ok, first.reason
+    baseline = open(clean.export_path, "rb").read()
+
+    lines = []
+    chaos = make_settings(tmp_path, sample_dir, chaos_fail_shard=3)
+    outcome = run_pipeline(chaos, echo=lines.append)
+    assert outcome.ok, outcome.reason
+    assert open(chaos.export_path, "rb").read() == baseline  # re-run: byte-identical
+
+    rows = read_export(chaos.export_path)
+    ids = [r["customer_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == len(_input_customers(sample_dir)) == 1000
+    assert ids == sorted(ids)
+    assert list(rows[0])[0] == "customer_id"
+    assert {name: passed for name, passed, _ in outcome.checks if "." not in name} == {
+        "row_count_matches_sources": True, "no_duplicate_customer_id": True,
+        "idempotency_keys_unique": True, "shards_current": True}
+
+    shard3 = outcome.shards[3]
+    assert (shard3.attempts, shard3.ok) == (2, True)
+    assert all(r.attempts == 1 for r in outcome.shards if r.shard_id != 3)
+    shard3_events = [l for l in lines if '"shard_id": 3' in l]
+    assert '"attempt": 1' in shard3_events[1] and '"shard_error"' in shard3_events[1]
+    assert '"attempt": 2' in shard3_events[3] and '"shard_end"' in shard3_events[3]
+
+    # The retry is Dagster's own: visible in the run's event log, as the UI shows it.
+    runs = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": "3"}))
+    retry_run = runs[0]  # newest first: the chaos run
+    types = [e.dagster_event.event_type_value for e in instance.all_logs(retry_run.run_id)
+             if e.dagster_event]
+    assert "STEP_UP_FOR_RETRY" in types and "STEP_RESTARTED" in types
+    assert types.count("ASSET_MATERIALIZATION") == 1
+
+
+def test_shard_count_does_not_change_profiles(tmp_path, sample_dir):
+    exports = {}
+    for n in (4, 10):
+        settings = make_settings(tmp_path / f"n{n}", sample_dir, shard_count=n)
+        outcome = run_pipeline(settings, echo=lambda line: None)
+        assert outcome.ok, outcome.reason
+        rows = read_export(settings.export_path)
+        assert {int(r["shard_id"]) for r in rows} == set(range(n))
+        exports[n] = [{k: v for k, v in r.items() if k != "shard_id"} for r in rows]
+    assert exports[4] == exports[10]
+
+
+def test_failure_between_delete_and_insert_keeps_previous_rows(tmp_path, sample_dir):
+    settings = make_settings(tmp_path, sample_dir, shard_count=4)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+
+    def snapshot():
+        with warehouse.reader(settings.duckdb_path, 5) as con:
+            return con.execute(
+                "SELECT * FROM wh.shard_profiles WHERE shard_id = 2 ORDER BY customer_id"
+            ).fetchall()
+
+    before = snapshot()
+    assert len(before) > 200
+
+    def boom():
+        raise RuntimeError("injected between DELETE and INSERT")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        build_shard(settings, 2, run_id="fault", after_delete=boom)
+    assert snapshot() == before
+    # And the warehouse is not left locked: a normal write goes through at once.
+    assert build_shard(settings, 2, run_id="again").record_count == len(before)
+    assert snapshot() == before
+
+
+def test_persistent_failure_names_the_shard_and_keeps_previous_profiles(tmp_path, sample_dir):
+    settings = make_settings(tmp_path, sample_dir)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    previous = open(settings.export_path, "rb").read()
+    # New source content, but shard 3 never succeeds: nothing downstream may be rebuilt.
+    with open(sample_dir / "crm.csv", "a", encoding="utf-8") as fh:
+        fh.write("cust_09999999,new@x.com,New Co,,,,,,\n")
+    failing = make_settings(tmp_path, sample_dir, chaos_fail_shard=3, chaos_fail_mode="always")
+    outcome = run_pipeline(failing, echo=lambda line: None)
+    assert not outcome.ok
+    assert outcome.reason.startswith("shard 3 failed after 4 attempt(s)")
+    assert open(settings.export_path, "rb").read() == previous
+    with warehouse.reader(settings.duckdb_path, 5) as con:
+        assert con.execute("SELECT count(*) FROM wh.customer_profiles").fetchone()[0] == 1000
+
+
+def test_reject_threshold_stops_the_run_naming_source_count_and_reason(tmp_path, sample_dir):
+    lines = (sample_dir / "support.csv").read_text(encoding="utf-8").splitlines()
+    # Break nps_score on 20 of ~860 rows: over the 1% default.
+    broken = [lines[0]] + [l.rsplit(",", 2)[0] + ",11," + l.rsplit(",", 1)[1] if i < 20 else l
+                           for i, l in enumerate(lines[1:])]
+    (sample_dir / "support.csv").write_text("\n".join(broken) + "\n", encoding="utf-8")
+    settings = make_settings(tmp_path, sample_dir)
+    outcome = run_pipeline(settings, echo=lambda line: None)
+    assert not outcome.ok
+    assert "support: 20 of 859 rows rejected, most often out_of_range(nps_score)" in outcome.reason
+    assert not outcome.shards  # no shard ran on a source that failed its blocking check
+    lenient = make_settings(tmp_path, sample_dir, max_reject_fraction=0.05)
+    assert run_pipeline(lenient, echo=lambda line: None).ok
+    assert len(read_export(lenient.export_path)) == 1000  # the customers are still in CRM
