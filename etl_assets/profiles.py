@@ -2,13 +2,13 @@
 
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
 import dagster as dg
 
 from etl_assets import staging, warehouse
+from etl_assets.faults import Hook
 from etl_assets.logs import shard_event
 from etl_assets.rules import install_rules, merge_sql
 from etl_assets.schema import SOURCES, profile_columns
@@ -42,7 +42,7 @@ def build_shard(
     settings: EtlSettings,
     shard_id: int,
     run_id: str,
-    after_delete: Optional[Callable[[], None]] = None,
+    hook: Optional[Hook] = None,
 ) -> ShardResult:
     """Merge and score one shard's slices, then overwrite its rows in the warehouse."""
     staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
@@ -70,7 +70,7 @@ def build_shard(
                     "code_version": CODE_VERSION,
                     "run_id": run_id,
                 },
-                after_delete=after_delete,
+                hook=hook or settings.hook,
             )
     return ShardResult(shard_id, written, source_hash, preview)
 
@@ -158,8 +158,8 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
         context: dg.AssetExecutionContext, settings: EtlSettings
     ) -> dg.MaterializeResult:
         with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s) as con:
-            count = warehouse.rebuild_customer_profiles(con, settings.shard_count)
-            warehouse.export_csv(con, settings.export_path)
+            count = warehouse.rebuild_customer_profiles(con, settings.shard_count, settings.hook)
+            warehouse.export_csv(con, settings.export_path, settings.hook)
             summary = profile_summary(con)
         return dg.MaterializeResult(
             metadata={

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import dagster as dg
 
+from etl_assets.faults import CRASH_POINTS, Hook, crash_hook
+
 # Environment variable -> settings field. CLI flags override these.
 ENV_VARS: dict[str, str] = {
     "DATA_DIR": "data_dir",
@@ -25,6 +27,7 @@ ENV_VARS: dict[str, str] = {
     "CHAOS_FAIL_MODE": "chaos_fail_mode",
     "MAX_REJECT_FRACTION": "max_reject_fraction",
     "LOCK_TIMEOUT_S": "lock_timeout_s",
+    "ETL_CRASH_AT": "crash_at",
 }
 
 DEFAULT_HOME = "var"
@@ -51,6 +54,7 @@ class EtlSettings(dg.ConfigurableResource):
     chaos_fail_mode: str = "once"
     max_reject_fraction: float = 0.01
     lock_timeout_s: float = 60.0
+    crash_at: str = ""
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "EtlSettings":
@@ -80,7 +84,16 @@ class EtlSettings(dg.ConfigurableResource):
             raise SettingsError(
                 f"MAX_REJECT_FRACTION must be between 0 and 1, got {self.max_reject_fraction}"
             )
+        if self.crash_at and self.crash_at not in CRASH_POINTS:
+            raise SettingsError(
+                f"ETL_CRASH_AT must be one of {', '.join(CRASH_POINTS)}, got {self.crash_at!r}"
+            )
         return self
+
+    @property
+    def hook(self) -> Hook:
+        """The fault hook for this configuration (does nothing unless ETL_CRASH_AT is set)."""
+        return crash_hook(self.crash_at)
 
     @property
     def shard_ids(self) -> list[int]:

@@ -42,6 +42,7 @@ def stage_source(schema: SourceSchema, settings: EtlSettings) -> SourceResult:
         install_rules(con)
         report = read_source(con, path, schema)
         staged = _write_slices(con, schema, settings, sha)
+        settings.hook("source_before_rejected")
         with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s):
             warehouse.replace_rejected(con, schema.name, "rejected", sha)
     return SourceResult(report, staged, int((time.monotonic() - started) * 1000))
@@ -71,7 +72,7 @@ def _write_slices(
     version_dir = Path(settings.staging_dir) / schema.name / f"{sha[:20]}-n{n}-v{STAGING_VERSION}"
     staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes, slice_rows)
     if version_dir.is_dir():
-        return staging.publish(settings.staging_dir, None, staged)
+        return staging.publish(settings.staging_dir, None, staged, settings.hook)
     tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
     cols = ", ".join(schema.column_names + ["row_hash"])
     for k in range(n):
@@ -80,7 +81,7 @@ def _write_slices(
             "TO $path (FORMAT parquet)",
             {"k": k, "path": str(tmp / f"shard_{k}.parquet")},
         )
-    return staging.publish(settings.staging_dir, tmp, staged)
+    return staging.publish(settings.staging_dir, tmp, staged, settings.hook)
 
 
 def _column_schema(schema: SourceSchema) -> dg.TableSchema:

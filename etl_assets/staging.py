@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from etl_assets.faults import Hook, no_hook
+
 POINTER = "current.json"
 KEEP_VERSIONS = 2  # the current one and the previous, for a reader that started just before
 
@@ -69,7 +71,9 @@ def new_temp_dir(staging_dir: str, source: str) -> Path:
     return path
 
 
-def publish(staging_dir: str, tmp_dir: Optional[Path], staged: StagedSource) -> StagedSource:
+def publish(
+    staging_dir: str, tmp_dir: Optional[Path], staged: StagedSource, hook: Hook = no_hook
+) -> StagedSource:
     """Rename `tmp_dir` to the version directory, then point `current.json` at it.
 
     With `tmp_dir` None the version directory already exists (same bytes, published earlier)
@@ -83,7 +87,9 @@ def publish(staging_dir: str, tmp_dir: Optional[Path], staged: StagedSource) -> 
         shutil.rmtree(tmp_dir, ignore_errors=True)
     else:
         _fsync_dir_files(tmp_dir)
+        hook("source_before_publish")
         os.rename(tmp_dir, final)
+    hook("source_before_pointer")
     _write_pointer(Path(staging_dir) / staged.source, staged)
     _prune(Path(staging_dir) / staged.source, keep=final.name)
     return staged

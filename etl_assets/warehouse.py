@@ -18,6 +18,7 @@ from typing import Optional
 
 import duckdb
 
+from etl_assets.faults import Hook, no_hook
 from etl_assets.schema import profile_columns
 
 ALIAS = "wh"
@@ -119,13 +120,13 @@ def overwrite_shard(
     shard_count: int,
     shard_id: int,
     manifest: dict[str, object],
-    after_delete: Optional[Callable[[], None]] = None,
+    hook: Hook = no_hook,
 ) -> int:
     """Replace one shard's rows and manifest entry in ONE transaction; return the rows written.
 
     `con` must have the warehouse attached (see `attached`). `rows_table` holds the new profile
-    rows. `after_delete` runs between the DELETE and the INSERT (a fault-injection point for
-    tests); if it raises, the transaction rolls back and the old rows stay.
+    rows. `hook` is called at the fault points inside the transaction; if anything raises
+    (or the process dies) before COMMIT, the old rows stay.
     """
     con.execute("BEGIN TRANSACTION")
     try:
@@ -133,8 +134,7 @@ def overwrite_shard(
             f"DELETE FROM {ALIAS}.shard_profiles WHERE shard_count = ? AND shard_id = ?",
             [shard_count, shard_id],
         )
-        if after_delete is not None:
-            after_delete()
+        hook("shard_after_delete")
         con.execute(
             f"INSERT INTO {ALIAS}.shard_profiles SELECT *, CAST(? AS INTEGER) FROM {rows_table} "
             "ORDER BY customer_id",
@@ -155,6 +155,7 @@ def overwrite_shard(
                 manifest["run_id"],
             ],
         )
+        hook("shard_before_commit")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -180,7 +181,9 @@ def replace_rejected(
         raise
 
 
-def rebuild_customer_profiles(con: duckdb.DuckDBPyConnection, shard_count: int) -> int:
+def rebuild_customer_profiles(
+    con: duckdb.DuckDBPyConnection, shard_count: int, hook: Hook = no_hook
+) -> int:
     """Rebuild `customer_profiles` from the current shard layout, one row per idempotency key."""
     cols = ", ".join(name for name, _ in profile_columns())
     con.execute("BEGIN TRANSACTION")
@@ -193,6 +196,7 @@ def rebuild_customer_profiles(con: duckdb.DuckDBPyConnection, shard_count: int) 
             [shard_count],
         )
         count = con.execute(f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0]
+        hook("profiles_before_commit")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -200,7 +204,7 @@ def rebuild_customer_profiles(con: duckdb.DuckDBPyConnection, shard_count: int) 
     return int(count)
 
 
-def export_csv(con: duckdb.DuckDBPyConnection, export_path: str) -> None:
+def export_csv(con: duckdb.DuckDBPyConnection, export_path: str, hook: Hook = no_hook) -> None:
     """Write customer_profiles sorted by customer_id; the file appears complete or not at all."""
     target = Path(export_path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +215,7 @@ def export_csv(con: duckdb.DuckDBPyConnection, export_path: str) -> None:
             "(FORMAT csv, HEADER true, DELIMITER ',')",
             [str(tmp)],
         )
+        hook("export_before_rename")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

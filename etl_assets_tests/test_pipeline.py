@@ -84,11 +84,12 @@ def test_failure_between_delete_and_insert_keeps_previous_rows(tmp_path, sample_
     before = snapshot()
     assert len(before) > 200
 
-    def boom():
-        raise RuntimeError("injected between DELETE and INSERT")
+    def boom(point):
+        if point == "shard_after_delete":
+            raise RuntimeError("injected between DELETE and INSERT")
 
     with pytest.raises(RuntimeError, match="injected"):
-        build_shard(settings, 2, run_id="fault", after_delete=boom)
+        build_shard(settings, 2, run_id="fault", hook=boom)
     assert snapshot() == before
     # And the warehouse is not left locked: a normal write goes through at once.
     assert build_shard(settings, 2, run_id="again").record_count == len(before)
