@@ -37,6 +37,12 @@ def ensure_dagster_home(settings: EtlSettings) -> Path:
     if not config.exists():
         config.write_text(DAGSTER_YAML, encoding="utf-8")
     os.environ["DAGSTER_HOME"] = str(home)
+    # Create the instance's storage now: SQLite schema creation races when several processes
+    # (concurrent shard runs) open a brand-new home at the same moment.
+    import dagster as dg
+
+    with dg.DagsterInstance.get():
+        pass
     return home
 
 
@@ -86,6 +92,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drill(args: argparse.Namespace) -> int:
+    """The chaos drill end to end: shard fails once, retry heals, exactly-once verified."""
+    from etl_assets.drill import run_drill
+
+    settings = EtlSettings.from_env(
+        data_dir=args.data_dir, shard_count=args.shards, export_path=args.export,
+        chaos_fail_shard=args.shard, chaos_fail_mode="once",
+    )
+    ensure_dagster_home(settings)
+    return run_drill(settings)
+
+
 def cmd_home(args: argparse.Namespace) -> int:
     """Create the Dagster home (DAGSTER_HOME or var/dagster_home) and print its path."""
     print(ensure_dagster_home(_settings(args)))
@@ -109,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--out", default="data", help="output folder (default data/)")
     gen.set_defaults(func=cmd_generate)
+    drill = sub.add_parser("drill", help="chaos drill: fail a shard once, verify exactly-once")
+    drill.add_argument("--shard", type=int, default=3, help="shard to fail on attempt 1 (3)")
+    drill.add_argument("--data-dir", help="folder with the four CSV files")
+    drill.add_argument("--shards", type=int, help="number of shards (SHARD_COUNT)")
+    drill.add_argument("--export", help="path of the merged CSV (EXPORT_PATH)")
+    drill.set_defaults(func=cmd_drill)
+
     home = sub.add_parser("home", help="create the Dagster home used by run and `make ui`")
     home.set_defaults(func=cmd_home)
     return parser

@@ -28,6 +28,7 @@ class ShardRow:
     elapsed_ms: Optional[int] = None
     ok: bool = False
     error: str = ""
+    run_id: str = ""
 
 
 @dataclass
@@ -123,6 +124,7 @@ def run_pipeline(
         for event in events:
             echo(_json_line(event))
         row = shard_row(shard_id, events, result.success, "" if result.success else first_failure(result))
+        row.run_id = result.run_id
         outcome.shards.append(row)
     failed = [r for r in outcome.shards if not r.ok]
     if failed:

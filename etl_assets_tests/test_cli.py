@@ -74,3 +74,20 @@ def test_dagster_cli_materializes_one_shard(tmp_path, sample_dir):
     shards = con.execute("SELECT DISTINCT shard_id FROM shard_profiles").fetchall()
     count = con.execute("SELECT count(*) FROM shard_profiles").fetchone()[0]
     assert shards == [(3,)] and count > 50
+
+
+def test_drill_prints_the_retry_timeline_and_passes(tmp_path, sample_dir):
+    proc = subprocess.run(
+        [str(BIN / "etl-assets"), "drill", "--shard", "2", "--shards", "4",
+         "--data-dir", str(sample_dir)],
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout.splitlines()
+    start = out.index(next(l for l in out if l.startswith("retry timeline of shard 2")))
+    first, second = out[start + 2].split(), out[start + 3].split()
+    assert first[0] == "1" and "failed, retrying (ChaosFailure: chaos: shard 2" in out[start + 2]
+    assert second[0] == "2" and second[-1] == "success"
+    assert 0.0 <= float(second[3]) <= 2.5  # 1 s base delay, +/- 1 s jitter, plus bookkeeping
+    assert "PASS  export rows 1000 = distinct input customers 1000" in proc.stdout
+    assert "PASS  duplicate customer_id in export: 0" in proc.stdout

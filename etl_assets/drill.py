@@ -1,0 +1,115 @@
+"""The chaos drill: fail one shard's first attempt, then prove the retry healed it exactly once."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import dagster as dg
+import duckdb
+
+from etl_assets import staging
+from etl_assets.runner import RunOutcome, run_pipeline, shard_events
+from etl_assets.schema import SOURCES
+from etl_assets.settings import EtlSettings
+
+STEP = "shard_profiles"
+
+
+@dataclass
+class Attempt:
+    """One attempt of the shard step, as Dagster's event log recorded it."""
+
+    number: int
+    start: float
+    end: Optional[float] = None
+    outcome: str = "running"
+    error: str = ""
+    wait_before_s: Optional[float] = None
+
+
+def retry_timeline(instance: dg.DagsterInstance, run_id: str) -> list[Attempt]:
+    """Attempts of the shard step from STEP_START/RESTARTED/UP_FOR_RETRY/SUCCESS/FAILURE events."""
+    attempts: list[Attempt] = []
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None or entry.step_key != STEP:
+            continue
+        kind = event.event_type_value
+        if kind in ("STEP_START", "STEP_RESTARTED"):
+            attempt = Attempt(number=len(attempts) + 1, start=entry.timestamp)
+            if attempts and attempts[-1].end is not None:
+                attempt.wait_before_s = entry.timestamp - attempts[-1].end
+            attempts.append(attempt)
+        elif attempts and kind in ("STEP_UP_FOR_RETRY", "STEP_SUCCESS", "STEP_FAILURE"):
+            attempts[-1].end = entry.timestamp
+            attempts[-1].outcome = {"STEP_UP_FOR_RETRY": "failed, retrying",
+                                    "STEP_SUCCESS": "success", "STEP_FAILURE": "failed"}[kind]
+    errors = [e for e in shard_events(instance, run_id) if e["event"] == "shard_error"]
+    for event in errors:
+        for attempt in attempts:
+            if attempt.number == event.get("attempt"):
+                attempt.error = str(event.get("error", ""))
+    return attempts
+
+
+def verify_export(settings: EtlSettings) -> dict[str, Any]:
+    """Export rows vs distinct accepted input customers, and duplicate ids in the export."""
+    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    paths = [s.slice_path(k) for s in staged.values() for k in settings.shard_ids]
+    raw = [str(settings.data_dir) + "/" + s.filename for s in SOURCES.values()]
+    con = duckdb.connect()
+    try:
+        customers = con.execute(
+            "SELECT count(DISTINCT customer_id) FROM read_parquet($p)", {"p": paths}
+        ).fetchone()[0]
+        raw_ids = con.execute(
+            "SELECT count(DISTINCT trim(customer_id)) FROM read_csv($p, union_by_name = true, "
+            "all_varchar = true) WHERE trim(customer_id) <> ''", {"p": raw}
+        ).fetchone()[0]
+        rows, distinct = con.execute(
+            "SELECT count(*), count(DISTINCT customer_id) FROM read_csv($p, all_varchar = true)",
+            {"p": settings.export_path},
+        ).fetchone()
+    finally:
+        con.close()
+    return {"export_rows": int(rows), "input_customers": int(customers),
+            "input_ids_incl_quarantined": int(raw_ids), "duplicates": int(rows - distinct)}
+
+
+def _clock(ts: Optional[float]) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+
+
+def run_drill(settings: EtlSettings, echo: Callable[[str], None] = print) -> int:
+    """Run the pipeline with the chaos shard, print the timeline and the two verifications."""
+    outcome: RunOutcome = run_pipeline(settings, echo=echo)
+    shard = settings.chaos_fail_shard
+    row = next((r for r in outcome.shards if r.shard_id == shard), None)
+    if row is None or not row.run_id:
+        echo(f"FAILED: the drill never reached shard {shard}: {outcome.reason}")
+        return 1
+    echo("")
+    echo(f"retry timeline of shard {shard} (run {row.run_id}):")
+    echo(f"{'attempt':>7}  {'start':>12}  {'end':>12}  {'wait_before_s':>13}  outcome")
+    for a in retry_timeline(dg.DagsterInstance.get(), row.run_id):
+        wait = "" if a.wait_before_s is None else f"{a.wait_before_s:.2f}"
+        detail = f" ({a.error})" if a.error else ""
+        echo(f"{a.number:>7}  {_clock(a.start):>12}  {_clock(a.end):>12}  {wait:>13}  {a.outcome}{detail}")
+    if not outcome.ok:
+        echo(f"FAILED: {outcome.reason}")
+        return 1
+    figures = verify_export(settings)
+    same = figures["export_rows"] == figures["input_customers"]
+    unique = figures["duplicates"] == 0
+    echo("")
+    echo(f"{'PASS' if same else 'FAIL'}  export rows {figures['export_rows']} = distinct input "
+         f"customers {figures['input_customers']} (ids in files, quarantined rows included: "
+         f"{figures['input_ids_incl_quarantined']})")
+    echo(f"{'PASS' if unique else 'FAIL'}  duplicate customer_id in export: {figures['duplicates']}")
+    echo(f"export: {settings.export_path}")
+    return 0 if same and unique else 1

@@ -1,0 +1,91 @@
+"""Concurrent shard runs in separate processes, and a warehouse lock held elsewhere."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from etl_assets.profiles import build_shard
+from etl_assets.schema import SOURCES
+from etl_assets.sources import stage_source
+from etl_assets.warehouse import WarehouseLockedError
+from etl_assets_tests.conftest import build_profiles, make_settings
+
+BIN = Path(sys.executable).parent
+
+
+def _table(path):
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute("SELECT * FROM shard_profiles ORDER BY customer_id").fetchall()
+    finally:
+        con.close()
+
+
+def test_parallel_shard_processes_equal_a_serial_run(tmp_path, sample_dir):
+    serial = make_settings(tmp_path / "serial", sample_dir, shard_count=4)
+    build_profiles(serial)
+
+    parallel = make_settings(tmp_path / "parallel", sample_dir, shard_count=4)
+    for schema in SOURCES.values():
+        stage_source(schema, parallel)
+    env = dict(os.environ, DATA_DIR=str(sample_dir), ETL_HOME=parallel.home_dir, SHARD_COUNT="4",
+               DAGSTER_HOME=str(tmp_path / "dagster_home"))
+    init = subprocess.run([str(BIN / "etl-assets"), "home"], env=env, capture_output=True, text=True)
+    assert init.returncode == 0, init.stderr
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "dagster"), "asset", "materialize", "-m", "etl_assets.definitions",
+             "--select", "shard_profiles", "--partition", str(k)],
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for k in range(4)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(o[-1500:] for o in outputs)
+    assert _table(parallel.duckdb_path) == _table(serial.duckdb_path)
+
+
+def _hold_lock(path: str, seconds: float) -> subprocess.Popen:
+    code = (
+        "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('locked', flush=True); "
+        "time.sleep(float(sys.argv[2]))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, path, str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_lock_held_elsewhere_fails_naming_file_and_holder(tmp_path, sample_dir):
+    settings = make_settings(tmp_path, sample_dir, shard_count=2, lock_timeout_s=1.0)
+    for schema in SOURCES.values():
+        stage_source(schema, settings)
+    holder = _hold_lock(settings.duckdb_path, 60)
+    try:
+        started = time.monotonic()
+        with pytest.raises(WarehouseLockedError) as info:
+            build_shard(settings, 0, run_id="blocked")
+        waited = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(info.value)
+    assert message.startswith(settings.duckdb_path + ": still locked by process ")
+    assert str(holder.pid) in message and "after 1s" in message
+    assert 0.9 <= waited < 10
+
+
+def test_a_short_lock_is_waited_out(tmp_path, sample_dir):
+    settings = make_settings(tmp_path, sample_dir, shard_count=2, lock_timeout_s=30)
+    for schema in SOURCES.values():
+        stage_source(schema, settings)
+    holder = _hold_lock(settings.duckdb_path, 1.5)
+    try:
+        result = build_shard(settings, 1, run_id="waited")
+    finally:
+        holder.wait()
+    assert result.record_count > 0
