@@ -102,7 +102,7 @@ def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
     accounted = dg.AssetCheckSpec("rows_accounted", asset=schema.name, blocking=True,
                                   description="rows read = rows accepted + rows rejected")
     reject_rate = dg.AssetCheckSpec("reject_rate", asset=schema.name, blocking=True,
-                                    description="rejected fraction within MAX_REJECT_FRACTION")
+                                    description="invalid rows (superseded duplicates aside) within MAX_REJECT_FRACTION")
 
     @dg.asset(
         name=schema.name,
@@ -126,7 +126,6 @@ def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
         report = result.report
         for column in report.extra_columns:
             context.log.warning(f"{schema.filename}: ignoring extra column {column!r}")
-        fraction = report.rejected / report.rows_read if report.rows_read else 0.0
         return dg.MaterializeResult(
             data_version=dg.DataVersion(result.staged.file_sha256),
             metadata={
@@ -149,16 +148,19 @@ def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
                 ),
                 dg.AssetCheckResult(
                     check_name="reject_rate",
-                    passed=fraction <= settings.max_reject_fraction,
+                    passed=report.invalid_fraction <= settings.max_reject_fraction,
                     metadata={
-                        "rejected": report.rejected,
+                        "invalid": report.invalid,
+                        "duplicates": report.rejected - report.invalid,
                         "read": report.rows_read,
-                        "fraction": round(fraction, 6),
+                        "fraction": round(report.invalid_fraction, 6),
                         "max_fraction": settings.max_reject_fraction,
                         "top_reason": report.top_reason or "",
                     },
                     description=(
-                        f"{schema.name}: {report.rejected} of {report.rows_read} rows rejected"
+                        f"{schema.name}: {report.invalid} of {report.rows_read} rows rejected as "
+                        f"invalid ({report.invalid_fraction:.1%}, limit "
+                        f"{settings.max_reject_fraction:.1%})"
                         + (f", most often {report.top_reason}" if report.top_reason else "")
                     ),
                 ),

@@ -20,6 +20,7 @@ from etl_assets.schema import NOT_GREATER_THAN, Column, SourceSchema
 INT_PATTERN = "[+-]?[0-9]+"
 DECIMAL_PATTERN = r"[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)"
 DATE_PATTERN = "[0-9]{4}-[0-9]{2}-[0-9]{2}"
+DUPLICATE = "duplicate_customer_id"
 _REASON_BY_KIND = {
     "int": "invalid_integer",
     "decimal": "invalid_decimal",
@@ -49,8 +50,19 @@ class ReadReport:
     extra_columns: list[str] = field(default_factory=list)
 
     @property
+    def invalid(self) -> int:
+        """Rejected rows that are bad data (superseded duplicates are not)."""
+        return self.rejected - self.reasons.get(DUPLICATE, 0)
+
+    @property
+    def invalid_fraction(self) -> float:
+        return self.invalid / self.rows_read if self.rows_read else 0.0
+
+    @property
     def top_reason(self) -> str | None:
-        return self.reasons.most_common(1)[0][0] if self.reasons else None
+        """The most common reason a row was invalid (ties: alphabetical)."""
+        bad = sorted((-n, r) for r, n in self.reasons.items() if r != DUPLICATE)
+        return bad[0][1] if bad else None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -235,10 +247,11 @@ def _build_rejected(con: duckdb.DuckDBPyConnection) -> None:
         f"""CREATE OR REPLACE TEMP TABLE rejected AS
             SELECT line_number, customer_id, reason, raw FROM (
                 SELECT 2 + rec + {preceding_nl} AS line_number, nullif(trim(customer_id), '') AS customer_id,
-                       coalesce(reason, 'duplicate_customer_id') AS reason, raw,
+                       coalesce(reason, $duplicate) AS reason, raw,
                        reason IS NOT NULL OR dup_rank > 1 AS is_rejected
                 FROM ranked)
-            WHERE is_rejected"""
+            WHERE is_rejected""",
+        {"duplicate": DUPLICATE},
     )
     # Records the CSV reader itself refused (wrong number of fields, ...) do not get a rec
     # number, so every record after them sits one line lower than counted above.

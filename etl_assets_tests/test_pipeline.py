@@ -121,8 +121,16 @@ def test_reject_threshold_stops_the_run_naming_source_count_and_reason(tmp_path,
     settings = make_settings(tmp_path, sample_dir)
     outcome = run_pipeline(settings, echo=lambda line: None)
     assert not outcome.ok
-    assert "support: 20 of 859 rows rejected, most often out_of_range(nps_score)" in outcome.reason
+    assert outcome.reason == ("support: 20 of 859 rows rejected as invalid (2.3%, limit 1.0%), "
+                              "most often out_of_range(nps_score)")
     assert not outcome.shards  # no shard ran on a source that failed its blocking check
+    # Superseded duplicates are quarantined too, but they are not bad data: no threshold.
+    lines = (sample_dir / "crm.csv").read_text(encoding="utf-8").splitlines()
+    (sample_dir / "crm.csv").write_text("\n".join(lines + lines[1:31]) + "\n", encoding="utf-8")
     lenient = make_settings(tmp_path, sample_dir, max_reject_fraction=0.05)
     assert run_pipeline(lenient, echo=lambda line: None).ok
     assert len(read_export(lenient.export_path)) == 1000  # the customers are still in CRM
+    with warehouse.reader(lenient.duckdb_path, 5) as con:
+        reasons = dict(con.execute(
+            "SELECT reason, count(*) FROM wh.rejected_rows GROUP BY reason").fetchall())
+    assert reasons == {"out_of_range(nps_score)": 20, "duplicate_customer_id": 30}
