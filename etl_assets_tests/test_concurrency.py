@@ -49,6 +49,13 @@ def test_parallel_shard_processes_equal_a_serial_run(tmp_path, sample_dir):
     assert _table(parallel.duckdb_path) == _table(serial.duckdb_path)
 
 
+def _staged(tmp_path, sample_dir, **overrides):
+    settings = make_settings(tmp_path, sample_dir, shard_count=2, **overrides)
+    for schema in SOURCES.values():
+        stage_source(schema, settings)
+    return settings
+
+
 def _hold_lock(path: str, seconds: float) -> subprocess.Popen:
     code = (
         "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('locked', flush=True); "
@@ -61,9 +68,7 @@ def _hold_lock(path: str, seconds: float) -> subprocess.Popen:
 
 
 def test_a_lock_held_elsewhere_fails_naming_file_and_holder(tmp_path, sample_dir):
-    settings = make_settings(tmp_path, sample_dir, shard_count=2, lock_timeout_s=1.0)
-    for schema in SOURCES.values():
-        stage_source(schema, settings)
+    settings = _staged(tmp_path, sample_dir, lock_timeout_s=1.0)
     holder = _hold_lock(settings.duckdb_path, 60)
     try:
         started = time.monotonic()
@@ -80,9 +85,7 @@ def test_a_lock_held_elsewhere_fails_naming_file_and_holder(tmp_path, sample_dir
 
 
 def test_a_short_lock_is_waited_out(tmp_path, sample_dir):
-    settings = make_settings(tmp_path, sample_dir, shard_count=2, lock_timeout_s=30)
-    for schema in SOURCES.values():
-        stage_source(schema, settings)
+    settings = _staged(tmp_path, sample_dir, lock_timeout_s=30)
     holder = _hold_lock(settings.duckdb_path, 1.5)
     try:
         result = build_shard(settings, 1, run_id="waited")
