@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from etl_assets import staging, warehouse
-from etl_assets.profiles import CODE_VERSION
+from etl_assets.profiles import stale_shards
 from etl_assets.schema import SOURCES
 from etl_assets.settings import EtlSettings
 
@@ -53,14 +53,7 @@ def customer_profiles_checks(settings: EtlSettings) -> Iterator[dg.AssetCheckRes
             "SELECT count(*) FROM read_csv($path, header = true, all_varchar = true)",
             {"path": settings.export_path},
         ).fetchone()[0]
-        manifest = dict(
-            (shard_id, (source_hash, code_version))
-            for shard_id, source_hash, code_version in con.execute(
-                f"SELECT shard_id, source_data_hash, code_version FROM {WH}.shard_manifest "
-                "WHERE shard_count = ?",
-                [settings.shard_count],
-            ).fetchall()
-        )
+        stale = stale_shards(settings, con)
     yield dg.AssetCheckResult(
         check_name="row_count_matches_sources",
         passed=bool(rows == expected == export_rows),
@@ -78,11 +71,6 @@ def customer_profiles_checks(settings: EtlSettings) -> Iterator[dg.AssetCheckRes
         passed=bool(rows == keys),
         metadata={"rows": int(rows), "distinct_keys": int(keys)},
     )
-    stale = [
-        k
-        for k in settings.shard_ids
-        if manifest.get(k) != (staging.shard_input_hash(staged, k), CODE_VERSION)
-    ]
     yield dg.AssetCheckResult(
         check_name="shards_current",
         passed=not stale,

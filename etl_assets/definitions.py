@@ -11,12 +11,12 @@ from typing import Optional
 import dagster as dg
 
 from etl_assets.checks import customer_profiles_checks
-from etl_assets.profiles import build_profile_assets
+from etl_assets.profiles import SHARDS_JOB, build_profile_assets
+from etl_assets.sensors import build_sensors
 from etl_assets.settings import EtlSettings
 from etl_assets.sources import SOURCE_ASSETS
 
 SOURCES_JOB = "sources_job"
-SHARDS_JOB = "shards_job"
 PROFILES_JOB = "profiles_job"
 
 
@@ -38,8 +38,11 @@ def build_defs(settings: Optional[EtlSettings] = None) -> dg.Definitions:
             description="Merge every shard into customer_profiles, export, and run its checks.",
         ),
     ]
+    sensors_and_schedule = build_sensors(settings)
     return dg.Definitions(
         assets=[*SOURCE_ASSETS, shard_profiles, customer_profiles],
+        sensors=[d for d in sensors_and_schedule if isinstance(d, dg.SensorDefinition)],
+        schedules=[d for d in sensors_and_schedule if isinstance(d, dg.ScheduleDefinition)],
         asset_checks=[customer_profiles_checks],
         jobs=jobs,
         resources={"settings": settings},

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import dagster as dg
+import duckdb
 
 from etl_assets import staging, warehouse
 from etl_assets.faults import Hook
@@ -14,6 +15,9 @@ from etl_assets.rules import install_rules, merge_sql
 from etl_assets.schema import SOURCES, profile_columns
 from etl_assets.settings import EtlSettings
 from etl_assets.sharding import shard_partitions
+
+# The job that runs one shard partition (the CLI's unit of work; also launchable in the UI).
+SHARDS_JOB = "shards_job"
 
 # Bump when the rows a shard writes would change for the same input (rules, merge, columns).
 CODE_VERSION = "1"
@@ -75,6 +79,25 @@ def build_shard(
     return ShardResult(shard_id, written, source_hash, preview)
 
 
+def stale_shards(settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection] = None) -> list[int]:
+    """Shards whose warehouse rows were not written from the current staged inputs and code.
+
+    Judged against the manifest written in the same transaction as the shard's rows, so a
+    replaced or deleted warehouse can never pass for current. `con` must have it attached.
+    """
+    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    if con is None:
+        with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s) as own:
+            manifest = warehouse.read_manifest(own, settings.shard_count)
+    else:
+        manifest = warehouse.read_manifest(con, settings.shard_count)
+    return [
+        k
+        for k in settings.shard_ids
+        if manifest.get(k) != (staging.shard_input_hash(staged, k), CODE_VERSION)
+    ]
+
+
 def _preview_markdown(rows: list[tuple]) -> str:
     header = "| customer_id | email | health | churn | expansion |\n|---|---|---|---|---|\n"
     return header + "".join(
@@ -121,7 +144,9 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
         except staging.StagingError as exc:
             shard_event(context, "shard_error", shard_id=shard_id, attempt=attempt,
                         error=str(exc), retryable=False)
-            raise dg.Failure(description=str(exc), allow_retries=False) from exc
+            raise dg.Failure(
+                description=str(exc), allow_retries=False, metadata={"retryable": False}
+            ) from exc
         except Exception as exc:
             shard_event(context, "shard_error", shard_id=shard_id, attempt=attempt,
                         error=f"{type(exc).__name__}: {exc}", retryable=True)
@@ -153,11 +178,24 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
             "and exported as CSV sorted by customer_id (EXPORT_PATH, default merged_output.csv)."
         ),
         metadata={"dagster/column_schema": _profile_column_schema()},
+        # Follows its shards by itself, once none is in progress and blocking checks passed.
+        automation_condition=(
+            dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+        ),
     )
     def customer_profiles(
         context: dg.AssetExecutionContext, settings: EtlSettings
     ) -> dg.MaterializeResult:
         with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s) as con:
+            # Never merge a partly updated set of shards: the previous table and export stay.
+            stale = stale_shards(settings, con)
+            if stale:
+                raise dg.Failure(
+                    description=f"shards {stale} are not current with the staged sources; "
+                    "materialize them first (customer_profiles left as it was)",
+                    allow_retries=False,
+                    metadata={"retryable": False},
+                )
             count = warehouse.rebuild_customer_profiles(con, settings.shard_count, settings.hook)
             warehouse.export_csv(con, settings.export_path, settings.hook)
             summary = profile_summary(con)

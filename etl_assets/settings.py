@@ -28,6 +28,9 @@ ENV_VARS: dict[str, str] = {
     "MAX_REJECT_FRACTION": "max_reject_fraction",
     "LOCK_TIMEOUT_S": "lock_timeout_s",
     "ETL_CRASH_AT": "crash_at",
+    "SENSOR_INTERVAL_S": "sensor_interval_s",
+    "RERUN_MAX_ATTEMPTS": "rerun_max_attempts",
+    "RERUN_BASE_WAIT_S": "rerun_base_wait_s",
 }
 
 DEFAULT_HOME = "var"
@@ -55,6 +58,9 @@ class EtlSettings(dg.ConfigurableResource):
     max_reject_fraction: float = 0.01
     lock_timeout_s: float = 60.0
     crash_at: str = ""
+    sensor_interval_s: int = 30
+    rerun_max_attempts: int = 2
+    rerun_base_wait_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "EtlSettings":
@@ -84,11 +90,20 @@ class EtlSettings(dg.ConfigurableResource):
             raise SettingsError(
                 f"MAX_REJECT_FRACTION must be between 0 and 1, got {self.max_reject_fraction}"
             )
+        if self.sensor_interval_s < 1 or self.rerun_max_attempts < 0 or self.rerun_base_wait_s < 0:
+            raise SettingsError(
+                "SENSOR_INTERVAL_S must be >= 1, RERUN_MAX_ATTEMPTS and RERUN_BASE_WAIT_S >= 0"
+            )
         if self.crash_at and self.crash_at not in CRASH_POINTS:
             raise SettingsError(
                 f"ETL_CRASH_AT must be one of {', '.join(CRASH_POINTS)}, got {self.crash_at!r}"
             )
         return self
+
+    def replace(self, **changes: Any) -> "EtlSettings":
+        """A copy with some fields changed (a new resource, so Dagster sees the new values)."""
+        values = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self)(**{**values, **changes}).validated()
 
     @property
     def hook(self) -> Hook:

@@ -19,7 +19,7 @@ from etl_assets.settings import EtlSettings
 from etl_assets.validation import ReadReport, SourceFileError, file_sha256, read_source
 
 # Bump when staging output would change for the same input (types, validation, hashing).
-STAGING_VERSION = "1"
+STAGING_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -48,39 +48,72 @@ def stage_source(schema: SourceSchema, settings: EtlSettings) -> SourceResult:
     return SourceResult(report, staged, int((time.monotonic() - started) * 1000))
 
 
+def _routed_sql(schema: SourceSchema) -> str:
+    return (
+        f"SELECT {', '.join(schema.column_names)}, row_hash, "
+        "etl_shard(customer_id, $n) AS shard_id FROM accepted"
+    )
+
+
+def slice_stats(
+    con: duckdb.DuckDBPyConnection, schema: SourceSchema, shard_count: int
+) -> tuple[dict[int, str], dict[int, int]]:
+    """Per-shard slice hash and row count of the `accepted` rows (after `read_source`)."""
+    # A slice hash sums the rows' md5s (as two 64-bit halves): independent of row order, so a
+    # shuffled file with the same rows gives the same slices, and no sort is needed.
+    stats = con.execute(
+        f"""SELECT shard_id, count(*), md5(count(*) || ':'
+               || sum(CAST(('0x' || substr(row_hash, 1, 16)) AS UBIGINT)::HUGEINT) || ':'
+               || sum(CAST(('0x' || substr(row_hash, 17, 16)) AS UBIGINT)::HUGEINT))
+           FROM ({_routed_sql(schema)}) GROUP BY shard_id""",
+        {"n": shard_count},
+    ).fetchall()
+    empty = con.execute("SELECT md5('0:NULL:NULL')").fetchone()[0]
+    slice_rows = {k: 0 for k in range(shard_count)}
+    slice_hashes = {k: empty for k in range(shard_count)}
+    for shard_id, rows, digest in stats:
+        slice_rows[int(shard_id)] = int(rows)
+        slice_hashes[int(shard_id)] = digest
+    return slice_hashes, slice_rows
+
+
+def plan_slices(schema: SourceSchema, settings: EtlSettings) -> tuple[str, dict[int, str]]:
+    """(file sha256, per-shard slice hashes) of the file as it is now; writes nothing."""
+    path = Path(settings.data_dir) / schema.filename
+    sha = file_sha256(path)
+    with warehouse.scratch() as con:
+        install_rules(con)
+        read_source(con, path, schema)
+        hashes, _ = slice_stats(con, schema, settings.shard_count)
+    return sha, hashes
+
+
 def _write_slices(
     con: duckdb.DuckDBPyConnection, schema: SourceSchema, settings: EtlSettings, sha: str
 ) -> staging.StagedSource:
     n = settings.shard_count
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE routed AS "
-        "SELECT *, etl_shard(customer_id, $n) AS shard_id FROM accepted",
-        {"n": n},
-    )
-    # A slice hash is order-independent of the file (rows sorted by id), so a shuffled file
-    # with the same rows gives the same slices.
-    stats = con.execute(
-        """SELECT shard_id, count(*), md5(string_agg(row_hash, '' ORDER BY customer_id))
-           FROM routed GROUP BY shard_id"""
-    ).fetchall()
-    empty = con.execute("SELECT md5('')").fetchone()[0]
-    slice_rows = {k: 0 for k in range(n)}
-    slice_hashes = {k: empty for k in range(n)}
-    for shard_id, rows, digest in stats:
-        slice_rows[int(shard_id)] = int(rows)
-        slice_hashes[int(shard_id)] = digest
+    routed = _routed_sql(schema)
+    slice_hashes, slice_rows = slice_stats(con, schema, n)
     version_dir = Path(settings.staging_dir) / schema.name / f"{sha[:20]}-n{n}-v{STAGING_VERSION}"
     staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes, slice_rows)
     if version_dir.is_dir():
         return staging.publish(settings.staging_dir, None, staged, settings.hook)
     tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
-    cols = ", ".join(schema.column_names + ["row_hash"])
+    # One pass writes every shard's slice (shard_id=<k>/ folders); empty shards get an empty
+    # file with the schema so every shard can read its slice.
+    con.execute(
+        f"COPY ({routed}) TO $path (FORMAT parquet, PARTITION_BY (shard_id))",
+        {"path": str(tmp), "n": n},
+    )
     for k in range(n):
-        con.execute(
-            f"COPY (SELECT {cols} FROM routed WHERE shard_id = $k ORDER BY customer_id) "
-            "TO $path (FORMAT parquet)",
-            {"k": k, "path": str(tmp / f"shard_{k}.parquet")},
-        )
+        if slice_rows[k] == 0:
+            folder = tmp / f"shard_id={k}"
+            folder.mkdir()
+            con.execute(
+                f"COPY (SELECT * EXCLUDE (shard_id) FROM ({routed}) LIMIT 0) TO $path "
+                "(FORMAT parquet)",
+                {"path": str(folder / "empty.parquet"), "n": n},
+            )
     return staging.publish(settings.staging_dir, tmp, staged, settings.hook)
 
 

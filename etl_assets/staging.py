@@ -1,7 +1,7 @@
 """Staged source slices on disk: one Parquet file per shard, published atomically.
 
-Layout: `<staging_dir>/<source>/<version>/shard_<k>.parquet` plus `<source>/current.json`, the
-pointer shards read. A version directory is written under a temporary name and renamed into
+Layout: `<staging_dir>/<source>/<version>/shard_id=<k>/*.parquet` plus `<source>/current.json`,
+the pointer shards read. A version directory is written under a temporary name and renamed into
 place, and the pointer is replaced with os.replace, so a crash never leaves a half-written file
 under a name a reader would use. Readers need no DuckDB lock.
 """
@@ -40,7 +40,8 @@ class StagedSource:
     slice_rows: dict[int, int]
 
     def slice_path(self, shard_id: int) -> str:
-        return str(Path(self.version_dir) / f"shard_{shard_id}.parquet")
+        """A glob of the shard's Parquet file(s); there is at least one, maybe empty."""
+        return str(Path(self.version_dir) / f"shard_id={shard_id}" / "*.parquet")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,7 +121,7 @@ def _write_pointer(source_dir: Path, staged: StagedSource) -> None:
 
 
 def _fsync_dir_files(directory: Path) -> None:
-    for child in directory.iterdir():
+    for child in directory.rglob("*.parquet"):
         with open(child, "rb") as fh:
             os.fsync(fh.fileno())
 

@@ -122,9 +122,8 @@ def _typed_expr(col: Column) -> str:
         )
     if col.kind == "category":
         # Canonical spelling of the domain value that matches after normalization.
-        dom = f"$domain_{col.name}"
         return (
-            f"list_extract({dom}, list_position(list_transform({dom}, lambda d: etl_norm(d)), "
+            f"list_extract($domain_{col.name}, list_position($normalized_{col.name}, "
             f"etl_norm({v})))"
         )
     if col.kind == "id":
@@ -132,11 +131,18 @@ def _typed_expr(col: Column) -> str:
     return f"CASE WHEN trim({_quote(col.name)}) = '' THEN NULL ELSE {_quote(col.name)} END"
 
 
-def validation_sql(schema: SourceSchema) -> tuple[str, dict[str, object]]:
+def normalized(con: duckdb.DuckDBPyConnection, values: tuple[str, ...]) -> list[str]:
+    """The values as the etl_norm rule normalizes them (computed once, not per row)."""
+    return [con.execute("SELECT etl_norm(?)", [v]).fetchone()[0] for v in values]
+
+
+def validation_sql(
+    con: duckdb.DuckDBPyConnection, schema: SourceSchema
+) -> tuple[str, dict[str, object]]:
     """SQL creating temp table `checked` from `raw_rows`, and its bound parameters.
 
-    `checked` has rec (0-based record index), nl (embedded newlines), the typed columns,
-    reason (NULL when valid), raw (the row as read, JSON) and row_hash (md5 of the raw values).
+    `checked` has rec (0-based record index = raw_rows.rowid), the typed columns, reason (NULL
+    when valid) and row_hash (md5 of the raw values).
     """
     params: dict[str, object] = {}
     trimmed = ", ".join(
@@ -152,6 +158,7 @@ def validation_sql(schema: SourceSchema) -> tuple[str, dict[str, object]]:
             )
         if col.kind == "category":
             params[f"domain_{col.name}"] = list(col.domain)
+            params[f"normalized_{col.name}"] = normalized(con, col.domain)
         if col.min is not None:
             params[f"min_{col.name}"] = col.min
             checks.append(f"WHEN {col.name} < $min_{col.name} THEN 'out_of_range({col.name})'")
@@ -162,20 +169,15 @@ def validation_sql(schema: SourceSchema) -> tuple[str, dict[str, object]]:
         if source == schema.name:
             checks.append(f"WHEN {left} > {right} THEN '{left}_exceeds_{right}'")
     raw_values = ", ".join(_quote(c) for c in schema.column_names)
-    newline_count = " + ".join(
-        f"coalesce(length({_quote(c)}) - length(replace({_quote(c)}, chr(10), '')), 0)"
-        for c in schema.column_names
-    )
     sql = f"""
         CREATE OR REPLACE TEMP TABLE checked AS
-        WITH src AS (SELECT rowid AS rec, CAST(to_json(r) AS VARCHAR) AS raw, * FROM raw_rows r),
+        WITH src AS (SELECT rowid AS rec, * FROM raw_rows),
         trimmed AS (SELECT *, {trimmed},
-                           md5(to_json(list_value({raw_values}))) AS row_hash,
-                           {newline_count} AS nl
+                           md5(to_json(list_value({raw_values}))) AS row_hash
                     FROM src),
-        typed AS (SELECT rec, raw, row_hash, nl, {", ".join("v_" + c.name for c in schema.columns)},
+        typed AS (SELECT rec, row_hash, {", ".join("v_" + c.name for c in schema.columns)},
                          {typed} FROM trimmed)
-        SELECT rec, nl, {", ".join(schema.column_names)}, row_hash, raw,
+        SELECT rec, {", ".join(schema.column_names)}, row_hash,
                CASE {" ".join(checks)} END AS reason
         FROM typed
     """
@@ -208,20 +210,26 @@ def read_source(
     if encoding_errors is not None:
         raise SourceFileError(path, f"not valid UTF-8 (first bad line: {encoding_errors})")
 
-    sql, params = validation_sql(schema)
+    sql, params = validation_sql(con, schema)
     con.execute(sql, params)
+    # Earlier valid rows of a duplicated id are superseded (the last one in the file wins).
+    # Most files have no duplicates, so the window runs only over the ids that repeat.
     con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE ranked AS
-            SELECT *, CASE WHEN reason IS NULL THEN
-                row_number() OVER (PARTITION BY customer_id, reason IS NULL ORDER BY rec DESC)
-            END AS dup_rank
-            FROM checked"""
+        """CREATE OR REPLACE TEMP TABLE superseded AS
+           SELECT rec FROM (
+               SELECT rec, row_number() OVER (PARTITION BY customer_id ORDER BY rec DESC) AS k
+               FROM checked
+               WHERE reason IS NULL AND customer_id IN (
+                   SELECT customer_id FROM checked WHERE reason IS NULL
+                   GROUP BY customer_id HAVING count(*) > 1))
+           WHERE k > 1"""
     )
     con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE accepted AS
-            SELECT {", ".join(schema.column_names)}, row_hash FROM ranked WHERE dup_rank = 1"""
+        f"""CREATE OR REPLACE TEMP VIEW accepted AS
+            SELECT {", ".join(schema.column_names)}, row_hash FROM checked
+            WHERE reason IS NULL AND rec NOT IN (SELECT rec FROM superseded)"""
     )
-    _build_rejected(con)
+    _build_rejected(con, columns)
     rows_read, accepted, rejected = con.execute(
         """SELECT (SELECT count(*) FROM checked) + (SELECT count(DISTINCT line) FROM csv_rejects),
                   (SELECT count(*) FROM accepted), (SELECT count(*) FROM rejected)"""
@@ -234,24 +242,38 @@ def read_source(
     return ReadReport(int(rows_read), int(accepted), int(rejected), reasons, extra)
 
 
-def _build_rejected(con: duckdb.DuckDBPyConnection) -> None:
+def _build_rejected(con: duckdb.DuckDBPyConnection, columns: list[str]) -> None:
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE rejected_recs AS
+           SELECT rec, reason FROM checked WHERE reason IS NOT NULL
+           UNION ALL SELECT rec, $duplicate FROM superseded""",
+        {"duplicate": DUPLICATE},
+    )
     # Physical line of a record = header line + records before it + newlines embedded in them.
-    # Computing that needs a running sum, done only when some field holds a newline.
-    has_newlines = con.execute("SELECT coalesce(sum(nl), 0) > 0 FROM checked").fetchone()[0]
+    # That needs a running sum over the file, computed only when there are rejected rows and
+    # some field holds a newline.
+    newlines = " + ".join(
+        f"coalesce(length({_quote(c)}) - length(replace({_quote(c)}, chr(10), '')), 0)"
+        for c in columns
+    )
+    has_newlines = bool(
+        con.execute("SELECT count(*) FROM rejected_recs").fetchone()[0]
+        and con.execute(f"SELECT bool_or({newlines} > 0) FROM raw_rows").fetchone()[0]
+    )
     preceding_nl = (
-        "coalesce(sum(nl) OVER (ORDER BY rec ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)"
+        f"""(SELECT rowid AS rec, coalesce(sum({newlines}) OVER (ORDER BY rowid ROWS BETWEEN
+               UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before FROM raw_rows)"""
         if has_newlines
-        else "0"
+        else "(SELECT rec, 0 AS before FROM rejected_recs)"
     )
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE rejected AS
-            SELECT line_number, customer_id, reason, raw FROM (
-                SELECT 2 + rec + {preceding_nl} AS line_number, nullif(trim(customer_id), '') AS customer_id,
-                       coalesce(reason, $duplicate) AS reason, raw,
-                       reason IS NOT NULL OR dup_rank > 1 AS is_rejected
-                FROM ranked)
-            WHERE is_rejected""",
-        {"duplicate": DUPLICATE},
+            SELECT 2 + x.rec + p.before AS line_number,
+                   nullif(trim(r.customer_id), '') AS customer_id, x.reason,
+                   CAST(to_json(r) AS VARCHAR) AS raw
+            FROM rejected_recs x
+            JOIN {preceding_nl} p ON p.rec = x.rec
+            JOIN raw_rows r ON r.rowid = x.rec"""
     )
     # Records the CSV reader itself refused (wrong number of fields, ...) do not get a rec
     # number, so every record after them sits one line lower than counted above.
@@ -261,9 +283,12 @@ def _build_rejected(con: duckdb.DuckDBPyConnection) -> None:
     ).fetchall()
     for line, error_type, csv_line in structural:
         con.execute("UPDATE rejected SET line_number = line_number + 1 WHERE line_number >= ?", [line])
+        fields = next(csv.reader([csv_line or ""]), [])
+        customer_id = fields[0].strip() or None if fields else None
         con.execute(
-            "INSERT INTO rejected VALUES (?, NULL, ?, ?)",
-            [line, f"malformed_row({str(error_type).lower().replace(' ', '_')})", csv_line],
+            "INSERT INTO rejected VALUES (?, ?, ?, ?)",
+            [line, customer_id, f"malformed_row({str(error_type).lower().replace(' ', '_')})",
+             csv_line],
         )
 
 

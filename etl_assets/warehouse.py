@@ -163,6 +163,16 @@ def overwrite_shard(
     return int(written)
 
 
+def read_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict[int, tuple[str, str]]:
+    """shard_id -> (source_data_hash, code_version) of each shard written for this layout."""
+    rows = con.execute(
+        f"SELECT shard_id, source_data_hash, code_version FROM {ALIAS}.shard_manifest "
+        "WHERE shard_count = ?",
+        [shard_count],
+    ).fetchall()
+    return {int(k): (h, c) for k, h, c in rows}
+
+
 def replace_rejected(
     con: duckdb.DuckDBPyConnection, source: str, rejected_table: str, file_sha256: str
 ) -> None:

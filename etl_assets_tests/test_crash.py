@@ -74,12 +74,13 @@ def _assert_consistent(home: Path, states) -> None:
     assert export in (states["old_export"], states["new_export"])
     for pointer in (home / "staging").glob("*/current.json"):
         version = Path(__import__("json").loads(pointer.read_text())["version_dir"])
-        files = sorted(version.glob("shard_*.parquet"))
-        assert len(files) == int(SHARDS)
+        files = sorted(version.glob("shard_id=*/*.parquet"))
+        assert len({f.parent for f in files}) == int(SHARDS)
         duckdb.connect().execute("SELECT count(*) FROM read_parquet($p)", {"p": [str(f) for f in files]})
     for version in (home / "staging").glob("*/[!.]*"):
         if version.is_dir():
-            assert len(list(version.glob("shard_*.parquet"))) == int(SHARDS), f"partial {version}"
+            shards = {f.parent for f in version.glob("shard_id=*/*.parquet")}
+            assert len(shards) == int(SHARDS), f"partial {version}"
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)

@@ -105,7 +105,8 @@ def test_malformed_rows_are_rejected_not_fatal(tmp_path):
     report, accepted, rejected = _read(path, CRM)
     assert [r[0] for r in accepted] == ["c1", "c3"]
     assert report.rows_read == report.accepted + report.rejected == 3
-    assert rejected[0][0] == 3 and rejected[0][2].startswith("malformed_row")
+    assert rejected[0][:3] == (3, "c2", "malformed_row(too_many_columns)")
+    assert rejected[0][3] == "c2,b@x,B,,,,,,,x,y"
 
 
 @pytest.mark.parametrize(

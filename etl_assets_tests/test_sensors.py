@@ -1,0 +1,147 @@
+"""Sensors evaluated with build_sensor_context on a real temporary instance and real runs."""
+
+import csv
+import io
+
+import dagster as dg
+import duckdb
+import pytest
+
+from etl_assets.definitions import SHARDS_JOB, build_defs
+from etl_assets.runner import run_pipeline
+from etl_assets.sensors import RERUN_ATTEMPT_TAG, evaluate_failed_shards
+from etl_assets.sharding import shard_of
+from etl_assets_tests.conftest import make_settings
+
+pytestmark = pytest.mark.usefixtures("dagster_home")
+
+
+def _tick(defs, settings, instance, cursor=None):
+    sensor = defs.get_sensor_def("source_files_sensor")
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                      resources={"settings": settings})
+    return sensor.evaluate_tick(context)
+
+
+def _edit_crm(data_dir, changes):
+    """Set employee_count for the given customer ids; keep every other byte of the file."""
+    path = data_dir / "crm.csv"
+    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
+    for row in rows[1:]:
+        if row[0] in changes:
+            row[4] = str(changes[row[0]])
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    path.write_text(out.getvalue(), encoding="utf-8")
+
+
+def _execute(defs, request, instance):
+    assets = [a for a in defs.assets]
+    return dg.materialize(
+        assets, selection=list(request.asset_selection), partition_key=request.partition_key,
+        resources=defs.resources, instance=instance, tags=request.tags,
+    )
+
+
+@pytest.fixture
+def built(tmp_path, sample_dir, instance):
+    settings = make_settings(tmp_path, sample_dir)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    return settings, build_defs(settings)
+
+
+def test_one_changed_row_requests_exactly_its_shard_once(built, sample_dir, instance):
+    settings, defs = built
+    quiet = _tick(defs, settings, instance)
+    assert quiet.run_requests == [] and "unchanged" in quiet.skip_message
+
+    _edit_crm(sample_dir, {"cust_00000042": 4242})
+    first = _tick(defs, settings, instance, quiet.cursor)
+    assert first.run_requests == [] and "waiting for crm.csv to settle" in first.skip_message
+    second = _tick(defs, settings, instance, first.cursor)
+    [request] = second.run_requests
+    assert request.partition_key == str(shard_of("cust_00000042", 10))
+    assert {k.to_user_string() for k in request.asset_selection} == {
+        "crm", "shard_profiles", "customer_profiles"}
+    again = _tick(defs, settings, instance, second.cursor)
+    assert again.run_requests == []  # same content never triggers twice
+
+    result = _execute(defs, request, instance)
+    assert result.success
+    con = duckdb.connect(settings.duckdb_path, read_only=True)
+    assert con.execute("SELECT employee_count FROM customer_profiles WHERE customer_id = ?",
+                       ["cust_00000042"]).fetchone() == (4242,)
+    con.close()
+    fresh = _tick(defs, settings, instance)  # even with no cursor: nothing to do
+    assert fresh.run_requests == [] and "every shard current" in fresh.skip_message
+
+
+def test_a_file_still_changing_waits_until_it_settles(built, sample_dir, instance):
+    settings, defs = built
+    _edit_crm(sample_dir, {"cust_00000007": 1})
+    t1 = _tick(defs, settings, instance)
+    _edit_crm(sample_dir, {"cust_00000007": 2})  # changed again between ticks
+    t2 = _tick(defs, settings, instance, t1.cursor)
+    assert t1.run_requests == [] and t2.run_requests == []
+    t3 = _tick(defs, settings, instance, t2.cursor)
+    assert [r.partition_key for r in t3.run_requests] == [str(shard_of("cust_00000007", 10))]
+
+
+def test_several_shards_sources_first_then_exactly_the_stale_shards(built, sample_dir, instance):
+    settings, defs = built
+    ids = ["cust_00000001", "cust_00000002", "cust_00000003"]
+    expected = sorted({str(shard_of(c, 10)) for c in ids})
+    assert len(expected) > 1
+    _edit_crm(sample_dir, {c: 77 for c in ids})
+    t1 = _tick(defs, settings, instance)
+    [sources_run] = _tick(defs, settings, instance, t1.cursor).run_requests
+    assert [k.to_user_string() for k in sources_run.asset_selection] == ["crm"]
+    assert sources_run.partition_key is None
+    assert _execute(defs, sources_run, instance).success
+    shards = _tick(defs, settings, instance, t1.cursor).run_requests
+    assert sorted(r.partition_key for r in shards) == expected
+    assert all([k.to_user_string() for k in r.asset_selection] == ["shard_profiles"] for r in shards)
+
+
+def test_a_missing_file_requests_nothing_and_says_why(built, sample_dir, instance):
+    settings, defs = built
+    (sample_dir / "support.csv").unlink()
+    tick = _tick(defs, settings, instance)
+    assert tick.run_requests == [] and "support.csv missing" in tick.skip_message
+
+
+def _fail_shard(settings, instance, partition, tags=None):
+    failing = settings.replace(chaos_fail_shard=int(partition),
+                                          chaos_fail_mode="always")
+    job = build_defs(failing).resolve_job_def(SHARDS_JOB)
+    result = job.execute_in_process(instance=instance, partition_key=partition,
+                                    raise_on_error=False, tags=tags or {})
+    assert not result.success
+    return result
+
+
+def test_failed_shard_is_rerun_within_bound_with_new_keys(built, instance):
+    settings, _ = built
+    bounded = settings.replace(rerun_max_attempts=1, rerun_base_wait_s=100)
+    first = _fail_shard(settings, instance, "5")
+    waiting = evaluate_failed_shards(bounded, instance)
+    assert waiting.run_requests == [] and "rerun of shard 5 in" in waiting.skip_reason
+    end = instance.get_run_record_by_id(first.run_id).end_time
+    [rerun] = evaluate_failed_shards(bounded, instance, now=end + 100).run_requests
+    assert rerun.partition_key == "5" and rerun.tags[RERUN_ATTEMPT_TAG] == "1"
+    assert rerun.run_key == f"rerun:5:{first.run_id}"
+
+    _fail_shard(settings, instance, "5", tags=rerun.tags)  # the rerun fails too
+    done = evaluate_failed_shards(bounded, instance, now=end + 10_000)
+    assert done.run_requests == [] and "left failed" in done.skip_reason and "5" in done.skip_reason
+
+
+def test_not_retryable_failures_are_not_rerun(built, instance):
+    settings, _ = built
+    other_layout = settings.replace(shard_count=4)  # sources staged for 10
+    job = build_defs(other_layout).resolve_job_def(SHARDS_JOB)
+    result = job.execute_in_process(instance=instance, partition_key="1", raise_on_error=False)
+    assert not result.success
+    evaluation = evaluate_failed_shards(settings.replace(rerun_base_wait_s=0),
+                                        instance)
+    assert evaluation.run_requests == [] and "left failed" in evaluation.skip_reason
