@@ -52,7 +52,13 @@ def _staged_or_none(settings: EtlSettings, name: str) -> Optional[staging.Staged
     return staged if staged.shard_count == settings.shard_count else None
 
 
-def evaluate_source_files(settings: EtlSettings, cursor: dict[str, Any]) -> Evaluation:
+ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
+          dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+
+
+def evaluate_source_files(
+    settings: EtlSettings, cursor: dict[str, Any], instance: Optional[dg.DagsterInstance] = None
+) -> Evaluation:
     """Decide one tick of `source_files_sensor` from the files, the staged data and the cursor."""
     pending: dict[str, str] = dict(cursor.get("pending", {}))
     requested: dict[str, str] = dict(cursor.get("requested", {}))
@@ -88,6 +94,10 @@ def evaluate_source_files(settings: EtlSettings, cursor: dict[str, Any]) -> Eval
             "the last tick)",
             cursor=new_cursor,
         )
+    if instance is not None and instance.get_runs_count(dg.RunsFilter(statuses=ACTIVE)):
+        # Mid-run, staged sources can be ahead of their shards: judge staleness afterwards.
+        return Evaluation(skip_reason="runs in progress; shards are checked when they finish",
+                          cursor=new_cursor)
     return _requests_for_stale_shards(settings, new_cursor)
 
 
@@ -206,7 +216,7 @@ def evaluate_failed_shards(
 
 
 def build_sensors(settings: EtlSettings) -> list[Any]:
-    """The two sensors (on by default) and the daily schedule (off by default)."""
+    """The three sensors (on by default) and the daily schedule (off by default)."""
     targets = [*(dg.AssetKey(n) for n in SOURCES), SHARDS, PROFILES]
 
     @dg.sensor(
@@ -220,7 +230,9 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
     def source_files_sensor(
         context: dg.SensorEvaluationContext, settings: EtlSettings
     ) -> dg.SensorResult:
-        result = evaluate_source_files(settings, json.loads(context.cursor or "{}"))
+        result = evaluate_source_files(
+            settings, json.loads(context.cursor or "{}"), context.instance
+        )
         return dg.SensorResult(
             run_requests=result.run_requests,
             skip_reason=result.skip_reason,
@@ -263,4 +275,16 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         result = _requests_for_stale_shards(settings, {})
         return result.run_requests or dg.SkipReason(result.skip_reason or "nothing stale")
 
-    return [source_files_sensor, failed_shard_sensor, stale_partitions_schedule]
+    # Declared here (not left to Dagster's implicit default) so that it is on by default,
+    # ticks as often as the other sensors, and is visible by name in the UI.
+    profiles_automation = dg.AutomationConditionSensorDefinition(
+        "profiles_automation_sensor",
+        target=[PROFILES],
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=settings.sensor_interval_s,
+        description="Evaluates customer_profiles' automation condition: rebuild once its shards "
+        "were updated, none is in progress and blocking checks passed.",
+    )
+
+    return [source_files_sensor, failed_shard_sensor, profiles_automation,
+            stale_partitions_schedule]

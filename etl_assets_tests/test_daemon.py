@@ -1,4 +1,4 @@
-"""A real Dagster daemon: change a CSV and the changed customer's profile updates by itself."""
+"""A real Dagster daemon: change a CSV and the changed customers' profiles update by themselves."""
 
 import csv
 import io
@@ -17,17 +17,19 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _profile_value(db: Path, customer_id: str):
+def _profile_values(db: Path, customers: list[str]) -> dict[str, int] | None:
     try:
         con = duckdb.connect(str(db), read_only=True)
     except duckdb.Error:
         return None  # a run is writing right now
     try:
-        row = con.execute("SELECT employee_count, shard_id FROM customer_profiles "
-                          "WHERE customer_id = ?", [customer_id]).fetchone()
+        rows = con.execute(
+            "SELECT customer_id, employee_count FROM customer_profiles "
+            "WHERE list_contains($ids, customer_id)", {"ids": customers},
+        ).fetchall()
     finally:
         con.close()
-    return row
+    return dict(rows)
 
 
 def _bump(data_dir: Path, customers: list[str]) -> dict[str, int]:
@@ -39,131 +41,86 @@ def _bump(data_dir: Path, customers: list[str]) -> dict[str, int]:
         if row[0] in customers:
             row[4] = str(int(row[4]) + 1000)
             wanted[row[0]] = int(row[4])
+    assert sorted(wanted) == sorted(customers)
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows(rows)
     path.write_text(out.getvalue(), encoding="utf-8")
     return wanted
 
 
-def _wait_for(db: Path, wanted: dict[str, int], daemon: subprocess.Popen, tmp_path: Path) -> None:
-    deadline = time.monotonic() + 240
-    seen: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        for customer in wanted:
-            value = _profile_value(db, customer)
-            if value is not None:
-                seen[customer] = value[0]
+def _wait_for(db: Path, wanted: dict[str, int], daemon: subprocess.Popen, log: Path) -> float:
+    started = time.monotonic()
+    seen: dict[str, int] = {}
+    while time.monotonic() - started < 240:
+        seen = _profile_values(db, list(wanted)) or seen
         if seen == wanted:
-            return
-        assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            return time.monotonic() - started
+        assert daemon.poll() is None, log.read_text()[-3000:]
         time.sleep(2)
-    raise AssertionError(f"{seen} != {wanted}\n" + (tmp_path / "daemon.log").read_text()[-3000:])
+    raise AssertionError(f"{seen} != {wanted}\n" + log.read_text()[-3000:])
 
 
-def test_daemon_rebuilds_the_changed_customer_without_a_click(tmp_path, sample_dir):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAOS_", "SHARD_COUNT"))}
-    env.update(DAGSTER_HOME=str(tmp_path / "dagster_home"), ETL_HOME=str(tmp_path / "var"),
-               DATA_DIR=str(sample_dir), SENSOR_INTERVAL_S="2")
-    first = subprocess.run([str(BIN / "etl-assets"), "run"], env=env, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stdout + first.stderr
-    db = tmp_path / "var" / "warehouse.duckdb"
-    customer = "cust_00000123"
-    before = _profile_value(db, customer)
-    assert before is not None and before[1] == shard_of(customer, 10)
+def _settled_runs(home: Path, daemon: subprocess.Popen, log: Path) -> list[tuple]:
+    """Wait until no run is queued or running; return (status, assets, partition) oldest first."""
+    import dagster as dg
 
-    log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
-        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        time.sleep(5)  # let the sensor record its first, quiet tick
-        # One customer: one run of crm + that shard + customer_profiles.
-        wanted = _bump(sample_dir, [customer])
-        _wait_for(db, wanted, daemon, tmp_path)
-        # Customers on several shards: sources first, then each stale shard, then
-        # customer_profiles through its automation condition.
-        others = ["cust_00000001", "cust_00000002", "cust_00000003"]
-        assert len({shard_of(c, 10) for c in others}) > 1
-        _wait_for(db, _bump(sample_dir, others), daemon, tmp_path)
-    finally:
-        con.close()
-    return row
-
-
-def _bump(data_dir: Path, customers: list[str]) -> dict[str, int]:
-    """Add 1000 to these customers' employee_count in crm.csv; return the new values."""
-    path = data_dir / "crm.csv"
-    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
-    wanted = {}
-    for row in rows:
-        if row[0] in customers:
-            row[4] = str(int(row[4]) + 1000)
-            wanted[row[0]] = int(row[4])
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
-    path.write_text(out.getvalue(), encoding="utf-8")
-    return wanted
-
-
-def _wait_for(db: Path, wanted: dict[str, int], daemon: subprocess.Popen, tmp_path: Path) -> None:
-    deadline = time.monotonic() + 240
-    seen: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        for customer in wanted:
-            value = _profile_value(db, customer)
-            if value is not None:
-                seen[customer] = value[0]
-        if seen == wanted:
-            return
-        assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
-        time.sleep(2)
-    raise AssertionError(f"{seen} != {wanted}\n" + (tmp_path / "daemon.log").read_text()[-3000:])
-
-
-def test_daemon_rebuilds_the_changed_customer_without_a_click(tmp_path, sample_dir):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAOS_", "SHARD_COUNT"))}
-    env.update(DAGSTER_HOME=str(tmp_path / "dagster_home"), ETL_HOME=str(tmp_path / "var"),
-               DATA_DIR=str(sample_dir), SENSOR_INTERVAL_S="2")
-    first = subprocess.run([str(BIN / "etl-assets"), "run"], env=env, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stdout + first.stderr
-    db = tmp_path / "var" / "warehouse.duckdb"
-    customer = "cust_00000123"
-    before = _profile_value(db, customer)
-    assert before is not None and before[1] == shard_of(customer, 10)
-
-    log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
-        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        time.sleep(5)  # let the sensor record its first, quiet tick
-        path = sample_dir / "crm.csv"
-        rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
-        for row in rows:
-            if row[0] == customer:
-                row[4] = str(int(row[4]) + 1000)
-                wanted = int(row[4])
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerows(rows)
-        path.write_text(out.getvalue(), encoding="utf-8")
-
-        deadline = time.monotonic() + 180
-        value = before
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            value = _profile_value(db, customer) or value
-            if value[0] == wanted:
-                break
-            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
-            time.sleep(2)
-        assert value[0] == wanted, (tmp_path / "daemon.log").read_text()[-3000:]
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
+            records = instance.get_run_records()
+            if all(r.dagster_run.is_finished for r in records):
+                time.sleep(6)  # and no sensor launches another one
+                if len(instance.get_run_records()) == len(records):
+                    break
+            assert daemon.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        daemon_runs = [r.dagster_run for r in reversed(instance.get_run_records())
+                       if r.dagster_run.tags.get("dagster/sensor_name")
+                       or r.dagster_run.tags.get("dagster/tick")]
+        return [(run.status.value, sorted(k.to_user_string() for k in run.asset_selection or []),
+                 run.tags.get("dagster/partition")) for run in daemon_runs]
+
+
+def test_daemon_rebuilds_changed_customers_without_a_click(tmp_path, sample_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAOS_", "SHARD_COUNT"))}
+    env.update(DAGSTER_HOME=str(tmp_path / "dagster_home"), ETL_HOME=str(tmp_path / "var"),
+               DATA_DIR=str(sample_dir), SENSOR_INTERVAL_S="2")
+    first = subprocess.run([str(BIN / "etl-assets"), "run"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    db = tmp_path / "var" / "warehouse.duckdb"
+    one = ["cust_00000123"]
+    several = ["cust_00000001", "cust_00000002", "cust_00000003"]
+    assert len({shard_of(c, 10) for c in several}) > 1
+    before = _profile_values(db, one + several)
+    assert len(before) == 4
+
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
         try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-        log.close()
+            time.sleep(5)  # let the sensor record its first, quiet tick
+            # One customer: one run of crm + that shard + customer_profiles.
+            _wait_for(db, _bump(sample_dir, one), daemon, log_path)
+            # Several shards: sources first, then each stale shard, then customer_profiles
+            # through its automation condition.
+            _wait_for(db, _bump(sample_dir, several), daemon, log_path)
+            runs = _settled_runs(tmp_path / "dagster_home", daemon, log_path)
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+    # Exactly the runs the changes needed, all successful, none twice.
+    assert all(status == "SUCCESS" for status, _, _ in runs), runs
+    assert runs[0] == ("SUCCESS", ["crm", "customer_profiles", "shard_profiles"],
+                       str(shard_of(one[0], 10)))
+    assert runs[1] == ("SUCCESS", ["crm"], None)
+    stale = sorted(partition for _, assets, partition in runs[2:] if assets == ["shard_profiles"])
+    assert stale == sorted({str(shard_of(c, 10)) for c in several})
+    assert [r for r in runs[2:] if r[1] != ["shard_profiles"]] == [
+        ("SUCCESS", ["customer_profiles"], None)]
