@@ -7,7 +7,7 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
-.PHONY: install run test ui sample clean
+.PHONY: install run test ui sample clean chromium
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/etl-assets home >/dev/null
 	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+
+## Headless Chromium for the browser test, from Debian (Playwright's own download does not work here).
+chromium:
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 ## Regenerate the committed 1,000-customer sample.
 sample: $(STAMP)

@@ -218,11 +218,14 @@ def evaluate_failed_shards(
 def build_sensors(settings: EtlSettings) -> list[Any]:
     """The three sensors (on by default) and the daily schedule (off by default)."""
     targets = [*(dg.AssetKey(n) for n in SOURCES), SHARDS, PROFILES]
+    # ETL_AUTOMATION=off starts every sensor stopped (each can still be turned on in the UI).
+    default = (dg.DefaultSensorStatus.RUNNING if settings.automation == "on"
+               else dg.DefaultSensorStatus.STOPPED)
 
     @dg.sensor(
         name="source_files_sensor",
         minimum_interval_seconds=settings.sensor_interval_s,
-        default_status=dg.DefaultSensorStatus.RUNNING,
+        default_status=default,
         target=targets,
         description="Rebuilds exactly the shards whose input changed when a CSV's content "
         "changes (content hashes, two ticks to settle).",
@@ -242,7 +245,7 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
     @dg.sensor(
         name="failed_shard_sensor",
         minimum_interval_seconds=settings.sensor_interval_s,
-        default_status=dg.DefaultSensorStatus.RUNNING,
+        default_status=default,
         target=[SHARDS],
         description="Re-requests a failed shard partition up to RERUN_MAX_ATTEMPTS times, "
         "waiting RERUN_BASE_WAIT_S x 2^n; not for errors marked not retryable.",
@@ -280,7 +283,7 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
     profiles_automation = dg.AutomationConditionSensorDefinition(
         "profiles_automation_sensor",
         target=[PROFILES],
-        default_status=dg.DefaultSensorStatus.RUNNING,
+        default_status=default,
         minimum_interval_seconds=settings.sensor_interval_s,
         description="Evaluates customer_profiles' automation condition: rebuild once its shards "
         "were updated, none is in progress and blocking checks passed.",

@@ -31,6 +31,7 @@ ENV_VARS: dict[str, str] = {
     "SENSOR_INTERVAL_S": "sensor_interval_s",
     "RERUN_MAX_ATTEMPTS": "rerun_max_attempts",
     "RERUN_BASE_WAIT_S": "rerun_base_wait_s",
+    "ETL_AUTOMATION": "automation",
 }
 
 DEFAULT_HOME = "var"
@@ -61,6 +62,7 @@ class EtlSettings(dg.ConfigurableResource):
     sensor_interval_s: int = 30
     rerun_max_attempts: int = 2
     rerun_base_wait_s: float = 30.0
+    automation: str = "on"
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "EtlSettings":
@@ -94,6 +96,8 @@ class EtlSettings(dg.ConfigurableResource):
             raise SettingsError(
                 "SENSOR_INTERVAL_S must be >= 1, RERUN_MAX_ATTEMPTS and RERUN_BASE_WAIT_S >= 0"
             )
+        if self.automation not in ("on", "off"):
+            raise SettingsError(f"ETL_AUTOMATION must be on or off, got {self.automation!r}")
         if self.crash_at and self.crash_at not in CRASH_POINTS:
             raise SettingsError(
                 f"ETL_CRASH_AT must be one of {', '.join(CRASH_POINTS)}, got {self.crash_at!r}"
