@@ -18,6 +18,7 @@ from etl_assets.definitions import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB, build_
 from etl_assets.logs import parse_shard_event
 from etl_assets.settings import EtlSettings
 
+
 @dataclass
 class ShardRow:
     """One line of the per-shard table."""

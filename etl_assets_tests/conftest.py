@@ -89,4 +89,4 @@ def build_profiles(settings: EtlSettings) -> dict[str, dict[str, object]]:
         warehouse.rebuild_customer_profiles(con, settings.shard_count)
         cur = con.execute("SELECT * FROM wh.customer_profiles ORDER BY customer_id")
         names = [d[0] for d in cur.description]
-        return {row[0]: dict(zip(names, row)) for row in cur.fetchall()}
+        return {row[0]: dict(zip(names, row, strict=True)) for row in cur.fetchall()}

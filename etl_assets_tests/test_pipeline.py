@@ -1,7 +1,6 @@
 """End to end through real Dagster runs, a real instance and real DuckDB files."""
 
 import csv
-import shutil
 
 import dagster as dg
 import pytest
