@@ -19,6 +19,7 @@ def _settings(args: argparse.Namespace) -> EtlSettings:
         shard_count=getattr(args, "shards", None),
         export_path=getattr(args, "export", None),
         duckdb_path=getattr(args, "duckdb", None),
+        force=getattr(args, "force", None) or None,
     )
 
 
@@ -64,7 +65,8 @@ def print_summary(outcome: RunOutcome) -> None:
         print()
         print(f"{'shard':>5}  {'attempts':>8}  {'records':>8}  {'elapsed_ms':>10}  status")
         for row in outcome.shards:
-            status = "ok" if row.ok else f"FAILED {row.error}"[:100]
+            status = ("skipped (unchanged)" if row.skipped else "ok") if row.ok \
+                else f"FAILED {row.error}"[:100]
             records = "" if row.records is None else row.records
             elapsed = "" if row.elapsed_ms is None else row.elapsed_ms
             print(f"{row.shard_id:>5}  {row.attempts:>8}  {records:>8}  {elapsed:>10}  {status}")
@@ -99,6 +101,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
     settings = EtlSettings.from_env(
         data_dir=args.data_dir, shard_count=args.shards, export_path=args.export,
         chaos_fail_shard=args.shard, chaos_fail_mode="once",
+        force=True,  # the drill is about a real retry of real work, not a skip
     )
     ensure_dagster_home(settings)
     return run_drill(settings)
@@ -119,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shards", type=int, help="number of shards (SHARD_COUNT, default 10)")
     run.add_argument("--export", help="path of the merged CSV (EXPORT_PATH)")
     run.add_argument("--duckdb", help="warehouse file (DUCKDB_PATH)")
+    run.add_argument("--force", action="store_true",
+                     help="recompute every source and shard even if unchanged (ETL_FORCE)")
     run.add_argument("-v", "--verbose", action="store_true", help="also show Dagster's own logs")
     run.set_defaults(func=cmd_run)
 

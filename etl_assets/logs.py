@@ -7,11 +7,14 @@ from typing import Any
 
 import dagster as dg
 
-SHARD_EVENTS = ("shard_start", "shard_end", "shard_error")
+SHARD_EVENTS = ("shard_start", "shard_end", "shard_skip", "shard_error")
 
 
 def shard_event(context: dg.AssetExecutionContext, event: str, **fields: Any) -> str:
-    """Log one shard event as a single JSON line (sorted keys) to the run's log; return the line."""
+    """Log one shard event as a single JSON line (sorted keys) to the run's log; return the line.
+
+    shard_skip ends an attempt that found nothing to do (the shard is already current).
+    """
     if event not in SHARD_EVENTS:
         raise ValueError(f"unknown shard event {event!r}")
     line = json.dumps({"event": event, **fields}, sort_keys=True, default=str)

@@ -16,6 +16,7 @@ import dagster as dg
 
 from etl_assets.definitions import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB, build_defs
 from etl_assets.logs import parse_shard_event
+from etl_assets.profiles import shard_status
 from etl_assets.settings import EtlSettings
 
 
@@ -30,6 +31,7 @@ class ShardRow:
     ok: bool = False
     error: str = ""
     run_id: str = ""
+    skipped: bool = False
 
 
 @dataclass
@@ -83,9 +85,10 @@ def shard_events(instance: dg.DagsterInstance, run_id: str) -> list[dict[str, An
 
 def shard_row(shard_id: int, events: list[dict[str, Any]], success: bool, error: str) -> ShardRow:
     """Summarize one shard run's events as a table row."""
-    row = ShardRow(shard_id=shard_id, ok=success, error="" if success else error)
+    row = ShardRow(shard_id=shard_id, ok=success, error="" if success else error,
+                   skipped=any(e["event"] == "shard_skip" for e in events))
     row.attempts = sum(1 for e in events if e["event"] == "shard_start")
-    ends = [e for e in events if e["event"] == "shard_end"]
+    ends = [e for e in events if e["event"] in ("shard_end", "shard_skip")]
     if ends:
         row.records = int(ends[-1]["record_count"])
         row.elapsed_ms = int(ends[-1]["elapsed_ms"])
@@ -119,7 +122,19 @@ def run_pipeline(
     if outcome.reason:
         return outcome
 
+    # A shard whose rows the warehouse already holds from the same inputs and code is not run
+    # at all (not even a Dagster run); --force runs every shard, and so is the chaos shard.
+    status = {} if settings.force else shard_status(settings)
     for shard_id in settings.shard_ids:
+        entry = status.get(shard_id)
+        if entry is not None and shard_id != settings.chaos_fail_shard:
+            echo(_json_line({
+                "event": "shard_skip", "shard_id": shard_id, "record_count": entry["record_count"],
+                "reason": f"input slice hash and code version unchanged since run {entry['run_id']}",
+            }))
+            outcome.shards.append(ShardRow(shard_id=shard_id, records=int(entry["record_count"]),
+                                           ok=True, skipped=True))
+            continue
         result = execute(SHARDS_JOB, partition_key=str(shard_id))
         events = shard_events(instance, result.run_id)
         for event in events:

@@ -32,6 +32,7 @@ ENV_VARS: dict[str, str] = {
     "RERUN_MAX_ATTEMPTS": "rerun_max_attempts",
     "RERUN_BASE_WAIT_S": "rerun_base_wait_s",
     "ETL_AUTOMATION": "automation",
+    "ETL_FORCE": "force",
 }
 
 DEFAULT_HOME = "var"
@@ -63,6 +64,7 @@ class EtlSettings(dg.ConfigurableResource):
     rerun_max_attempts: int = 2
     rerun_base_wait_s: float = 30.0
     automation: str = "on"
+    force: bool = False
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "EtlSettings":
@@ -132,6 +134,8 @@ def _parse(var: str, field: str, raw: str) -> Any:
             return int(raw)
         if annotation is float:
             return float(raw)
+        if annotation is bool:
+            return raw.lower() in ("1", "true", "yes", "on")
     except ValueError:
         raise SettingsError(f"{var}={raw!r} is not a number") from None
     return raw

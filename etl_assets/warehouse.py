@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import duckdb
 
@@ -40,6 +41,11 @@ DDL: tuple[str, ...] = (
     f"""CREATE TABLE IF NOT EXISTS {ALIAS}.shard_manifest (
         shard_count INTEGER, shard_id INTEGER, source_data_hash VARCHAR, code_version VARCHAR,
         record_count BIGINT, run_id VARCHAR, PRIMARY KEY (shard_count, shard_id))""",
+    # What each source's last staging produced, written with its rejected rows: the proof an
+    # unchanged file need not be read again.
+    f"""CREATE TABLE IF NOT EXISTS {ALIAS}.source_manifest (
+        source VARCHAR PRIMARY KEY, file_sha256 VARCHAR, staging_key VARCHAR, rows_read BIGINT,
+        rows_accepted BIGINT, rows_rejected BIGINT, reasons VARCHAR)""",
     f"""CREATE TABLE IF NOT EXISTS {ALIAS}.rejected_rows (
         source VARCHAR, line_number BIGINT, customer_id VARCHAR, reason VARCHAR, raw VARCHAR,
         file_sha256 VARCHAR)""",
@@ -162,20 +168,35 @@ def overwrite_shard(
     return int(written)
 
 
-def read_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict[int, tuple[str, str]]:
-    """shard_id -> (source_data_hash, code_version) of each shard written for this layout."""
-    rows = con.execute(
-        f"SELECT shard_id, source_data_hash, code_version FROM {ALIAS}.shard_manifest "
-        "WHERE shard_count = ?",
+def read_source_manifest(con: duckdb.DuckDBPyConnection, source: str) -> Optional[dict]:
+    """The source's manifest row (see replace_rejected), or None."""
+    cur = con.execute(f"SELECT * FROM {ALIAS}.source_manifest WHERE source = ?", [source])
+    row = cur.fetchone()
+    return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None
+
+
+def read_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict[int, dict]:
+    """shard_id -> {source_data_hash, code_version, record_count, run_id} for this layout."""
+    cur = con.execute(
+        f"SELECT shard_id, source_data_hash, code_version, record_count, run_id "
+        f"FROM {ALIAS}.shard_manifest WHERE shard_count = ?",
         [shard_count],
-    ).fetchall()
-    return {int(k): (h, c) for k, h, c in rows}
+    )
+    names = [d[0] for d in cur.description]
+    return {int(row[0]): dict(zip(names[1:], row[1:], strict=True)) for row in cur.fetchall()}
 
 
 def replace_rejected(
-    con: duckdb.DuckDBPyConnection, source: str, rejected_table: str, file_sha256: str
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    rejected_table: str,
+    file_sha256: str,
+    manifest: dict[str, object],
 ) -> None:
-    """Replace a source's quarantined rows in one transaction (warehouse attached to `con`)."""
+    """Replace a source's quarantined rows and its manifest row in one transaction.
+
+    `manifest` holds staging_key, rows_read, rows_accepted, rows_rejected and reasons (JSON).
+    """
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute(f"DELETE FROM {ALIAS}.rejected_rows WHERE source = ?", [source])
@@ -183,6 +204,11 @@ def replace_rejected(
             f"INSERT INTO {ALIAS}.rejected_rows SELECT ?, line_number, customer_id, reason, raw, ? "
             f"FROM {rejected_table} ORDER BY line_number",
             [source, file_sha256],
+        )
+        con.execute(
+            f"INSERT OR REPLACE INTO {ALIAS}.source_manifest VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [source, file_sha256, manifest["staging_key"], manifest["rows_read"],
+             manifest["rows_accepted"], manifest["rows_rejected"], manifest["reasons"]],
         )
         con.execute("COMMIT")
     except BaseException:

@@ -1,0 +1,75 @@
+"""Unchanged work is skipped, judged against the warehouse itself, and --force redoes it."""
+
+from decimal import Decimal
+
+import dagster as dg
+import pytest
+
+from etl_assets import warehouse
+from etl_assets.runner import run_pipeline
+from etl_assets.sharding import shard_of
+from etl_assets_tests.conftest import make_settings
+
+pytestmark = pytest.mark.usefixtures("dagster_home")
+
+
+def _shard_runs(instance) -> int:
+    return len(instance.get_runs(dg.RunsFilter(job_name="shards_job")))
+
+
+def _source_metadata(instance, name):
+    event = instance.get_latest_materialization_event(dg.AssetKey(name))
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(tmp_path, sample_dir, instance):
+    settings = make_settings(tmp_path, sample_dir)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    first_export = open(settings.export_path, "rb").read()
+    assert _shard_runs(instance) == 10
+
+    lines = []
+    again = run_pipeline(settings, echo=lines.append)
+    assert again.ok, again.reason
+    assert all(r.skipped for r in again.shards) and _shard_runs(instance) == 10
+    assert sum(r.records for r in again.shards) == 1000
+    assert sum('"event": "shard_skip"' in line for line in lines) == 10
+    assert _source_metadata(instance, "crm")["skipped"] is True
+    assert open(settings.export_path, "rb").read() == first_export
+
+    # One customer's row changes: that shard (and customer_profiles) is rebuilt, nothing else.
+    text = (sample_dir / "billing.csv").read_text(encoding="utf-8")
+    line = next(l for l in text.splitlines() if l.startswith("cust_00000077,"))
+    fields = line.split(",")
+    fields[3] = "12345.67"  # mrr
+    (sample_dir / "billing.csv").write_text(text.replace(line, ",".join(fields)), encoding="utf-8")
+    changed = run_pipeline(settings, echo=lambda line: None)
+    assert changed.ok, changed.reason
+    rebuilt = [r.shard_id for r in changed.shards if not r.skipped]
+    assert rebuilt == [shard_of("cust_00000077", 10)]
+    assert _source_metadata(instance, "billing")["skipped"] is False
+    assert _source_metadata(instance, "crm")["skipped"] is True
+    with warehouse.reader(settings.duckdb_path, 5) as con:
+        assert con.execute("SELECT mrr FROM wh.customer_profiles WHERE customer_id = ?",
+                           ["cust_00000077"]).fetchone()[0] == Decimal("12345.67")
+
+
+def test_a_replaced_warehouse_never_causes_a_wrong_skip(tmp_path, sample_dir):
+    settings = make_settings(tmp_path, sample_dir)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    export = open(settings.export_path, "rb").read()
+    # Staged slices survive, the warehouse does not (deleted, or swapped for an empty one).
+    (tmp_path / "var" / "warehouse.duckdb").unlink()
+    rerun = run_pipeline(settings, echo=lambda line: None)
+    assert rerun.ok, rerun.reason
+    assert not any(r.skipped for r in rerun.shards)
+    assert open(settings.export_path, "rb").read() == export
+
+
+def test_force_recomputes_everything(tmp_path, sample_dir, instance):
+    settings = make_settings(tmp_path, sample_dir)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    forced = run_pipeline(settings.replace(force=True), echo=lambda line: None)
+    assert forced.ok and not any(r.skipped for r in forced.shards)
+    assert _shard_runs(instance) == 20
+    assert _source_metadata(instance, "crm")["skipped"] is False
