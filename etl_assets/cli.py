@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Materialize sources, every shard and customer_profiles; print the summary."""
     settings = _settings(args)
     ensure_dagster_home(settings)
-    outcome = run_pipeline(settings, echo=print, verbose=args.verbose)
+    outcome = run_pipeline(settings, echo=print, verbose=args.verbose, workers=args.workers)
     print_summary(outcome)
     if not outcome.ok:
         print(f"FAILED: {outcome.reason}")
@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shards", type=int, help="number of shards (SHARD_COUNT, default 10)")
     run.add_argument("--export", help="path of the merged CSV (EXPORT_PATH)")
     run.add_argument("--duckdb", help="warehouse file (DUCKDB_PATH)")
+    run.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                     help="shard partitions run at once, each in its own process "
+                     "(default: the number of cores)")
     run.add_argument("--force", action="store_true",
                      help="recompute every source and shard even if unchanged (ETL_FORCE)")
     run.add_argument("-v", "--verbose", action="store_true", help="also show Dagster's own logs")

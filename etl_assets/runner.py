@@ -7,8 +7,12 @@ event log, so what the CLI prints is what the UI shows.
 
 from __future__ import annotations
 
+import ctypes
 import json
-from collections.abc import Callable
+import multiprocessing
+import signal
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -95,10 +99,54 @@ def shard_row(shard_id: int, events: list[dict[str, Any]], success: bool, error:
     return row
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: a killed CLI must not leave shard writers running on their own."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _shard_in_worker(
+    values: dict[str, Any], shard_id: int, run_config: dict[str, Any]
+) -> tuple[int, str, bool, str]:
+    """One shard partition as its own Dagster run, in a worker process."""
+    settings = EtlSettings(**values)
+    job = build_defs(settings).resolve_job_def(SHARDS_JOB)
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(instance=instance, partition_key=str(shard_id),
+                                        raise_on_error=False, run_config=run_config)
+    return shard_id, result.run_id, result.success, "" if result.success else first_failure(result)
+
+
+def _run_shards(
+    settings: EtlSettings, shard_ids: list[int], workers: int, run_config: dict[str, Any]
+) -> Iterator[tuple[int, str, bool, str]]:
+    """Run the shards, up to `workers` at once (separate processes when more than one)."""
+    values = {name: getattr(settings, name) for name in type(settings).model_fields}
+    if workers <= 1 or len(shard_ids) <= 1:
+        for shard_id in shard_ids:
+            yield _shard_in_worker(values, shard_id, run_config)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB/gRPC
+    with ProcessPoolExecutor(max_workers=min(workers, len(shard_ids)), mp_context=context,
+                             initializer=_die_with_parent) as pool:
+        futures = [pool.submit(_shard_in_worker, values, k, run_config) for k in shard_ids]
+        for future in as_completed(futures):
+            yield future.result()
+
+
 def run_pipeline(
-    settings: EtlSettings, echo: Callable[[str], None] = print, verbose: bool = False
+    settings: EtlSettings,
+    echo: Callable[[str], None] = print,
+    verbose: bool = False,
+    workers: int = 1,
 ) -> RunOutcome:
-    """Materialize everything for `settings` in the instance at DAGSTER_HOME."""
+    """Materialize everything for `settings` in the instance at DAGSTER_HOME.
+
+    Up to `workers` shard partitions run at once, each as its own Dagster run in its own
+    process; the results are identical for any number of workers.
+    """
     defs = build_defs(settings)
     instance = dg.DagsterInstance.get()
     run_config = {} if verbose else QUIET_RUN_CONFIG
@@ -125,6 +173,8 @@ def run_pipeline(
     # A shard whose rows the warehouse already holds from the same inputs and code is not run
     # at all (not even a Dagster run); --force runs every shard, and so is the chaos shard.
     status = {} if settings.force else shard_status(settings)
+    rows: dict[int, ShardRow] = {}
+    todo = []
     for shard_id in settings.shard_ids:
         entry = status.get(shard_id)
         if entry is not None and shard_id != settings.chaos_fail_shard:
@@ -132,16 +182,18 @@ def run_pipeline(
                 "event": "shard_skip", "shard_id": shard_id, "record_count": entry["record_count"],
                 "reason": f"input slice hash and code version unchanged since run {entry['run_id']}",
             }))
-            outcome.shards.append(ShardRow(shard_id=shard_id, records=int(entry["record_count"]),
-                                           ok=True, skipped=True))
-            continue
-        result = execute(SHARDS_JOB, partition_key=str(shard_id))
-        events = shard_events(instance, result.run_id)
+            rows[shard_id] = ShardRow(shard_id=shard_id, records=int(entry["record_count"]),
+                                      ok=True, skipped=True)
+        else:
+            todo.append(shard_id)
+    for shard_id, run_id, success, error in _run_shards(settings, todo, workers, run_config):
+        outcome.run_ids.append(run_id)
+        events = shard_events(instance, run_id)
         for event in events:
             echo(_json_line(event))
-        row = shard_row(shard_id, events, result.success, "" if result.success else first_failure(result))
-        row.run_id = result.run_id
-        outcome.shards.append(row)
+        rows[shard_id] = shard_row(shard_id, events, success, error)
+        rows[shard_id].run_id = run_id
+    outcome.shards = [rows[k] for k in settings.shard_ids]
     failed = [r for r in outcome.shards if not r.ok]
     if failed:
         first = failed[0]

@@ -133,3 +133,15 @@ def test_reject_threshold_stops_the_run_naming_source_count_and_reason(tmp_path,
         reasons = dict(con.execute(
             "SELECT reason, count(*) FROM wh.rejected_rows GROUP BY reason").fetchall())
     assert reasons == {"out_of_range(nps_score)": 20, "duplicate_customer_id": 30}
+
+
+def test_parallel_workers_give_byte_identical_results(tmp_path, sample_dir, instance):
+    serial = make_settings(tmp_path / "serial", sample_dir, shard_count=4)
+    assert run_pipeline(serial, echo=lambda line: None, workers=1).ok
+    parallel = make_settings(tmp_path / "parallel", sample_dir, shard_count=4, chaos_fail_shard=1)
+    outcome = run_pipeline(parallel, echo=lambda line: None, workers=2)
+    assert outcome.ok, outcome.reason
+    assert [r.attempts for r in outcome.shards] == [1, 2, 1, 1]  # the retry happened in a worker
+    assert open(parallel.export_path, "rb").read() == open(serial.export_path, "rb").read()
+    shard_runs = instance.get_runs(dg.RunsFilter(job_name="shards_job"))
+    assert len({r.run_id for r in shard_runs}) == 8  # one Dagster run per shard, both times
