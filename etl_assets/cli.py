@@ -107,6 +107,18 @@ def cmd_drill(args: argparse.Namespace) -> int:
     return run_drill(settings)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The scale-up benchmark: Markdown, JSON and a PNG chart in --out."""
+    from etl_assets.bench import run_bench
+
+    out = Path(args.out)
+    run_bench(args.rows, [int(x) for x in args.shards.split(",")],
+              [int(x) for x in args.workers.split(",")], out)
+    print((out / "bench.md").read_text(encoding="utf-8"))
+    print(f"written: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
+    return 0
+
+
 def cmd_home(args: argparse.Namespace) -> int:
     """Create the Dagster home (DAGSTER_HOME or var/dagster_home) and print its path."""
     print(ensure_dagster_home(_settings(args)))
@@ -141,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_argument("--shards", type=int, help="number of shards (SHARD_COUNT)")
     drill.add_argument("--export", help="path of the merged CSV (EXPORT_PATH)")
     drill.set_defaults(func=cmd_drill)
+
+    bench = sub.add_parser("bench", help="time etl-assets run against shards/workers and the floor")
+    bench.add_argument("--rows", type=int, default=1_000_000)
+    bench.add_argument("--shards", default="1,4,10", help="comma-separated shard counts")
+    bench.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    bench.add_argument("--out", default="var/bench", help="folder for bench.md/json/png")
+    bench.set_defaults(func=cmd_bench)
 
     home = sub.add_parser("home", help="create the Dagster home used by run and `make ui`")
     home.set_defaults(func=cmd_home)

@@ -1,0 +1,200 @@
+"""The scale-up benchmark: `etl-assets run` per shard/worker setting beside the single-query floor.
+
+Every measured command runs as its own process, in a fresh ETL_HOME and DAGSTER_HOME, so wall
+time and peak RSS (from wait4) are what a user would see. Results go to bench.md, bench.json
+and bench.png in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from etl_assets.generate import generate
+
+BIN = Path(sys.executable).parent
+_SHARD_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+ok")
+
+# The floor: one DuckDB query that reads the four CSVs, joins, scores with the same rules and
+# writes a table. Run in a subprocess so its RSS is measured like the pipeline's.
+FLOOR_SCRIPT = """
+import sys, duckdb
+from etl_assets.rules import install_rules
+data, db = sys.argv[1], sys.argv[2]
+con = duckdb.connect(db)
+install_rules(con)
+con.execute('''CREATE OR REPLACE TABLE profiles AS
+  WITH crm AS (SELECT * FROM read_csv($d || '/crm.csv')),
+       billing AS (SELECT * FROM read_csv($d || '/billing.csv')),
+       product AS (SELECT * FROM read_csv($d || '/product.csv')),
+       support AS (SELECT * FROM read_csv($d || '/support.csv'))
+  SELECT coalesce(crm.customer_id, billing.customer_id, product.customer_id,
+                  support.customer_id) AS customer_id,
+         coalesce(crm.email, billing.email, product.email, support.email) AS email,
+         etl_health_score(product.usage_pct, billing.payment_status, support.nps_score,
+                          support.open_tickets) AS health_score,
+         etl_churn_risk(product.usage_pct, billing.payment_status, support.nps_score,
+                        support.open_tickets) AS churn_risk,
+         etl_expansion_potential(product.usage_pct, billing.plan, support.nps_score,
+                                 crm.deal_stage) AS expansion_potential
+  FROM crm FULL JOIN billing USING (customer_id) FULL JOIN product USING (customer_id)
+       FULL JOIN support USING (customer_id)''', {"d": data})
+print(con.execute("SELECT count(*) FROM profiles").fetchone()[0])
+"""
+
+
+@dataclass
+class Measurement:
+    """One measured command."""
+
+    label: str
+    shards: Optional[int]
+    workers: Optional[int]
+    wall_s: float
+    peak_rss_mb: float
+    rows_per_s: float
+    slowest_shard_ms: Optional[int] = None
+    shard_compute_s: Optional[float] = None
+    other_s: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def _measure(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MB of the process tree's largest member, stdout)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}")
+    return wall, usage.ru_maxrss / 1024, out
+
+
+def _pipeline_env(home: Path, data: Path, force: bool = False) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAOS_", "SHARD_COUNT"))}
+    env.update(ETL_HOME=str(home), DAGSTER_HOME=str(home / "dagster_home"), DATA_DIR=str(data))
+    if force:
+        env["ETL_FORCE"] = "1"
+    return env
+
+
+def _run(home: Path, data: Path, shards: int, workers: int, rows: int, label: str) -> Measurement:
+    wall, rss, out = _measure(
+        [str(BIN / "etl-assets"), "run", "--shards", str(shards), "--workers", str(workers)],
+        _pipeline_env(home, data), home)
+    elapsed = [int(m.group(4)) for m in map(_SHARD_LINE.match, out.splitlines()) if m]
+    compute = sum(elapsed) / 1000 / max(1, min(workers, shards)) if elapsed else None
+    return Measurement(label, shards, workers, round(wall, 2), round(rss, 1),
+                       round(rows / wall), max(elapsed) if elapsed else None,
+                       round(compute, 2) if compute is not None else None,
+                       round(wall - compute, 2) if compute is not None else None)
+
+
+def run_bench(rows: int, shard_counts: list[int], worker_counts: list[int], out_dir: Path,
+              echo=print) -> list[Measurement]:
+    """Generate data, measure the floor and every configuration, then the re-runs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    data = work / "data"
+    started = time.monotonic()
+    generate(rows, seed=42, out_dir=data)
+    gen_s = time.monotonic() - started
+    echo(f"generated {rows} customers in {gen_s:.2f}s")
+    results: list[Measurement] = []
+
+    floor_home = work / "floor"
+    floor_home.mkdir(parents=True)
+    wall, rss, _ = _measure([sys.executable, "-c", FLOOR_SCRIPT, str(data),
+                             str(floor_home / "floor.duckdb")], dict(os.environ), floor_home)
+    results.append(Measurement("floor: one DuckDB query", None, None, round(wall, 2),
+                               round(rss, 1), round(rows / wall), extra={"generate_s": round(gen_s, 2)}))
+    echo(f"floor {wall:.2f}s")
+
+    last_home = None
+    for shards in shard_counts:
+        for workers in worker_counts:
+            home = work / f"s{shards}-w{workers}"
+            home.mkdir()
+            m = _run(home, data, shards, workers, rows, f"etl-assets run --shards {shards} --workers {workers}")
+            results.append(m)
+            echo(f"shards={shards} workers={workers}: {m.wall_s}s, {m.peak_rss_mb} MB")
+            last_home = (home, shards, workers)
+
+    if last_home is not None:
+        home, shards, workers = last_home
+        m = _run(home, data, shards, workers, rows, "unchanged re-run (skips)")
+        results.append(m)
+        echo(f"unchanged re-run: {m.wall_s}s")
+        _change_one_row(data / "billing.csv")
+        m = _run(home, data, shards, workers, rows, "one row changed re-run")
+        results.append(m)
+        echo(f"one-row-changed re-run: {m.wall_s}s")
+    _write_reports(results, rows, out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def _change_one_row(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        header = fh.readline()
+        first = fh.readline()
+        fields = first.split(b",")
+        fields[3] = b"1.01" if fields[3] != b"1.01" else b"1.02"  # mrr of the first row
+        rest = fh.read()
+        fh.seek(len(header))
+        fh.write(b",".join(fields) + rest)
+        fh.truncate()
+
+
+def _write_reports(results: list[Measurement], rows: int, out_dir: Path) -> None:
+    floor = results[0].wall_s
+    meta = {"rows": rows, "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "python": platform.python_version(), "floor_s": floor}
+    (out_dir / "bench.json").write_text(json.dumps(
+        {"machine": meta, "results": [asdict(r) for r in results]}, indent=1), encoding="utf-8")
+    lines = [f"{rows:,} customers, {meta['cores']} cores, {meta['memory_gb']} GB, {meta['date']}",
+             "", "| configuration | wall s | × floor | rows/s | peak RSS MB | slowest shard ms "
+             "| shard compute s | sources + merge + Dagster s |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.label} | {r.wall_s} | {r.wall_s / floor:.1f} | {r.rows_per_s:,} | "
+                     f"{r.peak_rss_mb} | {r.slowest_shard_ms or ''} | {r.shard_compute_s or ''} | "
+                     f"{r.other_s or ''} |")
+    (out_dir / "bench.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _chart(results, out_dir / "bench.png")
+
+
+def _chart(results: list[Measurement], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    runs = [r for r in results if r.shards is not None and r.label.startswith("etl-assets run")]
+    for workers in sorted({r.workers for r in runs}):
+        points = sorted((r.shards, r.wall_s) for r in runs if r.workers == workers)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                label=f"{workers} worker{'s' if workers > 1 else ''}")
+    ax.axhline(results[0].wall_s, color="grey", linestyle="--", label="floor (one query)")
+    ax.set_xlabel("shards")
+    ax.set_ylabel("wall time (s)")
+    ax.set_title("etl-assets run: time against shards and workers")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,32 @@
+"""A small smoke of the benchmark: it measures, and writes the table, the JSON and the chart."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [str(BIN / "etl-assets"), "bench", "--rows", "2000", "--shards", "2", "--workers", "1,2",
+         "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    labels = [r["label"] for r in report["results"]]
+    assert labels == ["floor: one DuckDB query", "etl-assets run --shards 2 --workers 1",
+                      "etl-assets run --shards 2 --workers 2", "unchanged re-run (skips)",
+                      "one row changed re-run"]
+    for r in report["results"]:
+        assert r["wall_s"] > 0 and r["peak_rss_mb"] > 50 and r["rows_per_s"] > 0
+    runs = report["results"][1:3]
+    assert all(r["slowest_shard_ms"] and r["shard_compute_s"] is not None for r in runs)
+    assert report["machine"]["cores"] >= 1 and report["machine"]["floor_s"] > 0
+    table = (out / "bench.md").read_text()
+    assert table.count("\n| ") == 6 and "× floor" in table
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not (out / "work").exists()  # generated data and warehouses are cleaned up
