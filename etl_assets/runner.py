@@ -131,9 +131,12 @@ def _run_shards(
     context = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB/gRPC
     with ProcessPoolExecutor(max_workers=min(workers, len(shard_ids)), mp_context=context,
                              initializer=_die_with_parent) as pool:
-        futures = [pool.submit(_shard_in_worker, values, k, run_config) for k in shard_ids]
+        futures = {pool.submit(_shard_in_worker, values, k, run_config): k for k in shard_ids}
         for future in as_completed(futures):
-            yield future.result()
+            try:
+                yield future.result()
+            except Exception as exc:  # the worker died (killed, out of memory): report it
+                yield futures[future], "", False, f"worker process died ({type(exc).__name__})"
 
 
 def run_pipeline(
@@ -187,8 +190,9 @@ def run_pipeline(
         else:
             todo.append(shard_id)
     for shard_id, run_id, success, error in _run_shards(settings, todo, workers, run_config):
-        outcome.run_ids.append(run_id)
-        events = shard_events(instance, run_id)
+        if run_id:
+            outcome.run_ids.append(run_id)
+        events = shard_events(instance, run_id) if run_id else []
         for event in events:
             echo(_json_line(event))
         rows[shard_id] = shard_row(shard_id, events, success, error)

@@ -22,13 +22,13 @@ BIN = Path(sys.executable).parent
 SHARDS = "4"
 
 
-def _run(home: Path, data: Path, crash_at: str = "", **popen):
+def _run(home: Path, data: Path, crash_at: str = "", workers: int = 2, **popen):
     env = {k: v for k, v in os.environ.items()
            if k not in ("SHARD_COUNT", "CHAOS_FAIL_SHARD", "CHAOS_FAIL_MODE", "EXPORT_PATH")}
     env.update(ETL_HOME=str(home), DAGSTER_HOME=str(home / "dagster_home"), DATA_DIR=str(data))
     if crash_at:
         env["ETL_CRASH_AT"] = crash_at
-    args = [str(BIN / "etl-assets"), "run", "--shards", SHARDS]
+    args = [str(BIN / "etl-assets"), "run", "--shards", SHARDS, "--workers", str(workers)]
     if popen:
         return subprocess.Popen(args, env=env, cwd=home, **popen)
     return subprocess.run(args, env=env, cwd=home, capture_output=True, text=True, timeout=300)
@@ -87,13 +87,28 @@ def _assert_consistent(home: Path, states) -> None:
 def test_sigkill_at_each_write_point_then_heal(tmp_path, states, point):
     home = tmp_path / "home"
     shutil.copytree(states["old_home"], home)
-    killed = _run(home, states["new_data"], crash_at=point)
+    # One worker, so the process that dies at the point is the CLI itself.
+    killed = _run(home, states["new_data"], crash_at=point, workers=1)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     _assert_consistent(home, states)
     healed = _run(home, states["new_data"])
     assert healed.returncode == 0, healed.stdout + healed.stderr
     assert (home / "merged_output.csv").read_bytes() == states["new_export"]
     assert _shard_rows(home) == states["new"]
+
+
+def test_a_worker_killed_mid_write_fails_cleanly_then_heals(tmp_path, states):
+    """With parallel workers, the process dying inside the shard transaction is a worker."""
+    home = tmp_path / "home"
+    shutil.copytree(states["old_home"], home)
+    failed = _run(home, states["new_data"], crash_at="shard_after_delete", workers=2)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "worker process died" in failed.stdout.strip().splitlines()[-1]
+    assert "Traceback" not in failed.stdout + failed.stderr
+    _assert_consistent(home, states)
+    healed = _run(home, states["new_data"])
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert (home / "merged_output.csv").read_bytes() == states["new_export"]
 
 
 @pytest.mark.parametrize("delay_s", [2.5, 4.0, 5.5])
