@@ -10,14 +10,19 @@ import dagster as dg
 SHARD_EVENTS = ("shard_start", "shard_end", "shard_skip", "shard_error")
 
 
+def format_event(event: dict[str, Any]) -> str:
+    """A shard event dict (with its "event" key) as the one JSON line users see (sorted keys)."""
+    if event.get("event") not in SHARD_EVENTS:
+        raise ValueError(f"unknown shard event {event.get('event')!r}")
+    return json.dumps(event, sort_keys=True, default=str)
+
+
 def shard_event(context: dg.AssetExecutionContext, event: str, **fields: Any) -> str:
     """Log one shard event as a single JSON line (sorted keys) to the run's log; return the line.
 
     shard_skip ends an attempt that found nothing to do (the shard is already current).
     """
-    if event not in SHARD_EVENTS:
-        raise ValueError(f"unknown shard event {event!r}")
-    line = json.dumps({"event": event, **fields}, sort_keys=True, default=str)
+    line = format_event({"event": event, **fields})
     if event == "shard_error":
         context.log.error(line)
     else:

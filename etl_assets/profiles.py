@@ -108,12 +108,17 @@ def stale_shards(settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection]
     return [k for k, entry in shard_status(settings, con).items() if entry is None]
 
 
+def skip_reason(entry: dict) -> str:
+    """Why a shard with this manifest entry needs no work."""
+    return (f"input slice hash and code version unchanged since run {entry['run_id']} "
+            "(warehouse manifest)")
+
+
 def _skipped(
     context: dg.AssetExecutionContext, shard_id: int, attempt: int, started: float, entry: dict
 ) -> dg.MaterializeResult:
     """Nothing to do: the warehouse already holds this shard from the same inputs and code."""
-    reason = (f"input slice hash and code version unchanged since run {entry['run_id']} "
-              "(warehouse manifest)")
+    reason = skip_reason(entry)
     elapsed_ms = int((time.monotonic() - started) * 1000)
     shard_event(context, "shard_skip", shard_id=shard_id, attempt=attempt,
                 record_count=entry["record_count"], elapsed_ms=elapsed_ms, reason=reason)

@@ -8,7 +8,6 @@ event log, so what the CLI prints is what the UI shows.
 from __future__ import annotations
 
 import ctypes
-import json
 import multiprocessing
 import signal
 from collections.abc import Callable, Iterator
@@ -19,8 +18,8 @@ from typing import Any, Optional
 import dagster as dg
 
 from etl_assets.definitions import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB, build_defs
-from etl_assets.logs import parse_shard_event
-from etl_assets.profiles import shard_status
+from etl_assets.logs import format_event, parse_shard_event
+from etl_assets.profiles import shard_status, skip_reason
 from etl_assets.settings import EtlSettings
 
 
@@ -181,9 +180,9 @@ def run_pipeline(
     for shard_id in settings.shard_ids:
         entry = status.get(shard_id)
         if entry is not None and shard_id != settings.chaos_fail_shard:
-            echo(_json_line({
+            echo(format_event({
                 "event": "shard_skip", "shard_id": shard_id, "record_count": entry["record_count"],
-                "reason": f"input slice hash and code version unchanged since run {entry['run_id']}",
+                "reason": skip_reason(entry),
             }))
             rows[shard_id] = ShardRow(shard_id=shard_id, records=int(entry["record_count"]),
                                       ok=True, skipped=True)
@@ -194,7 +193,7 @@ def run_pipeline(
             outcome.run_ids.append(run_id)
         events = shard_events(instance, run_id) if run_id else []
         for event in events:
-            echo(_json_line(event))
+            echo(format_event(event))
         rows[shard_id] = shard_row(shard_id, events, success, error)
         rows[shard_id].run_id = run_id
     outcome.shards = [rows[k] for k in settings.shard_ids]
@@ -217,7 +216,3 @@ def run_pipeline(
     elif not result.success:
         outcome.reason = first_failure(result)
     return outcome
-
-
-def _json_line(event: dict[str, Any]) -> str:
-    return json.dumps(event, sort_keys=True)
