@@ -13,6 +13,7 @@ import dagster as dg
 from etl_assets.checks import customer_profiles_checks
 from etl_assets.profiles import SHARDS_JOB, build_profile_assets
 from etl_assets.sensors import build_sensors
+from etl_assets.shard_inputs import build_shard_inputs_asset
 from etl_assets.settings import EtlSettings
 from etl_assets.sources import SOURCE_ASSETS
 
@@ -27,7 +28,8 @@ def build_defs(settings: Optional[EtlSettings] = None) -> dg.Definitions:
     jobs = [
         dg.define_asset_job(
             SOURCES_JOB, selection=dg.AssetSelection.groups("sources"),
-            description="Read, validate and stage the four source files.",
+            description="Read, validate and stage the four source files, then record "
+            "each shard's slices (shard_inputs).",
         ),
         dg.define_asset_job(
             SHARDS_JOB, selection=dg.AssetSelection.assets(shard_profiles),
@@ -40,7 +42,8 @@ def build_defs(settings: Optional[EtlSettings] = None) -> dg.Definitions:
     ]
     sensors_and_schedule = build_sensors(settings)
     return dg.Definitions(
-        assets=[*SOURCE_ASSETS, shard_profiles, customer_profiles],
+        assets=[*SOURCE_ASSETS, build_shard_inputs_asset(settings.shard_count), shard_profiles,
+                customer_profiles],
         sensors=[d for d in sensors_and_schedule if isinstance(d, dg.SensorDefinition)],
         schedules=[d for d in sensors_and_schedule if isinstance(d, dg.ScheduleDefinition)],
         asset_checks=[customer_profiles_checks],

@@ -14,6 +14,7 @@ from etl_assets.logs import shard_event
 from etl_assets.rules import install_rules, merge_sql
 from etl_assets.schema import SOURCES, profile_columns
 from etl_assets.settings import EtlSettings
+from etl_assets.shard_inputs import SHARD_INPUTS
 from etl_assets.sharding import shard_partitions
 
 # The job that runs one shard partition (the CLI's unit of work; also launchable in the UI).
@@ -154,7 +155,9 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
         name="shard_profiles",
         group_name="profiles",
         partitions_def=shard_partitions(shard_count),
-        deps=list(SOURCES),
+        # Not the four sources directly: their file-level versions would mark every partition
+        # stale; shard_inputs has one version per shard (see shard_inputs.py).
+        deps=[SHARD_INPUTS],
         retry_policy=SHARD_RETRY_POLICY,
         kinds={"duckdb"},
         owners=["team:data-platform"],

@@ -24,6 +24,7 @@ from etl_assets import staging
 from etl_assets.profiles import SHARDS_JOB, stale_shards
 from etl_assets.schema import SOURCES
 from etl_assets.settings import EtlSettings
+from etl_assets.shard_inputs import SHARD_INPUTS
 from etl_assets.sources import plan_slices
 from etl_assets.validation import SourceFileError, file_sha256
 from etl_assets.warehouse import WarehouseLockedError
@@ -114,7 +115,8 @@ def _requests_for_changes(settings: EtlSettings, changed: dict[str, str]) -> lis
             if staged is None or hashes.get(k, staged.slice_hashes[k]) != staged.slice_hashes[k]
         }
     content = "+".join(f"{name}@{sha[:16]}" for name, sha in sorted(changed.items()))
-    sources = [dg.AssetKey(name) for name in sorted(changed)]
+    # shard_inputs follows the sources so the UI knows which shard partitions changed.
+    sources = [*(dg.AssetKey(name) for name in sorted(changed)), SHARD_INPUTS]
     if len(shards) == 1:
         (k,) = shards
         return [dg.RunRequest(
@@ -217,7 +219,7 @@ def evaluate_failed_shards(
 
 def build_sensors(settings: EtlSettings) -> list[Any]:
     """The three sensors (on by default) and the daily schedule (off by default)."""
-    targets = [*(dg.AssetKey(n) for n in SOURCES), SHARDS, PROFILES]
+    targets = [*(dg.AssetKey(n) for n in SOURCES), SHARD_INPUTS, SHARDS, PROFILES]
     # ETL_AUTOMATION=off starts every sensor stopped (each can still be turned on in the UI).
     default = (dg.DefaultSensorStatus.RUNNING if settings.automation == "on"
                else dg.DefaultSensorStatus.STOPPED)
@@ -274,7 +276,8 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         staged = {name: _staged_or_none(settings, name) for name in SOURCES}
         changed = {n: h for n, h in changed.items() if staged[n] is None or staged[n].file_sha256 != h}
         if changed:
-            return dg.RunRequest(asset_selection=[dg.AssetKey(n) for n in sorted(changed)])
+            return dg.RunRequest(
+                asset_selection=[*(dg.AssetKey(n) for n in sorted(changed)), SHARD_INPUTS])
         result = _requests_for_stale_shards(settings, {})
         return result.run_requests or dg.SkipReason(result.skip_reason or "nothing stale")
 

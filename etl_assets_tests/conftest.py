@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -68,6 +69,20 @@ def write_sources(data_dir: Path, rows: dict[str, list[dict[str, object]]]) -> P
             ([r.get(c) for c in schema.column_names] for r in rows.get(name, [])),
         )
     return data_dir
+
+
+def edit_crm(data_dir: Path, changes: dict[str, int]) -> None:
+    """Set employee_count for the given customer ids in crm.csv; keep every other row as is."""
+    path = data_dir / "crm.csv"
+    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
+    found = {row[0] for row in rows[1:] if row[0] in changes}
+    assert found == set(changes), f"not in crm.csv: {sorted(set(changes) - found)}"
+    for row in rows[1:]:
+        if row[0] in changes:
+            row[4] = str(changes[row[0]])
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    path.write_text(out.getvalue(), encoding="utf-8")
 
 
 def read_export(path: Path) -> list[dict[str, str]]:

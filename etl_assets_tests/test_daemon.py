@@ -1,7 +1,6 @@
 """A real Dagster daemon: change a CSV and the changed customers' profiles update by themselves."""
 
 import csv
-import io
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import duckdb
 
 from etl_assets.sharding import shard_of
+from etl_assets_tests.conftest import edit_crm
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -34,17 +34,10 @@ def _profile_values(db: Path, customers: list[str]) -> dict[str, int] | None:
 
 def _bump(data_dir: Path, customers: list[str]) -> dict[str, int]:
     """Add 1000 to these customers' employee_count in crm.csv; return the new values."""
-    path = data_dir / "crm.csv"
-    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
-    wanted = {}
-    for row in rows:
-        if row[0] in customers:
-            row[4] = str(int(row[4]) + 1000)
-            wanted[row[0]] = int(row[4])
-    assert sorted(wanted) == sorted(customers)
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
-    path.write_text(out.getvalue(), encoding="utf-8")
+    with open(data_dir / "crm.csv", newline="", encoding="utf-8") as fh:
+        current = {row["customer_id"]: int(row["employee_count"]) for row in csv.DictReader(fh)}
+    wanted = {c: current[c] + 1000 for c in customers}
+    edit_crm(data_dir, wanted)
     return wanted
 
 
@@ -117,9 +110,9 @@ def test_daemon_rebuilds_changed_customers_without_a_click(tmp_path, sample_dir)
                 os.killpg(daemon.pid, signal.SIGKILL)
     # Exactly the runs the changes needed, all successful, none twice.
     assert all(status == "SUCCESS" for status, _, _ in runs), runs
-    assert runs[0] == ("SUCCESS", ["crm", "customer_profiles", "shard_profiles"],
+    assert runs[0] == ("SUCCESS", ["crm", "customer_profiles", "shard_inputs", "shard_profiles"],
                        str(shard_of(one[0], 10)))
-    assert runs[1] == ("SUCCESS", ["crm"], None)
+    assert runs[1] == ("SUCCESS", ["crm", "shard_inputs"], None)
     stale = sorted(partition for _, assets, partition in runs[2:] if assets == ["shard_profiles"])
     assert stale == sorted({str(shard_of(c, 10)) for c in several})
     assert [r for r in runs[2:] if r[1] != ["shard_profiles"]] == [

@@ -27,13 +27,18 @@ def test_dagster_definitions_validate_passes(tmp_path):
 def test_asset_graph_shape():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"crm", "billing", "product", "support", "shard_profiles", "customer_profiles"}
-    for name in ("crm", "billing", "product", "support"):
+    assert keys == {"crm", "billing", "product", "support", "shard_inputs", "shard_profiles",
+                    "customer_profiles"}
+    for name in ("crm", "billing", "product", "support", "shard_inputs"):
         assert graph.get(dg.AssetKey(name)).group_name == "sources"
     shards = graph.get(dg.AssetKey("shard_profiles"))
     assert shards.group_name == "profiles"
     assert shards.partitions_def.get_partition_keys() == [str(k) for k in range(10)]
-    assert {p.to_user_string() for p in shards.parent_keys} == {"crm", "billing", "product", "support"}
+    # Shards depend on the per-shard observation, which depends on the four sources.
+    assert {p.to_user_string() for p in shards.parent_keys} == {"shard_inputs"}
+    inputs = graph.get(dg.AssetKey("shard_inputs"))
+    assert inputs.partitions_def.get_partition_keys() == shards.partitions_def.get_partition_keys()
+    assert {p.to_user_string() for p in inputs.parent_keys} == {"crm", "billing", "product", "support"}
     profiles = graph.get(dg.AssetKey("customer_profiles"))
     assert {p.to_user_string() for p in profiles.parent_keys} == {"shard_profiles"}
 

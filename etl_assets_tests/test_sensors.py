@@ -1,8 +1,5 @@
 """Sensors evaluated with build_sensor_context on a real temporary instance and real runs."""
 
-import csv
-import io
-
 import dagster as dg
 import duckdb
 import pytest
@@ -11,7 +8,7 @@ from etl_assets.definitions import SHARDS_JOB, build_defs
 from etl_assets.runner import run_pipeline
 from etl_assets.sensors import RERUN_ATTEMPT_TAG, evaluate_failed_shards
 from etl_assets.sharding import shard_of
-from etl_assets_tests.conftest import make_settings
+from etl_assets_tests.conftest import edit_crm, make_settings
 
 pytestmark = pytest.mark.usefixtures("dagster_home")
 
@@ -21,18 +18,6 @@ def _tick(defs, settings, instance, cursor=None):
     context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
                                       resources={"settings": settings})
     return sensor.evaluate_tick(context)
-
-
-def _edit_crm(data_dir, changes):
-    """Set employee_count for the given customer ids; keep every other byte of the file."""
-    path = data_dir / "crm.csv"
-    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
-    for row in rows[1:]:
-        if row[0] in changes:
-            row[4] = str(changes[row[0]])
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
-    path.write_text(out.getvalue(), encoding="utf-8")
 
 
 def _execute(defs, request, instance):
@@ -55,14 +40,14 @@ def test_one_changed_row_requests_exactly_its_shard_once(built, sample_dir, inst
     quiet = _tick(defs, settings, instance)
     assert quiet.run_requests == [] and "unchanged" in quiet.skip_message
 
-    _edit_crm(sample_dir, {"cust_00000042": 4242})
+    edit_crm(sample_dir, {"cust_00000042": 4242})
     first = _tick(defs, settings, instance, quiet.cursor)
     assert first.run_requests == [] and "waiting for crm.csv to settle" in first.skip_message
     second = _tick(defs, settings, instance, first.cursor)
     [request] = second.run_requests
     assert request.partition_key == str(shard_of("cust_00000042", 10))
     assert {k.to_user_string() for k in request.asset_selection} == {
-        "crm", "shard_profiles", "customer_profiles"}
+        "crm", "shard_inputs", "shard_profiles", "customer_profiles"}
     again = _tick(defs, settings, instance, second.cursor)
     assert again.run_requests == []  # same content never triggers twice
 
@@ -78,9 +63,9 @@ def test_one_changed_row_requests_exactly_its_shard_once(built, sample_dir, inst
 
 def test_a_file_still_changing_waits_until_it_settles(built, sample_dir, instance):
     settings, defs = built
-    _edit_crm(sample_dir, {"cust_00000007": 1})
+    edit_crm(sample_dir, {"cust_00000007": 1})
     t1 = _tick(defs, settings, instance)
-    _edit_crm(sample_dir, {"cust_00000007": 2})  # changed again between ticks
+    edit_crm(sample_dir, {"cust_00000007": 2})  # changed again between ticks
     t2 = _tick(defs, settings, instance, t1.cursor)
     assert t1.run_requests == [] and t2.run_requests == []
     t3 = _tick(defs, settings, instance, t2.cursor)
@@ -92,10 +77,10 @@ def test_several_shards_sources_first_then_exactly_the_stale_shards(built, sampl
     ids = ["cust_00000001", "cust_00000002", "cust_00000003"]
     expected = sorted({str(shard_of(c, 10)) for c in ids})
     assert len(expected) > 1
-    _edit_crm(sample_dir, {c: 77 for c in ids})
+    edit_crm(sample_dir, {c: 77 for c in ids})
     t1 = _tick(defs, settings, instance)
     [sources_run] = _tick(defs, settings, instance, t1.cursor).run_requests
-    assert [k.to_user_string() for k in sources_run.asset_selection] == ["crm"]
+    assert [k.to_user_string() for k in sources_run.asset_selection] == ["crm", "shard_inputs"]
     assert sources_run.partition_key is None
     assert _execute(defs, sources_run, instance).success
     shards = _tick(defs, settings, instance, t1.cursor).run_requests

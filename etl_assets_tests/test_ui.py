@@ -19,12 +19,16 @@ import dagster as dg
 import duckdb
 import pytest
 
+from etl_assets.sharding import shard_of
+from etl_assets_tests.conftest import edit_crm
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Where the screenshots go; the README's images are made with ETL_SCREENSHOT_DIR=docs/img.
 SHOTS = os.environ.get("ETL_SCREENSHOT_DIR")
-ASSETS = ["crm", "billing", "product", "support", "shard_profiles", "customer_profiles"]
+ASSETS = ["crm", "billing", "product", "support", "shard_inputs", "shard_profiles",
+          "customer_profiles"]
 
 
 def _free_port() -> int:
@@ -35,7 +39,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`dagster dev` from workspace.yaml on a free port, temp home/warehouse, sources staged."""
+    """`dagster dev` from workspace.yaml on a free port, temp home/warehouse, sources staged
+    (the sources job: the four sources and shard_inputs)."""
     root = tmp_path_factory.mktemp("ui")
     data = root / "data"
     shutil.copytree(REPO / "data", data)
@@ -46,8 +51,8 @@ def server(tmp_path_factory):
                DATA_DIR=str(data), ETL_AUTOMATION="off", CHAOS_FAIL_SHARD="3")
     subprocess.run([str(BIN / "etl-assets"), "home"], env=env, check=True, capture_output=True)
     staged = subprocess.run(
-        [str(BIN / "dagster"), "asset", "materialize", "-m", "etl_assets.definitions",
-         "--select", "crm,billing,product,support"],
+        [str(BIN / "dagster"), "job", "execute", "-m", "etl_assets.definitions", "-j",
+         "sources_job"],
         env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert staged.returncode == 0, staged.stdout[-2000:] + staged.stderr[-2000:]
     port = _free_port()
@@ -65,7 +70,7 @@ def server(tmp_path_factory):
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, (root / "dev.log").read_text()
             time.sleep(1)
-    yield {"url": url, "root": root, "home": root / "dagster_home",
+    yield {"url": url, "root": root, "home": root / "dagster_home", "env": env,
            "db": root / "var" / "warehouse.duckdb", "log": root / "dev.log"}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -208,6 +213,16 @@ def test_materialize_all_through_graphql(server):
             break
         time.sleep(3)
     assert status in ("COMPLETED", "COMPLETED_SUCCESS"), (status, server["log"].read_text()[-3000:])
+    # The backfill keeps the graph's order: no shard run started before the sources were staged.
+    runs = _runs(server["home"])
+    backfill = [r for r in runs if r.tags.get("dagster/backfill") == launched["backfillId"]]
+    with dg.DagsterInstance.from_config(str(server["home"])) as instance:
+        records = {r.dagster_run.run_id: r for r in instance.get_run_records(
+            dg.RunsFilter(run_ids=[r.run_id for r in backfill]))}
+    sources = [records[r.run_id] for r in backfill if dg.AssetKey("crm") in (r.asset_selection or ())]
+    shards = [records[r.run_id] for r in backfill if r.tags.get("dagster/partition")]
+    assert len(sources) == 1 and len(shards) == 10, [r.asset_selection for r in backfill]
+    assert min(r.start_time for r in shards) >= sources[0].end_time
     [node] = _graphql(server["url"], CHECKS)["assetNodes"]
     checks = {c["name"]: c["executionForLatestMaterialization"]
               for c in node["assetChecksOrError"]["checks"]}
@@ -220,3 +235,41 @@ def test_materialize_all_through_graphql(server):
         assert con.execute("SELECT count(DISTINCT shard_id) FROM shard_profiles").fetchone()[0] == 10
     finally:
         con.close()
+
+
+STALE = """
+query Stale($partitions: [String!]) {
+  assetNodes(assetKeys: [{path: ["shard_profiles"]}]) {
+    staleStatusByPartition(partitions: $partitions)
+    staleCausesByPartition(partitions: $partitions) { reason key { path } dependency { path } }
+  }
+}"""
+
+
+def _stale_by_partition(url: str) -> dict[str, tuple[str, list[str]]]:
+    keys = [str(k) for k in range(10)]
+    [node] = _graphql(url, STALE, {"partitions": keys})["assetNodes"]
+    def cause(c: dict) -> str:
+        return f"{(c['dependency'] or c['key'])['path'][0]}: {c['reason']}"
+
+    return {k: (status, [cause(c) for c in causes])
+            for k, status, causes in zip(keys, node["staleStatusByPartition"],
+                                         node["staleCausesByPartition"])}
+
+
+def test_ui_marks_exactly_the_changed_shard_stale(server):
+    """After everything is built, one changed CRM row + staging the sources marks exactly
+    that customer's shard partition stale in the UI's own API, naming shard_inputs."""
+    before = _stale_by_partition(server["url"])
+    assert {status for status, _ in before.values()} == {"FRESH"}, before
+    edit_crm(server["root"] / "data", {"cust_00000042": 4242})
+    staged = subprocess.run(
+        [str(BIN / "dagster"), "job", "execute", "-m", "etl_assets.definitions", "-j",
+         "sources_job"], env=server["env"], cwd=server["root"], capture_output=True, text=True,
+        timeout=300)
+    assert staged.returncode == 0, staged.stdout[-2000:] + staged.stderr[-2000:]
+    after = _stale_by_partition(server["url"])
+    changed = str(shard_of("cust_00000042", 10))
+    assert after[changed][0] == "STALE", after
+    assert any(c.startswith("shard_inputs:") for c in after[changed][1]), after
+    assert {k for k, (status, _) in after.items() if status != "FRESH"} == {changed}, after

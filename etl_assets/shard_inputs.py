@@ -1,0 +1,90 @@
+"""`shard_inputs`: the staged slices of each shard, with one data version per partition.
+
+Why this asset exists: the four sources are whole files, so their data version (the file's
+sha256) changes for every shard when one row changes. Dagster judges a partition stale from its
+*direct* dependencies, so `shard_profiles` depends on this partitioned asset instead, whose
+partition k carries the hash of shard k's four slices. After the sources are staged again,
+exactly the shard partitions whose slices changed show as stale in the UI.
+
+Its step reads the four staged pointers (no data). The slices of every shard change together
+when a source is staged, so one step records every partition: the run's own partition (if any)
+is the step's result, the others are logged as materializations with their own data version.
+Backfills and "Materialize all" treat it as the ordinary asset it is, so sources → shard_inputs
+→ shard_profiles keeps its order in every kind of run.
+"""
+
+import hashlib
+
+import dagster as dg
+
+from etl_assets import staging
+from etl_assets.schema import SOURCES
+from etl_assets.settings import EtlSettings
+from etl_assets.sharding import shard_partitions
+
+SHARD_INPUTS = dg.AssetKey("shard_inputs")
+# Dagster's tag holding an asset event's data version (what MaterializeResult(data_version=) sets).
+DATA_VERSION_TAG = "dagster/data_version"
+# Bump when the meaning of a shard_inputs data version changes.
+SHARD_INPUTS_VERSION = "1"
+
+
+def read_shard_inputs(settings: EtlSettings) -> dict[int, tuple[str, dict[str, int]]]:
+    """Per shard: (its input hash, rows per source) from the current staged pointers."""
+    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    return {
+        k: (staging.shard_input_hash(staged, k),
+            {name: int(source.slice_rows[k]) for name, source in staged.items()})
+        for k in settings.shard_ids
+    }
+
+
+def _metadata(input_hash: str, rows: dict[str, int]) -> dict[str, object]:
+    return {"source_data_hash": input_hash, **{f"rows_{name}": n for name, n in rows.items()}}
+
+
+def build_shard_inputs_asset(shard_count: int) -> dg.AssetsDefinition:
+    """The partitioned `shard_inputs` asset (downstream of the four sources)."""
+    partitions = shard_partitions(shard_count)
+    @dg.asset(
+        key=SHARD_INPUTS,
+        deps=[dg.AssetKey(name) for name in SOURCES],
+        partitions_def=partitions,
+        group_name="sources",
+        kinds={"parquet"},
+        owners=["team:data-platform"],
+        code_version=SHARD_INPUTS_VERSION,
+        description=(
+            "The Parquet slices each shard reads, one partition per shard. Partition k's data "
+            "version is the hash of shard k's four slices, so after the sources are staged only "
+            "the shards whose slices changed become stale."
+        ),
+    )
+    def shard_inputs(context: dg.AssetExecutionContext, settings: EtlSettings) -> dg.MaterializeResult:
+        if context.has_partition_key_range and not context.has_partition_key:
+            raise dg.Failure(
+                description="materialize shard_inputs for one partition or for all (no "
+                "partition), not a range: a range would share one data version",
+                allow_retries=False, metadata={"retryable": False})
+        own = context.partition_key if context.has_partition_key else None
+        try:
+            observed = read_shard_inputs(settings)
+        except staging.StagingError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False,
+                             metadata={"retryable": False}) from exc
+        for k, (input_hash, rows) in observed.items():
+            if str(k) != own:
+                context.log_event(dg.AssetMaterialization(
+                    asset_key=SHARD_INPUTS, partition=str(k),
+                    tags={DATA_VERSION_TAG: input_hash}, metadata=_metadata(input_hash, rows)))
+        if own is not None:
+            input_hash, rows = observed[int(own)]
+            return dg.MaterializeResult(data_version=dg.DataVersion(input_hash),
+                                        metadata=_metadata(input_hash, rows))
+        # An unpartitioned run (the sources job) also gets one whole-asset event for the step's
+        # result; it carries the hash of every shard's version.
+        combined = hashlib.sha256("|".join(h for h, _ in observed.values()).encode()).hexdigest()
+        return dg.MaterializeResult(data_version=dg.DataVersion(combined),
+                                    metadata={"shards": len(observed)})
+
+    return shard_inputs
