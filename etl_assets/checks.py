@@ -41,7 +41,8 @@ def customer_profiles_checks(settings: EtlSettings) -> Iterator[dg.AssetCheckRes
     """Evaluate the four checks against the warehouse, the export and the staged sources."""
     staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
     slice_paths = [s.slice_path(k) for s in staged.values() for k in settings.shard_ids]
-    with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s) as con:
+    with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s,
+                          settings.duckdb_limits) as con:
         expected = con.execute(
             "SELECT count(DISTINCT customer_id) FROM read_parquet($paths)", {"paths": slice_paths}
         ).fetchone()[0]

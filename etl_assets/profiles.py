@@ -52,13 +52,11 @@ def build_shard(
     """Merge and score one shard's slices, then overwrite its rows in the warehouse."""
     staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
     source_hash = staging.shard_input_hash(staged, shard_id)
-    with warehouse.scratch() as con:
+    with warehouse.scratch(settings.duckdb_limits) as con:
         install_rules(con)
+        # Views, not copies: the merge reads each slice once, straight from its Parquet file.
         for name, source in staged.items():
-            con.execute(
-                f"CREATE TEMP TABLE {name} AS SELECT * FROM read_parquet($path)",
-                {"path": source.slice_path(shard_id)},
-            )
+            con.read_parquet(source.slice_path(shard_id)).create_view(name)
         con.execute(f"CREATE TEMP TABLE new_rows AS {merge_sql()}", {"shard_id": shard_id})
         preview = con.execute(
             "SELECT customer_id, email, health_score, churn_risk, expansion_potential "
@@ -232,7 +230,8 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
     def customer_profiles(
         context: dg.AssetExecutionContext, settings: EtlSettings
     ) -> dg.MaterializeResult:
-        with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s) as con:
+        with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s,
+                              settings.duckdb_limits) as con:
             # Never merge a partly updated set of shards: the previous table and export stay.
             stale = stale_shards(settings, con)
             if stale:

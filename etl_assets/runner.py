@@ -8,6 +8,7 @@ event log, so what the CLI prints is what the UI shows.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import multiprocessing
 import signal
 from collections.abc import Callable, Iterator
@@ -118,24 +119,39 @@ def _shard_in_worker(
     return shard_id, result.run_id, result.success, "" if result.success else first_failure(result)
 
 
+def _warm_up() -> None:
+    """Worker task: import Dagster and the code location while the sources are still staging."""
+    importlib.import_module("etl_assets.definitions")
+
+
+def _start_pool(workers: int, shard_count: int) -> Optional[ProcessPoolExecutor]:
+    """Worker processes for the shards, started early so their imports overlap the sources."""
+    if workers <= 1 or shard_count <= 1:
+        return None
+    size = min(workers, shard_count)
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB/gRPC
+    pool = ProcessPoolExecutor(max_workers=size, mp_context=context, initializer=_die_with_parent)
+    for _ in range(size):
+        pool.submit(_warm_up)
+    return pool
+
+
 def _run_shards(
-    settings: EtlSettings, shard_ids: list[int], workers: int, run_config: dict[str, Any]
+    settings: EtlSettings, shard_ids: list[int], pool: Optional[ProcessPoolExecutor],
+    run_config: dict[str, Any],
 ) -> Iterator[tuple[int, str, bool, str]]:
-    """Run the shards, up to `workers` at once (separate processes when more than one)."""
+    """Run the shards in the worker pool (or here, one after another, without one)."""
     values = {name: getattr(settings, name) for name in type(settings).model_fields}
-    if workers <= 1 or len(shard_ids) <= 1:
+    if pool is None or len(shard_ids) <= 1:
         for shard_id in shard_ids:
             yield _shard_in_worker(values, shard_id, run_config)
         return
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB/gRPC
-    with ProcessPoolExecutor(max_workers=min(workers, len(shard_ids)), mp_context=context,
-                             initializer=_die_with_parent) as pool:
-        futures = {pool.submit(_shard_in_worker, values, k, run_config): k for k in shard_ids}
-        for future in as_completed(futures):
-            try:
-                yield future.result()
-            except Exception as exc:  # the worker died (killed, out of memory): report it
-                yield futures[future], "", False, f"worker process died ({type(exc).__name__})"
+    futures = {pool.submit(_shard_in_worker, values, k, run_config): k for k in shard_ids}
+    for future in as_completed(futures):
+        try:
+            yield future.result()
+        except Exception as exc:  # the worker died (killed, out of memory): report it
+            yield futures[future], "", False, f"worker process died ({type(exc).__name__})"
 
 
 def run_pipeline(
@@ -149,6 +165,18 @@ def run_pipeline(
     Up to `workers` shard partitions run at once, each as its own Dagster run in its own
     process; the results are identical for any number of workers.
     """
+    pool = _start_pool(workers, settings.shard_count)
+    try:
+        return _run_all(settings, echo, verbose, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_all(
+    settings: EtlSettings, echo: Callable[[str], None], verbose: bool,
+    pool: Optional[ProcessPoolExecutor],
+) -> RunOutcome:
     defs = build_defs(settings)
     instance = dg.DagsterInstance.get()
     run_config = {} if verbose else QUIET_RUN_CONFIG
@@ -188,7 +216,7 @@ def run_pipeline(
                                       ok=True, skipped=True)
         else:
             todo.append(shard_id)
-    for shard_id, run_id, success, error in _run_shards(settings, todo, workers, run_config):
+    for shard_id, run_id, success, error in _run_shards(settings, todo, pool, run_config):
         if run_id:
             outcome.run_ids.append(run_id)
         events = shard_events(instance, run_id) if run_id else []

@@ -7,6 +7,7 @@ resource inside assets, as a plain object in the CLI); nothing else reads the en
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +15,7 @@ from typing import Any, Optional
 import dagster as dg
 
 from etl_assets.faults import CRASH_POINTS, Hook, crash_hook
+from etl_assets.limits import DuckDBLimits
 
 # Environment variable -> settings field. CLI flags override these.
 ENV_VARS: dict[str, str] = {
@@ -33,6 +35,8 @@ ENV_VARS: dict[str, str] = {
     "RERUN_BASE_WAIT_S": "rerun_base_wait_s",
     "ETL_AUTOMATION": "automation",
     "ETL_FORCE": "force",
+    "DUCKDB_MEMORY_LIMIT": "duckdb_memory_limit",
+    "DUCKDB_THREADS": "duckdb_threads",
 }
 
 DEFAULT_HOME = "var"
@@ -65,6 +69,10 @@ class EtlSettings(dg.ConfigurableResource):
     rerun_base_wait_s: float = 30.0
     automation: str = "on"
     force: bool = False
+    # Per DuckDB connection: beyond this, DuckDB spills to <home>/duckdb_tmp instead of growing,
+    # which keeps a 10M-customer run within a few GB. 0 threads = one per core.
+    duckdb_memory_limit: str = "2GB"
+    duckdb_threads: int = 0
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "EtlSettings":
@@ -100,6 +108,12 @@ class EtlSettings(dg.ConfigurableResource):
             )
         if self.automation not in ("on", "off"):
             raise SettingsError(f"ETL_AUTOMATION must be on or off, got {self.automation!r}")
+        if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", self.duckdb_memory_limit.strip(), re.I):
+            raise SettingsError(
+                f"DUCKDB_MEMORY_LIMIT must look like 1GB or 512MB, got {self.duckdb_memory_limit!r}"
+            )
+        if self.duckdb_threads < 0:
+            raise SettingsError(f"DUCKDB_THREADS must be >= 0, got {self.duckdb_threads}")
         if self.crash_at and self.crash_at not in CRASH_POINTS:
             raise SettingsError(
                 f"ETL_CRASH_AT must be one of {', '.join(CRASH_POINTS)}, got {self.crash_at!r}"
@@ -120,6 +134,12 @@ class EtlSettings(dg.ConfigurableResource):
     def shard_ids(self) -> list[int]:
         """Every shard id, in order."""
         return list(range(self.shard_count))
+
+    @property
+    def duckdb_limits(self) -> DuckDBLimits:
+        """Memory limit, threads and spill folder for the heavy DuckDB connections."""
+        return DuckDBLimits(self.duckdb_memory_limit.strip(), self.duckdb_threads,
+                            str(Path(self.home_dir) / "duckdb_tmp"))
 
     @property
     def dagster_home(self) -> Path:

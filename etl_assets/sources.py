@@ -78,7 +78,7 @@ def stage_source(schema: SourceSchema, settings: EtlSettings) -> SourceResult:
     if previous is not None:
         report, staged = previous
         return SourceResult(report, staged, int((time.monotonic() - started) * 1000), True)
-    with warehouse.scratch() as con:
+    with warehouse.scratch(settings.duckdb_limits) as con:
         install_rules(con)
         report = read_source(con, path, schema)
         staged = _write_slices(con, schema, settings, sha)
@@ -127,7 +127,7 @@ def plan_slices(schema: SourceSchema, settings: EtlSettings) -> tuple[str, dict[
     """(file sha256, per-shard slice hashes) of the file as it is now; writes nothing."""
     path = Path(settings.data_dir) / schema.filename
     sha = file_sha256(path)
-    with warehouse.scratch() as con:
+    with warehouse.scratch(settings.duckdb_limits) as con:
         install_rules(con)
         read_source(con, path, schema)
         hashes, _ = slice_stats(con, schema, settings.shard_count)

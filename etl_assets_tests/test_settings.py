@@ -1,6 +1,8 @@
+"""Settings from the environment and flags, and the DuckDB limits they put on connections."""
 
 import pytest
 
+from etl_assets import warehouse
 from etl_assets.settings import EtlSettings, SettingsError
 
 
@@ -33,8 +35,32 @@ def test_environment_then_flags(tmp_path):
         ({"CHAOS_FAIL_SHARD": "12"}, "CHAOS_FAIL_SHARD=12 is not a shard id"),
         ({"CHAOS_FAIL_MODE": "sometimes"}, "CHAOS_FAIL_MODE must be one of"),
         ({"MAX_REJECT_FRACTION": "2"}, "MAX_REJECT_FRACTION must be between 0 and 1"),
+        ({"DUCKDB_MEMORY_LIMIT": "lots"}, "DUCKDB_MEMORY_LIMIT must look like 1GB or 512MB"),
+        ({"DUCKDB_THREADS": "-1"}, "DUCKDB_THREADS must be >= 0"),
     ],
 )
 def test_bad_values_are_named(env, message):
     with pytest.raises(SettingsError, match=message):
         EtlSettings.from_env(env=env)
+
+
+def test_duckdb_limits_reach_every_heavy_connection(tmp_path):
+    """The limits are applied by DuckDB itself (read back from the connection), and the spill
+    folder lives under ETL_HOME."""
+    s = EtlSettings.from_env(env={"DUCKDB_MEMORY_LIMIT": "512MB", "DUCKDB_THREADS": "1",
+                                  "ETL_HOME": str(tmp_path / "home")})
+    db = str(tmp_path / "w.duckdb")
+    with warehouse.scratch(s.duckdb_limits) as con:
+        limit, threads, temp = con.execute(
+            "SELECT current_setting('memory_limit'), current_setting('threads'), "
+            "current_setting('temp_directory')").fetchone()
+    assert limit == "488.2 MiB"  # DuckDB reads 512MB as 512 * 10^6 bytes
+    assert int(threads) == 1
+    assert temp == str(tmp_path / "home" / "duckdb_tmp")
+    assert (tmp_path / "home" / "duckdb_tmp").is_dir()
+    with warehouse.reader(db, 5, s.duckdb_limits) as con:
+        assert int(con.execute("SELECT current_setting('threads')").fetchone()[0]) == 1
+    with warehouse.scratch() as con:  # no limits: DuckDB's own defaults
+        assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] != limit
+        # Long queries must not draw DuckDB's progress bar into the CLI's output.
+        assert con.execute("SELECT current_setting('enable_progress_bar')").fetchone()[0] is False
