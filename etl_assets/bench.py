@@ -1,7 +1,9 @@
 """The scale-up benchmark: `etl-assets run` per shard/worker setting beside the single-query floor.
 
 Every measured command runs as its own process, in a fresh ETL_HOME and DAGSTER_HOME, so wall
-time and peak RSS (from wait4) are what a user would see. Results go to bench.md, bench.json
+time and peak RSS (from wait4) are what a user would see. The data is generated in a child
+process too: Linux carries a process's peak RSS over fork/vfork + exec into the child's
+ru_maxrss, so a bench process that had grown while generating would inflate every figure. Results go to bench.md, bench.json
 and bench.png in the output folder.
 """
 
@@ -14,12 +16,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from etl_assets.generate import generate
 
 BIN = Path(sys.executable).parent
 _SHARD_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+ok")
@@ -68,18 +70,34 @@ class Measurement:
     extra: dict = field(default_factory=dict)
 
 
+# Runs the measured command from a small process and reports the command's own peak RSS. Linux
+# carries a process's peak RSS over fork/vfork + exec into the child's ru_maxrss, so measuring
+# straight from a large parent (the bench after generating data, or pytest) would report the
+# parent's size for every command.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _measure(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MB of the process tree's largest member, stdout)."""
-    started = time.monotonic()
-    proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, out
+    """(wall seconds, peak RSS MB of the command's largest process, its output)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rss_file = Path(tmp) / "maxrss"
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, str(rss_file), *args], env=env,
+                              cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+        wall = time.monotonic() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+        return wall, int(rss_file.read_text()) / 1024, proc.stdout
 
 
 def _pipeline_env(home: Path, data: Path, force: bool = False) -> dict[str, str]:
@@ -109,9 +127,9 @@ def run_bench(rows: int, shard_counts: list[int], worker_counts: list[int], out_
     work = out_dir / "work"
     shutil.rmtree(work, ignore_errors=True)
     data = work / "data"
-    started = time.monotonic()
-    generate(rows, seed=42, out_dir=data)
-    gen_s = time.monotonic() - started
+    gen_s, gen_rss, _ = _measure(
+        [str(BIN / "etl-assets"), "generate", "--rows", str(rows), "--seed", "42", "--out", str(data)],
+        dict(os.environ), out_dir)
     echo(f"generated {rows} customers in {gen_s:.2f}s")
     results: list[Measurement] = []
 
@@ -120,7 +138,8 @@ def run_bench(rows: int, shard_counts: list[int], worker_counts: list[int], out_
     wall, rss, _ = _measure([sys.executable, "-c", FLOOR_SCRIPT, str(data),
                              str(floor_home / "floor.duckdb")], dict(os.environ), floor_home)
     results.append(Measurement("floor: one DuckDB query", None, None, round(wall, 2),
-                               round(rss, 1), round(rows / wall), extra={"generate_s": round(gen_s, 2)}))
+                               round(rss, 1), round(rows / wall),
+                               extra={"generate_s": round(gen_s, 2), "generate_peak_rss_mb": round(gen_rss, 1)}))
     echo(f"floor {wall:.2f}s")
 
     last_home = None

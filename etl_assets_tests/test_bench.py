@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from etl_assets.bench import _measure
+
 BIN = Path(sys.executable).parent
 
 
@@ -30,3 +32,17 @@ def test_bench_smoke(tmp_path):
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not (out / "work").exists()  # generated data and warehouses are cleaned up
+
+
+def test_peak_rss_is_the_commands_own_not_the_parents(tmp_path):
+    """A large parent must not show up in a small command's peak RSS (Linux carries peak RSS
+    over fork + exec; the bench measures through a small launcher for that reason)."""
+    ballast = bytearray(600 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page so it is resident
+    wall, rss_mb, out = _measure([sys.executable, "-c", "print('small')"], {}, tmp_path)
+    assert out.strip() == "small" and wall > 0
+    assert 5 < rss_mb < 200, rss_mb
+    _, big, _ = _measure([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = "
+                          "b'x' * len(b[::4096]); print(len(b))"], {}, tmp_path)
+    assert big > 300  # and a command's own growth is measured
+    del ballast
