@@ -1,8 +1,10 @@
 """`shard_profiles` (one partition per shard) and `customer_profiles` (the merged table + export)."""
 
 
+import hashlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import dagster as dg
@@ -15,6 +17,7 @@ from etl_assets.rules import install_rules, merge_sql
 from etl_assets.schema import SOURCES, profile_columns
 from etl_assets.settings import EtlSettings
 from etl_assets.shard_inputs import SHARD_INPUTS
+from etl_assets.validation import file_sha256
 from etl_assets.sharding import shard_partitions
 
 # The job that runs one shard partition (the CLI's unit of work; also launchable in the UI).
@@ -241,18 +244,54 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
                     allow_retries=False,
                     metadata={"retryable": False},
                 )
-            count = warehouse.rebuild_customer_profiles(con, settings.shard_count, settings.hook)
-            warehouse.export_csv(con, settings.export_path, settings.hook)
+            shards_hash = _shards_hash(warehouse.read_manifest(con, settings.shard_count))
+            previous = None if settings.force else warehouse.read_profiles_manifest(
+                con, settings.shard_count)
+            if previous is not None and _profiles_unchanged(previous, shards_hash, settings):
+                count, skipped = int(previous["row_count"]), True
+            else:
+                count = warehouse.rebuild_customer_profiles(con, settings.shard_count,
+                                                            settings.hook)
+                warehouse.export_csv(con, settings.export_path, settings.hook)
+                warehouse.record_profiles(con, settings.shard_count, {
+                    "shards_hash": shards_hash, "code_version": CODE_VERSION, "row_count": count,
+                    "export_path": settings.export_path,
+                    "export_sha256": file_sha256(settings.export_path),
+                })
+                skipped = False
             summary = profile_summary(con)
+        if skipped:
+            context.log.info(f"customer_profiles: {PROFILES_SKIP_REASON}")
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": count,
                 "export_path": dg.MetadataValue.path(settings.export_path),
                 "summary": dg.MetadataValue.md(summary),
+                "skipped": skipped,
+                "skip_reason": PROFILES_SKIP_REASON if skipped else "",
             }
         )
 
     return shard_profiles, customer_profiles
+
+
+PROFILES_SKIP_REASON = ("every shard and the code are unchanged since the last rebuild, and the "
+                        "export on disk is the one it wrote (sha256)")
+
+
+def _shards_hash(manifest: dict[int, dict]) -> str:
+    """One hash over every shard's manifest entry: what customer_profiles is built from."""
+    text = "|".join(f"{k}:{e['source_data_hash']}:{e['code_version']}:{e['record_count']}"
+                    for k, e in sorted(manifest.items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _profiles_unchanged(previous: dict, shards_hash: str, settings: EtlSettings) -> bool:
+    """True if the last rebuild used these shards and code and its export is still intact."""
+    export = Path(settings.export_path)
+    return ((previous["shards_hash"], previous["code_version"], previous["export_path"])
+            == (shards_hash, CODE_VERSION, settings.export_path)
+            and export.is_file() and file_sha256(export) == previous["export_sha256"])
 
 
 def profile_summary(con) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import multiprocessing
+import os
 import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -99,12 +100,16 @@ def shard_row(shard_id: int, events: list[dict[str, Any]], success: bool, error:
     return row
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """Worker initializer: a killed CLI must not leave shard writers running on their own."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    # The signal only covers a parent that dies from now on; one that died while this worker
+    # was still starting up (it takes a few seconds to import) would leave it orphaned.
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _shard_in_worker(
@@ -130,7 +135,8 @@ def _start_pool(workers: int, shard_count: int) -> Optional[ProcessPoolExecutor]
         return None
     size = min(workers, shard_count)
     context = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB/gRPC
-    pool = ProcessPoolExecutor(max_workers=size, mp_context=context, initializer=_die_with_parent)
+    pool = ProcessPoolExecutor(max_workers=size, mp_context=context,
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
     for _ in range(size):
         pool.submit(_warm_up)
     return pool

@@ -47,6 +47,11 @@ DDL: tuple[str, ...] = (
     f"""CREATE TABLE IF NOT EXISTS {ALIAS}.source_manifest (
         source VARCHAR PRIMARY KEY, file_sha256 VARCHAR, staging_key VARCHAR, rows_read BIGINT,
         rows_accepted BIGINT, rows_rejected BIGINT, reasons VARCHAR)""",
+    # What the last customer_profiles rebuild was made from and the export it wrote: the proof
+    # an unchanged re-run need not rebuild and export again.
+    f"""CREATE TABLE IF NOT EXISTS {ALIAS}.profiles_manifest (
+        shard_count INTEGER PRIMARY KEY, shards_hash VARCHAR, code_version VARCHAR,
+        row_count BIGINT, export_path VARCHAR, export_sha256 VARCHAR)""",
     f"""CREATE TABLE IF NOT EXISTS {ALIAS}.rejected_rows (
         source VARCHAR, line_number BIGINT, customer_id VARCHAR, reason VARCHAR, raw VARCHAR,
         file_sha256 VARCHAR)""",
@@ -201,6 +206,24 @@ def read_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict[int,
     )
     names = [d[0] for d in cur.description]
     return {int(row[0]): dict(zip(names[1:], row[1:], strict=True)) for row in cur.fetchall()}
+
+
+def read_profiles_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> Optional[dict]:
+    """The last customer_profiles build for this layout (see record_profiles), or None."""
+    cur = con.execute(f"SELECT * FROM {ALIAS}.profiles_manifest WHERE shard_count = ?",
+                      [shard_count])
+    row = cur.fetchone()
+    return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None
+
+
+def record_profiles(con: duckdb.DuckDBPyConnection, shard_count: int, entry: dict) -> None:
+    """Record a finished rebuild + export: shards_hash, code_version, row_count, export_path,
+    export_sha256. Written after the export is in place, so a crash before leaves no record."""
+    con.execute(
+        f"INSERT OR REPLACE INTO {ALIAS}.profiles_manifest VALUES (?, ?, ?, ?, ?, ?)",
+        [shard_count, entry["shards_hash"], entry["code_version"], entry["row_count"],
+         entry["export_path"], entry["export_sha256"]],
+    )
 
 
 def replace_rejected(

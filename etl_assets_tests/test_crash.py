@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -111,9 +112,31 @@ def test_a_worker_killed_mid_write_fails_cleanly_then_heals(tmp_path, states):
     assert (home / "merged_output.csv").read_bytes() == states["new_export"]
 
 
+def _processes_of(home: Path) -> list[int]:
+    """Live processes started for this home (their environment names it), zombies aside."""
+    marker = f"ETL_HOME={home}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0") and \
+                    (proc / "stat").read_text().split(") ")[-1][0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _no_survivors(home: Path, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _processes_of(home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_of(home) == [], "worker processes outlived the killed CLI"
+
+
 @pytest.mark.parametrize("delay_s", [2.5, 4.0, 5.5])
 def test_external_sigkill_mid_run_then_heal(tmp_path, states, delay_s):
-    """Killed from outside at a moment it does not choose (sources, shards or the merge)."""
+    """Killed from outside at a moment it does not choose (sources, shards or the merge); its
+    shard workers, even those still starting up, die with it."""
     home = tmp_path / "home"
     shutil.copytree(states["old_home"], home)
     proc = _run(home, states["new_data"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -122,6 +145,7 @@ def test_external_sigkill_mid_run_then_heal(tmp_path, states, delay_s):
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
+    _no_survivors(home)
     _assert_consistent(home, states)
     healed = _run(home, states["new_data"])
     assert healed.returncode == 0, healed.stdout + healed.stderr

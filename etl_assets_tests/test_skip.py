@@ -17,7 +17,7 @@ def _shard_runs(instance) -> int:
     return len(instance.get_runs(dg.RunsFilter(job_name="shards_job")))
 
 
-def _source_metadata(instance, name):
+def _latest_metadata(instance, name):
     event = instance.get_latest_materialization_event(dg.AssetKey(name))
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
@@ -34,7 +34,8 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(tmp_path, sample_
     assert all(r.skipped for r in again.shards) and _shard_runs(instance) == 10
     assert sum(r.records for r in again.shards) == 1000
     assert sum('"event": "shard_skip"' in line for line in lines) == 10
-    assert _source_metadata(instance, "crm")["skipped"] is True
+    assert _latest_metadata(instance, "crm")["skipped"] is True
+    assert _latest_metadata(instance, "customer_profiles")["skipped"] is True
     assert open(settings.export_path, "rb").read() == first_export
 
     # One customer's row changes: that shard (and customer_profiles) is rebuilt, nothing else.
@@ -47,8 +48,9 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(tmp_path, sample_
     assert changed.ok, changed.reason
     rebuilt = [r.shard_id for r in changed.shards if not r.skipped]
     assert rebuilt == [shard_of("cust_00000077", 10)]
-    assert _source_metadata(instance, "billing")["skipped"] is False
-    assert _source_metadata(instance, "crm")["skipped"] is True
+    assert _latest_metadata(instance, "billing")["skipped"] is False
+    assert _latest_metadata(instance, "crm")["skipped"] is True
+    assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
     with warehouse.reader(settings.duckdb_path, 5) as con:
         assert con.execute("SELECT mrr FROM wh.customer_profiles WHERE customer_id = ?",
                            ["cust_00000077"]).fetchone()[0] == Decimal("12345.67")
@@ -72,4 +74,28 @@ def test_force_recomputes_everything(tmp_path, sample_dir, instance):
     forced = run_pipeline(settings.replace(force=True), echo=lambda line: None)
     assert forced.ok and not any(r.skipped for r in forced.shards)
     assert _shard_runs(instance) == 20
-    assert _source_metadata(instance, "crm")["skipped"] is False
+    assert _latest_metadata(instance, "crm")["skipped"] is False
+
+
+def test_customer_profiles_skip_is_proven_by_the_export_itself(tmp_path, sample_dir, instance):
+    """An unchanged re-run keeps the export only if it is byte-for-byte the one last written;
+    an edited or deleted export is rebuilt, and --force always rebuilds."""
+    settings = make_settings(tmp_path, sample_dir)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    export = open(settings.export_path, "rb").read()
+
+    with open(settings.export_path, "ab") as fh:  # someone appends a line to the export
+        fh.write(b"cust_99999999,intruder@example.com\n")
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
+    assert open(settings.export_path, "rb").read() == export
+
+    (tmp_path / "var" / "merged_output.csv").unlink()
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
+    assert open(settings.export_path, "rb").read() == export
+
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    assert _latest_metadata(instance, "customer_profiles")["skipped"] is True
+    assert run_pipeline(settings.replace(force=True), echo=lambda line: None).ok
+    assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
