@@ -46,6 +46,7 @@ def _metadata(input_hash: str, rows: dict[str, int]) -> dict[str, object]:
 def build_shard_inputs_asset(shard_count: int) -> dg.AssetsDefinition:
     """The partitioned `shard_inputs` asset (downstream of the four sources)."""
     partitions = shard_partitions(shard_count)
+
     @dg.asset(
         key=SHARD_INPUTS,
         deps=[dg.AssetKey(name) for name in SOURCES],
@@ -68,23 +69,23 @@ def build_shard_inputs_asset(shard_count: int) -> dg.AssetsDefinition:
                 allow_retries=False, metadata={"retryable": False})
         own = context.partition_key if context.has_partition_key else None
         try:
-            observed = read_shard_inputs(settings)
+            inputs = read_shard_inputs(settings)
         except staging.StagingError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False,
                              metadata={"retryable": False}) from exc
-        for k, (input_hash, rows) in observed.items():
+        for k, (input_hash, rows) in inputs.items():
             if str(k) != own:
                 context.log_event(dg.AssetMaterialization(
                     asset_key=SHARD_INPUTS, partition=str(k),
                     tags={DATA_VERSION_TAG: input_hash}, metadata=_metadata(input_hash, rows)))
         if own is not None:
-            input_hash, rows = observed[int(own)]
+            input_hash, rows = inputs[int(own)]
             return dg.MaterializeResult(data_version=dg.DataVersion(input_hash),
                                         metadata=_metadata(input_hash, rows))
         # An unpartitioned run (the sources job) also gets one whole-asset event for the step's
         # result; it carries the hash of every shard's version.
-        combined = hashlib.sha256("|".join(h for h, _ in observed.values()).encode()).hexdigest()
+        combined = hashlib.sha256("|".join(h for h, _ in inputs.values()).encode()).hexdigest()
         return dg.MaterializeResult(data_version=dg.DataVersion(combined),
-                                    metadata={"shards": len(observed)})
+                                    metadata={"shards": len(inputs)})
 
     return shard_inputs
