@@ -254,7 +254,7 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
                                                             settings.hook)
                 warehouse.export_csv(con, settings.export_path, settings.hook)
                 warehouse.record_profiles(con, settings.shard_count, {
-                    "shards_hash": shards_hash, "code_version": CODE_VERSION, "row_count": count,
+                    "shards_hash": shards_hash, "code_version": _profiles_code(), "row_count": count,
                     "export_path": settings.export_path,
                     "export_sha256": file_sha256(settings.export_path),
                 })
@@ -286,11 +286,16 @@ def _shards_hash(manifest: dict[int, dict]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _profiles_code() -> str:
+    """The code that shapes the table and the export: our rules and DuckDB's CSV writer."""
+    return f"{CODE_VERSION}-duckdb{duckdb.__version__}"
+
+
 def _profiles_unchanged(previous: dict, shards_hash: str, settings: EtlSettings) -> bool:
     """True if the last rebuild used these shards and code and its export is still intact."""
     export = Path(settings.export_path)
     return ((previous["shards_hash"], previous["code_version"], previous["export_path"])
-            == (shards_hash, CODE_VERSION, settings.export_path)
+            == (shards_hash, _profiles_code(), settings.export_path)
             and export.is_file() and file_sha256(export) == previous["export_sha256"])
 
 

@@ -8,7 +8,6 @@ event log, so what the CLI prints is what the UI shows.
 from __future__ import annotations
 
 import ctypes
-import importlib
 import multiprocessing
 import os
 import signal
@@ -125,8 +124,8 @@ def _shard_in_worker(
 
 
 def _warm_up() -> None:
-    """Worker task: import Dagster and the code location while the sources are still staging."""
-    importlib.import_module("etl_assets.definitions")
+    """A no-op task: submitting it makes the pool start its worker now, whose imports (Dagster
+    and the code location, pulled in by unpickling the initializer) then overlap the sources."""
 
 
 def _start_pool(workers: int, shard_count: int) -> Optional[ProcessPoolExecutor]:

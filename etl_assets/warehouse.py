@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -114,21 +116,29 @@ def scratch(limits: Optional[DuckDBLimits] = None) -> Iterator[duckdb.DuckDBPyCo
     With `limits`, DuckDB keeps to the memory limit by spilling to the temp directory.
     """
     config: dict[str, object] = {}
+    spill_dir: Optional[str] = None
     if limits is not None:
         if limits.memory_limit:
             config["memory_limit"] = limits.memory_limit
         if limits.threads:
             config["threads"] = limits.threads
         if limits.temp_directory:
+            # A folder of its own: DuckDB names its spill files the same way in every process
+            # and removes them on close, so connections must not share one.
             Path(limits.temp_directory).mkdir(parents=True, exist_ok=True)
-            config["temp_directory"] = limits.temp_directory
-    con = duckdb.connect(":memory:", config=config)
-    # No progress bar: on long queries DuckDB would draw it into the CLI's and Dagster's output.
-    con.execute("SET enable_progress_bar = false")
+            spill_dir = tempfile.mkdtemp(prefix="spill-", dir=limits.temp_directory)
+            config["temp_directory"] = spill_dir
     try:
-        yield con
+        con = duckdb.connect(":memory:", config=config)
+        try:
+            # No progress bar: on long queries DuckDB would draw it into the CLI's output.
+            con.execute("SET enable_progress_bar = false")
+            yield con
+        finally:
+            con.close()
     finally:
-        con.close()
+        if spill_dir is not None:
+            shutil.rmtree(spill_dir, ignore_errors=True)
 
 
 @contextmanager
@@ -271,6 +281,9 @@ def rebuild_customer_profiles(
             [shard_count],
         )
         count = con.execute(f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0]
+        # The record of what the table was built from no longer holds, whatever happens next
+        # (record_profiles writes the new one once the export is in place).
+        con.execute(f"DELETE FROM {ALIAS}.profiles_manifest")
         hook("profiles_before_commit")
         con.execute("COMMIT")
     except BaseException:

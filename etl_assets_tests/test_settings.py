@@ -1,5 +1,7 @@
 """Settings from the environment and flags, and the DuckDB limits they put on connections."""
 
+from pathlib import Path
+
 import pytest
 
 from etl_assets import warehouse
@@ -56,8 +58,13 @@ def test_duckdb_limits_reach_every_heavy_connection(tmp_path):
             "current_setting('temp_directory')").fetchone()
     assert limit == "488.2 MiB"  # DuckDB reads 512MB as 512 * 10^6 bytes
     assert int(threads) == 1
-    assert temp == str(tmp_path / "home" / "duckdb_tmp")
-    assert (tmp_path / "home" / "duckdb_tmp").is_dir()
+    # Each connection spills to a folder of its own under ETL_HOME, removed when it closes.
+    assert Path(temp).parent == tmp_path / "home" / "duckdb_tmp"
+    assert not Path(temp).exists()
+    with warehouse.scratch(s.duckdb_limits) as one, warehouse.scratch(s.duckdb_limits) as two:
+        first, second = (c.execute("SELECT current_setting('temp_directory')").fetchone()[0]
+                         for c in (one, two))
+        assert first != second and Path(first).is_dir() and Path(second).is_dir()
     with warehouse.reader(db, 5, s.duckdb_limits) as con:
         assert int(con.execute("SELECT current_setting('threads')").fetchone()[0]) == 1
     with warehouse.scratch() as con:  # no limits: DuckDB's own defaults

@@ -99,3 +99,14 @@ def test_customer_profiles_skip_is_proven_by_the_export_itself(tmp_path, sample_
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is True
     assert run_pipeline(settings.replace(force=True), echo=lambda line: None).ok
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
+
+
+def test_a_rebuild_forgets_the_previous_record_at_once(tmp_path, sample_dir):
+    """The record that lets customer_profiles skip is dropped in the rebuild's own transaction,
+    so a crash between the rebuild and the export can never leave an old record that matches."""
+    settings = make_settings(tmp_path, sample_dir)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    with warehouse.reader(settings.duckdb_path, 5) as con:
+        assert con.execute("SELECT count(*) FROM wh.profiles_manifest").fetchone()[0] == 1
+        warehouse.rebuild_customer_profiles(con, settings.shard_count)
+        assert con.execute("SELECT count(*) FROM wh.profiles_manifest").fetchone()[0] == 0
