@@ -102,6 +102,11 @@ def evaluate_source_files(
     return _requests_for_stale_shards(settings, new_cursor)
 
 
+def _staging_selection(changed: dict[str, str]) -> list[dg.AssetKey]:
+    """The changed sources, then shard_inputs, so the UI knows which shard partitions changed."""
+    return [*(dg.AssetKey(name) for name in sorted(changed)), SHARD_INPUTS]
+
+
 def _requests_for_changes(settings: EtlSettings, changed: dict[str, str]) -> list[dg.RunRequest]:
     shards: set[int] = set()
     for name in changed:
@@ -115,8 +120,7 @@ def _requests_for_changes(settings: EtlSettings, changed: dict[str, str]) -> lis
             if staged is None or hashes.get(k, staged.slice_hashes[k]) != staged.slice_hashes[k]
         }
     content = "+".join(f"{name}@{sha[:16]}" for name, sha in sorted(changed.items()))
-    # shard_inputs follows the sources so the UI knows which shard partitions changed.
-    sources = [*(dg.AssetKey(name) for name in sorted(changed)), SHARD_INPUTS]
+    sources = _staging_selection(changed)
     if len(shards) == 1:
         (k,) = shards
         return [dg.RunRequest(
@@ -276,8 +280,7 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         staged = {name: _staged_or_none(settings, name) for name in SOURCES}
         changed = {n: h for n, h in changed.items() if staged[n] is None or staged[n].file_sha256 != h}
         if changed:
-            return dg.RunRequest(
-                asset_selection=[*(dg.AssetKey(n) for n in sorted(changed)), SHARD_INPUTS])
+            return dg.RunRequest(asset_selection=_staging_selection(changed))
         result = _requests_for_stale_shards(settings, {})
         return result.run_requests or dg.SkipReason(result.skip_reason or "nothing stale")
 
