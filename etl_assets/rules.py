@@ -66,8 +66,8 @@ def merge_sql() -> str:
     """The profile query over relations named after the sources (crm, billing, product, support).
 
     Each relation holds one shard's staged rows: customer_id, typed columns and row_hash. The
-    query takes `$shard_id` and returns one row per distinct customer_id in any source, in
-    customer_id order.
+    query takes `$shard_id` and returns one row per distinct customer_id in any source, in no
+    particular order: the one sort happens where the rows are written (`overwrite_shard`).
     """
     ids = " UNION ".join(f"SELECT customer_id FROM {name}" for name in SOURCES)
     # CRM is the system of record for identity: its email wins, the others only fill a gap.
@@ -95,5 +95,4 @@ def merge_sql() -> str:
             ids.customer_id || ':' || md5(concat_ws('|', {key_parts})) AS idempotency_key
         FROM ids
         {joins}
-        ORDER BY ids.customer_id
     """

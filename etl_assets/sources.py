@@ -101,19 +101,19 @@ def _routed_sql(schema: SourceSchema) -> str:
     )
 
 
-def slice_stats(
-    con: duckdb.DuckDBPyConnection, schema: SourceSchema, shard_count: int
+# A slice hash sums the rows' md5s (as two 64-bit halves): independent of row order, so a
+# shuffled file with the same rows gives the same slices, and no sort is needed. The one
+# definition, used on the routed rows before staging and on the staged files after it.
+_SLICE_STATS = """SELECT shard_id, count(*), md5(count(*) || ':'
+       || sum(CAST(('0x' || substr(row_hash, 1, 16)) AS UBIGINT)::HUGEINT) || ':'
+       || sum(CAST(('0x' || substr(row_hash, 17, 16)) AS UBIGINT)::HUGEINT))
+   FROM ({rows}) GROUP BY shard_id"""
+
+
+def _stats(
+    con: duckdb.DuckDBPyConnection, rows_sql: str, params: dict[str, object], shard_count: int
 ) -> tuple[dict[int, str], dict[int, int]]:
-    """Per-shard slice hash and row count of the `accepted` rows (after `read_source`)."""
-    # A slice hash sums the rows' md5s (as two 64-bit halves): independent of row order, so a
-    # shuffled file with the same rows gives the same slices, and no sort is needed.
-    stats = con.execute(
-        f"""SELECT shard_id, count(*), md5(count(*) || ':'
-               || sum(CAST(('0x' || substr(row_hash, 1, 16)) AS UBIGINT)::HUGEINT) || ':'
-               || sum(CAST(('0x' || substr(row_hash, 17, 16)) AS UBIGINT)::HUGEINT))
-           FROM ({_routed_sql(schema)}) GROUP BY shard_id""",
-        {"n": shard_count},
-    ).fetchall()
+    stats = con.execute(_SLICE_STATS.format(rows=rows_sql), params).fetchall()
     empty = con.execute("SELECT md5('0:NULL:NULL')").fetchone()[0]
     slice_rows = {k: 0 for k in range(shard_count)}
     slice_hashes = {k: empty for k in range(shard_count)}
@@ -121,6 +121,13 @@ def slice_stats(
         slice_rows[int(shard_id)] = int(rows)
         slice_hashes[int(shard_id)] = digest
     return slice_hashes, slice_rows
+
+
+def slice_stats(
+    con: duckdb.DuckDBPyConnection, schema: SourceSchema, shard_count: int
+) -> tuple[dict[int, str], dict[int, int]]:
+    """Per-shard slice hash and row count of the `accepted` rows (after `read_source`)."""
+    return _stats(con, _routed_sql(schema), {"n": shard_count}, shard_count)
 
 
 def plan_slices(schema: SourceSchema, settings: EtlSettings) -> tuple[str, dict[int, str]]:
@@ -139,18 +146,22 @@ def _write_slices(
 ) -> staging.StagedSource:
     n = settings.shard_count
     routed = _routed_sql(schema)
-    slice_hashes, slice_rows = slice_stats(con, schema, n)
     version_dir = Path(settings.staging_dir) / schema.name / f"{sha[:20]}-{_staging_key(settings)}"
-    staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes, slice_rows)
     if version_dir.is_dir():
+        # Published earlier from these bytes: only its stats are needed, read from the files.
+        slice_hashes, slice_rows = _staged_stats(con, version_dir, n)
+        staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes,
+                                      slice_rows)
         return staging.publish(settings.staging_dir, None, staged, settings.hook)
     tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
-    # One pass writes every shard's slice (shard_id=<k>/ folders); empty shards get an empty
-    # file with the schema so every shard can read its slice.
+    # One pass routes and writes every shard's slice (shard_id=<k>/ folders); the stats are then
+    # read back from the files' row_hash column, which is cheaper than routing every row again.
     con.execute(
         f"COPY ({routed}) TO $path (FORMAT parquet, PARTITION_BY (shard_id))",
         {"path": str(tmp), "n": n},
     )
+    slice_hashes, slice_rows = _staged_stats(con, tmp, n)
+    # Empty shards get an empty file with the schema so every shard can read its slice.
     for k in range(n):
         if slice_rows[k] == 0:
             folder = tmp / f"shard_id={k}"
@@ -160,7 +171,25 @@ def _write_slices(
                 "(FORMAT parquet)",
                 {"path": str(folder / "empty.parquet"), "n": n},
             )
+    staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes, slice_rows)
     return staging.publish(settings.staging_dir, tmp, staged, settings.hook)
+
+
+def _staged_stats(
+    con: duckdb.DuckDBPyConnection, folder: Path, shard_count: int
+) -> tuple[dict[int, str], dict[int, int]]:
+    """Slice hashes and row counts of a staged version folder (shard_id=<k>/*.parquet)."""
+    files = sorted(str(p) for p in folder.glob("shard_id=*/*.parquet"))
+    if not files:
+        return _stats(con, "SELECT NULL::INTEGER AS shard_id, NULL AS row_hash LIMIT 0", {},
+                      shard_count)
+    return _stats(
+        con,
+        "SELECT shard_id, row_hash FROM read_parquet($files, hive_partitioning = true, "
+        "hive_types = {'shard_id': INTEGER})",
+        {"files": files},
+        shard_count,
+    )
 
 
 def _column_schema(schema: SourceSchema) -> dg.TableSchema:
