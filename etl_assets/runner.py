@@ -99,8 +99,13 @@ def shard_row(shard_id: int, events: list[dict[str, Any]], success: bool, error:
     return row
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Worker initializer: a killed CLI must not leave shard writers running on their own."""
+def _init_worker(parent_pid: int) -> None:
+    """Worker initializer: die with the CLI, then open the Dagster instance once.
+
+    A killed CLI must not leave shard writers running on their own. Opening the instance here
+    pays for its storage imports (about 0.7 s) while the sources are still staging, instead of
+    in the first shard run of each worker.
+    """
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -109,6 +114,8 @@ def _die_with_parent(parent_pid: int) -> None:
     # was still starting up (it takes a few seconds to import) would leave it orphaned.
     if os.getppid() != parent_pid:
         os._exit(1)
+    with dg.DagsterInstance.get():
+        pass
 
 
 def _shard_in_worker(
@@ -135,7 +142,7 @@ def _start_pool(workers: int, shard_count: int) -> Optional[ProcessPoolExecutor]
     size = min(workers, shard_count)
     context = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB/gRPC
     pool = ProcessPoolExecutor(max_workers=size, mp_context=context,
-                               initializer=_die_with_parent, initargs=(os.getpid(),))
+                               initializer=_init_worker, initargs=(os.getpid(),))
     for _ in range(size):
         pool.submit(_warm_up)
     return pool

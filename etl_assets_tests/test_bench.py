@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from etl_assets.bench import _measure
+from etl_assets.bench import FULL_FLOOR_LABEL, _measure
 
 BIN = Path(sys.executable).parent
 
@@ -19,16 +19,25 @@ def test_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     labels = [r["label"] for r in report["results"]]
-    assert labels == ["floor: one DuckDB query", "etl-assets run --shards 2 --workers 1",
+    assert labels == ["floor: one DuckDB query", FULL_FLOOR_LABEL,
+                      "etl-assets run --shards 2 --workers 1",
                       "etl-assets run --shards 2 --workers 2", "unchanged re-run (skips)",
                       "one row changed re-run"]
     for r in report["results"]:
         assert r["wall_s"] > 0 and r["peak_rss_mb"] > 50 and r["rows_per_s"] > 0
-    runs = report["results"][1:3]
+    runs = report["results"][2:4]
     assert all(r["slowest_shard_ms"] and r["shard_compute_s"] is not None for r in runs)
+    for r in report["results"][2:]:
+        # Each phase comes from the Dagster runs of that command only: with runs of an earlier
+        # command counted, the spans would outgrow the wall time and leave outside_runs_s < 0.
+        phases = r["phases"]
+        assert set(phases) == {"sources_s", "shards_s", "profiles_s", "outside_runs_s"} or (
+            r["label"] == "unchanged re-run (skips)"
+            and set(phases) == {"sources_s", "profiles_s", "outside_runs_s"}), phases
+        assert all(v > 0 for v in phases.values()), phases
     assert report["machine"]["cores"] >= 1 and report["machine"]["floor_s"] > 0
     table = (out / "bench.md").read_text()
-    assert table.count("\n| ") == 6 and "× floor" in table
+    assert table.count("\n| ") == 7 and "× floor" in table and "outside runs s" in table
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not (out / "work").exists()  # generated data and warehouses are cleaned up
