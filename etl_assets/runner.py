@@ -14,13 +14,16 @@ import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import dagster as dg
 
+from etl_assets import staging
 from etl_assets.definitions import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB, build_defs
 from etl_assets.logs import format_event, parse_shard_event
 from etl_assets.profiles import shard_status, skip_reason
+from etl_assets.schema import SOURCES
 from etl_assets.settings import EtlSettings
 
 
@@ -166,6 +169,44 @@ def _run_shards(
             yield futures[future], "", False, f"worker process died ({type(exc).__name__})"
 
 
+class _LazyPool:
+    """The shard worker pool, started on first use or ahead of it with `start()`."""
+
+    def __init__(self, workers: int, shard_count: int):
+        self.workers, self.shard_count = workers, shard_count
+        self.pool: Optional[ProcessPoolExecutor] = None
+
+    def start(self) -> Optional[ProcessPoolExecutor]:
+        if self.pool is None:
+            self.pool = _start_pool(self.workers, self.shard_count)
+        return self.pool
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def shards_expected(settings: EtlSettings) -> bool:
+    """A cheap guess, before the sources run, whether this run will compute shards.
+
+    It only decides when the worker processes start (early, so their imports overlap the
+    sources, or when first needed); what runs is decided later from the warehouse manifest.
+    A data file modified after its source was last staged, a source never staged or staged for
+    another shard layout, --force and the chaos drill all say yes.
+    """
+    if settings.force or settings.chaos_fail_shard is not None:
+        return True
+    try:
+        staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+        for name, schema in SOURCES.items():
+            data = Path(settings.data_dir) / schema.filename
+            if data.stat().st_mtime_ns > staging.pointer_mtime_ns(settings.staging_dir, name):
+                return True
+    except (staging.StagingError, OSError):
+        return True
+    return False
+
+
 def run_pipeline(
     settings: EtlSettings,
     echo: Callable[[str], None] = print,
@@ -177,17 +218,18 @@ def run_pipeline(
     Up to `workers` shard partitions run at once, each as its own Dagster run in its own
     process; the results are identical for any number of workers.
     """
-    pool = _start_pool(workers, settings.shard_count)
+    pool = _LazyPool(workers, settings.shard_count)
     try:
+        if shards_expected(settings):
+            pool.start()
         return _run_all(settings, echo, verbose, pool)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown()
 
 
 def _run_all(
     settings: EtlSettings, echo: Callable[[str], None], verbose: bool,
-    pool: Optional[ProcessPoolExecutor],
+    pool: _LazyPool,
 ) -> RunOutcome:
     defs = build_defs(settings)
     instance = dg.DagsterInstance.get()
@@ -228,7 +270,8 @@ def _run_all(
                                       ok=True, skipped=True)
         else:
             todo.append(shard_id)
-    for shard_id, run_id, success, error in _run_shards(settings, todo, pool, run_config):
+    workers = pool.start() if len(todo) > 1 else None
+    for shard_id, run_id, success, error in _run_shards(settings, todo, workers, run_config):
         if run_id:
             outcome.run_ids.append(run_id)
         events = shard_events(instance, run_id) if run_id else []

@@ -111,6 +111,11 @@ def read_pointer(staging_dir: str, source: str) -> StagedSource:
     return staged
 
 
+def pointer_mtime_ns(staging_dir: str, source: str) -> int:
+    """When the source's pointer was last published (OSError if it never was)."""
+    return (Path(staging_dir) / source / POINTER).stat().st_mtime_ns
+
+
 def _write_pointer(source_dir: Path, staged: StagedSource) -> None:
     tmp = source_dir / f".{POINTER}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:

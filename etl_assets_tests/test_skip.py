@@ -1,12 +1,14 @@
 """Unchanged work is skipped, judged against the warehouse itself, and --force redoes it."""
 
+import os
+import time
 from decimal import Decimal
 
 import dagster as dg
 import pytest
 
 from etl_assets import warehouse
-from etl_assets.runner import run_pipeline
+from etl_assets.runner import run_pipeline, shards_expected
 from etl_assets.sharding import shard_of
 from etl_assets_tests.conftest import make_settings
 
@@ -56,16 +58,35 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(tmp_path, sample_
                            ["cust_00000077"]).fetchone()[0] == Decimal("12345.67")
 
 
-def test_a_replaced_warehouse_never_causes_a_wrong_skip(tmp_path, sample_dir):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_replaced_warehouse_never_causes_a_wrong_skip(tmp_path, sample_dir, workers):
     settings = make_settings(tmp_path, sample_dir)
     assert run_pipeline(settings, echo=lambda line: None).ok
     export = open(settings.export_path, "rb").read()
     # Staged slices survive, the warehouse does not (deleted, or swapped for an empty one).
     (tmp_path / "var" / "warehouse.duckdb").unlink()
-    rerun = run_pipeline(settings, echo=lambda line: None)
+    # With 2 workers the files look unchanged, so the pool is not started ahead: the shards
+    # still all run, in workers started when they turn out to be needed.
+    assert not shards_expected(settings)
+    rerun = run_pipeline(settings, echo=lambda line: None, workers=workers)
     assert rerun.ok, rerun.reason
     assert not any(r.skipped for r in rerun.shards)
+    assert sum(r.records for r in rerun.shards) == 1000
     assert open(settings.export_path, "rb").read() == export
+
+
+def test_shards_expected_guesses_from_files_touched_since_staging(tmp_path, sample_dir):
+    settings = make_settings(tmp_path, sample_dir)
+    assert shards_expected(settings)  # never staged
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    assert not shards_expected(settings)
+    assert shards_expected(settings.replace(force=True))
+    assert shards_expected(settings.replace(shard_count=4))  # staged for 10 shards
+    assert shards_expected(settings.replace(chaos_fail_shard=3))
+    # A file written after the staging (an edit, a new delivery) makes the workers start early.
+    later = time.time() + 5
+    os.utime(sample_dir / "support.csv", (later, later))
+    assert shards_expected(settings)
 
 
 def test_force_recomputes_everything(tmp_path, sample_dir, instance):
