@@ -47,3 +47,17 @@ def test_empty_shards_get_a_readable_empty_slice_with_the_plans_hash(tmp_path: P
         rel = con.read_parquet(result.staged.slice_path(k))
         assert rel.fetchall() == [] and "row_hash" in rel.columns
     assert staging.read_pointer(settings.staging_dir, "support").slice_rows == result.staged.slice_rows
+
+
+def test_a_source_with_no_valid_row_stages_empty_slices_for_every_shard(tmp_path: Path):
+    data = tmp_path / "data"
+    schema = SOURCES["support"]
+    write_csv(data / schema.filename, schema.column_names,
+              [["cust_1", "a@x.example", 3, 1, 2.5, "2025-01-01", 42, 4.5],  # nps out of range
+               ["cust_2", "b@x.example", "many", 1, 2.5, "2025-01-01", 9, 4.5]])
+    settings = make_settings(tmp_path, data, shard_count=3, max_reject_fraction=1.0)
+    result = stage_source(schema, settings)
+    assert result.report.rejected == 2 and result.staged.slice_rows == {0: 0, 1: 0, 2: 0}
+    assert plan_slices(schema, settings)[1] == result.staged.slice_hashes
+    for k in range(3):
+        assert duckdb.connect().read_parquet(result.staged.slice_path(k)).fetchall() == []
