@@ -30,16 +30,22 @@ telemetry:
 """
 
 
-def ensure_dagster_home(settings: EtlSettings) -> Path:
-    """Use DAGSTER_HOME if set, else the git-ignored default; create it so runs are recorded."""
+def prepare_dagster_home(settings: EtlSettings) -> Path:
+    """Use DAGSTER_HOME if set, else the git-ignored default; create its folder and config."""
     home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
         config.write_text(DAGSTER_YAML, encoding="utf-8")
     os.environ["DAGSTER_HOME"] = str(home)
-    # Create the instance's storage now: SQLite schema creation races when several processes
-    # (concurrent shard runs) open a brand-new home at the same moment.
+    return home
+
+
+def ensure_dagster_home(settings: EtlSettings) -> Path:
+    """`prepare_dagster_home`, then create the instance's storage so runs can be recorded."""
+    home = prepare_dagster_home(settings)
+    # Create the storage now: SQLite schema creation races when several processes (concurrent
+    # shard runs) open a brand-new home at the same moment.
     import dagster as dg
 
     with dg.DagsterInstance.get():
@@ -49,9 +55,15 @@ def ensure_dagster_home(settings: EtlSettings) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Materialize sources, every shard and customer_profiles; print the summary."""
+    import dagster as dg
+
     settings = _settings(args)
-    ensure_dagster_home(settings)
-    outcome = run_pipeline(settings, echo=print, verbose=args.verbose, workers=args.workers)
+    prepare_dagster_home(settings)
+    # One instance for the whole command (opening one costs about 0.5 s). It creates the
+    # storage before any shard worker opens it, which avoids SQLite's schema-creation race.
+    with dg.DagsterInstance.get() as instance:
+        outcome = run_pipeline(settings, echo=print, verbose=args.verbose, workers=args.workers,
+                               instance=instance)
     print_summary(outcome)
     if not outcome.ok:
         print(f"FAILED: {outcome.reason}")
