@@ -81,6 +81,16 @@ print(con.execute("SELECT count(*) FROM profiles").fetchone()[0])
 """
 FULL_FLOOR_LABEL = "full-width floor: one query, all columns, sorted table + CSV export"
 
+# The same command on a tiny input: what process start, the Dagster instance and one Dagster run
+# per job and shard cost whatever the data, i.e. the part of every figure no data work explains.
+FIXED_ROWS = 1_000
+
+
+def fixed_cost_label(shards: int, workers: int) -> str:
+    """The label of the fixed-cost row for this configuration."""
+    return f"fixed cost: etl-assets run --shards {shards} --workers {workers} on {FIXED_ROWS:,} customers"
+
+
 # Where a run's time goes, read from Dagster's own run records: the span of each job's runs.
 PHASES = {"sources_job": "sources_s", "shards_job": "shards_s", "profiles_job": "profiles_s"}
 
@@ -221,9 +231,21 @@ def run_bench(rows: int, shard_counts: list[int], worker_counts: list[int], out_
         m = _run(home, data, shards, workers, rows, "one row changed re-run")
         results.append(m)
         echo(f"one-row-changed re-run: {m.wall_s}s")
+        results.append(_fixed_cost(work, shards, workers))
+        echo(f"fixed cost: {results[-1].wall_s}s")
     _write_reports(results, rows, out_dir)
     shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def _fixed_cost(work: Path, shards: int, workers: int) -> Measurement:
+    """The configuration on FIXED_ROWS customers, every source and shard recomputed."""
+    data = work / "fixed_data"
+    _measure([str(BIN / "etl-assets"), "generate", "--rows", str(FIXED_ROWS), "--seed", "42",
+              "--out", str(data)], dict(os.environ), work)
+    home = work / "fixed"
+    home.mkdir()
+    return _run(home, data, shards, workers, FIXED_ROWS, fixed_cost_label(shards, workers))
 
 
 def _change_one_row(path: Path) -> None:
@@ -279,6 +301,11 @@ def _chart(results: list[Measurement], path: Path) -> None:
     if full:
         ax.axhline(full[0].wall_s, color="grey", linestyle=":",
                    label="full-width floor (all columns + CSV export)")
+    fixed = [r for r in results if r.label.startswith("fixed cost")]
+    if fixed:
+        ax.axhline(fixed[0].wall_s, color="tab:red", linestyle="-.",
+                   label=f"fixed cost ({FIXED_ROWS:,} customers, {fixed[0].shards} shards, "
+                   f"{fixed[0].workers} workers)")
     ax.set_xlabel("shards")
     ax.set_ylabel("wall time (s)")
     ax.set_title("etl-assets run: time against shards and workers")

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from etl_assets.bench import FULL_FLOOR_LABEL, _measure
+from etl_assets.bench import FULL_FLOOR_LABEL, _measure, fixed_cost_label
 
 BIN = Path(sys.executable).parent
 
@@ -22,7 +22,7 @@ def test_bench_smoke(tmp_path):
     assert labels == ["floor: one DuckDB query", FULL_FLOOR_LABEL,
                       "etl-assets run --shards 2 --workers 1",
                       "etl-assets run --shards 2 --workers 2", "unchanged re-run (skips)",
-                      "one row changed re-run"]
+                      "one row changed re-run", fixed_cost_label(2, 2)]
     for r in report["results"]:
         assert r["wall_s"] > 0 and r["peak_rss_mb"] > 50 and r["rows_per_s"] > 0
     runs = report["results"][2:4]
@@ -37,7 +37,7 @@ def test_bench_smoke(tmp_path):
         assert all(v > 0 for v in phases.values()), phases
     assert report["machine"]["cores"] >= 1 and report["machine"]["floor_s"] > 0
     table = (out / "bench.md").read_text()
-    assert table.count("\n| ") == 7 and "× floor" in table and "outside runs s" in table
+    assert table.count("\n| ") == 8 and "× floor" in table and "outside runs s" in table
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not (out / "work").exists()  # generated data and warehouses are cleaned up
