@@ -7,7 +7,8 @@ from typing import Any
 
 import dagster as dg
 
-SHARD_EVENTS = ("shard_start", "shard_end", "shard_skip", "shard_error")
+# source_skip: etl-assets run found a source unchanged and did not stage it (no Dagster step).
+SHARD_EVENTS = ("shard_start", "shard_end", "shard_skip", "shard_error", "source_skip")
 
 
 def format_event(event: dict[str, Any]) -> str:

@@ -63,6 +63,25 @@ def _unchanged(
     return report, staged
 
 
+SOURCE_SKIP_REASON = ("file sha256, shard layout and staging code unchanged since the last "
+                      "staging (checked against the warehouse manifest)")
+
+
+def source_unchanged(schema: SourceSchema, settings: EtlSettings) -> bool:
+    """True if staging this source now would find nothing to do (see `stage_source`) and its
+    checks, judged on the recorded figures with today's settings, pass.
+
+    A missing file counts as changed, so that the source's own step reports it; so does a
+    source whose checks would fail, so that its step blocks what depends on it again.
+    """
+    path = Path(settings.data_dir) / schema.filename
+    if settings.force or not path.is_file():
+        return False
+    previous = _unchanged(schema, settings, file_sha256(path))
+    return previous is not None and all(
+        check.passed for check in source_checks(schema, previous[0], settings))
+
+
 def stage_source(schema: SourceSchema, settings: EtlSettings) -> SourceResult:
     """Read, validate and stage one source; record its rejected rows in the warehouse.
 
@@ -205,6 +224,38 @@ def _column_schema(schema: SourceSchema) -> dg.TableSchema:
     )
 
 
+def source_checks(
+    schema: SourceSchema, report: ReadReport, settings: EtlSettings
+) -> list[dg.AssetCheckResult]:
+    """The source's two blocking checks (rows accounted, reject rate) for a read report."""
+    return [
+        dg.AssetCheckResult(
+            check_name="rows_accounted",
+            passed=report.rows_read == report.accepted + report.rejected,
+            metadata={"read": report.rows_read, "accepted": report.accepted,
+                      "rejected": report.rejected},
+        ),
+        dg.AssetCheckResult(
+            check_name="reject_rate",
+            passed=report.invalid_fraction <= settings.max_reject_fraction,
+            metadata={
+                "invalid": report.invalid,
+                "duplicates": report.rejected - report.invalid,
+                "read": report.rows_read,
+                "fraction": round(report.invalid_fraction, 6),
+                "max_fraction": settings.max_reject_fraction,
+                "top_reason": report.top_reason or "",
+            },
+            description=(
+                f"{schema.name}: {report.invalid} of {report.rows_read} rows rejected as "
+                f"invalid ({report.invalid_fraction:.1%}, limit "
+                f"{settings.max_reject_fraction:.1%})"
+                + (f", most often {report.top_reason}" if report.top_reason else "")
+            ),
+        ),
+    ]
+
+
 def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
     """The asset for one source file, with its two checks (rows accounted, reject rate)."""
     accounted = dg.AssetCheckSpec("rows_accounted", asset=schema.name, blocking=True,
@@ -247,37 +298,9 @@ def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
                 "staged_version": result.staged.version_dir,
                 "elapsed_ms": result.elapsed_ms,
                 "skipped": result.skipped,
-                "skip_reason": (
-                    "file sha256, shard layout and staging code unchanged since the last "
-                    "staging (checked against the warehouse manifest)" if result.skipped else ""
-                ),
+                "skip_reason": SOURCE_SKIP_REASON if result.skipped else "",
             },
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name="rows_accounted",
-                    passed=report.rows_read == report.accepted + report.rejected,
-                    metadata={"read": report.rows_read, "accepted": report.accepted,
-                              "rejected": report.rejected},
-                ),
-                dg.AssetCheckResult(
-                    check_name="reject_rate",
-                    passed=report.invalid_fraction <= settings.max_reject_fraction,
-                    metadata={
-                        "invalid": report.invalid,
-                        "duplicates": report.rejected - report.invalid,
-                        "read": report.rows_read,
-                        "fraction": round(report.invalid_fraction, 6),
-                        "max_fraction": settings.max_reject_fraction,
-                        "top_reason": report.top_reason or "",
-                    },
-                    description=(
-                        f"{schema.name}: {report.invalid} of {report.rows_read} rows rejected as "
-                        f"invalid ({report.invalid_fraction:.1%}, limit "
-                        f"{settings.max_reject_fraction:.1%})"
-                        + (f", most often {report.top_reason}" if report.top_reason else "")
-                    ),
-                ),
-            ],
+            check_results=source_checks(schema, report, settings),
         )
 
     return _source

@@ -1,13 +1,14 @@
 """End to end through real Dagster runs, a real instance and real DuckDB files."""
 
 import csv
+import os
 
 import dagster as dg
 import pytest
 
 from etl_assets import warehouse
 from etl_assets.profiles import build_shard
-from etl_assets.runner import run_pipeline
+from etl_assets.runner import run_pipeline, worker_threads
 from etl_assets_tests.conftest import make_settings, read_export
 
 pytestmark = pytest.mark.usefixtures("dagster_home")
@@ -124,6 +125,9 @@ def test_reject_threshold_stops_the_run_naming_source_count_and_reason(tmp_path,
     assert outcome.reason == ("support: 20 of 859 rows rejected as invalid (2.3%, limit 1.0%), "
                               "most often out_of_range(nps_score)")
     assert not outcome.shards  # no shard ran on a source that failed its blocking check
+    # Unchanged but still over the limit: the source is not skipped, its check blocks again.
+    again = run_pipeline(settings, echo=lambda line: None)
+    assert not again.ok and again.reason == outcome.reason and not again.shards
     # Superseded duplicates are quarantined too, but they are not bad data: no threshold.
     lines = (sample_dir / "crm.csv").read_text(encoding="utf-8").splitlines()
     (sample_dir / "crm.csv").write_text("\n".join(lines + lines[1:31]) + "\n", encoding="utf-8")
@@ -146,3 +150,11 @@ def test_parallel_workers_give_byte_identical_results(tmp_path, sample_dir, inst
     assert open(parallel.export_path, "rb").read() == open(serial.export_path, "rb").read()
     shard_runs = instance.get_runs(dg.RunsFilter(job_name="shards_job"))
     assert len({r.run_id for r in shard_runs}) == 8  # one Dagster run per shard, both times
+
+
+def test_shard_workers_share_the_cores_unless_threads_are_set(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    settings = make_settings(tmp_path, tmp_path)
+    assert worker_threads(settings, 1) == 0  # shards run here, one at a time: DuckDB's default
+    assert [worker_threads(settings, p) for p in (2, 3, 16)] == [4, 2, 1]
+    assert worker_threads(settings.replace(duckdb_threads=3), 2) == 3  # DUCKDB_THREADS wins

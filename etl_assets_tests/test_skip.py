@@ -8,7 +8,9 @@ import dagster as dg
 import pytest
 
 from etl_assets import warehouse
+from etl_assets.definitions import SOURCES_JOB, build_defs
 from etl_assets.runner import run_pipeline, shards_expected
+from etl_assets.shard_inputs import SHARD_INPUTS
 from etl_assets.sharding import shard_of
 from etl_assets_tests.conftest import make_settings
 
@@ -17,6 +19,11 @@ pytestmark = pytest.mark.usefixtures("dagster_home")
 
 def _shard_runs(instance) -> int:
     return len(instance.get_runs(dg.RunsFilter(job_name="shards_job")))
+
+
+def _sources_runs(instance) -> list[dg.DagsterRun]:
+    """The sources job's runs, newest first."""
+    return instance.get_runs(dg.RunsFilter(job_name="sources_job"))
 
 
 def _latest_metadata(instance, name):
@@ -36,7 +43,9 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(tmp_path, sample_
     assert all(r.skipped for r in again.shards) and _shard_runs(instance) == 10
     assert sum(r.records for r in again.shards) == 1000
     assert sum('"event": "shard_skip"' in line for line in lines) == 10
-    assert _latest_metadata(instance, "crm")["skipped"] is True
+    # Unchanged sources get no Dagster run either: one line each says why.
+    assert sum('"event": "source_skip"' in line for line in lines) == 4
+    assert len(_sources_runs(instance)) == 1
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is True
     assert open(settings.export_path, "rb").read() == first_export
 
@@ -51,7 +60,8 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(tmp_path, sample_
     rebuilt = [r.shard_id for r in changed.shards if not r.skipped]
     assert rebuilt == [shard_of("cust_00000077", 10)]
     assert _latest_metadata(instance, "billing")["skipped"] is False
-    assert _latest_metadata(instance, "crm")["skipped"] is True
+    # Only the changed source is staged again, with shard_inputs recording the new versions.
+    assert _sources_runs(instance)[0].asset_selection == {dg.AssetKey("billing"), SHARD_INPUTS}
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
     with warehouse.reader(settings.duckdb_path, 5) as con:
         assert con.execute("SELECT mrr FROM wh.customer_profiles WHERE customer_id = ?",
@@ -131,3 +141,23 @@ def test_a_rebuild_forgets_the_previous_record_at_once(tmp_path, sample_dir):
         assert con.execute("SELECT count(*) FROM wh.profiles_manifest").fetchone()[0] == 1
         warehouse.rebuild_customer_profiles(con, settings.shard_count)
         assert con.execute("SELECT count(*) FROM wh.profiles_manifest").fetchone()[0] == 0
+
+
+def test_shard_inputs_is_recorded_again_if_a_run_died_after_staging(tmp_path, sample_dir, instance):
+    """A source staged without its shard_inputs step (a run that died in between) looks
+    unchanged to the next run, which still records shard_inputs so the UI's versions are right."""
+    settings = make_settings(tmp_path, sample_dir)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    recorded = instance.get_latest_materialization_event(SHARD_INPUTS).timestamp
+    text = (sample_dir / "crm.csv").read_text(encoding="utf-8")
+    (sample_dir / "crm.csv").write_text(text.replace("Enterprise", "Lead", 1), encoding="utf-8")
+    staged_only = build_defs(settings).resolve_job_def(SOURCES_JOB).execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("crm")])
+    assert staged_only.success
+    assert instance.get_latest_materialization_event(SHARD_INPUTS).timestamp == recorded
+
+    lines = []
+    assert run_pipeline(settings, echo=lines.append).ok
+    assert sum('"event": "source_skip"' in line for line in lines) == 4  # crm is staged already
+    assert _sources_runs(instance)[0].asset_selection == {SHARD_INPUTS}
+    assert instance.get_latest_materialization_event(SHARD_INPUTS).timestamp > recorded
