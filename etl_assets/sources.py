@@ -77,6 +77,10 @@ def source_unchanged(schema: SourceSchema, settings: EtlSettings) -> bool:
     path = Path(settings.data_dir) / schema.filename
     if settings.force or not path.is_file():
         return False
+    try:
+        staging.pointer_mtime_ns(settings.staging_dir, schema.name)
+    except OSError:
+        return False  # never staged: no need to hash the file to know
     previous = _unchanged(schema, settings, file_sha256(path))
     return previous is not None and all(
         check.passed for check in source_checks(schema, previous[0], settings))
