@@ -1,4 +1,4 @@
-"""The structured shard events: one JSON line per shard attempt start, end or error."""
+"""The structured run events: one JSON line per shard attempt start, end or error, and per skip."""
 
 from __future__ import annotations
 
