@@ -135,8 +135,7 @@ def _shards_job(values: tuple[tuple[str, Any], ...]) -> dg.JobDefinition:
 
 
 def _settings_key(settings: EtlSettings, **changes: Any) -> tuple[tuple[str, Any], ...]:
-    values = {name: getattr(settings, name) for name in type(settings).model_fields}
-    return tuple(sorted({**values, **changes}.items()))
+    return tuple(sorted({**settings.field_values(), **changes}.items()))
 
 
 def _shard_run(

@@ -120,10 +120,13 @@ class EtlSettings(dg.ConfigurableResource):
             )
         return self
 
+    def field_values(self) -> dict[str, Any]:
+        """Every field's value, by name (what a copy of these settings is built from)."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
     def replace(self, **changes: Any) -> "EtlSettings":
         """A copy with some fields changed (a new resource, so Dagster sees the new values)."""
-        values = {name: getattr(self, name) for name in type(self).model_fields}
-        return type(self)(**{**values, **changes}).validated()
+        return type(self)(**{**self.field_values(), **changes}).validated()
 
     @property
     def hook(self) -> Hook:
