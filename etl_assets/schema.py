@@ -131,7 +131,8 @@ SOURCES: dict[str, SourceSchema] = {
     )
 }
 
-# Cross-column rules: (source, reason, left column, right column) meaning left <= right.
+# Cross-column rules: (source, left column, right column) meaning left <= right; a row that
+# breaks one is rejected as `<left>_exceeds_<right>`.
 NOT_GREATER_THAN: tuple[tuple[str, str, str], ...] = (("support", "open_tickets", "total_tickets"),)
 
 SCORE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -149,3 +150,59 @@ def profile_columns() -> list[tuple[str, str]]:
     cols += list(SCORE_COLUMNS)
     cols += [("shard_id", "INTEGER"), ("idempotency_key", "VARCHAR")]
     return cols
+
+
+_KIND_LABELS: dict[str, str] = {
+    "id": "text",
+    "text": "text",
+    "int": "integer",
+    "decimal": "decimal",
+    "money": "money (2 decimals)",
+    "date": "date YYYY-MM-DD",
+}
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _column_row(col: Column) -> str:
+    """One table row: column, human-readable type, rule."""
+    if col.kind == "category":
+        kind = "one of: " + ", ".join(col.domain)
+        rule = "any case; space, `-` and `_` alike"
+    else:
+        kind = _KIND_LABELS[col.kind]
+        if col.kind == "id":
+            rule = "required, the join key"
+        elif col.min is not None and col.max is not None:
+            rule = f"{_number(col.min)}–{_number(col.max)}"
+        elif col.min is not None:
+            rule = f"≥ {_number(col.min)}"
+        elif col.max is not None:
+            rule = f"≤ {_number(col.max)}"
+        else:
+            rule = ""
+    return f"| `{col.name}` | {kind} | {rule} |"
+
+
+def columns_markdown() -> str:
+    """The "bring your own data" reference: one Markdown table per source file, from `SOURCES`.
+
+    Deterministic (file order, column order), so a test can hold the README to it.
+    """
+    parts: list[str] = []
+    for source in SOURCES.values():
+        lines = [
+            f"**`{source.filename}`**: {source.description}",
+            "",
+            "| column | type | rule |",
+            "|---|---|---|",
+            *(_column_row(col) for col in source.columns),
+        ]
+        for name, left, right in NOT_GREATER_THAN:
+            if name == source.name:
+                lines += ["", f"A row with `{left}` greater than `{right}` is rejected "
+                              f"(`{left}_exceeds_{right}`)."]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
