@@ -7,7 +7,16 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
-.PHONY: install run test ui sample clean chromium
+# Three test processes on two cores: the longest tests mostly wait (daemon ticks, retry
+# back-offs), so a third worker keeps both cores busy meanwhile.
+PYTEST := $(BIN)/python -m pytest -n 3 --dist loadscope
+FAST := not browser and not daemon and not kill
+
+.PHONY: help install run test test-fast ui sample clean chromium
+
+## Every target with one line each.
+help:
+	@awk '/^## /{doc=substr($$0, 4); next} /^[a-z-]+:/ && doc {split($$1, t, ":"); printf "  make %-10s %s\n", t[1], doc} {doc=""}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,17 +24,22 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
+## Create .venv and install the package with its test tools (the other targets do it first).
 install: $(STAMP)
 
 ## Run the whole pipeline on the shipped sample (data/), warehouse and Dagster home in var/.
 run: $(STAMP)
 	$(BIN)/etl-assets run
 
-## The whole test suite.
+## The whole test suite, in parallel; prints the 15 slowest tests.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(PYTEST) --durations=15
 
-## Dagster UI + daemon on http://$(HOST):$(PORT), same Dagster home and warehouse as `make run`.
+## The inner loop: every test that needs no browser, daemon or kill (about a minute).
+test-fast: $(STAMP)
+	$(PYTEST) -m "$(FAST)"
+
+## Dagster UI + daemon on http://127.0.0.1:3000 (HOST=, PORT= to change), same home as `make run`.
 ui: $(STAMP)
 	$(BIN)/etl-assets home >/dev/null
 	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
@@ -38,5 +52,6 @@ chromium:
 sample: $(STAMP)
 	$(BIN)/etl-assets generate --rows 1000 --seed 42 --out data
 
+## Remove var/ (warehouse, staging, Dagster home, export) and test caches.
 clean:
 	rm -rf var .pytest_cache .hypothesis

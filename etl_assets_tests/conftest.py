@@ -18,6 +18,38 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data"
 
 
+# Modules whose tests take longest start first, so that under xdist the long, mostly waiting
+# ones (a daemon's 30 s backfill ticks) overlap everything else instead of trailing at the end.
+SLOWEST_FIRST = ("test_ui.py", "test_daemon.py", "test_crash.py", "test_bench.py")
+# Modules whose tests share one expensive module fixture (a `dagster dev`, crash states) and,
+# for test_ui, build on each other in file order: each goes to one xdist worker as a whole.
+ONE_WORKER = ("test_ui.py", "test_crash.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: file order within each module stays
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Each test on its own, except the ONE_WORKER modules, which go to one worker whole.
+
+    (xdist's own `--dist loadgroup` marks tests through an attribute that pytest 9 no longer
+    reads, so the grouping is done here.)
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).name in ONE_WORKER else nodeid
+
+    return Scheduler(config, log)
+
+
 @pytest.fixture
 def sample_dir(tmp_path: Path) -> Path:
     """A private copy of the shipped 1,000-customer sample."""

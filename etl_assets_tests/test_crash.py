@@ -22,8 +22,10 @@ from etl_assets.generate import generate
 BIN = Path(sys.executable).parent
 SHARDS = "4"
 
+pytestmark = pytest.mark.kill
 
-def _run(home: Path, data: Path, crash_at: str = "", workers: int = 2, **popen):
+
+def _run(home: Path, data: Path, crash_at: str = "", workers: int = 1, **popen):
     env = {k: v for k, v in os.environ.items()
            if k not in ("SHARD_COUNT", "CHAOS_FAIL_SHARD", "CHAOS_FAIL_MODE", "EXPORT_PATH")}
     env.update(ETL_HOME=str(home), DAGSTER_HOME=str(home / "dagster_home"), DATA_DIR=str(data))
@@ -89,7 +91,7 @@ def test_sigkill_at_each_write_point_then_heal(tmp_path, states, point):
     home = tmp_path / "home"
     shutil.copytree(states["old_home"], home)
     # One worker, so the process that dies at the point is the CLI itself.
-    killed = _run(home, states["new_data"], crash_at=point, workers=1)
+    killed = _run(home, states["new_data"], crash_at=point)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     _assert_consistent(home, states)
     healed = _run(home, states["new_data"])
@@ -139,7 +141,8 @@ def test_external_sigkill_mid_run_then_heal(tmp_path, states, delay_s):
     shard workers, even those still starting up, die with it."""
     home = tmp_path / "home"
     shutil.copytree(states["old_home"], home)
-    proc = _run(home, states["new_data"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _run(home, states["new_data"], workers=2, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
     try:
         proc.wait(timeout=delay_s)
     except subprocess.TimeoutExpired:

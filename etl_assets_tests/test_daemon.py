@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from etl_assets.sharding import shard_of
 from etl_assets_tests.conftest import edit_crm
+
+pytestmark = pytest.mark.daemon
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent

@@ -22,6 +22,10 @@ import pytest
 from etl_assets.sharding import shard_of
 from etl_assets_tests.conftest import edit_crm
 
+# One `dagster dev` (webserver + daemon) serves every test here, in file order: under xdist the
+# module goes to one worker whole (conftest.ONE_WORKER).
+pytestmark = pytest.mark.daemon
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -105,6 +109,7 @@ def _shot(page, name: str, tmp: Path) -> Path:
     return path
 
 
+@pytest.mark.browser
 def test_materialize_one_shard_from_the_ui(server, tmp_path):
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI") == "true":
