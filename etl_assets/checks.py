@@ -6,6 +6,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from etl_assets import staging, warehouse
+from etl_assets.paths import duckdb_literal, duckdb_literals
 from etl_assets.profiles import stale_shards
 from etl_assets.schema import SOURCES
 from etl_assets.settings import EtlSettings
@@ -40,7 +41,8 @@ PROFILE_CHECKS = [
 def customer_profiles_checks(settings: EtlSettings) -> Iterator[dg.AssetCheckResult]:
     """Evaluate the four checks against the warehouse, the export and the staged sources."""
     staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
-    slice_paths = [s.slice_path(k) for s in staged.values() for k in settings.shard_ids]
+    slice_paths = duckdb_literals(
+        f for s in staged.values() for k in settings.shard_ids for f in s.slice_files(k))
     with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s,
                           settings.duckdb_limits) as con:
         expected = con.execute(
@@ -52,7 +54,7 @@ def customer_profiles_checks(settings: EtlSettings) -> Iterator[dg.AssetCheckRes
         ).fetchone()
         export_rows = con.execute(
             "SELECT count(*) FROM read_csv($path, header = true, all_varchar = true)",
-            {"path": settings.export_path},
+            {"path": duckdb_literal(settings.export_path)},
         ).fetchone()[0]
         stale = stale_shards(settings, con)
     yield dg.AssetCheckResult(

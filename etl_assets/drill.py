@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import dagster as dg
 import duckdb
 
 from etl_assets import staging
+from etl_assets.paths import duckdb_literal, duckdb_literals
 from etl_assets.runner import RunOutcome, run_pipeline, shard_events
 from etl_assets.schema import SOURCES
 from etl_assets.settings import EtlSettings
@@ -58,8 +60,9 @@ def retry_timeline(instance: dg.DagsterInstance, run_id: str) -> list[Attempt]:
 def verify_export(settings: EtlSettings) -> dict[str, Any]:
     """Export rows vs distinct accepted input customers, and duplicate ids in the export."""
     staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
-    paths = [s.slice_path(k) for s in staged.values() for k in settings.shard_ids]
-    raw = [str(settings.data_dir) + "/" + s.filename for s in SOURCES.values()]
+    paths = duckdb_literals(
+        f for s in staged.values() for k in settings.shard_ids for f in s.slice_files(k))
+    raw = duckdb_literals(Path(settings.data_dir) / s.filename for s in SOURCES.values())
     con = duckdb.connect()
     try:
         customers = con.execute(
@@ -71,7 +74,7 @@ def verify_export(settings: EtlSettings) -> dict[str, Any]:
         ).fetchone()[0]
         rows, distinct = con.execute(
             "SELECT count(*), count(DISTINCT customer_id) FROM read_csv($p, all_varchar = true)",
-            {"p": settings.export_path},
+            {"p": duckdb_literal(settings.export_path)},
         ).fetchone()
     finally:
         con.close()

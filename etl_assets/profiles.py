@@ -13,6 +13,7 @@ import duckdb
 from etl_assets import staging, warehouse
 from etl_assets.faults import Hook
 from etl_assets.logs import shard_event
+from etl_assets.paths import duckdb_literals
 from etl_assets.rules import install_rules, merge_sql
 from etl_assets.schema import SOURCES, profile_columns
 from etl_assets.settings import EtlSettings
@@ -59,7 +60,7 @@ def build_shard(
         install_rules(con)
         # Views, not copies: the merge reads each slice once, straight from its Parquet file.
         for name, source in staged.items():
-            con.read_parquet(source.slice_path(shard_id)).create_view(name)
+            con.read_parquet(duckdb_literals(source.slice_files(shard_id))).create_view(name)
         con.execute(f"CREATE TEMP TABLE new_rows AS {merge_sql()}", {"shard_id": shard_id})
         preview = con.execute(
             "SELECT customer_id, email, health_score, churn_risk, expansion_potential "

@@ -114,6 +114,12 @@ class EtlSettings(dg.ConfigurableResource):
             )
         if self.duckdb_threads < 0:
             raise SettingsError(f"DUCKDB_THREADS must be >= 0, got {self.duckdb_threads}")
+        if "?" in self.duckdb_path:
+            # DuckDB reads what follows a "?" in a database path as connection options.
+            raise SettingsError(
+                f"DUCKDB_PATH cannot contain '?' (DuckDB reads it as the start of connection "
+                f"options), got {self.duckdb_path!r}"
+            )
         if self.crash_at and self.crash_at not in CRASH_POINTS:
             raise SettingsError(
                 f"ETL_CRASH_AT must be one of {', '.join(CRASH_POINTS)}, got {self.crash_at!r}"

@@ -6,6 +6,7 @@ own slice, instead of every shard re-reading every file.
 
 
 import json
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -16,10 +17,19 @@ import dagster as dg
 import duckdb
 
 from etl_assets import staging, warehouse
+from etl_assets.paths import duckdb_literals
 from etl_assets.rules import install_rules
 from etl_assets.schema import SOURCES, SourceSchema
 from etl_assets.settings import EtlSettings
-from etl_assets.validation import ReadReport, SourceFileError, file_sha256, read_source
+from etl_assets.faults import Hook
+from etl_assets.validation import (
+    ReadReport,
+    SourceChangedError,
+    SourceFileError,
+    file_sha256,
+    read_source,
+    snapshot_file,
+)
 
 # Bump when staging output would change for the same input (types, validation, hashing).
 STAGING_VERSION = "2"
@@ -56,7 +66,11 @@ def _unchanged(
         return None
     with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s) as con:
         row = warehouse.read_source_manifest(con, schema.name)
+        # The version's files must still hold the rows recorded for it (Parquet footers only).
+        on_disk = _staged_rows(con, staged)
     if row is None or (row["file_sha256"], row["staging_key"]) != (sha, _staging_key(settings)):
+        return None
+    if on_disk != staged.slice_rows or sum(on_disk.values()) != row["rows_accepted"]:
         return None
     report = ReadReport(row["rows_read"], row["rows_accepted"], row["rows_rejected"],
                         Counter(json.loads(row["reasons"])))
@@ -83,17 +97,24 @@ def source_unchanged(schema: SourceSchema, settings: EtlSettings) -> bool:
         return False  # never staged: no need to hash the file to know
     previous = _unchanged(schema, settings, file_sha256(path))
     return previous is not None and all(
-        check.passed for check in source_checks(schema, previous[0], settings))
+        check.passed for check in source_checks(schema, *previous, settings))
 
 
-def stage_source(schema: SourceSchema, settings: EtlSettings) -> SourceResult:
+def stage_source(
+    schema: SourceSchema, settings: EtlSettings, hook: Optional[Hook] = None
+) -> SourceResult:
     """Read, validate and stage one source; record its rejected rows in the warehouse.
 
     An unchanged file (same sha256, layout and staging code, proven by the warehouse) is not
-    read again unless `settings.force`.
+    read again unless `settings.force`. Otherwise the file is copied to a private snapshot,
+    hashed as it is copied, and only the snapshot is read: the staged version is named after
+    exactly the bytes it was made from, even if the file changes meanwhile.
     """
+    hook = hook or settings.hook
     started = time.monotonic()
     path = Path(settings.data_dir) / schema.filename
+    if path.is_dir():
+        raise SourceFileError(path, "is a directory, not a file")
     if not path.is_file():
         raise SourceFileError(path, "file not found")
     sha = file_sha256(path)
@@ -101,19 +122,29 @@ def stage_source(schema: SourceSchema, settings: EtlSettings) -> SourceResult:
     if previous is not None:
         report, staged = previous
         return SourceResult(report, staged, int((time.monotonic() - started) * 1000), True)
-    with warehouse.scratch(settings.duckdb_limits) as con:
-        install_rules(con)
-        report = read_source(con, path, schema)
-        staged = _write_slices(con, schema, settings, sha)
-        settings.hook("source_before_rejected")
-        with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s):
-            warehouse.replace_rejected(con, schema.name, "rejected", sha, {
-                "staging_key": _staging_key(settings),
-                "rows_read": report.rows_read,
-                "rows_accepted": report.accepted,
-                "rows_rejected": report.rejected,
-                "reasons": json.dumps(dict(sorted(report.reasons.items()))),
-            })
+    hook("source_after_hash")
+    snapshot_dir = staging.new_temp_dir(settings.staging_dir, schema.name)
+    try:
+        snapshot = snapshot_dir / schema.filename
+        sha = snapshot_file(path, snapshot, hook)
+        with warehouse.scratch(settings.duckdb_limits) as con:
+            install_rules(con)
+            try:
+                report = read_source(con, snapshot, schema)
+            except SourceFileError as exc:
+                raise SourceFileError(path, exc.problem) from None  # name the user's file
+            staged = _write_slices(con, schema, settings, sha, hook)
+            hook("source_before_rejected")
+            with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s):
+                warehouse.replace_rejected(con, schema.name, "rejected", sha, {
+                    "staging_key": _staging_key(settings),
+                    "rows_read": report.rows_read,
+                    "rows_accepted": report.accepted,
+                    "rows_rejected": report.rejected,
+                    "reasons": json.dumps(dict(sorted(report.reasons.items()))),
+                })
+    finally:
+        shutil.rmtree(snapshot_dir, ignore_errors=True)
     return SourceResult(report, staged, int((time.monotonic() - started) * 1000))
 
 
@@ -165,17 +196,22 @@ def plan_slices(schema: SourceSchema, settings: EtlSettings) -> tuple[str, dict[
 
 
 def _write_slices(
-    con: duckdb.DuckDBPyConnection, schema: SourceSchema, settings: EtlSettings, sha: str
+    con: duckdb.DuckDBPyConnection, schema: SourceSchema, settings: EtlSettings, sha: str,
+    hook: Hook,
 ) -> staging.StagedSource:
     n = settings.shard_count
     routed = _routed_sql(schema)
     version_dir = Path(settings.staging_dir) / schema.name / f"{sha[:20]}-{_staging_key(settings)}"
-    if version_dir.is_dir():
-        # Published earlier from these bytes: only its stats are needed, read from the files.
+    existing = version_dir.is_dir()
+    if existing and not settings.force:
+        # Published earlier under this name. The name alone proves nothing (a version staged
+        # by older code, or damaged on disk, keeps it): it is reused only if its files hold
+        # exactly the rows just read, shard by shard.
         slice_hashes, slice_rows = _staged_stats(con, version_dir, n)
-        staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes,
-                                      slice_rows)
-        return staging.publish(settings.staging_dir, None, staged, settings.hook)
+        if (slice_hashes, slice_rows) == slice_stats(con, schema, n):
+            staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes,
+                                          slice_rows)
+            return staging.publish(settings.staging_dir, None, staged, hook)
     tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
     # One pass routes and writes every shard's slice (shard_id=<k>/ folders); the stats are then
     # read back from the files' row_hash column, which is cheaper than routing every row again.
@@ -195,7 +231,7 @@ def _write_slices(
                 {"path": str(folder / "empty.parquet"), "n": n},
             )
     staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes, slice_rows)
-    return staging.publish(settings.staging_dir, tmp, staged, settings.hook)
+    return staging.publish(settings.staging_dir, tmp, staged, hook, replace=existing)
 
 
 def _staged_stats(
@@ -210,9 +246,21 @@ def _staged_stats(
         con,
         "SELECT shard_id, row_hash FROM read_parquet($files, hive_partitioning = true, "
         "hive_types = {'shard_id': INTEGER})",
-        {"files": files},
+        {"files": duckdb_literals(files)},
         shard_count,
     )
+
+
+def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -> dict[int, int]:
+    """Rows per shard in a staged version's files; {} if any shard's slice is missing."""
+    counts = {}
+    try:
+        for k in range(staged.shard_count):
+            counts[k] = con.execute("SELECT count(*) FROM read_parquet($files)",
+                                    {"files": duckdb_literals(staged.slice_files(k))}).fetchone()[0]
+    except (staging.StagingError, OSError, duckdb.Error):
+        return {}
+    return counts
 
 
 def _column_schema(schema: SourceSchema) -> dg.TableSchema:
@@ -229,15 +277,22 @@ def _column_schema(schema: SourceSchema) -> dg.TableSchema:
 
 
 def source_checks(
-    schema: SourceSchema, report: ReadReport, settings: EtlSettings
+    schema: SourceSchema, report: ReadReport, staged: staging.StagedSource,
+    settings: EtlSettings,
 ) -> list[dg.AssetCheckResult]:
-    """The source's two blocking checks (rows accounted, reject rate) for a read report."""
+    """The source's two blocking checks (rows accounted, reject rate) for a read report and
+    the version it staged."""
+    staged_rows = sum(staged.slice_rows.values())
     return [
         dg.AssetCheckResult(
             check_name="rows_accounted",
-            passed=report.rows_read == report.accepted + report.rejected,
+            # Rows read from the file = accepted + rejected, and the staged slices (counted
+            # from their files) hold exactly the accepted rows: a staging that does not match
+            # the read it is recorded for fails here, not silently downstream.
+            passed=report.rows_read == report.accepted + report.rejected
+            and staged_rows == report.accepted,
             metadata={"read": report.rows_read, "accepted": report.accepted,
-                      "rejected": report.rejected},
+                      "rejected": report.rejected, "staged": staged_rows},
         ),
         dg.AssetCheckResult(
             check_name="reject_rate",
@@ -263,7 +318,8 @@ def source_checks(
 def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
     """The asset for one source file, with its two checks (rows accounted, reject rate)."""
     accounted = dg.AssetCheckSpec("rows_accounted", asset=schema.name, blocking=True,
-                                  description="rows read = rows accepted + rows rejected")
+                                  description="rows read = rows accepted + rows rejected, and the staged slices hold "
+        "exactly the accepted rows")
     reject_rate = dg.AssetCheckSpec("reject_rate", asset=schema.name, blocking=True,
                                     description="invalid rows (superseded duplicates aside) within MAX_REJECT_FRACTION")
 
@@ -285,7 +341,11 @@ def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
             result = stage_source(schema, settings)
         except SourceFileError as exc:
             context.log.debug(f"{schema.name}: file error", exc_info=True)
-            raise dg.Failure(description=str(exc), allow_retries=False) from exc
+            raise dg.Failure(description=str(exc), allow_retries=False,
+                             metadata={"retryable": False}) from exc
+        except SourceChangedError as exc:
+            # Nothing was staged; the next run (or a retry) reads the file once it is complete.
+            raise dg.Failure(description=str(exc), metadata={"retryable": True}) from exc
         report = result.report
         for column in report.extra_columns:
             context.log.warning(f"{schema.filename}: ignoring extra column {column!r}")
@@ -304,7 +364,7 @@ def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
                 "skipped": result.skipped,
                 "skip_reason": SOURCE_SKIP_REASON if result.skipped else "",
             },
-            check_results=source_checks(schema, report, settings),
+            check_results=source_checks(schema, report, result.staged, settings),
         )
 
     return _source

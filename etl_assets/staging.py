@@ -8,6 +8,7 @@ under a name a reader would use. Readers need no DuckDB lock.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -39,9 +40,15 @@ class StagedSource:
     slice_hashes: dict[int, str]
     slice_rows: dict[int, int]
 
-    def slice_path(self, shard_id: int) -> str:
-        """A glob of the shard's Parquet file(s); there is at least one, maybe empty."""
-        return str(Path(self.version_dir) / f"shard_id={shard_id}" / "*.parquet")
+    def slice_files(self, shard_id: int) -> list[str]:
+        """The shard's Parquet file(s), listed here (not a pattern for DuckDB to expand); there
+        is at least one, maybe empty."""
+        folder = Path(self.version_dir) / f"shard_id={shard_id}"
+        files = sorted(str(p) for p in folder.iterdir() if p.suffix == ".parquet")
+        if not files:
+            raise StagingError(f"source {self.source!r}: no slice for shard {shard_id} in "
+                               f"{self.version_dir}")
+        return files
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,23 +80,31 @@ def new_temp_dir(staging_dir: str, source: str) -> Path:
 
 
 def publish(
-    staging_dir: str, tmp_dir: Optional[Path], staged: StagedSource, hook: Hook = no_hook
+    staging_dir: str, tmp_dir: Optional[Path], staged: StagedSource, hook: Hook = no_hook,
+    replace: bool = False,
 ) -> StagedSource:
     """Rename `tmp_dir` to the version directory, then point `current.json` at it.
 
     With `tmp_dir` None the version directory already exists (same bytes, published earlier)
-    and only the pointer moves.
+    and only the pointer moves. With `replace`, an existing version directory of the same name
+    (one that did not hold what its name promises, or --force) is swapped out for `tmp_dir`.
     """
     final = Path(staged.version_dir)
-    if tmp_dir is None:
-        pass
-    elif final.exists():
-        # Same content, same layout, same code: a concurrent run published these bytes first.
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    else:
+    if tmp_dir is not None:
         _fsync_dir_files(tmp_dir)
         hook("source_before_publish")
-        os.rename(tmp_dir, final)
+        if replace and final.exists():
+            # Moved aside first: a rename cannot replace a non-empty directory. A shard that
+            # opened the old files keeps reading them; _prune removes the leftover.
+            os.rename(final, final.with_name(f".tmp-replaced-{uuid.uuid4().hex}"))
+        try:
+            os.rename(tmp_dir, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+                raise
+            # A concurrent run published the same content-addressed version first: the same
+            # bytes, layout and code, so theirs is as good as ours.
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     hook("source_before_pointer")
     _write_pointer(Path(staging_dir) / staged.source, staged)
     _prune(Path(staging_dir) / staged.source, keep=final.name)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 
+from etl_assets.faults import Hook, no_hook
+from etl_assets.paths import duckdb_literal
 from etl_assets.schema import NOT_GREATER_THAN, Column, SourceSchema
 
 INT_PATTERN = "[+-]?[0-9]+"
@@ -63,6 +66,41 @@ class ReadReport:
         """The most common reason a row was invalid (ties: alphabetical)."""
         bad = sorted((-n, r) for r, n in self.reasons.items() if r != DUPLICATE)
         return bad[0][1] if bad else None
+
+
+class SourceChangedError(RuntimeError):
+    """The file changed while it was being read; a later attempt may find it complete."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        super().__init__(f"{self.path}: changed while being read (size or modification time "
+                         "moved during the copy); run again once it is complete")
+
+
+def snapshot_file(source: str | Path, target: str | Path, hook: Hook = no_hook) -> str:
+    """Copy `source` to `target` and return the sha256 of exactly the bytes copied.
+
+    The pipeline reads the copy, never the file a user or a sync tool may still be writing, so
+    what is hashed is what is staged. Bytes that moved during the copy (the file was truncated,
+    appended to or rewritten: its size or mtime changed on the open handle) raise
+    `SourceChangedError`. A file replaced by rename meanwhile is not a change here: the open
+    handle keeps reading one whole, real version.
+    """
+    digest = hashlib.sha256()
+    copied = 0
+    with open(source, "rb") as fin, open(target, "wb") as fout:
+        before = os.fstat(fin.fileno())
+        for chunk in iter(lambda: fin.read(1 << 20), b""):
+            digest.update(chunk)
+            fout.write(chunk)
+            copied += len(chunk)
+            if copied == len(chunk):
+                hook("source_mid_snapshot")
+        after = os.fstat(fin.fileno())
+    if copied != after.st_size or \
+            (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        raise SourceChangedError(source)
+    return digest.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -200,7 +238,7 @@ def read_source(
                    delim = ',', quote = '"', escape = '"', encoding = 'utf-8',
                    store_rejects = true, rejects_table = 'csv_rejects',
                    rejects_scan = 'csv_reject_scans', max_line_size = 10000000)""",
-            {"path": str(path), "columns": {c: "VARCHAR" for c in columns}},
+            {"path": duckdb_literal(path), "columns": {c: "VARCHAR" for c in columns}},
         )
     except duckdb.Error as exc:
         raise SourceFileError(path, f"cannot be parsed as CSV: {_first_line(exc)}") from exc

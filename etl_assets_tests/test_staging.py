@@ -26,7 +26,7 @@ def test_staged_hashes_match_the_plan_for_every_source(tmp_path: Path, sample_di
         assert sum(result.staged.slice_rows.values()) == result.report.accepted
         for k in range(shards):
             rows = duckdb.connect().execute("SELECT count(*) FROM read_parquet(?)",
-                                            [result.staged.slice_path(k)]).fetchone()[0]
+                                            [result.staged.slice_files(k)]).fetchone()[0]
             assert rows == result.staged.slice_rows[k]
 
 
@@ -44,7 +44,7 @@ def test_empty_shards_get_a_readable_empty_slice_with_the_plans_hash(tmp_path: P
     assert len({result.staged.slice_hashes[k] for k in empty}) == 1
     for k in empty:
         con = duckdb.connect()
-        rel = con.read_parquet(result.staged.slice_path(k))
+        rel = con.read_parquet(result.staged.slice_files(k))
         assert rel.fetchall() == [] and "row_hash" in rel.columns
     assert staging.read_pointer(settings.staging_dir, "support").slice_rows == result.staged.slice_rows
 
@@ -60,4 +60,4 @@ def test_a_source_with_no_valid_row_stages_empty_slices_for_every_shard(tmp_path
     assert result.report.rejected == 2 and result.staged.slice_rows == {0: 0, 1: 0, 2: 0}
     assert plan_slices(schema, settings)[1] == result.staged.slice_hashes
     for k in range(3):
-        assert duckdb.connect().read_parquet(result.staged.slice_path(k)).fetchall() == []
+        assert duckdb.connect().read_parquet(result.staged.slice_files(k)).fetchall() == []

@@ -1,0 +1,178 @@
+"""What is staged is what was read, and a user's path is never a pattern (issue 18, cases 1–2).
+
+Real DuckDB files and real Dagster runs; the file is changed for real at named points inside
+the staging of a source (`stage_source(..., hook=...)`).
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from etl_assets import staging, warehouse
+from etl_assets.runner import run_pipeline
+from etl_assets.schema import SOURCES
+from etl_assets.settings import EtlSettings, SettingsError
+from etl_assets.sources import stage_source
+from etl_assets.validation import SourceChangedError, file_sha256
+from etl_assets.generate import generate
+from etl_assets_tests.conftest import make_settings
+
+pytestmark = pytest.mark.usefixtures("dagster_home")
+CRM = SOURCES["crm"]
+SHARDS = 2
+
+
+def _export(settings: EtlSettings) -> bytes:
+    outcome = run_pipeline(settings, echo=lambda line: None)
+    assert outcome.ok, outcome.reason
+    return Path(settings.export_path).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory) -> tuple[Path, bytes]:
+    """The sample's export from plain paths, for every comparison below."""
+    root = tmp_path_factory.mktemp("plain")
+    shutil.copytree(Path(__file__).resolve().parent.parent / "data", root / "data")
+    os.environ["DAGSTER_HOME"] = str(root / "dagster_home")
+    (root / "dagster_home").mkdir()
+    (root / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    settings = make_settings(root, root / "data", shard_count=SHARDS)
+    try:
+        return root / "data", _export(settings)
+    finally:
+        del os.environ["DAGSTER_HOME"]
+
+
+def test_paths_are_literal_everywhere(tmp_path, undisturbed, monkeypatch):
+    """Every DuckDB glob metacharacter, spaces, quotes and non-ASCII in each path the user
+    gives, beside decoy folders that each pattern would match: the export equals the plain
+    run's, and no decoy is read or written."""
+    data, expected = undisturbed
+    # DuckDB cannot open a database under a "?" (refused, see the next test), so "?" goes in
+    # every other path.
+    base = tmp_path / "run* [x] 'q\" é"
+    # Decoys the patterns would match and the real paths do not ("[x]" matches "x" only):
+    # a sibling folder with a data folder and an export of its own.
+    sibling = tmp_path / "run2 x 'q\" é"
+    decoy = sibling / "data X"
+    decoy.mkdir(parents=True)
+    for schema in SOURCES.values():
+        (decoy / schema.filename).write_text(
+            ",".join(schema.column_names) + "\ncust_decoy" + "," * (len(schema.columns) - 1)
+            + "\n", encoding="utf-8")
+    (sibling / "out X0 é.csv").write_text("customer_id\ncust_decoy\n", encoding="utf-8")
+    shutil.copytree(data, base / "data ?")
+    monkeypatch.setenv("DAGSTER_HOME", str(base / "dagster *[h] é"))
+    (base / "dagster *[h] é").mkdir()
+    (base / "dagster *[h] é" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    settings = EtlSettings.from_env(
+        env={}, data_dir=str(base / "data ?"), home_dir=str(base / "home [*]?"),
+        staging_dir=str(base / "staging ?*"), duckdb_path=str(base / "wh [1]*.duckdb"),
+        export_path=str(base / "out ?*[0] é.csv"), shard_count=SHARDS)
+    assert _export(settings) == expected
+    with warehouse.reader(settings.duckdb_path, 5) as con:
+        assert con.execute("SELECT count(*) FROM wh.customer_profiles WHERE customer_id = "
+                           "'cust_decoy'").fetchone()[0] == 0
+    assert sorted(p.name for p in sibling.iterdir()) == ["data X", "out X0 é.csv"]
+    assert sorted(p.name for p in decoy.iterdir()) == sorted(s.filename for s in SOURCES.values())
+
+
+def test_a_warehouse_path_with_a_question_mark_is_refused_in_one_line(tmp_path):
+    with pytest.raises(SettingsError, match=r"DUCKDB_PATH cannot contain '\?'"):
+        EtlSettings.from_env(env={"DUCKDB_PATH": str(tmp_path / "wh?.duckdb")})
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _append(path: Path) -> None:
+    with open(path, "ab") as fh:
+        fh.write(b"cust_appended,late@example.com,Late Inc,Retail,5,Lead,10.00,x,2024-01-01\n")
+
+
+def _replace(path: Path) -> None:
+    text = path.read_text(encoding="utf-8").replace("Enterprise", "Lead")
+    tmp = path.with_name(".crm.csv.new")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("change", [_truncate, _append, _replace])
+def test_a_file_changed_after_hashing_is_staged_as_one_real_version(
+        tmp_path, sample_dir, undisturbed, change):
+    """The file changes between the skip decision's hash and the read: what is staged is one
+    real version of the file, named by its own hash; restored, a plain re-run heals."""
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
+    path = sample_dir / CRM.filename
+    original = path.read_bytes()
+    seen: dict[str, bytes] = {}
+
+    def hook(point: str) -> None:
+        if point == "source_after_hash":
+            change(path)
+            seen["version"] = path.read_bytes()
+
+    result = stage_source(CRM, settings, hook=hook)
+    staged_bytes = seen["version"]
+    assert staged_bytes != original
+    assert result.staged.file_sha256 == file_sha256(path)  # the version that was read
+    path.write_bytes(staged_bytes)
+    fresh = stage_source(CRM, make_settings(tmp_path / "fresh", sample_dir, shard_count=SHARDS))
+    assert result.staged.slice_hashes == fresh.staged.slice_hashes
+    assert result.report.accepted == fresh.report.accepted
+
+    path.write_bytes(original)  # restored: a plain run gives the undisturbed export
+    assert _export(settings) == undisturbed[1]
+
+
+@pytest.mark.parametrize("change", [_truncate, _append])
+def test_a_file_changed_during_the_read_fails_naming_it_and_stages_nothing(
+        tmp_path, change):
+    """Bytes that move while the snapshot is copied: one line naming the file, nothing
+    published; restored, the run heals."""
+    data = tmp_path / "data"
+    generate(12_000, seed=5, out_dir=data)  # crm.csv over 1 MiB: the copy takes two reads
+    settings = make_settings(tmp_path, data, shard_count=SHARDS)
+    path = data / CRM.filename
+    original = path.read_bytes()
+    assert len(original) > 1 << 20
+
+    def hook(point: str) -> None:
+        if point == "source_mid_snapshot":
+            change(path)
+
+    with pytest.raises(SourceChangedError) as info:
+        stage_source(CRM, settings, hook=hook)
+    assert str(info.value).startswith(f"{path}: changed while being read")
+    with pytest.raises(staging.StagingError):
+        staging.read_pointer(settings.staging_dir, "crm")
+    assert [p.name for p in (Path(settings.staging_dir) / "crm").iterdir()] == []
+
+    path.write_bytes(original)
+    outcome = run_pipeline(settings, echo=lambda line: None)
+    assert outcome.ok, outcome.reason
+
+
+def test_a_version_that_does_not_hold_what_its_name_says_is_rebuilt(
+        tmp_path, sample_dir, undisturbed):
+    """A staged version found under the right name but with other rows (damaged, or staged
+    by older code) is never trusted on its name: the next run re-stages it, and the checks
+    would have caught it."""
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
+    assert _export(settings) == undisturbed[1]
+    pointer = staging.read_pointer(settings.staging_dir, "crm")
+    # Put other rows under crm's version name: the billing slices of the same layout.
+    other = staging.read_pointer(settings.staging_dir, "billing")
+    shutil.rmtree(pointer.version_dir)
+    shutil.copytree(other.version_dir, pointer.version_dir)
+    assert _export(settings) == undisturbed[1]
+    assert staging.read_pointer(settings.staging_dir, "crm").slice_rows == pointer.slice_rows
+
+    # The same with --force, which never reuses a version.
+    shutil.rmtree(pointer.version_dir)
+    shutil.copytree(other.version_dir, pointer.version_dir)
+    assert _export(settings.replace(force=True)) == undisturbed[1]
