@@ -6,8 +6,12 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
+
+from filelock import FileLock, Timeout
 
 from etl_assets.runner import RunOutcome, run_pipeline
 from etl_assets.settings import EtlSettings, SettingsError
@@ -53,17 +57,37 @@ def ensure_dagster_home(settings: EtlSettings) -> Path:
     return home
 
 
+@contextmanager
+def one_run_at_a_time(settings: EtlSettings) -> Iterator[None]:
+    """Hold the home's run lock: a second `etl-assets run` on the same home waits, then finds
+    the work done (unchanged sources and shards are skipped), instead of racing the first one
+    through a brand-new Dagster home, the staging folders and the warehouse."""
+    home = Path(settings.home_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(home / ".run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting: another etl-assets run holds {lock.lock_file}", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Materialize sources, every shard and customer_profiles; print the summary."""
     import dagster as dg
 
     settings = _settings(args)
-    prepare_dagster_home(settings)
-    # One instance for the whole command (opening one costs about 0.5 s). It creates the
-    # storage before any shard worker opens it, which avoids SQLite's schema-creation race.
-    with dg.DagsterInstance.get() as instance:
-        outcome = run_pipeline(settings, echo=print, verbose=args.verbose, workers=args.workers,
-                               instance=instance)
+    with one_run_at_a_time(settings):
+        prepare_dagster_home(settings)
+        # One instance for the whole command (opening one costs about 0.5 s). It creates the
+        # storage before any shard worker opens it, which avoids SQLite's schema-creation race.
+        with dg.DagsterInstance.get() as instance:
+            outcome = run_pipeline(settings, echo=print, verbose=args.verbose,
+                                   workers=args.workers, instance=instance)
     print_summary(outcome)
     if not outcome.ok:
         print(f"FAILED: {outcome.reason}")

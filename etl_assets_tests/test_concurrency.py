@@ -92,3 +92,22 @@ def test_a_short_lock_is_waited_out(tmp_path, sample_dir):
     finally:
         holder.wait()
     assert result.record_count > 0
+
+
+def test_three_runs_at_once_on_a_fresh_home_all_succeed_with_one_export(tmp_path, sample_dir):
+    """Three `etl-assets run` started together on one new home: the first runs, the others
+    wait for it and then find the work done. All exit 0, no traceback, the same export."""
+    env = dict(os.environ, DATA_DIR=str(sample_dir), ETL_HOME=str(tmp_path / "var"),
+               DAGSTER_HOME=str(tmp_path / "var" / "dagster_home"))
+    for var in ("SHARD_COUNT", "CHAOS_FAIL_SHARD", "CHAOS_FAIL_MODE", "EXPORT_PATH"):
+        env.pop(var, None)
+    procs = [subprocess.Popen([str(BIN / "etl-assets"), "run", "--shards", "4",
+                               "--export", str(tmp_path / f"out{i}.csv")],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(3)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-1500:] for o in outputs)
+    assert not any("Traceback" in o for o in outputs)
+    assert sum("waiting: another etl-assets run holds" in o for o in outputs) >= 1
+    exports = {(tmp_path / f"out{i}.csv").read_bytes() for i in range(3)}
+    assert len(exports) == 1 and len(exports.pop().splitlines()) == 1001
