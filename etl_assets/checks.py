@@ -43,8 +43,13 @@ def customer_profiles_checks(settings: EtlSettings) -> Iterator[dg.AssetCheckRes
     staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
     slice_paths = duckdb_literals(
         f for s in staged.values() for k in settings.shard_ids for f in s.slice_files(k))
-    with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s,
-                          settings.duckdb_limits) as con:
+    # Read-only: a user's read-only connection to the warehouse does not block the checks.
+    with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
+                             settings.duckdb_limits) as con:
+        if con is None:
+            raise dg.Failure(description=f"{settings.duckdb_path}: no warehouse yet; "
+                             "materialize customer_profiles first", allow_retries=False,
+                             metadata={"retryable": False})
         expected = con.execute(
             "SELECT count(DISTINCT customer_id) FROM read_parquet($paths)", {"paths": slice_paths}
         ).fetchone()[0]

@@ -93,8 +93,8 @@ def shard_status(
     """
     staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
     if con is None:
-        with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s) as own:
-            manifest = warehouse.read_manifest(own, settings.shard_count)
+        with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s) as own:
+            manifest = {} if own is None else warehouse.read_manifest(own, settings.shard_count)
     else:
         manifest = warehouse.read_manifest(con, settings.shard_count)
     status: dict[int, Optional[dict]] = {}

@@ -64,7 +64,9 @@ def _unchanged(
     if staged.file_sha256 != sha or staged.shard_count != settings.shard_count or not \
             Path(staged.version_dir).name.endswith(_staging_key(settings)):
         return None
-    with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s) as con:
+    with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s) as con:
+        if con is None:
+            return None
         row = warehouse.read_source_manifest(con, schema.name)
         # The version's files must still hold the rows recorded for it (Parquet footers only).
         on_disk = _staged_rows(con, staged)

@@ -150,6 +150,35 @@ def reader(
         yield con
 
 
+@contextmanager
+def read_only(
+    path: str, timeout_s: float, limits: Optional[DuckDBLimits] = None
+) -> Iterator[Optional[duckdb.DuckDBPyConnection]]:
+    """A scratch connection with the warehouse attached READ_ONLY as `wh`, or None when there
+    is no warehouse file yet.
+
+    For decisions that only read (is a source or shard current?): a user's read-only
+    connection to the warehouse (a notebook, the DuckDB CLI) does not block them, and they
+    never create a file or a table.
+    """
+    if not Path(path).is_file():
+        yield None
+        return
+    with scratch(limits) as con:
+        _with_lock_retry(lambda: con.execute(f"ATTACH ? AS {ALIAS} (READ_ONLY)", [path]),
+                         path, timeout_s)
+        try:
+            yield con
+        finally:
+            con.execute(f"DETACH {ALIAS}")
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = ?",
+        [ALIAS, table]).fetchone()[0] > 0
+
+
 def overwrite_shard(
     con: duckdb.DuckDBPyConnection,
     rows_table: str,
@@ -202,6 +231,8 @@ def overwrite_shard(
 
 def read_source_manifest(con: duckdb.DuckDBPyConnection, source: str) -> Optional[dict]:
     """The source's manifest row (see replace_rejected), or None."""
+    if not _has_table(con, "source_manifest"):
+        return None
     cur = con.execute(f"SELECT * FROM {ALIAS}.source_manifest WHERE source = ?", [source])
     row = cur.fetchone()
     return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None
@@ -209,6 +240,8 @@ def read_source_manifest(con: duckdb.DuckDBPyConnection, source: str) -> Optiona
 
 def read_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict[int, dict]:
     """shard_id -> {source_data_hash, code_version, record_count, run_id} for this layout."""
+    if not _has_table(con, "shard_manifest"):
+        return {}
     cur = con.execute(
         f"SELECT shard_id, source_data_hash, code_version, record_count, run_id "
         f"FROM {ALIAS}.shard_manifest WHERE shard_count = ?",
