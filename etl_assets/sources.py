@@ -22,7 +22,7 @@ from etl_assets.settings import EtlSettings
 from etl_assets.validation import ReadReport, SourceFileError, file_sha256, read_source
 
 # Bump when staging output would change for the same input (types, validation, hashing).
-STAGING_VERSION = "2"
+STAGING_VERSION = "3"
 
 
 @dataclass(frozen=True)
