@@ -84,11 +84,13 @@ def test_exactly_one_row_per_valid_customer_whatever_the_layout(tmp_path_factory
         assert profile["email"] == first
 
 
-# Ids that print alike: a clean base id, padded at the ends with whitespace and with an invisible
-# or space-like character (control, format, separator or any space) inserted somewhere.
-BASES = ["c1", "c 2"]
+# Ids that print alike: a clean base id, padded at the ends with whitespace, and with an
+# invisible or space-like character (control, format, separator or any space) inserted, or put
+# in place of the plain space ("c\u00a01" prints as "c 1").
+BASES = ["c1", "c 1"]
 WHITESPACE = [chr(c) for c in range(0x3001) if chr(c).isspace()]
-ODD = st.characters(categories=["Cc", "Cf", "Zs", "Zl", "Zp"])
+ODD = st.one_of(st.sampled_from(["\t", "\u200b", "\ufeff", "\u200f", "\u00a0", "\u2003"]),
+                st.characters(categories=["Cc", "Cf", "Zs", "Zl", "Zp"]))
 
 
 def printed(customer_id: str) -> str:
@@ -103,13 +105,16 @@ def printed(customer_id: str) -> str:
 def lookalike(draw: st.DrawFn) -> str:
     base = draw(st.sampled_from(BASES))
     pad = st.text(st.sampled_from(WHITESPACE), max_size=2)
-    if draw(st.booleans()):
+    change = draw(st.sampled_from(["none", "insert", "replace"]))
+    if change == "insert":
         at = draw(st.integers(0, len(base)))
         base = base[:at] + draw(ODD) + base[at:]
+    elif change == "replace":
+        base = base.replace(" ", draw(ODD))
     return draw(pad) + base + draw(pad)
 
 
-@settings(max_examples=15, deadline=None,
+@settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=st.fixed_dictionaries({name: st.lists(lookalike(), min_size=1, max_size=4)
                                   for name in SOURCES}))
