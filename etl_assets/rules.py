@@ -16,6 +16,18 @@ RULE_MACROS: tuple[str, ...] = (
     # Categoricals compare trimmed, case-insensitively, spaces/hyphens/underscores alike.
     r"""CREATE OR REPLACE TEMP MACRO etl_norm(v) AS
         regexp_replace(lower(trim(v)), '[\s_-]+', '_', 'g')""",
+    # customer_id, one rule for every source: Unicode whitespace (exactly what Python's
+    # str.isspace() calls space: \p{Z}, \t \n \v \f \r, \x1c-\x1f, \x85) is trimmed at both ends;
+    # empty is NULL. RE2's \s is ASCII-only and DuckDB's trim() keeps tabs, hence the class.
+    r"""CREATE OR REPLACE TEMP MACRO etl_customer_id(v) AS nullif(regexp_replace(v,
+        '^[\p{Z}\t\n\x{0B}\f\r\x{1C}-\x{1F}\x{85}]+|[\p{Z}\t\n\x{0B}\f\r\x{1C}-\x{1F}\x{85}]+$',
+        '', 'g'), '')""",
+    # A trimmed id is invalid if it holds a character that prints as nothing or as a plain space
+    # while being something else: control/format characters (Cc, Cf: tab, zero-width space, BOM,
+    # RTL marks), line/paragraph separators, and any space but U+0020. So two ids that print the
+    # same can never be two customers: one of them is rejected.
+    r"""CREATE OR REPLACE TEMP MACRO etl_customer_id_invalid(id) AS
+        regexp_matches(id, '[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]|[^\P{Zs} ]')""",
     # Missing usage counts as 50%; missing open tickets as none.
     "CREATE OR REPLACE TEMP MACRO etl_usage(u) AS coalesce(CAST(u AS DOUBLE), 50)",
     "CREATE OR REPLACE TEMP MACRO etl_open(t) AS coalesce(t, 0)",

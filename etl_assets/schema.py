@@ -11,13 +11,20 @@ from typing import Literal, Optional
 
 Kind = Literal["id", "text", "int", "decimal", "money", "date", "category"]
 
+# How precise each numeric kind is. A value beyond its kind's precision is rejected, never
+# rounded: money keeps at most MONEY_DECIMALS decimals (trailing zeros aside), a decimal at most
+# DECIMAL_DIGITS significant digits (a double holds any 15-digit decimal exactly as written),
+# an integer must fit BIGINT.
+MONEY_DECIMALS = 2
+DECIMAL_DIGITS = 15
+
 # DuckDB type each kind is staged as. Money is exact; other measures are doubles.
 SQL_TYPES: dict[str, str] = {
     "id": "VARCHAR",
     "text": "VARCHAR",
     "int": "BIGINT",
     "decimal": "DOUBLE",
-    "money": "DECIMAL(18,2)",
+    "money": f"DECIMAL(18,{MONEY_DECIMALS})",
     "date": "DATE",
     "category": "VARCHAR",
 }
@@ -41,6 +48,27 @@ class Column:
     @property
     def sql_type(self) -> str:
         return SQL_TYPES[self.kind]
+
+    @property
+    def decimals(self) -> Optional[int]:
+        """Most decimals a value may have (money only; trailing zeros do not count)."""
+        return MONEY_DECIMALS if self.kind == "money" else None
+
+    @property
+    def significant_digits(self) -> Optional[int]:
+        """Most significant digits a value may have (decimals, which are stored as doubles)."""
+        return DECIMAL_DIGITS if self.kind == "decimal" else None
+
+    @property
+    def precision(self) -> str:
+        """The column's precision in words, for the docs ("" for non-numbers)."""
+        if self.kind == "int":
+            return "64-bit"
+        if self.decimals is not None:
+            return f"{self.decimals} decimals"
+        if self.significant_digits is not None:
+            return f"{self.significant_digits} digits"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -157,7 +185,7 @@ _KIND_LABELS: dict[str, str] = {
     "text": "text",
     "int": "integer",
     "decimal": "decimal",
-    "money": "money (2 decimals)",
+    "money": "money",
     "date": "date YYYY-MM-DD",
 }
 
@@ -172,7 +200,7 @@ def _column_row(col: Column) -> str:
         kind = "one of: " + ", ".join(col.domain)
         rule = "any case; space, `-` and `_` alike"
     else:
-        kind = _KIND_LABELS[col.kind]
+        kind = _KIND_LABELS[col.kind] + (f" ({col.precision})" if col.precision else "")
         if col.kind == "id":
             rule = "required, the join key"
         elif col.min is not None and col.max is not None:

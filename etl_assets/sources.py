@@ -32,7 +32,7 @@ from etl_assets.validation import (
 )
 
 # Bump when staging output would change for the same input (types, validation, hashing).
-STAGING_VERSION = "2"
+STAGING_VERSION = "3"
 
 
 @dataclass(frozen=True)

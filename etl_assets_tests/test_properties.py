@@ -2,6 +2,7 @@
 
 import random
 import shutil
+import unicodedata
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -81,3 +82,55 @@ def test_exactly_one_row_per_valid_customer_whatever_the_layout(tmp_path_factory
         first = next(w[cid] for name in ("crm", "billing", "product", "support")
                      if cid in (w := winners.get(name, {})))
         assert profile["email"] == first
+
+
+# Ids that print alike: a clean base id, padded at the ends with whitespace, and with an
+# invisible or space-like character (control, format, separator or any space) inserted, or put
+# in place of the plain space ("c\u00a01" prints as "c 1").
+BASES = ["c1", "c 1"]
+WHITESPACE = [chr(c) for c in range(0x3001) if chr(c).isspace()]
+ODD = st.one_of(st.sampled_from(["\t", "\u200b", "\ufeff", "\u200f", "\u00a0", "\u2003"]),
+                st.characters(categories=["Cc", "Cf", "Zs", "Zl", "Zp"]))
+
+
+def printed(customer_id: str) -> str:
+    """What a reader sees: ends trimmed, invisible characters gone, every space a plain one."""
+    shown = (" " if unicodedata.category(ch) == "Zs" else
+             "" if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch
+             for ch in customer_id.strip())
+    return "".join(shown).strip()
+
+
+@st.composite
+def lookalike(draw: st.DrawFn) -> str:
+    base = draw(st.sampled_from(BASES))
+    pad = st.text(st.sampled_from(WHITESPACE), max_size=2)
+    change = draw(st.sampled_from(["none", "insert", "replace"]))
+    if change == "insert":
+        at = draw(st.integers(0, len(base)))
+        base = base[:at] + draw(ODD) + base[at:]
+    elif change == "replace":
+        base = base.replace(" ", draw(ODD))
+    return draw(pad) + base + draw(pad)
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.fixed_dictionaries({name: st.lists(lookalike(), min_size=1, max_size=4)
+                                  for name in SOURCES}))
+def test_ids_that_print_the_same_are_never_two_profiles(tmp_path_factory, ids):
+    work = tmp_path_factory.mktemp("ids")
+    rows = {name: [{"customer_id": cid, "email": f"{name}{i}@x"} for i, cid in enumerate(cids)]
+            for name, cids in ids.items()}
+    s = make_settings(work, write_sources(work / "data", rows), shard_count=3,
+                      max_reject_fraction=1.0)
+    profiles = build_profiles(s)
+    # Either merged into one customer or the odd one rejected: one profile per printed form.
+    by_print = {}
+    for cid in profiles:
+        by_print.setdefault(printed(cid), []).append(cid)
+    assert all(len(group) == 1 for group in by_print.values()), by_print
+    # Nothing is lost on the way: an id already clean once trimmed is always a profile.
+    clean = {cid.strip() for cids in ids.values() for cid in cids if cid.strip() in BASES}
+    assert clean <= set(profiles)
+    shutil.rmtree(work)

@@ -1,15 +1,19 @@
 """Reading source files: file-level errors are one clear line; bad rows are quarantined."""
 
 import json
+import math
+from decimal import Decimal
 
 import duckdb
 import pytest
 
 from etl_assets import warehouse
 from etl_assets.schema import SOURCES
+from etl_assets.sharding import shard_of
 from etl_assets.sources import stage_source
 from etl_assets.validation import SourceFileError, read_source
-from etl_assets_tests.conftest import make_settings, write_csv
+from etl_assets_tests.conftest import (build_profiles, make_settings, read_export, write_csv,
+                                       write_sources)
 
 SUPPORT = SOURCES["support"]
 CRM = SOURCES["crm"]
@@ -144,3 +148,153 @@ def test_rejected_rows_land_in_the_warehouse(tmp_path):
     with warehouse.reader(settings.duckdb_path, 5) as con:
         got = con.execute("SELECT source, line_number, customer_id, reason FROM wh.rejected_rows").fetchall()
     assert got == [("crm", 3, "c2", "out_of_range(employee_count)")]
+
+
+INVALID_ID, MISSING_ID = "invalid_customer_id", "missing_customer_id"
+
+
+@pytest.mark.parametrize(
+    "raw, stored, reason",
+    [
+        ("\tc1\t", "c1", None),  # tab at the ends: trimmed (DuckDB's trim() keeps it)
+        ("c1\u00a0", "c1", None),  # NBSP at the end
+        ("\u2003c1\u3000", "c1", None),  # em space, ideographic space
+        ("\x85\x1c\x0bc1\r", "c1", None),  # NEL, file separator, vertical tab: str.isspace()
+        ("c 1", "c 1", None),  # a plain space inside is part of the id
+        ("c\t1", "c\t1", INVALID_ID),  # tab inside
+        ("\u200bc1", "\u200bc1", INVALID_ID),  # zero-width space: not whitespace, not trimmed
+        ("\ufeffc1", "\ufeffc1", INVALID_ID),  # BOM at the start of a row's id
+        ("c1\u200f", "c1\u200f", INVALID_ID),  # right-to-left mark
+        ("c\u00a01", "c\u00a01", INVALID_ID),  # NBSP inside prints like "c 1"
+        ("c\u20031", "c\u20031", INVALID_ID),  # em space inside
+        ("c\u20281", "c\u20281", INVALID_ID),  # line separator
+        (" \t\u00a0\u2003 ", None, MISSING_ID),  # only whitespace
+    ],
+)
+def test_one_rule_for_ids(tmp_path, raw, stored, reason):
+    path = write_csv(tmp_path / "crm.csv", CRM.column_names, [["c0"] + [""] * 8, [raw] + [""] * 8])
+    report, accepted, rejected = _read(path, CRM)
+    assert report.rows_read == 2
+    if reason is None:
+        assert [r[0] for r in accepted] == sorted(["c0", stored]) and rejected == []
+    else:
+        assert [r[0] for r in accepted] == ["c0"]
+        # rejected_rows shows the id as the rule trimmed it; raw keeps it as read.
+        assert [r[1:3] for r in rejected] == [(stored, reason)]
+        assert json.loads(rejected[0][3])["customer_id"] == raw
+
+
+def test_ids_equal_after_trimming_are_one_customer_in_every_source(tmp_path):
+    data = tmp_path / "data"
+    write_sources(data, {
+        "crm": [{"customer_id": "\tc1 ", "email": "crm@x"}],
+        "billing": [{"customer_id": "c1\u00a0", "mrr": "10"}],
+        "product": [{"customer_id": "\u2003c1", "usage_pct": "90"}],
+        "support": [{"customer_id": "c1", "nps_score": "9"}, {"customer_id": "c1\u200b"}],
+    })
+    settings = make_settings(tmp_path, data, shard_count=7)
+    # Routing hashes the trimmed id: a row hashed as read would land on another shard.
+    assert shard_of("\tc1 ", 7) != shard_of("c1", 7)
+    profiles = build_profiles(settings)
+    assert list(profiles) == ["c1"]
+    assert profiles["c1"]["shard_id"] == shard_of("c1", 7)
+    assert (profiles["c1"]["email"], profiles["c1"]["mrr"], profiles["c1"]["usage_pct"],
+            profiles["c1"]["nps_score"]) == ("crm@x", Decimal("10.00"), 90.0, 9)
+    with warehouse.reader(settings.duckdb_path, 5) as con:
+        got = con.execute("SELECT source, customer_id, reason FROM wh.rejected_rows").fetchall()
+    assert got == [("support", "c1\u200b", INVALID_ID)]
+
+
+def test_malformed_row_id_is_trimmed_by_the_same_rule(tmp_path):
+    path = tmp_path / "crm.csv"
+    path.write_text(",".join(CRM.column_names) + "\n\tc1\u00a0,a@x,A,,,,,,,x,y\n", encoding="utf-8")
+    _, _, rejected = _read(path, CRM)
+    assert rejected[0][1:3] == ("c1", "malformed_row(too_many_columns)")
+
+
+BILLING = SOURCES["billing"]
+
+
+@pytest.mark.parametrize(
+    "raw, mrr, reason",
+    [
+        ("0.005", None, "too_many_decimals(mrr)"),  # was rounded to 0.01
+        ("12.345", None, "too_many_decimals(mrr)"),  # was rounded to 12.35
+        ("12.3400001", None, "too_many_decimals(mrr)"),
+        ("12.340", Decimal("12.34"), None),  # trailing zeros add no precision
+        ("12.3400000", Decimal("12.34"), None),
+        ("7.", Decimal("7.00"), None),
+        ("+.5", Decimal("0.50"), None),
+        ("-0.00", Decimal("0.00"), None),
+        ("1e3", None, "invalid_decimal(mrr)"),  # plain decimals only: no exponent
+        ("1E3", None, "invalid_decimal(mrr)"),
+        ("1234567890123456.78", Decimal("1234567890123456.78"), None),  # 16 digits: fits
+        ("12345678901234567", None, "out_of_range(mrr)"),  # 17: past DECIMAL(18,2)
+    ],
+)
+def test_money_is_exact_or_rejected(tmp_path, raw, mrr, reason):
+    path = write_csv(tmp_path / "billing.csv", BILLING.column_names,
+                     [["b1", "", "", raw, "", "", ""]])
+    _, accepted, rejected = _read(path, BILLING)
+    assert [r[3] for r in accepted] == ([] if reason else [mrr])
+    assert [r[2] for r in rejected] == ([reason] if reason else [])
+
+
+@pytest.mark.parametrize(
+    "raw, hours, reason",
+    [
+        ("1234567890123456789012345678901234567890", None, "too_many_digits(avg_resolution_hrs)"),
+        ("9" * 400, None, "too_many_digits(avg_resolution_hrs)"),  # would be inf
+        ("1234567890123456", None, "too_many_digits(avg_resolution_hrs)"),  # 16 digits
+        ("1000000000000000", None, "too_many_digits(avg_resolution_hrs)"),  # zeros written count
+        ("0.1234567890123456", None, "too_many_digits(avg_resolution_hrs)"),
+        ("123456789012.345", 123456789012.345, None),  # 15 digits: held exactly as written
+        ("0.000000000000001234", 1.234e-15, None),  # leading zeros are not digits held
+        ("0012.500000000000000000", 12.5, None),  # nor are trailing zeros after the point
+    ],
+)
+def test_decimals_hold_at_most_15_significant_digits(tmp_path, raw, hours, reason):
+    path = write_csv(tmp_path / "support.csv", SUPPORT.column_names,
+                     [["s1", "", "", "", raw, "", "", ""]])
+    _, accepted, rejected = _read(path, SUPPORT)
+    assert [r[4] for r in accepted] == ([] if reason else [hours])
+    if hours is not None:
+        assert repr(accepted[0][4]) == repr(hours)  # prints back as written
+    assert [r[2] for r in rejected] == ([reason] if reason else [])
+
+
+@pytest.mark.parametrize(
+    "raw, tickets, reason",
+    [
+        ("9223372036854775807", 9223372036854775807, None),  # BIGINT's largest
+        ("9223372036854775808", None, "out_of_range(total_tickets)"),
+        ("-9223372036854775809", None, "out_of_range(total_tickets)"),
+        ("123456789012345678901234567890", None, "out_of_range(total_tickets)"),
+        ("12.0", None, "invalid_integer(total_tickets)"),
+    ],
+)
+def test_integers_past_bigint_are_out_of_range(tmp_path, raw, tickets, reason):
+    path = write_csv(tmp_path / "support.csv", SUPPORT.column_names,
+                     [["s1", "", raw, "", "", "", "", ""]])
+    _, accepted, rejected = _read(path, SUPPORT)
+    assert [r[2] for r in accepted] == ([] if reason else [tickets])
+    assert [r[2] for r in rejected] == ([reason] if reason else [])
+
+
+def test_minus_zero_is_stored_and_exported_as_zero(tmp_path):
+    data = tmp_path / "data"
+    write_sources(data, {
+        "crm": [{"customer_id": "z1"}],
+        "billing": [{"customer_id": "z1", "mrr": "-0.00"}],
+        "product": [{"customer_id": "z1", "usage_pct": "-0"}],
+        "support": [{"customer_id": "z1", "avg_resolution_hrs": "-0.0", "csat_score": "-0"}],
+    })
+    settings = make_settings(tmp_path, data)
+    profile = build_profiles(settings)["z1"]
+    for column in ("usage_pct", "avg_resolution_hrs", "csat_score"):
+        assert math.copysign(1.0, profile[column]) == 1.0, column  # -0.0 == 0.0 in Python
+    with warehouse.reader(settings.duckdb_path, 5) as con:
+        warehouse.export_csv(con, settings.export_path)
+    exported = read_export(settings.export_path)[0]
+    assert {c: exported[c] for c in ("mrr", "usage_pct", "avg_resolution_hrs", "csat_score")} \
+        == {"mrr": "0.00", "usage_pct": "0.0", "avg_resolution_hrs": "0.0", "csat_score": "0.0"}
