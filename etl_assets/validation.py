@@ -24,6 +24,8 @@ INT_PATTERN = "[+-]?[0-9]+"
 DECIMAL_PATTERN = r"[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)"
 DATE_PATTERN = "[0-9]{4}-[0-9]{2}-[0-9]{2}"
 DUPLICATE = "duplicate_customer_id"
+INVALID_UTF8 = "invalid_utf8"
+MAX_RAW_LINE = 1 << 20
 MISSING_ID = "missing_customer_id"
 INVALID_ID = "invalid_customer_id"
 _REASON_BY_KIND = {
@@ -122,11 +124,13 @@ def read_header(path: Path, schema: SourceSchema) -> tuple[list[str], list[str]]
         head = fh.read(1 << 16)
     if not head.strip():
         raise SourceFileError(path, "file is empty (expected a header line)")
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    # Only the header must decode: a bad byte in a data row is that row's problem (quarantined
+    # as invalid_utf8), not the file's.
+    header = head.split(b"\n", 1)[0]
     try:
-        text = decoder.decode(head, final=False)
+        text = codecs.decode(header, "utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise SourceFileError(path, f"not valid UTF-8 (byte offset {exc.start})") from None
+        raise SourceFileError(path, f"header is not valid UTF-8 (byte offset {exc.start})") from None
     first_line = text.splitlines()[0] if text else ""
     columns = [c.strip() for c in next(csv.reader([first_line]))]
     duplicates = sorted(c for c, n in Counter(columns).items() if n > 1)
@@ -294,11 +298,6 @@ def read_source(
         )
     except duckdb.Error as exc:
         raise SourceFileError(path, f"cannot be parsed as CSV: {_first_line(exc)}") from exc
-    encoding_errors = con.execute(
-        "SELECT min(line) FROM csv_rejects WHERE error_type = 'INVALID ENCODING'"
-    ).fetchone()[0]
-    if encoding_errors is not None:
-        raise SourceFileError(path, f"not valid UTF-8 (first bad line: {encoding_errors})")
 
     sql, params = validation_sql(con, schema)
     con.execute(sql, params)
@@ -319,7 +318,7 @@ def read_source(
             SELECT {", ".join(schema.column_names)}, row_hash FROM checked
             WHERE reason IS NULL AND rec NOT IN (SELECT rec FROM superseded)"""
     )
-    _build_rejected(con, columns)
+    _build_rejected(con, columns, path)
     rows_read, accepted, rejected = con.execute(
         """SELECT (SELECT count(*) FROM checked) + (SELECT count(DISTINCT line) FROM csv_rejects),
                   (SELECT count(*) FROM accepted), (SELECT count(*) FROM rejected)"""
@@ -332,7 +331,7 @@ def read_source(
     return ReadReport(int(rows_read), int(accepted), int(rejected), reasons, extra)
 
 
-def _build_rejected(con: duckdb.DuckDBPyConnection, columns: list[str]) -> None:
+def _build_rejected(con: duckdb.DuckDBPyConnection, columns: list[str], path: Path) -> None:
     con.execute(
         """CREATE OR REPLACE TEMP TABLE rejected_recs AS
            SELECT rec, reason FROM checked WHERE reason IS NOT NULL
@@ -369,18 +368,34 @@ def _build_rejected(con: duckdb.DuckDBPyConnection, columns: list[str]) -> None:
     # number, so every record after them sits one line lower than counted above.
     structural = con.execute(
         # The reader reports a record once per surplus field; one line is one record.
-        "SELECT line, min(error_type), min(csv_line) FROM csv_rejects GROUP BY line ORDER BY line"
+        "SELECT line, min(error_type), min(csv_line), min(line_byte_position) FROM csv_rejects "
+        "GROUP BY line ORDER BY line"
     ).fetchall()
-    for line, error_type, csv_line in structural:
+    for line, error_type, csv_line, position in structural:
         con.execute("UPDATE rejected SET line_number = line_number + 1 WHERE line_number >= ?", [line])
+        if error_type == "INVALID ENCODING":
+            # The reader's copy of the line has the bad bytes replaced: keep the file's own
+            # bytes instead, escaped (\xff), so the row can be recovered exactly.
+            csv_line = _raw_line(path, position)
+            reason = INVALID_UTF8
+        else:
+            reason = f"malformed_row({str(error_type).lower().replace(' ', '_')})"
         fields = next(csv.reader([csv_line or ""]), [])
         customer_id = con.execute(
             "SELECT etl_customer_id(?)", [fields[0] if fields else None]).fetchone()[0]
         con.execute(
             "INSERT INTO rejected VALUES (?, ?, ?, ?)",
-            [line, customer_id, f"malformed_row({str(error_type).lower().replace(' ', '_')})",
-             csv_line],
+            [line, customer_id, reason, csv_line],
         )
+
+
+def _raw_line(path: Path, position: int) -> str:
+    """The physical line starting at the reader's 1-based byte position, its bytes escaped
+    where they are not UTF-8 (at most MAX_RAW_LINE bytes)."""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, position - 1))
+        raw = fh.readline(MAX_RAW_LINE)
+    return raw.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -119,7 +119,8 @@ def test_malformed_rows_are_rejected_not_fatal(tmp_path):
         (b"", "file is empty"),
         (b"customer_id,email\n", "missing required column(s): company_name"),
         (",".join(CRM.column_names).encode() + b"\n", "has a header but no data rows"),
-        (",".join(CRM.column_names).encode() + b"\nc1,\xff\xfe,,,,,,,\n", "not valid UTF-8"),
+        (",".join(CRM.column_names).encode() + b",n\xe4me\nc1,,,,,,,,,\n",
+         "header is not valid UTF-8"),
     ],
 )
 def test_file_errors_are_one_line_naming_the_file(tmp_path, content, problem):
@@ -298,3 +299,33 @@ def test_minus_zero_is_stored_and_exported_as_zero(tmp_path):
     exported = read_export(settings.export_path)[0]
     assert {c: exported[c] for c in ("mrr", "usage_pct", "avg_resolution_hrs", "csat_score")} \
         == {"mrr": "0.00", "usage_pct": "0.0", "avg_resolution_hrs": "0.0", "csat_score": "0.0"}
+
+
+def test_a_row_with_invalid_utf8_is_quarantined_with_its_bytes(tmp_path):
+    """One bad byte is that row's problem: rejected as invalid_utf8 with the file's own bytes
+    escaped in `raw`; every other row is read, and rows read = accepted + rejected."""
+    rows = [f"c{i:05d},c{i}@x.com,Co {i},Retail,{i},Lead,1.00,ann,2024-01-01".encode()
+            for i in range(5000)]
+    rows[3999] = b"c03999,c3999@x.com,Caf\xe9 \xff,Retail,3,Lead,1.00,ann,2024-01-01"
+    path = tmp_path / "crm.csv"
+    path.write_bytes(b"\n".join([",".join(CRM.column_names).encode(), *rows]) + b"\n")
+    report, accepted, rejected = _read(path, CRM)
+    assert (report.rows_read, report.accepted, report.rejected) == (5000, 4999, 1)
+    assert rejected == [(4001, "c03999", "invalid_utf8",
+                         "c03999,c3999@x.com,Caf\\xe9 \\xff,Retail,3,Lead,1.00,ann,2024-01-01")]
+    # The escaped text gives the original bytes back.
+    assert rejected[0][3].encode().decode("unicode_escape").encode("latin-1") == rows[3999]
+
+
+def test_a_file_mostly_not_utf8_fails_its_source_naming_the_encoding(tmp_path, dagster_home):
+    from etl_assets.runner import run_pipeline
+
+    data = write_sources(tmp_path / "data", {"crm": [
+        {"customer_id": f"c{i}", "company_name": "Caf\u00e9", "employee_count": 1}
+        for i in range(50)]})
+    crm = data / "crm.csv"
+    crm.write_bytes(crm.read_text(encoding="utf-8").encode("latin-1"))  # é as one byte
+    outcome = run_pipeline(make_settings(tmp_path, data), echo=lambda line: None)
+    assert not outcome.ok
+    assert outcome.reason == ("crm: 50 of 50 rows rejected as invalid (100.0%, limit 1.0%), "
+                              "most often invalid_utf8")
