@@ -8,7 +8,7 @@ import dagster as dg
 from etl_assets import staging, warehouse
 from etl_assets.paths import duckdb_literal, duckdb_literals
 from etl_assets.profiles import stale_shards
-from etl_assets.schema import SOURCES
+from etl_assets.schema import MAX_LINE_BYTES, SOURCES
 from etl_assets.settings import EtlSettings
 
 WH = warehouse.ALIAS
@@ -58,8 +58,9 @@ def customer_profiles_checks(settings: EtlSettings) -> Iterator[dg.AssetCheckRes
             f"FROM {WH}.customer_profiles"
         ).fetchone()
         export_rows = con.execute(
-            "SELECT count(*) FROM read_csv($path, header = true, all_varchar = true)",
-            {"path": duckdb_literal(settings.export_path)},
+            "SELECT count(*) FROM read_csv($path, header = true, all_varchar = true, "
+            "max_line_size = $max_line)",
+            {"path": duckdb_literal(settings.export_path), "max_line": MAX_LINE_BYTES},
         ).fetchone()[0]
         stale = stale_shards(settings, con)
     yield dg.AssetCheckResult(

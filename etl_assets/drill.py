@@ -14,7 +14,7 @@ import duckdb
 from etl_assets import staging
 from etl_assets.paths import duckdb_literal, duckdb_literals
 from etl_assets.runner import RunOutcome, run_pipeline, shard_events
-from etl_assets.schema import SOURCES
+from etl_assets.schema import MAX_LINE_BYTES, SOURCES
 from etl_assets.settings import EtlSettings
 
 STEP = "shard_profiles"
@@ -70,11 +70,13 @@ def verify_export(settings: EtlSettings) -> dict[str, Any]:
         ).fetchone()[0]
         raw_ids = con.execute(
             "SELECT count(DISTINCT trim(customer_id)) FROM read_csv($p, union_by_name = true, "
-            "all_varchar = true) WHERE trim(customer_id) <> ''", {"p": raw}
+            "all_varchar = true, max_line_size = $max_line) WHERE trim(customer_id) <> ''",
+            {"p": raw, "max_line": MAX_LINE_BYTES}
         ).fetchone()[0]
         rows, distinct = con.execute(
-            "SELECT count(*), count(DISTINCT customer_id) FROM read_csv($p, all_varchar = true)",
-            {"p": duckdb_literal(settings.export_path)},
+            "SELECT count(*), count(DISTINCT customer_id) FROM read_csv($p, all_varchar = true, "
+            "max_line_size = $max_line)",
+            {"p": duckdb_literal(settings.export_path), "max_line": MAX_LINE_BYTES},
         ).fetchone()
     finally:
         con.close()

@@ -18,6 +18,14 @@ Kind = Literal["id", "text", "int", "decimal", "money", "date", "category"]
 MONEY_DECIMALS = 2
 DECIMAL_DIGITS = 15
 
+# The largest field and line the platform carries, in bytes (UTF-8). A field past
+# MAX_FIELD_BYTES is rejected as field_too_long(<column>) where rows enter; a physical record
+# past MAX_LINE_BYTES is refused by the CSV reader (malformed_row). Every later reader (the
+# export's re-read in the checks and the drill) is configured with MAX_LINE_BYTES, which holds
+# any profile row: a test checks that every column at MAX_FIELD_BYTES, each byte quoted, fits.
+MAX_FIELD_BYTES = 100_000
+MAX_LINE_BYTES = 10_000_000
+
 # DuckDB type each kind is staged as. Money is exact; other measures are doubles.
 SQL_TYPES: dict[str, str] = {
     "id": "VARCHAR",

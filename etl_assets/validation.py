@@ -18,7 +18,13 @@ import duckdb
 
 from etl_assets.faults import Hook, no_hook
 from etl_assets.paths import duckdb_literal
-from etl_assets.schema import NOT_GREATER_THAN, Column, SourceSchema
+from etl_assets.schema import (
+    MAX_FIELD_BYTES,
+    MAX_LINE_BYTES,
+    NOT_GREATER_THAN,
+    Column,
+    SourceSchema,
+)
 
 INT_PATTERN = "[+-]?[0-9]+"
 DECIMAL_PATTERN = r"[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)"
@@ -247,7 +253,10 @@ def validation_sql(
     checks: list[str] = [
         f"WHEN v_customer_id IS NULL THEN '{MISSING_ID}'",
         f"WHEN etl_customer_id_invalid(v_customer_id) THEN '{INVALID_ID}'",
+        *(f"WHEN strlen(v_{c.name}) > $max_field_bytes THEN 'field_too_long({c.name})'"
+          for c in schema.columns),
     ]
+    params["max_field_bytes"] = MAX_FIELD_BYTES
     for col in schema.data_columns:
         checks += _value_checks(col)
         if col.kind == "category":
@@ -293,8 +302,9 @@ def read_source(
                    $path, header = true, auto_detect = false, columns = $columns,
                    delim = ',', quote = '"', escape = '"', encoding = 'utf-8',
                    store_rejects = true, rejects_table = 'csv_rejects',
-                   rejects_scan = 'csv_reject_scans', max_line_size = 10000000)""",
-            {"path": duckdb_literal(path), "columns": {c: "VARCHAR" for c in columns}},
+                   rejects_scan = 'csv_reject_scans', max_line_size = $max_line)""",
+            {"path": duckdb_literal(path), "columns": {c: "VARCHAR" for c in columns},
+             "max_line": MAX_LINE_BYTES},
         )
     except duckdb.Error as exc:
         raise SourceFileError(path, f"cannot be parsed as CSV: {_first_line(exc)}") from exc
