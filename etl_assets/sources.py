@@ -6,6 +6,7 @@ own slice, instead of every shard re-reading every file.
 
 
 import json
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Optional
 import dagster as dg
 import duckdb
 
-from etl_assets import staging, warehouse
+from etl_assets import errors, staging, warehouse
 from etl_assets.rules import install_rules
 from etl_assets.schema import SOURCES, SourceSchema
 from etl_assets.settings import EtlSettings
@@ -95,7 +96,7 @@ def stage_source(schema: SourceSchema, settings: EtlSettings) -> SourceResult:
     started = time.monotonic()
     path = Path(settings.data_dir) / schema.filename
     if not path.is_file():
-        raise SourceFileError(path, "file not found")
+        raise SourceFileError(*_missing(path))
     sha = file_sha256(path)
     previous = None if settings.force else _unchanged(schema, settings, sha)
     if previous is not None:
@@ -113,8 +114,19 @@ def stage_source(schema: SourceSchema, settings: EtlSettings) -> SourceResult:
                 "rows_accepted": report.accepted,
                 "rows_rejected": report.rejected,
                 "reasons": json.dumps(dict(sorted(report.reasons.items()))),
-            })
+            }, settings.hook)
     return SourceResult(report, staged, int((time.monotonic() - started) * 1000))
+
+
+def _missing(path: Path) -> tuple[Path, str]:
+    """(path, problem) for a source file that is not a regular file: say what is there instead."""
+    if path.is_dir():
+        return path, "is a directory"
+    if path.parent.exists() and not path.parent.is_dir():
+        return path.parent, "data directory is a file, not a directory"
+    if path.exists():
+        return path, "is not a regular file"
+    return path, "file not found"
 
 
 def _routed_sql(schema: SourceSchema) -> str:
@@ -168,15 +180,31 @@ def _write_slices(
     con: duckdb.DuckDBPyConnection, schema: SourceSchema, settings: EtlSettings, sha: str
 ) -> staging.StagedSource:
     n = settings.shard_count
-    routed = _routed_sql(schema)
     version_dir = Path(settings.staging_dir) / schema.name / f"{sha[:20]}-{_staging_key(settings)}"
-    if version_dir.is_dir():
-        # Published earlier from these bytes: only its stats are needed, read from the files.
-        slice_hashes, slice_rows = _staged_stats(con, version_dir, n)
-        staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes,
-                                      slice_rows)
-        return staging.publish(settings.staging_dir, None, staged, settings.hook)
-    tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
+    # A full disk or a bad path while staging names the source's staging folder.
+    with errors.naming(Path(settings.staging_dir) / schema.name):
+        if version_dir.is_dir():
+            # Published earlier from these bytes: only its stats are needed, read from the files.
+            slice_hashes, slice_rows = _staged_stats(con, version_dir, n)
+            staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes,
+                                          slice_rows)
+            return staging.publish(settings.staging_dir, None, staged, settings.hook)
+        tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
+        try:
+            return _stage_into(con, schema, settings, sha, tmp, version_dir)
+        except BaseException:
+            # Our own temp folder: nobody else will use it (a crash leaves it for _prune).
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _stage_into(
+    con: duckdb.DuckDBPyConnection, schema: SourceSchema, settings: EtlSettings, sha: str,
+    tmp: Path, version_dir: Path,
+) -> staging.StagedSource:
+    """Write every slice into `tmp`, then publish it as `version_dir`."""
+    n = settings.shard_count
+    routed = _routed_sql(schema)
     # One pass routes and writes every shard's slice (shard_id=<k>/ folders); the stats are then
     # read back from the files' row_hash column, which is cheaper than routing every row again.
     con.execute(
@@ -283,7 +311,7 @@ def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
     def _source(context: dg.AssetExecutionContext, settings: EtlSettings) -> dg.MaterializeResult:
         try:
             result = stage_source(schema, settings)
-        except SourceFileError as exc:
+        except (SourceFileError, errors.PathError) as exc:
             context.log.debug(f"{schema.name}: file error", exc_info=True)
             raise dg.Failure(description=str(exc), allow_retries=False) from exc
         report = result.report
