@@ -72,7 +72,7 @@ def os_problem(exc: OSError) -> str:
 
 @contextmanager
 def naming(path: str | Path) -> Iterator[None]:
-    """Re-raise a full disk as DiskFullError(path), and an OSError as PathError naming the path.
+    """Re-raise a full disk as DiskFullError(path), and a path OSError as PathError(path).
 
     Wrap each write with the path a user would free space on or fix; errors that are not about
     the disk or the path pass through unchanged.
@@ -85,7 +85,7 @@ def naming(path: str | Path) -> Iterator[None]:
         if is_disk_full(exc):
             raise DiskFullError(path) from exc
         if isinstance(exc, OSError) and exc.errno in _PROBLEMS:
-            raise PathError(exc.filename or path, os_problem(exc)) from exc
+            raise PathError(path, os_problem(exc)) from exc
         raise
 
 

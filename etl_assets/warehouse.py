@@ -342,8 +342,14 @@ def check_export_target(export_path: str) -> None:
     target = Path(export_path)
     if target.is_dir():
         raise errors.PathError(target, "is a directory")
-    with errors.naming(target.parent):
+    try:
         target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise errors.PathError(target, "parent is not a directory") from None
+    except OSError as exc:
+        if errors.is_disk_full(exc):
+            raise errors.DiskFullError(target) from exc
+        raise errors.PathError(target, errors.os_problem(exc)) from exc
 
 
 def _stale_temps(target: Path) -> Iterator[Path]:
