@@ -90,8 +90,10 @@ def preflight(settings: EtlSettings) -> None:
     data = Path(settings.data_dir)
     if data.exists() and not data.is_dir():
         raise errors.PathError(data, "is not a directory (DATA_DIR / --data-dir)")
-    for folder in {Path(settings.home_dir), Path(settings.staging_dir),
-                   Path(settings.duckdb_path).parent}:
+    # ETL_HOME first: when it is the problem, it is the folder to name.
+    folders = [Path(settings.home_dir), Path(settings.staging_dir),
+               Path(settings.duckdb_path).parent]
+    for folder in dict.fromkeys(folders):
         ensure_writable_dir(folder)
 
 

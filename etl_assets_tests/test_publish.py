@@ -8,11 +8,8 @@ before, that no temp file or lock stays behind, and that the next good run heals
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -24,7 +21,7 @@ from etl_assets.faults import ENOSPC_POINTS
 from etl_assets.generate import generate
 from etl_assets.runner import run_pipeline
 from etl_assets.settings import EtlSettings
-from etl_assets_tests.conftest import edit_crm, make_settings
+from etl_assets_tests.conftest import edit_crm, make_settings, tmpfs
 
 pytestmark = pytest.mark.usefixtures("dagster_home")
 
@@ -149,26 +146,6 @@ def test_enospc_inside_each_write_is_named_and_the_next_run_heals(published, poi
     assert leftovers(settings) == []
     assert_not_locked(settings)
     _heals(settings, changed_export)
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A real, small filesystem at `path` (root only); unmounted whatever happens.
-
-    Under CI a test that cannot mount fails: it must not pass by being skipped.
-    """
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        message = f"cannot mount a tmpfs here: {proc.stderr.strip()}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _remount(path: Path, size: str) -> None:
