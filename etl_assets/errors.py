@@ -8,6 +8,7 @@ give every one of them the same shape, so a user reads what to fix, not which li
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,6 +90,28 @@ def naming(path: str | Path) -> Iterator[None]:
         raise
 
 
+def _looks_like_io_error(exc: BaseException) -> bool:
+    return (isinstance(exc, OSError) and exc.errno == errno.EIO) or \
+        "i/o error" in str(exc).lower()
+
+
+def filesystem_full(path: str | Path) -> bool:
+    """True if the filesystem holding `path` (or its nearest existing folder) is (nearly) full.
+
+    SQLite reports a full disk met while writing its journal as "disk I/O error"; asking the
+    filesystem tells the two apart.
+    """
+    current = Path(path)
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    try:
+        stats = os.statvfs(current)
+    except OSError:
+        return False
+    free = stats.f_bavail * stats.f_frsize
+    return free < max(1 << 20, stats.f_blocks * stats.f_frsize // 100)
+
+
 @contextmanager
 def disk_full_at(path: str | Path) -> Iterator[None]:
     """Re-raise a full disk as DiskFullError(path); let every other error through unchanged."""
@@ -97,7 +120,7 @@ def disk_full_at(path: str | Path) -> Iterator[None]:
     except PathError:
         raise
     except Exception as exc:
-        if is_disk_full(exc):
+        if is_disk_full(exc) or (_looks_like_io_error(exc) and filesystem_full(path)):
             raise DiskFullError(path) from exc
         raise
 

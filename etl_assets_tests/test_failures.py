@@ -177,3 +177,28 @@ def test_an_export_folder_without_write_permission_changes_nothing(shared_dir):
     healed = run_as_nobody("--export", str(export))
     assert healed.returncode == 0, healed.stdout + healed.stderr
     assert export.is_file()
+
+
+def test_enospc_in_the_dagster_home_write_is_one_line(good):
+    """The fault point in the CLI's own write of the Dagster home (ETL_CRASH_MODE=enospc)."""
+    home = good["home"]
+    proc = _run(home, good["data"], ETL_CRASH_AT="dagster_home_write", ETL_CRASH_MODE="enospc")
+    _assert_one_failed_line(proc, f"{home / 'dagster_home'}: no space left on device")
+    assert _state(home) == good["state"]
+
+
+def test_a_real_full_dagster_home_is_one_line_then_heals(good, tmp_path):
+    """Dagster's SQLite storage on a 600 KB tmpfs: SQLite says "disk I/O error" or "database or
+    disk is full"; the user reads which folder is full."""
+    data = tmp_path / "data"
+    shutil.copytree(good["data"], data)
+    home = tmp_path / "home"
+    home.mkdir()
+    with tmpfs(tmp_path / "small_dagster_home", "600k") as small:
+        proc = _run(home, data, DAGSTER_HOME=str(small))
+        _assert_one_failed_line(proc, f"{small}: no space left on device")
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
+        healed = _run(home, data, DAGSTER_HOME=str(small))
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert (home / "merged_output.csv").read_bytes() == \
+        (good["home"] / "merged_output.csv").read_bytes()
