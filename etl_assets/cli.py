@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import signal
 import sys
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
 from filelock import FileLock, Timeout
 
+from etl_assets import errors, interrupts
 from etl_assets.runner import RunOutcome, run_pipeline
 from etl_assets.settings import EtlSettings, SettingsError
 
@@ -28,19 +32,47 @@ def _settings(args: argparse.Namespace) -> EtlSettings:
 
 
 # The instance config written into a new Dagster home (an existing one is left alone).
+# No compute-log capture: Dagster's default starts `tail -F` and a Python watcher process for
+# every run, only to mirror the steps' stdout, and our steps log through context.log (which
+# the UI shows) instead. Ctrl-C in a terminal reaches those helpers too, and the watcher
+# printed its own KeyboardInterrupt traceback.
 DAGSTER_YAML = """\
 telemetry:
   enabled: false
+compute_logs:
+  module: dagster._core.storage.noop_compute_log_manager
+  class: NoOpComputeLogManager
 """
+
+
+def ensure_writable_dir(path: Path) -> None:
+    """Create `path` if needed and prove it takes a file; PathError naming what is wrong.
+
+    Run before any work, so a home that is a file, read-only or full gives one line at once
+    instead of an error from deep inside a step.
+    """
+    if path.exists() and not path.is_dir():
+        raise errors.PathError(path, "is not a directory")
+    with errors.naming(path):
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".etl-write-probe-{os.getpid()}"
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"ok")
+                os.fsync(fh.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
 
 
 def prepare_dagster_home(settings: EtlSettings) -> Path:
     """Use DAGSTER_HOME if set, else the git-ignored default; create its folder and config."""
     home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home).resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(home)
     config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(DAGSTER_YAML, encoding="utf-8")
+    with errors.naming(home):
+        settings.hook("dagster_home_write")
+        if not config.exists():
+            config.write_text(DAGSTER_YAML, encoding="utf-8")
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -58,22 +90,38 @@ def ensure_dagster_home(settings: EtlSettings) -> Path:
 
 
 @contextmanager
-def one_run_at_a_time(settings: EtlSettings) -> Iterator[None]:
+def one_run_at_a_time(settings: EtlSettings, interrupted: Callable[[], bool]) -> Iterator[None]:
     """Hold the home's run lock: a second `etl-assets run` on the same home waits, then finds
     the work done (unchanged sources and shards are skipped), instead of racing the first one
     through a brand-new Dagster home, the staging folders and the warehouse."""
-    home = Path(settings.home_dir)
-    home.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(home / ".run.lock"))
+    lock = FileLock(str(Path(settings.home_dir) / ".run.lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         print(f"waiting: another etl-assets run holds {lock.lock_file}", flush=True)
-        lock.acquire()
+        while True:  # in short waits, so that Ctrl-C still ends the wait
+            try:
+                lock.acquire(timeout=0.2)
+                break
+            except Timeout:
+                if interrupted():
+                    raise interrupts.Interrupted("waiting for another run") from None
     try:
         yield
     finally:
         lock.release()
+
+
+def preflight(settings: EtlSettings) -> None:
+    """Fail at once, with one line, on folders the run could not use."""
+    data = Path(settings.data_dir)
+    if data.exists() and not data.is_dir():
+        raise errors.PathError(data, "is not a directory (DATA_DIR / --data-dir)")
+    # ETL_HOME first: when it is the problem, it is the folder to name.
+    folders = [Path(settings.home_dir), Path(settings.staging_dir),
+               Path(settings.duckdb_path).parent]
+    for folder in dict.fromkeys(folders):
+        ensure_writable_dir(folder)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -81,13 +129,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     import dagster as dg
 
     settings = _settings(args)
-    with one_run_at_a_time(settings):
-        prepare_dagster_home(settings)
-        # One instance for the whole command (opening one costs about 0.5 s). It creates the
-        # storage before any shard worker opens it, which avoids SQLite's schema-creation race.
-        with dg.DagsterInstance.get() as instance:
-            outcome = run_pipeline(settings, echo=print, verbose=args.verbose,
-                                   workers=args.workers, instance=instance)
+    # Lines appear as they happen, also through a pipe (a test, `tee`, a log collector).
+    echo = functools.partial(print, flush=True)
+    with interrupts.watching() as watch:
+        phase = "startup"
+        try:
+            preflight(settings)
+            with one_run_at_a_time(settings, lambda: watch.received() is not None):
+                home = prepare_dagster_home(settings)
+                # A full disk under Dagster's own storage (SQLite: "database or disk is full").
+                with errors.disk_full_at(home):
+                    # One instance for the whole command (opening one costs about 0.5 s). It
+                    # creates the storage before any shard worker opens it, which avoids
+                    # SQLite's schema-creation race.
+                    with dg.DagsterInstance.get() as instance:
+                        phase = "sources"
+                        outcome = run_pipeline(settings, echo=echo, verbose=args.verbose,
+                                               workers=args.workers, instance=instance,
+                                               interrupted=lambda: watch.received() is not None)
+        except KeyboardInterrupt as exc:
+            phase = getattr(exc, "phase", phase)
+            if args.verbose:
+                traceback.print_exc()
+            print(f"INTERRUPTED during {phase}: nothing half-published", flush=True)
+            return interrupts.exit_code(watch.received() or signal.SIGINT)
     print_summary(outcome)
     if not outcome.ok:
         print(f"FAILED: {outcome.reason}")
@@ -210,6 +275,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("INTERRUPTED", flush=True)
+        return interrupts.exit_code(signal.SIGINT)
+    except Exception as exc:
+        # Whatever raised it and wherever (a lock timeout in our own freshness check, a bad
+        # home, Dagster's storage): one line a user can act on; the traceback only with -v.
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"FAILED: {errors.one_line(exc)}", flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,40 +1,62 @@
-"""Named points inside every write, where a test can make the process die for real.
+"""Named points inside every write, where a test can make the process fail for real.
 
-`ETL_CRASH_AT=<point>` (settings.crash_at) makes the process SIGKILL itself on reaching that
-point: no cleanup, no `finally`, exactly what a killed worker or a power cut leaves behind.
+`ETL_CRASH_AT=<point>` (settings.crash_at) acts on reaching that point, as ETL_CRASH_MODE says:
+- `kill` (default): the process SIGKILLs itself: no cleanup, no `finally`, exactly what a killed
+  worker or a power cut leaves behind;
+- `enospc`: the write raises `OSError(ENOSPC)`, as a full disk would in the middle of it; the
+  code around the write must name the path and leave nothing half-done.
 Production code calls `hook(point)` at each point; by default that does nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections.abc import Callable
 
 Hook = Callable[[str], None]
 
+# The points the kill drill (test_crash) walks, in the order a run reaches them.
 CRASH_POINTS: tuple[str, ...] = (
     "source_before_publish",  # slices written under a temp name, not yet renamed into place
     "source_before_pointer",  # version directory published, pointer not yet moved
     "source_before_rejected",  # staged, rejected rows not yet replaced in the warehouse
     "shard_after_delete",  # inside the shard transaction: old rows deleted, new not inserted
     "shard_before_commit",  # new rows and manifest inserted, not committed
-    "profiles_before_commit",  # customer_profiles rebuilt inside its transaction, not committed
-    "export_before_rename",  # export written to its temp file, not yet renamed
+    "profiles_before_commit",  # table, manifest and export temp file ready, not committed
+    "export_before_rename",  # committed, export temp file not yet renamed into place
 )
+
+# Where a full disk can strike: one point inside each kind of write. Two of them are not in
+# the kill drill: killing there leaves what killing at a neighbouring point leaves.
+ENOSPC_POINTS: tuple[str, ...] = (
+    "dagster_home_write",  # the CLI creates the Dagster home's config and storage
+    "source_before_publish",  # staging: slices written under a temp name
+    "source_rejected_write",  # warehouse: inside the rejected-rows transaction
+    "shard_before_commit",  # warehouse: inside the shard transaction
+    "export_write",  # export: temp file written, inside the customer_profiles transaction
+)
+
+FAULT_POINTS: tuple[str, ...] = CRASH_POINTS + tuple(p for p in ENOSPC_POINTS
+                                                     if p not in CRASH_POINTS)
+CRASH_MODES: tuple[str, ...] = ("kill", "enospc")
 
 
 def no_hook(point: str) -> None:
     """The default hook: do nothing."""
 
 
-def crash_hook(crash_at: str) -> Hook:
-    """A hook that SIGKILLs this process at `crash_at` (no-op when empty)."""
+def crash_hook(crash_at: str, mode: str = "kill") -> Hook:
+    """A hook that acts at `crash_at` as `mode` says (no-op when `crash_at` is empty)."""
     if not crash_at:
         return no_hook
 
     def hook(point: str) -> None:
-        if point == crash_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if point != crash_at:
+            return
+        if mode == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.kill(os.getpid(), signal.SIGKILL)
 
     return hook

@@ -10,7 +10,7 @@ from typing import Optional
 import dagster as dg
 import duckdb
 
-from etl_assets import staging, warehouse
+from etl_assets import errors, staging, warehouse
 from etl_assets.faults import Hook
 from etl_assets.logs import shard_event
 from etl_assets.paths import duckdb_literals
@@ -189,7 +189,8 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
             if unchanged is not None:
                 return _skipped(context, shard_id, attempt, started, unchanged)
             result = build_shard(settings, shard_id, context.run.run_id)
-        except staging.StagingError as exc:
+        except (staging.StagingError, errors.PathError) as exc:
+            # Missing inputs, a bad path or a full disk: retrying in seconds would not help.
             shard_event(context, "shard_error", shard_id=shard_id, attempt=attempt,
                         error=str(exc), retryable=False)
             raise dg.Failure(
@@ -234,35 +235,12 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
     def customer_profiles(
         context: dg.AssetExecutionContext, settings: EtlSettings
     ) -> dg.MaterializeResult:
-        with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s,
-                              settings.duckdb_limits) as con:
-            # Never merge a partly updated set of shards: the previous table and export stay.
-            status = shard_status(settings, con)
-            stale = [k for k, entry in status.items() if entry is None]
-            if stale:
-                raise dg.Failure(
-                    description=f"shards {stale} are not current with the staged sources; "
-                    "materialize them first (customer_profiles left as it was)",
-                    allow_retries=False,
-                    metadata={"retryable": False},
-                )
-            # Every shard is current here, so its status entry is its manifest entry.
-            shards_hash = _shards_hash(status)
-            previous = None if settings.force else warehouse.read_profiles_manifest(
-                con, settings.shard_count)
-            if previous is not None and _profiles_unchanged(previous, shards_hash, settings):
-                count, skipped = int(previous["row_count"]), True
-            else:
-                count = warehouse.rebuild_customer_profiles(con, settings.shard_count,
-                                                            settings.hook)
-                warehouse.export_csv(con, settings.export_path, settings.hook)
-                warehouse.record_profiles(con, settings.shard_count, {
-                    "shards_hash": shards_hash, "code_version": _profiles_code(), "row_count": count,
-                    "export_path": settings.export_path,
-                    "export_sha256": file_sha256(settings.export_path),
-                })
-                skipped = False
-            summary = profile_summary(con)
+        try:
+            count, skipped, summary = _publish(settings)
+        except errors.PathError as exc:
+            # A path to fix or a disk to free: one line, and retrying at once would not help.
+            raise dg.Failure(description=str(exc), allow_retries=False,
+                             metadata={"retryable": False}) from exc
         if skipped:
             context.log.info(f"customer_profiles: {PROFILES_SKIP_REASON}")
         return dg.MaterializeResult(
@@ -276,6 +254,35 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
         )
 
     return shard_profiles, customer_profiles
+
+
+def _publish(settings: EtlSettings) -> tuple[int, bool, str]:
+    """Rebuild and export customer_profiles unless nothing changed: (rows, skipped, summary)."""
+    with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s,
+                          settings.duckdb_limits) as con:
+        # Never merge a partly updated set of shards: the previous table and export stay.
+        status = shard_status(settings, con)
+        stale = [k for k, entry in status.items() if entry is None]
+        if stale:
+            raise dg.Failure(
+                description=f"shards {stale} are not current with the staged sources; "
+                "materialize them first (customer_profiles left as it was)",
+                allow_retries=False,
+                metadata={"retryable": False},
+            )
+        # Every shard is current here, so its status entry is its manifest entry.
+        shards_hash = _shards_hash(status)
+        previous = None if settings.force else warehouse.read_profiles_manifest(
+            con, settings.shard_count)
+        if previous is not None and _profiles_unchanged(previous, shards_hash, settings):
+            count, skipped = int(previous["row_count"]), True
+        else:
+            # Table, manifest and export change together or not at all (see the function).
+            count = warehouse.publish_customer_profiles(
+                con, settings.shard_count, settings.export_path,
+                {"shards_hash": shards_hash, "code_version": _profiles_code()}, settings.hook)
+            skipped = False
+        return count, skipped, profile_summary(con)
 
 
 PROFILES_SKIP_REASON = ("every shard and the code are unchanged since the last rebuild, and the "

@@ -12,8 +12,9 @@ import functools
 import multiprocessing
 import os
 import signal
+import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +23,8 @@ import dagster as dg
 
 from etl_assets import staging
 from etl_assets.definitions import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB, build_defs
+from etl_assets.errors import NO_SPACE
+from etl_assets.interrupts import Interrupted
 from etl_assets.logs import format_event, parse_shard_event
 from etl_assets.profiles import shard_status, skip_reason
 from etl_assets.schema import SOURCES
@@ -53,6 +56,8 @@ class RunOutcome:
     reason: str = ""
     export_path: str = ""
     run_ids: list[str] = field(default_factory=list)
+    # What the run is doing now: sources, shards or customer_profiles (named when interrupted).
+    phase: str = "sources"
 
     @property
     def ok(self) -> bool:
@@ -120,6 +125,9 @@ def _init_worker(parent_pid: int) -> None:
     # was still starting up (it takes a few seconds to import) would leave it orphaned.
     if os.getppid() != parent_pid:
         os._exit(1)
+    # Ctrl-C reaches the whole process group: the CLI decides what happens to its workers
+    # (it kills them), a worker must not print its own KeyboardInterrupt traceback meanwhile.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with dg.DagsterInstance.get():
         pass
 
@@ -138,23 +146,29 @@ def _settings_key(settings: EtlSettings, **changes: Any) -> tuple[tuple[str, Any
     return tuple(sorted({**settings.field_values(), **changes}.items()))
 
 
+# Tags every Dagster run of one `etl-assets run`, so an interrupted one can mark the runs its
+# killed workers left in progress as canceled (the UI would show them running forever).
+INVOCATION_TAG = "etl_assets/invocation"
+
+
 def _shard_run(
     instance: dg.DagsterInstance, key: tuple[tuple[str, Any], ...], shard_id: int,
-    run_config: dict[str, Any],
+    run_config: dict[str, Any], tags: dict[str, str],
 ) -> tuple[int, str, bool, str]:
     """One shard partition as its own Dagster run."""
     result = _shards_job(key).execute_in_process(
         instance=instance, partition_key=str(shard_id), raise_on_error=False,
-        run_config=run_config)
+        run_config=run_config, tags=tags)
     return shard_id, result.run_id, result.success, "" if result.success else first_failure(result)
 
 
 def _shard_in_worker(
-    key: tuple[tuple[str, Any], ...], shard_id: int, run_config: dict[str, Any]
+    key: tuple[tuple[str, Any], ...], shard_id: int, run_config: dict[str, Any],
+    tags: dict[str, str],
 ) -> tuple[int, str, bool, str]:
     """One shard partition as its own Dagster run, in a worker process."""
     with dg.DagsterInstance.get() as instance:
-        return _shard_run(instance, key, shard_id, run_config)
+        return _shard_run(instance, key, shard_id, run_config, tags)
 
 
 def _warm_up() -> None:
@@ -188,20 +202,32 @@ def worker_threads(settings: EtlSettings, workers: int) -> int:
 def _run_shards(
     settings: EtlSettings, shard_ids: list[int], pool: Optional[ProcessPoolExecutor],
     run_config: dict[str, Any], instance: dg.DagsterInstance, workers: int,
+    tags: dict[str, str], interrupted: Callable[[], bool],
 ) -> Iterator[tuple[int, str, bool, str]]:
-    """Run the shards in the worker pool (or here, one after another, without one)."""
+    """Run the shards in the worker pool (or here, one after another, without one).
+
+    KeyboardInterrupt as soon as `interrupted()` says so (checked while waiting for workers).
+    """
     if pool is None or len(shard_ids) <= 1:
         key = _settings_key(settings)
         for shard_id in shard_ids:
-            yield _shard_run(instance, key, shard_id, run_config)
+            if interrupted():
+                raise KeyboardInterrupt
+            yield _shard_run(instance, key, shard_id, run_config, tags)
         return
     key = _settings_key(settings, duckdb_threads=worker_threads(settings, workers))
-    futures = {pool.submit(_shard_in_worker, key, k, run_config): k for k in shard_ids}
-    for future in as_completed(futures):
-        try:
-            yield future.result()
-        except Exception as exc:  # the worker died (killed, out of memory): report it
-            yield futures[future], "", False, f"worker process died ({type(exc).__name__})"
+    futures = {pool.submit(_shard_in_worker, key, k, run_config, tags): k for k in shard_ids}
+    pending = set(futures)
+    while pending:
+        # Short waits, so a signal is acted on within a fraction of a second.
+        done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        if interrupted():
+            raise KeyboardInterrupt
+        for future in done:
+            try:
+                yield future.result()
+            except Exception as exc:  # the worker died (killed, out of memory): report it
+                yield futures[future], "", False, f"worker process died ({type(exc).__name__})"
 
 
 class _LazyPool:
@@ -225,6 +251,23 @@ class _LazyPool:
     def shutdown(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def kill(self) -> None:
+        """SIGKILL every worker now (an interrupted run must not wait for shards to finish).
+
+        Safe for the data: a shard commits in one transaction, so a killed worker leaves its
+        shard's old rows (test_crash proves it for every write point).
+        """
+        if self.pool is None:
+            return
+        # ProcessPoolExecutor has no public way to reach its processes before Python 3.14.
+        for process in list(getattr(self.pool, "_processes", {}).values()):
+            try:
+                process.kill()
+            except (OSError, ValueError):
+                pass  # already gone
+        for process in list(getattr(self.pool, "_processes", {}).values()):
+            process.join(timeout=10)
 
 
 def shards_expected(settings: EtlSettings) -> bool:
@@ -265,43 +308,72 @@ def shard_inputs_recorded(settings: EtlSettings, instance: dg.DagsterInstance) -
     return event.timestamp * 1e9 > staged_ns
 
 
+def _never() -> bool:
+    return False
+
+
 def run_pipeline(
     settings: EtlSettings,
     echo: Callable[[str], None] = print,
     verbose: bool = False,
     workers: int = 1,
     instance: Optional[dg.DagsterInstance] = None,
+    interrupted: Callable[[], bool] = _never,
 ) -> RunOutcome:
     """Materialize everything for `settings` in `instance` (default: the one at DAGSTER_HOME).
 
     Up to `workers` shard partitions run at once, each as its own Dagster run in its own
     process; the results are identical for any number of workers.
+
+    A KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by the CLI) kills the workers,
+    marks the Dagster runs they left in progress as canceled and raises `Interrupted(phase)`.
+    Dagster itself turns a signal that arrives inside a run of this process into a failed
+    step; `interrupted()` tells the runner that this happened, so it stops there too.
     """
     if instance is None:
         with dg.DagsterInstance.get() as own:
-            return run_pipeline(settings, echo, verbose, workers, own)
+            return run_pipeline(settings, echo, verbose, workers, own, interrupted)
     pool = _LazyPool(workers, settings.shard_count)
+    outcome = RunOutcome(export_path=settings.export_path)
+    tags = {INVOCATION_TAG: uuid.uuid4().hex}
     try:
         if shards_expected(settings):
             pool.start()
-        return _run_all(settings, echo, verbose, pool, instance)
+        _run_all(settings, echo, verbose, pool, instance, outcome, tags, interrupted)
+        return outcome
+    except KeyboardInterrupt as exc:
+        pool.kill()
+        _cancel_unfinished(instance, tags)
+        raise Interrupted(outcome.phase) from exc
     finally:
         pool.shutdown()
 
 
+def _cancel_unfinished(instance: dg.DagsterInstance, tags: dict[str, str]) -> None:
+    """Mark this invocation's runs that never finished (their worker was killed) as canceled."""
+    unfinished = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+                  dg.DagsterRunStatus.STARTED]
+    for run in instance.get_runs(dg.RunsFilter(tags=tags, statuses=unfinished)):
+        instance.report_run_canceled(run, message="etl-assets run was interrupted")
+
+
 def _run_all(
     settings: EtlSettings, echo: Callable[[str], None], verbose: bool,
-    pool: _LazyPool, instance: dg.DagsterInstance,
-) -> RunOutcome:
+    pool: _LazyPool, instance: dg.DagsterInstance, outcome: RunOutcome, tags: dict[str, str],
+    interrupted: Callable[[], bool],
+) -> None:
     defs = build_defs(settings)
     run_config = {} if verbose else QUIET_RUN_CONFIG
-    outcome = RunOutcome(export_path=settings.export_path)
 
     def execute(job_name: str, **kwargs: Any) -> dg.ExecuteInProcessResult:
+        if interrupted():
+            raise KeyboardInterrupt
         result = defs.resolve_job_def(job_name).execute_in_process(
-            instance=instance, raise_on_error=False, run_config=run_config, **kwargs
+            instance=instance, raise_on_error=False, run_config=run_config, tags=tags, **kwargs
         )
         outcome.run_ids.append(result.run_id)
+        if interrupted():
+            raise KeyboardInterrupt  # Dagster already failed the step it interrupted
         return result
 
     # Like unchanged shards, an unchanged source gets no Dagster step: its last staging stands
@@ -322,10 +394,13 @@ def _run_all(
         if not result.success and not outcome.reason:
             outcome.reason = first_failure(result)
         if outcome.reason:
-            return outcome
+            return
 
     # A shard whose rows the warehouse already holds from the same inputs and code is not run
     # at all (not even a Dagster run); --force runs every shard, and so is the chaos shard.
+    outcome.phase = "shards"
+    if interrupted():
+        raise KeyboardInterrupt
     status = {} if settings.force else shard_status(settings)
     rows: dict[int, ShardRow] = {}
     todo = []
@@ -342,7 +417,9 @@ def _run_all(
             todo.append(shard_id)
     workers = pool.start() if len(todo) > 1 else None
     for shard_id, run_id, success, error in _run_shards(settings, todo, workers, run_config,
-                                                        instance, pool.size):
+                                                        instance, pool.size, tags, interrupted):
+        if interrupted():
+            raise KeyboardInterrupt  # a shard run here was failed by Dagster's own handler
         if run_id:
             outcome.run_ids.append(run_id)
         events = shard_events(instance, run_id) if run_id else []
@@ -354,13 +431,19 @@ def _run_all(
     failed = [r for r in outcome.shards if not r.ok]
     if failed:
         first = failed[0]
+        full = next((r for r in failed if r.error.endswith(f": {NO_SPACE}")), None)
+        if full is not None:
+            # The disk is what to fix, whichever shard noticed first.
+            outcome.reason = full.error
+            return
         others = f" (and shards {', '.join(str(r.shard_id) for r in failed[1:])})" if failed[1:] else ""
         outcome.reason = (
             f"shard {first.shard_id} failed after {first.attempts} attempt(s): {first.error}{others}; "
             "customer_profiles was not rebuilt"
         )
-        return outcome
+        return
 
+    outcome.phase = "customer_profiles"
     result = execute(PROFILES_JOB)
     for evaluation in result.get_asset_check_evaluations():
         outcome.checks.append((evaluation.check_name, evaluation.passed, _metadata(evaluation)))
@@ -369,4 +452,3 @@ def _run_all(
         outcome.reason = f"check(s) failed: {', '.join(failed_checks)}"
     elif not result.success:
         outcome.reason = first_failure(result)
-    return outcome

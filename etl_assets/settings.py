@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import dagster as dg
 
-from etl_assets.faults import CRASH_POINTS, Hook, crash_hook
+from etl_assets.faults import CRASH_MODES, FAULT_POINTS, Hook, crash_hook
 from etl_assets.limits import DuckDBLimits
 
 # Environment variable -> settings field. CLI flags override these.
@@ -30,6 +30,7 @@ ENV_VARS: dict[str, str] = {
     "MAX_REJECT_FRACTION": "max_reject_fraction",
     "LOCK_TIMEOUT_S": "lock_timeout_s",
     "ETL_CRASH_AT": "crash_at",
+    "ETL_CRASH_MODE": "crash_mode",
     "SENSOR_INTERVAL_S": "sensor_interval_s",
     "RERUN_MAX_ATTEMPTS": "rerun_max_attempts",
     "RERUN_BASE_WAIT_S": "rerun_base_wait_s",
@@ -64,6 +65,7 @@ class EtlSettings(dg.ConfigurableResource):
     max_reject_fraction: float = 0.01
     lock_timeout_s: float = 60.0
     crash_at: str = ""
+    crash_mode: str = "kill"
     sensor_interval_s: int = 30
     rerun_max_attempts: int = 2
     rerun_base_wait_s: float = 30.0
@@ -120,9 +122,13 @@ class EtlSettings(dg.ConfigurableResource):
                 f"DUCKDB_PATH cannot contain '?' (DuckDB reads it as the start of connection "
                 f"options), got {self.duckdb_path!r}"
             )
-        if self.crash_at and self.crash_at not in CRASH_POINTS:
+        if self.crash_at and self.crash_at not in FAULT_POINTS:
             raise SettingsError(
-                f"ETL_CRASH_AT must be one of {', '.join(CRASH_POINTS)}, got {self.crash_at!r}"
+                f"ETL_CRASH_AT must be one of {', '.join(FAULT_POINTS)}, got {self.crash_at!r}"
+            )
+        if self.crash_mode not in CRASH_MODES:
+            raise SettingsError(
+                f"ETL_CRASH_MODE must be one of {', '.join(CRASH_MODES)}, got {self.crash_mode!r}"
             )
         return self
 
@@ -137,7 +143,7 @@ class EtlSettings(dg.ConfigurableResource):
     @property
     def hook(self) -> Hook:
         """The fault hook for this configuration (does nothing unless ETL_CRASH_AT is set)."""
-        return crash_hook(self.crash_at)
+        return crash_hook(self.crash_at, self.crash_mode)
 
     @property
     def shard_ids(self) -> list[int]:

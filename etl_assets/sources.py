@@ -16,7 +16,7 @@ from typing import Optional
 import dagster as dg
 import duckdb
 
-from etl_assets import staging, warehouse
+from etl_assets import errors, staging, warehouse
 from etl_assets.paths import duckdb_literals
 from etl_assets.rules import install_rules
 from etl_assets.schema import SOURCES, SourceSchema
@@ -115,10 +115,8 @@ def stage_source(
     hook = hook or settings.hook
     started = time.monotonic()
     path = Path(settings.data_dir) / schema.filename
-    if path.is_dir():
-        raise SourceFileError(path, "is a directory, not a file")
     if not path.is_file():
-        raise SourceFileError(path, "file not found")
+        raise SourceFileError(*_missing(path))
     sha = file_sha256(path)
     previous = None if settings.force else _unchanged(schema, settings, sha)
     if previous is not None:
@@ -128,7 +126,8 @@ def stage_source(
     snapshot_dir = staging.new_temp_dir(settings.staging_dir, schema.name)
     try:
         snapshot = snapshot_dir / schema.filename
-        sha = snapshot_file(path, snapshot, hook)
+        with errors.naming(snapshot_dir):
+            sha = snapshot_file(path, snapshot, hook)
         with warehouse.scratch(settings.duckdb_limits) as con:
             install_rules(con)
             try:
@@ -144,10 +143,21 @@ def stage_source(
                     "rows_accepted": report.accepted,
                     "rows_rejected": report.rejected,
                     "reasons": json.dumps(dict(sorted(report.reasons.items()))),
-                })
+                }, hook)
     finally:
         shutil.rmtree(snapshot_dir, ignore_errors=True)
     return SourceResult(report, staged, int((time.monotonic() - started) * 1000))
+
+
+def _missing(path: Path) -> tuple[Path, str]:
+    """(path, problem) for a source file that is not a regular file: say what is there instead."""
+    if path.is_dir():
+        return path, "is a directory"
+    if path.parent.exists() and not path.parent.is_dir():
+        return path.parent, "data directory is a file, not a directory"
+    if path.exists():
+        return path, "is not a regular file"
+    return path, "file not found"
 
 
 def _routed_sql(schema: SourceSchema) -> str:
@@ -202,19 +212,36 @@ def _write_slices(
     hook: Hook,
 ) -> staging.StagedSource:
     n = settings.shard_count
-    routed = _routed_sql(schema)
     version_dir = Path(settings.staging_dir) / schema.name / f"{sha[:20]}-{_staging_key(settings)}"
     existing = version_dir.is_dir()
-    if existing and not settings.force:
-        # Published earlier under this name. The name alone proves nothing (a version staged
-        # by older code, or damaged on disk, keeps it): it is reused only if its files hold
-        # exactly the rows just read, shard by shard.
-        slice_hashes, slice_rows = _staged_stats(con, version_dir, n)
-        if (slice_hashes, slice_rows) == slice_stats(con, schema, n):
-            staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes,
-                                          slice_rows)
-            return staging.publish(settings.staging_dir, None, staged, hook)
-    tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
+    # A full disk or a bad path while staging names the source's staging folder.
+    with errors.naming(Path(settings.staging_dir) / schema.name):
+        if existing and not settings.force:
+            # Published earlier under this name. The name alone proves nothing (a version
+            # staged by older code, or damaged on disk, keeps it): it is reused only if its
+            # files hold exactly the rows just read, shard by shard.
+            slice_hashes, slice_rows = _staged_stats(con, version_dir, n)
+            if (slice_hashes, slice_rows) == slice_stats(con, schema, n):
+                staged = staging.StagedSource(schema.name, sha, n, str(version_dir),
+                                              slice_hashes, slice_rows)
+                return staging.publish(settings.staging_dir, None, staged, hook)
+        tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
+        try:
+            return _stage_into(con, schema, settings, sha, tmp, version_dir, hook,
+                               replace=existing)
+        except BaseException:
+            # Our own temp folder: nobody else will use it (a crash leaves it for _prune).
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _stage_into(
+    con: duckdb.DuckDBPyConnection, schema: SourceSchema, settings: EtlSettings, sha: str,
+    tmp: Path, version_dir: Path, hook: Hook, replace: bool,
+) -> staging.StagedSource:
+    """Write every slice into `tmp`, then publish it as `version_dir`."""
+    n = settings.shard_count
+    routed = _routed_sql(schema)
     # One pass routes and writes every shard's slice (shard_id=<k>/ folders); the stats are then
     # read back from the files' row_hash column, which is cheaper than routing every row again.
     con.execute(
@@ -233,7 +260,7 @@ def _write_slices(
                 {"path": str(folder / "empty.parquet"), "n": n},
             )
     staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes, slice_rows)
-    return staging.publish(settings.staging_dir, tmp, staged, hook, replace=existing)
+    return staging.publish(settings.staging_dir, tmp, staged, hook, replace=replace)
 
 
 def _staged_stats(
@@ -341,7 +368,7 @@ def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
     def _source(context: dg.AssetExecutionContext, settings: EtlSettings) -> dg.MaterializeResult:
         try:
             result = stage_source(schema, settings)
-        except SourceFileError as exc:
+        except (SourceFileError, errors.PathError) as exc:
             context.log.debug(f"{schema.name}: file error", exc_info=True)
             raise dg.Failure(description=str(exc), allow_retries=False,
                              metadata={"retryable": False}) from exc

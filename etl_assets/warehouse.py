@@ -7,11 +7,14 @@ transaction and is always followed by DETACH/close, even when it fails.
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,15 +23,17 @@ from typing import Optional
 
 import duckdb
 
+from etl_assets import errors
 from etl_assets.faults import Hook, no_hook
 from etl_assets.limits import DuckDBLimits
 from etl_assets.schema import profile_columns
+from etl_assets.validation import file_sha256
 
 ALIAS = "wh"
 _LOCK_HOLDER = re.compile(r"PID (\d+)")
 
 
-class WarehouseLockedError(RuntimeError):
+class WarehouseLockedError(errors.PathError):
     """The warehouse file stayed locked by another process for longer than the lock timeout."""
 
 
@@ -86,26 +91,53 @@ def _with_lock_retry(action: Callable[[], None], path: str, timeout_s: float) ->
                 raise
             if time.monotonic() >= deadline:
                 raise WarehouseLockedError(
-                    f"{path}: still locked by {_holder(message)} after {timeout_s:.0f}s"
+                    path, f"still locked by {_holder(message)} after {timeout_s:.0f}s"
                 ) from exc
             time.sleep(min(wait, max(0.0, deadline - time.monotonic())) * random.uniform(0.5, 1.0))
             wait = min(wait * 2, 2.0)
 
 
+def rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
+    """ROLLBACK if a transaction is open; never raise.
+
+    Called while another error is on its way out: a COMMIT that failed (a full disk) has already
+    ended the transaction, and DuckDB's "cannot rollback - no transaction is active" must not
+    replace the error that says what happened.
+    """
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
+
+
+def _detach_quietly(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute(f"DETACH {ALIAS}")
+    except duckdb.Error:
+        pass  # the connection is closed next, which releases the file anyway
+
+
 @contextmanager
 def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float) -> Iterator[str]:
-    """Attach the warehouse file to `con` as `wh` for a short write; always detach afterwards."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _with_lock_retry(lambda: con.execute(f"ATTACH ? AS {ALIAS}", [path]), path, timeout_s)
-    try:
-        for ddl in DDL:
-            con.execute(ddl)
-        yield ALIAS
-    finally:
+    """Attach the warehouse file to `con` as `wh` for a short write; always detach afterwards.
+
+    A full disk anywhere inside (ATTACH replaying the WAL, a COMMIT, the CHECKPOINT of DETACH)
+    is reported as DiskFullError naming the warehouse file. When the block fails, ROLLBACK and
+    DETACH are attempted but cannot replace its error.
+    """
+    with errors.disk_full_at(path):
+        with errors.naming(Path(path).parent):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _with_lock_retry(lambda: con.execute(f"ATTACH ? AS {ALIAS}", [path]), path, timeout_s)
         try:
-            con.execute("ROLLBACK")
-        except duckdb.Error:
-            pass  # no transaction open: the normal case
+            for ddl in DDL:
+                con.execute(ddl)
+            yield ALIAS
+        except BaseException:
+            rollback_quietly(con)
+            _detach_quietly(con)
+            raise
+        rollback_quietly(con)  # no transaction open: the normal case
         con.execute(f"DETACH {ALIAS}")
 
 
@@ -134,8 +166,13 @@ def scratch(limits: Optional[DuckDBLimits] = None) -> Iterator[duckdb.DuckDBPyCo
             # No progress bar: on long queries DuckDB would draw it into the CLI's output.
             con.execute("SET enable_progress_bar = false")
             yield con
-        finally:
-            con.close()
+        except BaseException:
+            try:
+                con.close()
+            except duckdb.Error:
+                pass  # e.g. a still-attached file failing its checkpoint: the first error wins
+            raise
+        con.close()
     finally:
         if spill_dir is not None:
             shutil.rmtree(spill_dir, ignore_errors=True)
@@ -224,7 +261,7 @@ def overwrite_shard(
         hook("shard_before_commit")
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        rollback_quietly(con)
         raise
     return int(written)
 
@@ -252,21 +289,11 @@ def read_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict[int,
 
 
 def read_profiles_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> Optional[dict]:
-    """The last customer_profiles build for this layout (see record_profiles), or None."""
+    """The last customer_profiles build for this layout (see publish_customer_profiles), or None."""
     cur = con.execute(f"SELECT * FROM {ALIAS}.profiles_manifest WHERE shard_count = ?",
                       [shard_count])
     row = cur.fetchone()
     return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None
-
-
-def record_profiles(con: duckdb.DuckDBPyConnection, shard_count: int, entry: dict) -> None:
-    """Record a finished rebuild + export: shards_hash, code_version, row_count, export_path,
-    export_sha256. Written after the export is in place, so a crash before leaves no record."""
-    con.execute(
-        f"INSERT OR REPLACE INTO {ALIAS}.profiles_manifest VALUES (?, ?, ?, ?, ?, ?)",
-        [shard_count, entry["shards_hash"], entry["code_version"], entry["row_count"],
-         entry["export_path"], entry["export_sha256"]],
-    )
 
 
 def replace_rejected(
@@ -275,6 +302,7 @@ def replace_rejected(
     rejected_table: str,
     file_sha256: str,
     manifest: dict[str, object],
+    hook: Hook = no_hook,
 ) -> None:
     """Replace a source's quarantined rows and its manifest row in one transaction.
 
@@ -293,65 +321,174 @@ def replace_rejected(
             [source, file_sha256, manifest["staging_key"], manifest["rows_read"],
              manifest["rows_accepted"], manifest["rows_rejected"], manifest["reasons"]],
         )
+        hook("source_rejected_write")
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        rollback_quietly(con)
         raise
 
 
-def rebuild_customer_profiles(
-    con: duckdb.DuckDBPyConnection, shard_count: int, hook: Hook = no_hook
-) -> int:
-    """Rebuild `customer_profiles` from the current shard layout, one row per idempotency key."""
+def _rebuild_table(con: duckdb.DuckDBPyConnection, shard_count: int) -> int:
+    """Inside the caller's transaction: replace customer_profiles from the current shard layout,
+    one row per idempotency key, in customer_id order; return its row count."""
     cols = ", ".join(name for name, _ in profile_columns())
+    # Keys are normally unique already; the window that keeps one row per key costs about
+    # 0.4 s per 1M rows, so it runs only when the probe (same transaction) finds a repeat.
+    repeated = con.execute(
+        f"""SELECT count(*) > count(DISTINCT idempotency_key) FROM {ALIAS}.shard_profiles
+            WHERE shard_count = ?""",
+        [shard_count],
+    ).fetchone()[0]
+    one_per_key = (
+        "QUALIFY row_number() OVER (PARTITION BY idempotency_key ORDER BY shard_id) = 1"
+        if repeated else ""
+    )
+    con.execute(
+        f"""CREATE OR REPLACE TABLE {ALIAS}.customer_profiles AS
+            SELECT {cols} FROM {ALIAS}.shard_profiles WHERE shard_count = ?
+            {one_per_key}
+            ORDER BY customer_id""",
+        [shard_count],
+    )
+    return int(con.execute(f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
+
+
+def rebuild_customer_profiles(con: duckdb.DuckDBPyConnection, shard_count: int) -> int:
+    """Rebuild the table alone (no export), for tests and tools; `publish_customer_profiles`
+    is what the pipeline uses. The profiles manifest is cleared: no export matches it now."""
     con.execute("BEGIN TRANSACTION")
     try:
-        # Keys are normally unique already; the window that keeps one row per key costs about
-        # 0.4 s per 1M rows, so it runs only when the probe (same transaction) finds a repeat.
-        repeated = con.execute(
-            f"""SELECT count(*) > count(DISTINCT idempotency_key) FROM {ALIAS}.shard_profiles
-                WHERE shard_count = ?""",
-            [shard_count],
-        ).fetchone()[0]
-        one_per_key = (
-            "QUALIFY row_number() OVER (PARTITION BY idempotency_key ORDER BY shard_id) = 1"
-            if repeated else ""
-        )
-        con.execute(
-            f"""CREATE OR REPLACE TABLE {ALIAS}.customer_profiles AS
-                SELECT {cols} FROM {ALIAS}.shard_profiles WHERE shard_count = ?
-                {one_per_key}
-                ORDER BY customer_id""",
-            [shard_count],
-        )
-        count = con.execute(f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0]
-        # The record of what the table was built from no longer holds, whatever happens next
-        # (record_profiles writes the new one once the export is in place).
+        count = _rebuild_table(con, shard_count)
         con.execute(f"DELETE FROM {ALIAS}.profiles_manifest")
-        hook("profiles_before_commit")
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        rollback_quietly(con)
         raise
-    return int(count)
+    return count
 
 
-def export_csv(con: duckdb.DuckDBPyConnection, export_path: str, hook: Hook = no_hook) -> None:
-    """Write customer_profiles sorted by customer_id; the file appears complete or not at all."""
+def check_export_target(export_path: str) -> None:
+    """Raise PathError if the export cannot be written at `export_path`, before anything changes.
+
+    A directory there would only fail at the final rename, after the table was committed.
+    """
     target = Path(export_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    if target.is_dir():
+        raise errors.PathError(target, "is a directory")
     try:
-        # The table is written in customer_id order (rebuild_customer_profiles) and DuckDB keeps
-        # insertion order when a query has no ORDER BY (preserve_insertion_order, on by
-        # default and set here), so the export needs no second sort of every row.
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise errors.PathError(target, "parent is not a directory") from None
+    except OSError as exc:
+        if errors.is_disk_full(exc):
+            raise errors.DiskFullError(target) from exc
+        raise errors.PathError(target, errors.os_problem(exc)) from exc
+
+
+def _stale_temps(target: Path) -> Iterator[Path]:
+    """Export temp files (`.<name>.<pid>.tmp`) left by processes that no longer exist."""
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid = tmp.name[len(target.name) + 2:-len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            yield tmp
+
+
+def _write_export(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path, hook: Hook) -> str:
+    """Write customer_profiles (as this transaction sees it) to `tmp`, durably; return sha256.
+
+    Errors name `target`: that is the path a user gave and has to fix or free space for.
+    """
+    with errors.naming(target):
+        # Created here first, so a missing permission is an OSError naming the problem rather
+        # than DuckDB's wording of it.
+        with open(tmp, "xb"):
+            pass
+        # The table is written in customer_id order (_rebuild_table) and DuckDB keeps insertion
+        # order when a query has no ORDER BY (preserve_insertion_order, on by default and set
+        # here), so the export needs no second sort of every row.
         con.execute("SET preserve_insertion_order = true")
         con.execute(
             f"COPY (SELECT * FROM {ALIAS}.customer_profiles) TO ? "
             "(FORMAT csv, HEADER true, DELIMITER ',')",
             [str(tmp)],
         )
-        hook("export_before_rename")
-        os.replace(tmp, target)
+        hook("export_write")
+        # On disk before the manifest that names its hash commits (a full disk can also show
+        # up only here, when delayed writes are flushed).
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    return file_sha256(tmp)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done, then deliver them.
+
+    Between COMMIT and the export's rename the table and the export disagree; an interrupt
+    there would leave them so until the next run. (Signals reach only the main thread's
+    handlers; elsewhere this does nothing.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in received[:1]:
+            signal.raise_signal(signum)
+
+
+def publish_customer_profiles(
+    con: duckdb.DuckDBPyConnection,
+    shard_count: int,
+    export_path: str,
+    manifest: dict[str, object],
+    hook: Hook = no_hook,
+) -> int:
+    """Rebuild customer_profiles, write its export and record both: all of it or none of it.
+
+    `con` must have the warehouse attached. `manifest` holds shards_hash and code_version (the
+    rest is filled in here). The order:
+      1. check the export target (not a directory, its folder can exist), before any change;
+      2. BEGIN; rebuild the table; write the export from the new rows to a temp file next to
+         the target (fsynced); record the manifest with that file's sha256;
+      3. COMMIT (table + manifest change together);
+      4. rename the temp file onto the export (atomic).
+    Any failure up to 3 rolls back and removes the temp file: table, manifest and export stay
+    byte-identical. A crash between 3 and 4 leaves the new table with the old export; the
+    manifest then names an export sha256 that is not on disk, so the next run rebuilds and
+    exports again (and removes the dead process's temp file).
+    """
+    target = Path(export_path)
+    check_export_target(export_path)
+    for stale in _stale_temps(target):
+        stale.unlink(missing_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            count = _rebuild_table(con, shard_count)
+            sha = _write_export(con, tmp, target, hook)
+            con.execute(
+                f"INSERT OR REPLACE INTO {ALIAS}.profiles_manifest VALUES (?, ?, ?, ?, ?, ?)",
+                [shard_count, manifest["shards_hash"], manifest["code_version"], count,
+                 export_path, sha],
+            )
+            hook("profiles_before_commit")
+            with _signals_deferred():
+                con.execute("COMMIT")
+                hook("export_before_rename")
+                with errors.naming(target):
+                    os.replace(tmp, target)
+        except BaseException:
+            rollback_quietly(con)
+            raise
     finally:
         tmp.unlink(missing_ok=True)
+    return count

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
 import shutil
+import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -137,3 +140,24 @@ def build_profiles(settings: EtlSettings) -> dict[str, dict[str, object]]:
         cur = con.execute("SELECT * FROM wh.customer_profiles ORDER BY customer_id")
         names = [d[0] for d in cur.description]
         return {row[0]: dict(zip(names, row, strict=True)) for row in cur.fetchall()}
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, options: str = "") -> Iterator[Path]:
+    """A real, small filesystem at `path` (root only; `options` e.g. "ro"); always unmounted.
+
+    Under CI a test that cannot mount fails: it must not pass by being skipped.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    mount_options = ",".join(filter(None, [f"size={size}", options]))
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", mount_options, "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        message = f"cannot mount a tmpfs here: {proc.stderr.strip()}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

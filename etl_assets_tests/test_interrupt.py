@@ -1,0 +1,147 @@
+"""Ctrl-C and SIGTERM during `etl-assets run`: one line, exit 130/143, nothing half-published.
+
+A real `etl-assets run --workers 2` is signalled once it is in the shard phase: its stdout has a
+`shard_start` line, and shard 3 keeps failing and waiting out its retry back-off
+(CHAOS_FAIL_MODE=always), so the phase cannot end before the signal lands.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from etl_assets.generate import generate
+
+BIN = Path(sys.executable).parent
+SHARDS = 4
+
+pytestmark = pytest.mark.kill
+
+
+def _env(home: Path, data: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SHARD_COUNT", "CHAOS_FAIL_SHARD", "CHAOS_FAIL_MODE", "EXPORT_PATH")}
+    env.update(ETL_HOME=str(home), DAGSTER_HOME=str(home / "dagster_home"), DATA_DIR=str(data),
+               **extra)
+    return env
+
+
+def _args() -> list[str]:
+    return [str(BIN / "etl-assets"), "run", "--shards", str(SHARDS), "--workers", "2"]
+
+
+def _run(home: Path, data: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_args(), env=_env(home, data), cwd=home, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _shard_rows(home: Path) -> dict[int, list[tuple]]:
+    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    try:
+        rows = con.execute("SELECT * FROM shard_profiles ORDER BY shard_id, customer_id").fetchall()
+    finally:
+        con.close()
+    by_shard: dict[int, list[tuple]] = {}
+    for row in rows:
+        by_shard.setdefault(row[-3], []).append(row)  # shard_id precedes key, shard_count
+    return by_shard
+
+
+@pytest.fixture(scope="module")
+def states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A home that processed the old data, and what an undisturbed run makes of the new."""
+    root = tmp_path_factory.mktemp("interrupt")
+    old_data, new_data = root / "old", root / "new"
+    generate(2000, seed=1, out_dir=old_data)
+    generate(2000, seed=2, out_dir=new_data)
+    old_home, ref_home = root / "old_home", root / "ref_home"
+    for home, data in ((old_home, old_data), (ref_home, new_data)):
+        home.mkdir()
+        proc = _run(home, data)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {"old_home": old_home, "new_data": new_data, "old": _shard_rows(old_home),
+            "new": _shard_rows(ref_home),
+            "old_export": (old_home / "merged_output.csv").read_bytes(),
+            "new_export": (ref_home / "merged_output.csv").read_bytes()}
+
+
+def _processes_of(home: Path) -> list[int]:
+    """Live processes started for this home (their environment names it), zombies aside."""
+    marker = f"ETL_HOME={home}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0") and \
+                    (proc / "stat").read_text().split(") ")[-1][0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("signum, to_group, code", [
+    (signal.SIGINT, True, 130),  # Ctrl-C in a terminal: the whole process group gets it
+    (signal.SIGTERM, False, 143),  # `kill <pid>`, a supervisor stopping the service
+])
+def test_a_signal_in_the_shard_phase_stops_cleanly_then_a_rerun_heals(
+    tmp_path, states, signum, to_group, code
+):
+    home = tmp_path / "home"
+    shutil.copytree(states["old_home"], home)
+    proc = subprocess.Popen(
+        _args(), cwd=home, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=_env(home, states["new_data"], CHAOS_FAIL_SHARD="3", CHAOS_FAIL_MODE="always"),
+        start_new_session=True,  # its own group: the signal reaches it and its children only
+    )
+    seen = []
+    try:
+        for line in proc.stdout:  # a shard_start line: the run is in the shard phase
+            seen.append(line)
+            if '"event": "shard_start"' in line:
+                break
+        assert seen and '"shard_start"' in seen[-1], "".join(seen)
+        if to_group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        signalled = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stopped_in = time.monotonic() - signalled
+    stdout = "".join(seen) + out
+    assert proc.returncode == code, stdout + err
+    assert stdout.strip().splitlines()[-1] == "INTERRUPTED during shards: nothing half-published"
+    assert "Traceback" not in stdout + err
+    assert stopped_in < 15, f"took {stopped_in:.1f}s to stop"  # it does not wait out retries
+    # The workers died with it ...
+    deadline = time.monotonic() + 10
+    while _processes_of(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_of(home) == [], "shard workers outlived the interrupted run"
+    # ... every shard holds its old or its new rows, and nothing was published.
+    now = _shard_rows(home)
+    for shard in range(SHARDS):
+        assert now.get(shard) in (states["old"][shard], states["new"][shard]), f"shard {shard}"
+    assert now[3] == states["old"][3]  # the failing shard never committed
+    assert (home / "merged_output.csv").read_bytes() == states["old_export"]
+    # No Dagster run is left "in progress" in the UI.
+    with dg.DagsterInstance.from_config(str(home / "dagster_home")) as instance:
+        unfinished = instance.get_runs(dg.RunsFilter(statuses=[
+            dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING,
+            dg.DagsterRunStatus.NOT_STARTED]))
+        assert unfinished == []
+    healed = _run(home, states["new_data"])
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert (home / "merged_output.csv").read_bytes() == states["new_export"]
+    assert _shard_rows(home) == states["new"]

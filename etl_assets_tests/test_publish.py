@@ -1,0 +1,193 @@
+"""Publish all or nothing, and a full disk named: real runs that fail while writing.
+
+Each case runs the pipeline once for real, changes a source so customer_profiles must be
+rebuilt, makes the rebuild fail (a bad export path, a fault point raising ENOSPC inside a write,
+a real tmpfs that fills up), and checks that table, manifest and export are byte-identical to
+before, that no temp file or lock stays behind, and that the next good run heals.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from etl_assets.errors import NO_SPACE
+from etl_assets.faults import ENOSPC_POINTS
+from etl_assets.generate import generate
+from etl_assets.runner import run_pipeline
+from etl_assets.settings import EtlSettings
+from etl_assets_tests.conftest import edit_crm, make_settings, tmpfs
+
+pytestmark = pytest.mark.usefixtures("dagster_home")
+
+CHANGE = {"cust_00000007": 4321}  # one CRM value: one shard and customer_profiles must rebuild
+
+
+def _quiet(settings: EtlSettings, **kwargs):
+    return run_pipeline(settings, echo=lambda line: None, **kwargs)
+
+
+def snapshot(settings: EtlSettings) -> dict[str, object]:
+    """Everything a publish may change, as bytes and rows (read-only, takes no write lock)."""
+    con = duckdb.connect(settings.duckdb_path, read_only=True)
+    try:
+        state = {
+            "table": con.execute("SELECT * FROM customer_profiles ORDER BY customer_id").fetchall(),
+            "manifest": con.execute("SELECT * FROM profiles_manifest ORDER BY ALL").fetchall(),
+            "shards": con.execute(
+                "SELECT * FROM shard_profiles ORDER BY shard_id, customer_id").fetchall(),
+        }
+    finally:
+        con.close()
+    state["export"] = Path(settings.export_path).read_bytes()
+    return state
+
+
+def leftovers(settings: EtlSettings, *extra: Path) -> list[Path]:
+    """Temp files and folders a failed write must not leave: export, staging, spill."""
+    export = Path(settings.export_path)
+    found = list(export.parent.glob(f".{export.name}.*.tmp"))
+    found += list(Path(settings.staging_dir).glob("*/.tmp-*"))
+    found += list((Path(settings.home_dir) / "duckdb_tmp").glob("spill-*"))
+    for folder in extra:
+        found += [p for p in folder.glob(".*") if p.name.endswith(".tmp")]
+    return found
+
+
+def assert_not_locked(settings: EtlSettings) -> None:
+    """A read-write open succeeds at once: no transaction or lock was left behind."""
+    duckdb.connect(settings.duckdb_path).close()
+
+
+@pytest.fixture
+def published(tmp_path: Path, sample_dir: Path) -> tuple[EtlSettings, dict[str, object]]:
+    """A home with one good run, then the CRM change that the next run must publish."""
+    settings = make_settings(tmp_path, sample_dir, shard_count=4)
+    assert _quiet(settings).ok
+    before = snapshot(settings)
+    edit_crm(sample_dir, CHANGE)
+    return settings, before
+
+
+@pytest.fixture(scope="module")
+def changed_export(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The export an undisturbed run makes of the changed sample."""
+    from etl_assets_tests.conftest import SAMPLE
+
+    root = tmp_path_factory.mktemp("reference")
+    data = root / "data"
+    shutil.copytree(SAMPLE, data)
+    edit_crm(data, CHANGE)
+    settings = make_settings(root, data, shard_count=4)
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert run_pipeline(settings, echo=lambda line: None, instance=instance).ok
+    return Path(settings.export_path).read_bytes()
+
+
+def _heals(settings: EtlSettings, changed_export: bytes) -> None:
+    healed = _quiet(settings)
+    assert healed.ok, healed.reason
+    assert Path(settings.export_path).read_bytes() == changed_export
+    assert leftovers(settings) == []
+
+
+@pytest.mark.parametrize("case", ["directory", "parent_is_a_file"])
+def test_an_export_that_cannot_be_written_changes_nothing(published, tmp_path, case,
+                                                          changed_export):
+    settings, before = published
+    if case == "directory":
+        bad = tmp_path / "out_dir"
+        bad.mkdir()
+        problem = f"{bad}: is a directory"
+    else:
+        (tmp_path / "a_file").write_text("not a folder\n")
+        bad = tmp_path / "a_file" / "out.csv"
+        problem = f"{bad}: parent is not a directory"
+    outcome = _quiet(settings.replace(export_path=str(bad)))
+    assert not outcome.ok
+    assert outcome.reason == problem
+    # Shards were rebuilt (they are not the publish), but customer_profiles is as it was.
+    after = snapshot(settings)
+    assert {k: after[k] for k in ("table", "manifest", "export")} == \
+        {k: before[k] for k in ("table", "manifest", "export")}
+    assert leftovers(settings) == []
+    assert_not_locked(settings)
+    _heals(settings, changed_export)
+
+
+def _fault_path(settings: EtlSettings, point: str) -> str:
+    return {
+        "source_before_publish": str(Path(settings.staging_dir) / "crm"),
+        "source_rejected_write": settings.duckdb_path,
+        "shard_before_commit": settings.duckdb_path,
+        "export_write": settings.export_path,
+    }[point]
+
+
+@pytest.mark.parametrize("point", [p for p in ENOSPC_POINTS if p != "dagster_home_write"])
+def test_enospc_inside_each_write_is_named_and_the_next_run_heals(published, point,
+                                                                  changed_export):
+    settings, before = published
+    outcome = _quiet(settings.replace(crash_at=point, crash_mode="enospc"))
+    assert not outcome.ok
+    assert outcome.reason == f"{_fault_path(settings, point)}: {NO_SPACE}"
+    # Not retried: a full disk is not fixed by waiting a second.
+    assert all(row.attempts <= 1 for row in outcome.shards)
+    after = snapshot(settings)
+    assert {k: after[k] for k in ("table", "manifest", "export")} == \
+        {k: before[k] for k in ("table", "manifest", "export")}
+    if point != "export_write":
+        assert after["shards"] == before["shards"]  # the failed write was the shard's or earlier
+    assert leftovers(settings) == []
+    assert_not_locked(settings)
+    _heals(settings, changed_export)
+
+
+def _remount(path: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+def test_a_real_full_disk_under_the_warehouse_is_named_then_heals(tmp_path):
+    """20,000 customers, the warehouse on a 3 MB tmpfs (it needs about 6 MB)."""
+    data = tmp_path / "data"
+    generate(20_000, seed=7, out_dir=data)
+    reference = make_settings(tmp_path / "ref", data, shard_count=4)
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert run_pipeline(reference, echo=lambda line: None, instance=instance).ok
+    with tmpfs(tmp_path / "small", "3m") as small:
+        settings = make_settings(tmp_path / "home", data, shard_count=4,
+                                 duckdb_path=str(small / "warehouse.duckdb"))
+        outcome = _quiet(settings)
+        assert not outcome.ok
+        assert outcome.reason == f"{settings.duckdb_path}: {NO_SPACE}"
+        assert all(row.attempts <= 1 for row in outcome.shards)
+        assert leftovers(settings) == []
+        _remount(small, "64m")  # space freed: no manual step before the next run
+        healed = _quiet(settings)
+        assert healed.ok, healed.reason
+        assert Path(settings.export_path).read_bytes() == \
+            Path(reference.export_path).read_bytes()
+
+
+def test_a_real_full_disk_under_the_export_changes_nothing_then_heals(published, tmp_path,
+                                                                      changed_export):
+    """The export (about 200 KB) on a 64 KB tmpfs: DuckDB's own write hits ENOSPC."""
+    settings, _ = published
+    with tmpfs(tmp_path / "tiny", "64k") as tiny:
+        target = tiny / "merged_output.csv"
+        target.write_bytes(b"old export\n")
+        moved = settings.replace(export_path=str(target))
+        outcome = _quiet(moved)
+        assert not outcome.ok
+        assert outcome.reason == f"{target}: {NO_SPACE}"
+        assert target.read_bytes() == b"old export\n"
+        assert leftovers(moved, tiny) == []
+        _remount(tiny, "8m")
+        healed = _quiet(moved)
+        assert healed.ok, healed.reason
+        assert target.read_bytes() == changed_export
