@@ -294,8 +294,9 @@ def test_minus_zero_is_stored_and_exported_as_zero(tmp_path):
     profile = build_profiles(settings)["z1"]
     for column in ("usage_pct", "avg_resolution_hrs", "csat_score"):
         assert math.copysign(1.0, profile[column]) == 1.0, column  # -0.0 == 0.0 in Python
-    with warehouse.reader(settings.duckdb_path, 5) as con:
-        warehouse.export_csv(con, settings.export_path)
+    with warehouse.reader(settings.duckdb_path, 5) as con:  # the real publish path
+        warehouse.publish_customer_profiles(con, settings.shard_count, settings.export_path,
+                                            {"shards_hash": "test", "code_version": "test"})
     exported = read_export(settings.export_path)[0]
     assert {c: exported[c] for c in ("mrr", "usage_pct", "avg_resolution_hrs", "csat_score")} \
         == {"mrr": "0.00", "usage_pct": "0.0", "avg_resolution_hrs": "0.0", "csat_score": "0.0"}
