@@ -258,31 +258,42 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
 
 def _publish(settings: EtlSettings) -> tuple[int, bool, str]:
     """Rebuild and export customer_profiles unless nothing changed: (rows, skipped, summary)."""
+    # Decided read-only first: an unchanged re-run takes no write lock at all, so a user's
+    # read-only connection to the warehouse (a notebook, the DuckDB CLI) does not block it.
+    with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
+                             settings.duckdb_limits) as con:
+        if con is not None and not settings.force:
+            shards_hash = _current_shards_hash(settings, con)
+            previous = warehouse.read_profiles_manifest(con, settings.shard_count)
+            if previous is not None and _profiles_unchanged(previous, shards_hash, settings):
+                return int(previous["row_count"]), True, profile_summary(con)
     with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s,
                           settings.duckdb_limits) as con:
-        # Never merge a partly updated set of shards: the previous table and export stay.
-        status = shard_status(settings, con)
-        stale = [k for k, entry in status.items() if entry is None]
-        if stale:
-            raise dg.Failure(
-                description=f"shards {stale} are not current with the staged sources; "
-                "materialize them first (customer_profiles left as it was)",
-                allow_retries=False,
-                metadata={"retryable": False},
-            )
-        # Every shard is current here, so its status entry is its manifest entry.
-        shards_hash = _shards_hash(status)
-        previous = None if settings.force else warehouse.read_profiles_manifest(
-            con, settings.shard_count)
-        if previous is not None and _profiles_unchanged(previous, shards_hash, settings):
-            count, skipped = int(previous["row_count"]), True
-        else:
-            # Table, manifest and export change together or not at all (see the function).
-            count = warehouse.publish_customer_profiles(
-                con, settings.shard_count, settings.export_path,
-                {"shards_hash": shards_hash, "code_version": _profiles_code()}, settings.hook)
-            skipped = False
-        return count, skipped, profile_summary(con)
+        # Judged again under the write lock: a shard may have moved since.
+        shards_hash = _current_shards_hash(settings, con)
+        # Table, manifest and export change together or not at all (see the function).
+        count = warehouse.publish_customer_profiles(
+            con, settings.shard_count, settings.export_path,
+            {"shards_hash": shards_hash, "code_version": _profiles_code()}, settings.hook)
+        return count, False, profile_summary(con)
+
+
+def _current_shards_hash(settings: EtlSettings, con: duckdb.DuckDBPyConnection) -> str:
+    """The hash of every shard's manifest entry; a Failure if any shard is not current.
+
+    Never merge a partly updated set of shards: the previous table and export stay.
+    """
+    status = shard_status(settings, con)
+    stale = [k for k, entry in status.items() if entry is None]
+    if stale:
+        raise dg.Failure(
+            description=f"shards {stale} are not current with the staged sources; "
+            "materialize them first (customer_profiles left as it was)",
+            allow_retries=False,
+            metadata={"retryable": False},
+        )
+    # Every shard is current here, so its status entry is its manifest entry.
+    return _shards_hash(status)
 
 
 PROFILES_SKIP_REASON = ("every shard and the code are unchanged since the last rebuild, and the "

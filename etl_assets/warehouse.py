@@ -290,6 +290,8 @@ def read_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict[int,
 
 def read_profiles_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> Optional[dict]:
     """The last customer_profiles build for this layout (see publish_customer_profiles), or None."""
+    if not _has_table(con, "profiles_manifest"):
+        return None
     cur = con.execute(f"SELECT * FROM {ALIAS}.profiles_manifest WHERE shard_count = ?",
                       [shard_count])
     row = cur.fetchone()

@@ -111,3 +111,27 @@ def test_three_runs_at_once_on_a_fresh_home_all_succeed_with_one_export(tmp_path
     assert sum("waiting: another etl-assets run holds" in o for o in outputs) >= 1
     exports = {(tmp_path / f"out{i}.csv").read_bytes() for i in range(3)}
     assert len(exports) == 1 and len(exports.pop().splitlines()) == 1001
+
+
+def test_a_reader_holding_the_warehouse_does_not_stop_an_unchanged_rerun(
+        tmp_path, sample_dir, dagster_home):
+    """A user keeps the warehouse open read-only (a notebook, the DuckDB CLI) while a run
+    starts: every decision and check of an unchanged re-run only reads, so it succeeds
+    without waiting for the lock."""
+    from etl_assets.runner import run_pipeline
+
+    settings = make_settings(tmp_path, sample_dir, shard_count=2, lock_timeout_s=1.0)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    code = ("import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=True); "
+            "print(c.execute('SELECT count(*) FROM customer_profiles').fetchone()[0], "
+            "flush=True); time.sleep(60)")
+    reader = subprocess.Popen([sys.executable, "-c", code, settings.duckdb_path],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "1000"
+        again = run_pipeline(settings, echo=lambda line: None)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert again.ok, again.reason
+    assert all(r.skipped for r in again.shards)
