@@ -67,6 +67,11 @@ def ensure_writable_dir(path: Path) -> None:
 def prepare_dagster_home(settings: EtlSettings) -> Path:
     """Use DAGSTER_HOME if set, else the git-ignored default; create its folder and config."""
     home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home).resolve()
+    if set(str(home)) & set("?%"):
+        # Dagster opens its SQLite storage through a URL: a "?" or "%" in the folder would
+        # silently put the runs somewhere else (at the path cut at "?").
+        raise errors.PathError(home, "DAGSTER_HOME cannot contain '?' or '%' (Dagster's "
+                               "SQLite storage URL would point elsewhere)")
     ensure_writable_dir(home)
     config = home / "dagster.yaml"
     with errors.naming(home):

@@ -88,8 +88,8 @@ def test_a_lock_held_by_another_process_is_one_line(good):
     assert _state(home) == good["state"]
 
 
-@pytest.mark.parametrize("case", ["dagster_home_file", "etl_home_file", "data_dir_file",
-                                  "source_is_a_directory"])
+@pytest.mark.parametrize("case", ["dagster_home_file", "dagster_home_url_chars", "etl_home_file",
+                                  "data_dir_file", "source_is_a_directory"])
 def test_a_path_that_is_the_wrong_kind_is_one_line(good, tmp_path, case):
     home, data = good["home"], good["data"]
     extra: dict[str, str] = {}
@@ -98,6 +98,10 @@ def test_a_path_that_is_the_wrong_kind_is_one_line(good, tmp_path, case):
         bad.write_text("a file\n")
         extra["DAGSTER_HOME"] = str(bad)
         expected = f"{bad}: is not a directory"
+    elif case == "dagster_home_url_chars":
+        bad = tmp_path / "dh?x"
+        extra["DAGSTER_HOME"] = str(bad)
+        expected = f"{bad}: DAGSTER_HOME cannot contain '?' or '%'"
     elif case == "etl_home_file":
         home = tmp_path / "etl_home"
         home.write_text("a file\n")
@@ -116,6 +120,8 @@ def test_a_path_that_is_the_wrong_kind_is_one_line(good, tmp_path, case):
     _assert_one_failed_line(proc, expected)
     if case == "etl_home_file":
         assert home.read_text() == "a file\n"
+    elif case == "dagster_home_url_chars":  # nothing created at the path cut at "?"
+        assert not (tmp_path / "dh").exists() and not (tmp_path / "dh?x").exists()
     else:
         assert _state(good["home"]) == good["state"]
 
