@@ -42,7 +42,8 @@ def test_chaos_drill_acceptance(tmp_path, sample_dir):
 
 def test_persistent_failure_exits_nonzero_naming_the_shard(tmp_path, sample_dir):
     proc = subprocess.run(
-        [str(BIN / "etl-assets"), "run", "--data-dir", str(sample_dir), "--shards", "4"],
+        [str(BIN / "etl-assets"), "run", "--data-dir", str(sample_dir), "--shards", "4",
+         "--workers", "1"],
         cwd=tmp_path, env=_env(tmp_path, CHAOS_FAIL_SHARD="1", CHAOS_FAIL_MODE="always"),
         capture_output=True, text=True, timeout=300,
     )
@@ -54,7 +55,7 @@ def test_persistent_failure_exits_nonzero_naming_the_shard(tmp_path, sample_dir)
 def test_missing_source_file_fails_with_one_clear_line(tmp_path, sample_dir):
     (sample_dir / "billing.csv").unlink()
     proc = subprocess.run(
-        [str(BIN / "etl-assets"), "run", "--data-dir", str(sample_dir)],
+        [str(BIN / "etl-assets"), "run", "--data-dir", str(sample_dir), "--workers", "1"],
         cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1

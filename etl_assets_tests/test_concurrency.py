@@ -102,7 +102,7 @@ def test_three_runs_at_once_on_a_fresh_home_all_succeed_with_one_export(tmp_path
     for var in ("SHARD_COUNT", "CHAOS_FAIL_SHARD", "CHAOS_FAIL_MODE", "EXPORT_PATH"):
         env.pop(var, None)
     procs = [subprocess.Popen([str(BIN / "etl-assets"), "run", "--shards", "4",
-                               "--export", str(tmp_path / f"out{i}.csv")],
+                               "--workers", "1", "--export", str(tmp_path / f"out{i}.csv")],
                               env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(3)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -81,7 +81,8 @@ def test_daemon_rebuilds_changed_customers_without_a_click(tmp_path, sample_dir)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAOS_", "SHARD_COUNT"))}
     env.update(DAGSTER_HOME=str(tmp_path / "dagster_home"), ETL_HOME=str(tmp_path / "var"),
                DATA_DIR=str(sample_dir), SENSOR_INTERVAL_S="2")
-    first = subprocess.run([str(BIN / "etl-assets"), "run"], env=env, cwd=tmp_path,
+    first = subprocess.run([str(BIN / "etl-assets"), "run", "--workers", "1"], env=env,
+                           cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     db = tmp_path / "var" / "warehouse.duckdb"

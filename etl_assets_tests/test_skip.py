@@ -15,6 +15,8 @@ from etl_assets.sharding import shard_of
 from etl_assets_tests.conftest import make_settings
 
 pytestmark = pytest.mark.usefixtures("dagster_home")
+# Four shards prove every skip rule as well as ten, at less than half the Dagster runs.
+SHARDS = 4
 
 
 def _shard_runs(instance) -> int:
@@ -32,17 +34,17 @@ def _latest_metadata(instance, name):
 
 
 def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(tmp_path, sample_dir, instance):
-    settings = make_settings(tmp_path, sample_dir)
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     assert run_pipeline(settings, echo=lambda line: None).ok
     first_export = open(settings.export_path, "rb").read()
-    assert _shard_runs(instance) == 10
+    assert _shard_runs(instance) == SHARDS
 
     lines = []
     again = run_pipeline(settings, echo=lines.append)
     assert again.ok, again.reason
-    assert all(r.skipped for r in again.shards) and _shard_runs(instance) == 10
+    assert all(r.skipped for r in again.shards) and _shard_runs(instance) == SHARDS
     assert sum(r.records for r in again.shards) == 1000
-    assert sum('"event": "shard_skip"' in line for line in lines) == 10
+    assert sum('"event": "shard_skip"' in line for line in lines) == SHARDS
     # Unchanged sources get no Dagster run either: one line each says why.
     assert sum('"event": "source_skip"' in line for line in lines) == 4
     assert len(_sources_runs(instance)) == 1
@@ -58,7 +60,7 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(tmp_path, sample_
     changed = run_pipeline(settings, echo=lambda line: None)
     assert changed.ok, changed.reason
     rebuilt = [r.shard_id for r in changed.shards if not r.skipped]
-    assert rebuilt == [shard_of("cust_00000077", 10)]
+    assert rebuilt == [shard_of("cust_00000077", SHARDS)]
     assert _latest_metadata(instance, "billing")["skipped"] is False
     # Only the changed source is staged again, with shard_inputs recording the new versions.
     assert _sources_runs(instance)[0].asset_selection == {dg.AssetKey("billing"), SHARD_INPUTS}
@@ -70,7 +72,7 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(tmp_path, sample_
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_replaced_warehouse_never_causes_a_wrong_skip(tmp_path, sample_dir, workers):
-    settings = make_settings(tmp_path, sample_dir)
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     assert run_pipeline(settings, echo=lambda line: None).ok
     export = open(settings.export_path, "rb").read()
     # Staged slices survive, the warehouse does not (deleted, or swapped for an empty one).
@@ -86,12 +88,12 @@ def test_a_replaced_warehouse_never_causes_a_wrong_skip(tmp_path, sample_dir, wo
 
 
 def test_shards_expected_guesses_from_files_touched_since_staging(tmp_path, sample_dir):
-    settings = make_settings(tmp_path, sample_dir)
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     assert shards_expected(settings)  # never staged
     assert run_pipeline(settings, echo=lambda line: None).ok
     assert not shards_expected(settings)
     assert shards_expected(settings.replace(force=True))
-    assert shards_expected(settings.replace(shard_count=4))  # staged for 10 shards
+    assert shards_expected(settings.replace(shard_count=3))  # staged for 4 shards
     assert shards_expected(settings.replace(chaos_fail_shard=3))
     # A file written after the staging (an edit, a new delivery) makes the workers start early.
     later = time.time() + 5
@@ -100,18 +102,18 @@ def test_shards_expected_guesses_from_files_touched_since_staging(tmp_path, samp
 
 
 def test_force_recomputes_everything(tmp_path, sample_dir, instance):
-    settings = make_settings(tmp_path, sample_dir)
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     assert run_pipeline(settings, echo=lambda line: None).ok
     forced = run_pipeline(settings.replace(force=True), echo=lambda line: None)
     assert forced.ok and not any(r.skipped for r in forced.shards)
-    assert _shard_runs(instance) == 20
+    assert _shard_runs(instance) == 2 * SHARDS
     assert _latest_metadata(instance, "crm")["skipped"] is False
 
 
 def test_customer_profiles_skip_is_proven_by_the_export_itself(tmp_path, sample_dir, instance):
     """An unchanged re-run keeps the export only if it is byte-for-byte the one last written;
     an edited or deleted export is rebuilt, and --force always rebuilds."""
-    settings = make_settings(tmp_path, sample_dir)
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     assert run_pipeline(settings, echo=lambda line: None).ok
     export = open(settings.export_path, "rb").read()
 
@@ -135,7 +137,7 @@ def test_customer_profiles_skip_is_proven_by_the_export_itself(tmp_path, sample_
 def test_a_rebuild_forgets_the_previous_record_at_once(tmp_path, sample_dir):
     """The record that lets customer_profiles skip is dropped in the rebuild's own transaction,
     so a crash between the rebuild and the export can never leave an old record that matches."""
-    settings = make_settings(tmp_path, sample_dir)
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     assert run_pipeline(settings, echo=lambda line: None).ok
     with warehouse.reader(settings.duckdb_path, 5) as con:
         assert con.execute("SELECT count(*) FROM wh.profiles_manifest").fetchone()[0] == 1
@@ -146,7 +148,7 @@ def test_a_rebuild_forgets_the_previous_record_at_once(tmp_path, sample_dir):
 def test_shard_inputs_is_recorded_again_if_a_run_died_after_staging(tmp_path, sample_dir, instance):
     """A source staged without its shard_inputs step (a run that died in between) looks
     unchanged to the next run, which still records shard_inputs so the UI's versions are right."""
-    settings = make_settings(tmp_path, sample_dir)
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     assert run_pipeline(settings, echo=lambda line: None).ok
     recorded = instance.get_latest_materialization_event(SHARD_INPUTS).timestamp
     text = (sample_dir / "crm.csv").read_text(encoding="utf-8")
