@@ -56,7 +56,7 @@ def small_sample(tmp_path_factory):
     return data
 
 
-@settings(max_examples=10, deadline=None,
+@settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(MUTATION, min_size=1, max_size=3), target=st.sampled_from(list(SOURCES)))
 def test_any_bytes_give_an_accounted_run_or_one_line(tmp_path_factory, small_sample, mutations,

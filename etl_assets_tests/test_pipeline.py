@@ -12,6 +12,8 @@ from etl_assets.runner import run_pipeline, worker_threads
 from etl_assets_tests.conftest import make_settings, read_export
 
 pytestmark = pytest.mark.usefixtures("dagster_home")
+# Where the shard count is not the point, four shards (shard 3 is the chaos shard).
+SHARDS = 4
 
 
 def _input_customers(data_dir):
@@ -23,13 +25,13 @@ def _input_customers(data_dir):
 
 
 def test_chaos_retry_heals_exactly_once_and_reruns_are_byte_identical(tmp_path, sample_dir, instance):
-    clean = make_settings(tmp_path, sample_dir)
+    clean = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     first = run_pipeline(clean, echo=lambda line: None)
     assert first.ok, first.reason
     baseline = open(clean.export_path, "rb").read()
 
     lines = []
-    chaos = make_settings(tmp_path, sample_dir, chaos_fail_shard=3)
+    chaos = make_settings(tmp_path, sample_dir, shard_count=SHARDS, chaos_fail_shard=3)
     outcome = run_pipeline(chaos, echo=lines.append)
     assert outcome.ok, outcome.reason
     assert open(chaos.export_path, "rb").read() == baseline  # re-run: byte-identical
@@ -98,13 +100,14 @@ def test_failure_between_delete_and_insert_keeps_previous_rows(tmp_path, sample_
 
 
 def test_persistent_failure_names_the_shard_and_keeps_previous_profiles(tmp_path, sample_dir):
-    settings = make_settings(tmp_path, sample_dir)
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     assert run_pipeline(settings, echo=lambda line: None).ok
     previous = open(settings.export_path, "rb").read()
     # New source content, but shard 3 never succeeds: nothing downstream may be rebuilt.
     with open(sample_dir / "crm.csv", "a", encoding="utf-8") as fh:
         fh.write("cust_09999999,new@x.com,New Co,,,,,,\n")
-    failing = make_settings(tmp_path, sample_dir, chaos_fail_shard=3, chaos_fail_mode="always")
+    failing = make_settings(tmp_path, sample_dir, shard_count=SHARDS, chaos_fail_shard=3,
+                            chaos_fail_mode="always")
     outcome = run_pipeline(failing, echo=lambda line: None)
     assert not outcome.ok
     assert outcome.reason.startswith("shard 3 failed after 4 attempt(s)")
@@ -119,7 +122,7 @@ def test_reject_threshold_stops_the_run_naming_source_count_and_reason(tmp_path,
     broken = [lines[0]] + [l.rsplit(",", 2)[0] + ",11," + l.rsplit(",", 1)[1] if i < 20 else l
                            for i, l in enumerate(lines[1:])]
     (sample_dir / "support.csv").write_text("\n".join(broken) + "\n", encoding="utf-8")
-    settings = make_settings(tmp_path, sample_dir)
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     outcome = run_pipeline(settings, echo=lambda line: None)
     assert not outcome.ok
     assert outcome.reason == ("support: 20 of 859 rows rejected as invalid (2.3%, limit 1.0%), "
@@ -131,7 +134,7 @@ def test_reject_threshold_stops_the_run_naming_source_count_and_reason(tmp_path,
     # Superseded duplicates are quarantined too, but they are not bad data: no threshold.
     lines = (sample_dir / "crm.csv").read_text(encoding="utf-8").splitlines()
     (sample_dir / "crm.csv").write_text("\n".join(lines + lines[1:31]) + "\n", encoding="utf-8")
-    lenient = make_settings(tmp_path, sample_dir, max_reject_fraction=0.05)
+    lenient = make_settings(tmp_path, sample_dir, shard_count=SHARDS, max_reject_fraction=0.05)
     assert run_pipeline(lenient, echo=lambda line: None).ok
     assert len(read_export(lenient.export_path)) == 1000  # the customers are still in CRM
     with warehouse.reader(lenient.duckdb_path, 5) as con:

@@ -114,7 +114,7 @@ def lookalike(draw: st.DrawFn) -> str:
     return draw(pad) + base + draw(pad)
 
 
-@settings(max_examples=20, deadline=None,
+@settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=st.fixed_dictionaries({name: st.lists(lookalike(), min_size=1, max_size=4)
                                   for name in SOURCES}))
