@@ -13,7 +13,7 @@ export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 # whose fsyncs otherwise make it wait on the disk (test_skip: 145 s -> 91 s wall here).
 TEST_TMPDIR ?= $(if $(wildcard /dev/shm/.),/dev/shm,/tmp)
 PYTEST := TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -n 4 --dist loadscope
-FAST := not browser and not daemon and not kill
+FAST := not browser and not daemon and not kill and not cli
 
 .PHONY: help install run test test-fast ui sample clean chromium
 
@@ -38,7 +38,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PYTEST) --durations=15
 
-## The inner loop: every test that needs no browser, daemon or kill (about a minute).
+## The inner loop: every test that needs no browser, daemon, kill or command subprocess.
 test-fast: $(STAMP)
 	$(PYTEST) -m "$(FAST)"
 

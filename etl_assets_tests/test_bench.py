@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from etl_assets.bench import FULL_FLOOR_LABEL, _measure, fixed_cost_label
 
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.cli
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(

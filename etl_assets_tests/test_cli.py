@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 
 import duckdb
+import pytest
 
 BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.cli
 
 
 def _env(tmp_path, **extra):

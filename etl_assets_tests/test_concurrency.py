@@ -26,6 +26,7 @@ def _table(path):
         con.close()
 
 
+@pytest.mark.cli
 def test_parallel_shard_processes_equal_a_serial_run(tmp_path, sample_dir):
     serial = make_settings(tmp_path / "serial", sample_dir, shard_count=4)
     build_profiles(serial)
@@ -94,6 +95,7 @@ def test_a_short_lock_is_waited_out(tmp_path, sample_dir):
     assert result.record_count > 0
 
 
+@pytest.mark.cli
 def test_three_runs_at_once_on_a_fresh_home_all_succeed_with_one_export(tmp_path, sample_dir):
     """Three `etl-assets run` started together on one new home: the first runs, the others
     wait for it and then find the work done. All exit 0, no traceback, the same export."""

@@ -24,6 +24,8 @@ from etl_assets_tests.conftest import SAMPLE, edit_crm, tmpfs
 BIN = Path(sys.executable).parent
 NOBODY = 65534
 
+pytestmark = pytest.mark.cli
+
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
