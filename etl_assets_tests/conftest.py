@@ -163,3 +163,42 @@ def tmpfs(path: Path, size: str, options: str = "") -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def shard_rows(home: Path) -> dict[int, list[tuple]]:
+    """Every shard_profiles row of a home's warehouse, by shard_id."""
+    import duckdb
+
+    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    try:
+        rows = con.execute("SELECT * FROM shard_profiles ORDER BY shard_id, customer_id").fetchall()
+    finally:
+        con.close()
+    by_shard: dict[int, list[tuple]] = {}
+    for row in rows:
+        by_shard.setdefault(row[-3], []).append(row)  # shard_id precedes key, shard_count
+    return by_shard
+
+
+def processes_of(home: Path) -> list[int]:
+    """Live processes started for this home (their environment names it), zombies aside."""
+    marker = f"ETL_HOME={home}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0") and \
+                    (proc / "stat").read_text().split(") ")[-1][0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def no_survivors(home: Path, what: str, timeout_s: float = 30) -> None:
+    """Wait (bounded) until no process started for `home` is alive; fail naming `what`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while processes_of(home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_of(home) == [], f"{what} outlived the run"

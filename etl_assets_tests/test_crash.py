@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -18,6 +17,7 @@ import pytest
 
 from etl_assets.faults import CRASH_POINTS
 from etl_assets.generate import generate
+from etl_assets_tests.conftest import no_survivors, shard_rows
 
 BIN = Path(sys.executable).parent
 SHARDS = "4"
@@ -37,19 +37,6 @@ def _run(home: Path, data: Path, crash_at: str = "", workers: int = 1, **popen):
     return subprocess.run(args, env=env, cwd=home, capture_output=True, text=True, timeout=300)
 
 
-def _shard_rows(home: Path) -> dict[int, list[tuple]]:
-    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
-    try:
-        rows = con.execute("SELECT * FROM shard_profiles ORDER BY shard_id, customer_id").fetchall()
-    finally:
-        con.close()
-    cols = len(rows[0]) if rows else 0
-    by_shard: dict[int, list[tuple]] = {}
-    for row in rows:
-        by_shard.setdefault(row[cols - 3], []).append(row)  # shard_id precedes key, shard_count
-    return by_shard
-
-
 @pytest.fixture(scope="module")
 def states(tmp_path_factory):
     """Old data fully processed (home to copy), and the reference result of the new data."""
@@ -63,14 +50,14 @@ def states(tmp_path_factory):
         proc = _run(home, data)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return {"old_home": old_home, "ref_home": ref_home, "new_data": new_data,
-            "old": _shard_rows(old_home), "new": _shard_rows(ref_home),
+            "old": shard_rows(old_home), "new": shard_rows(ref_home),
             "old_export": (old_home / "merged_output.csv").read_bytes(),
             "new_export": (ref_home / "merged_output.csv").read_bytes()}
 
 
 def _assert_consistent(home: Path, states) -> None:
     """Every shard holds exactly its old rows or its new rows; files are whole."""
-    now = _shard_rows(home)
+    now = shard_rows(home)
     for shard in range(int(SHARDS)):
         assert now.get(shard) in (states["old"][shard], states["new"][shard]), f"shard {shard} mixed"
     export = (home / "merged_output.csv").read_bytes()
@@ -97,7 +84,7 @@ def test_sigkill_at_each_write_point_then_heal(tmp_path, states, point):
     healed = _run(home, states["new_data"])
     assert healed.returncode == 0, healed.stdout + healed.stderr
     assert (home / "merged_output.csv").read_bytes() == states["new_export"]
-    assert _shard_rows(home) == states["new"]
+    assert shard_rows(home) == states["new"]
 
 
 def test_a_worker_killed_mid_write_fails_cleanly_then_heals(tmp_path, states):
@@ -114,27 +101,6 @@ def test_a_worker_killed_mid_write_fails_cleanly_then_heals(tmp_path, states):
     assert (home / "merged_output.csv").read_bytes() == states["new_export"]
 
 
-def _processes_of(home: Path) -> list[int]:
-    """Live processes started for this home (their environment names it), zombies aside."""
-    marker = f"ETL_HOME={home}".encode()
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (proc / "environ").read_bytes().split(b"\0") and \
-                    (proc / "stat").read_text().split(") ")[-1][0] != "Z":
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
-def _no_survivors(home: Path, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _processes_of(home) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _processes_of(home) == [], "worker processes outlived the killed CLI"
-
-
 @pytest.mark.parametrize("delay_s", [2.5, 4.0, 5.5])
 def test_external_sigkill_mid_run_then_heal(tmp_path, states, delay_s):
     """Killed from outside at a moment it does not choose (sources, shards or the merge); its
@@ -148,7 +114,7 @@ def test_external_sigkill_mid_run_then_heal(tmp_path, states, delay_s):
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-    _no_survivors(home)
+    no_survivors(home, "shard workers of the killed CLI")
     _assert_consistent(home, states)
     healed = _run(home, states["new_data"])
     assert healed.returncode == 0, healed.stdout + healed.stderr

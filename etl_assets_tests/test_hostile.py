@@ -1,7 +1,6 @@
 """Hostile input: whatever bytes a supplier sends, the run succeeds with every row accounted
 for, or fails with one line; never a traceback, never an export its own checks reject."""
 
-import random
 import shutil
 
 import pytest

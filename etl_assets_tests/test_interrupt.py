@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import pytest
 
 from etl_assets.generate import generate
+from etl_assets_tests.conftest import no_survivors, shard_rows
 
 BIN = Path(sys.executable).parent
 SHARDS = 4
@@ -44,18 +44,6 @@ def _run(home: Path, data: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def _shard_rows(home: Path) -> dict[int, list[tuple]]:
-    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
-    try:
-        rows = con.execute("SELECT * FROM shard_profiles ORDER BY shard_id, customer_id").fetchall()
-    finally:
-        con.close()
-    by_shard: dict[int, list[tuple]] = {}
-    for row in rows:
-        by_shard.setdefault(row[-3], []).append(row)  # shard_id precedes key, shard_count
-    return by_shard
-
-
 @pytest.fixture(scope="module")
 def states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """A home that processed the old data, and what an undisturbed run makes of the new."""
@@ -68,24 +56,10 @@ def states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         home.mkdir()
         proc = _run(home, data)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {"old_home": old_home, "new_data": new_data, "old": _shard_rows(old_home),
-            "new": _shard_rows(ref_home),
+    return {"old_home": old_home, "new_data": new_data, "old": shard_rows(old_home),
+            "new": shard_rows(ref_home),
             "old_export": (old_home / "merged_output.csv").read_bytes(),
             "new_export": (ref_home / "merged_output.csv").read_bytes()}
-
-
-def _processes_of(home: Path) -> list[int]:
-    """Live processes started for this home (their environment names it), zombies aside."""
-    marker = f"ETL_HOME={home}".encode()
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (proc / "environ").read_bytes().split(b"\0") and \
-                    (proc / "stat").read_text().split(") ")[-1][0] != "Z":
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.mark.parametrize("signum, to_group, code", [
@@ -125,12 +99,9 @@ def test_a_signal_in_the_shard_phase_stops_cleanly_then_a_rerun_heals(
     assert "Traceback" not in stdout + err
     assert stopped_in < 15, f"took {stopped_in:.1f}s to stop"  # it does not wait out retries
     # The workers died with it ...
-    deadline = time.monotonic() + 10
-    while _processes_of(home) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _processes_of(home) == [], "shard workers outlived the interrupted run"
+    no_survivors(home, "shard workers of the interrupted run", timeout_s=10)
     # ... every shard holds its old or its new rows, and nothing was published.
-    now = _shard_rows(home)
+    now = shard_rows(home)
     for shard in range(SHARDS):
         assert now.get(shard) in (states["old"][shard], states["new"][shard]), f"shard {shard}"
     assert now[3] == states["old"][3]  # the failing shard never committed
@@ -144,4 +115,4 @@ def test_a_signal_in_the_shard_phase_stops_cleanly_then_a_rerun_heals(
     healed = _run(home, states["new_data"])
     assert healed.returncode == 0, healed.stdout + healed.stderr
     assert (home / "merged_output.csv").read_bytes() == states["new_export"]
-    assert _shard_rows(home) == states["new"]
+    assert shard_rows(home) == states["new"]
