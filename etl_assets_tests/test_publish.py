@@ -26,6 +26,8 @@ from etl_assets_tests.conftest import edit_crm, make_settings, tmpfs
 pytestmark = pytest.mark.usefixtures("dagster_home")
 
 CHANGE = {"cust_00000007": 4321}  # one CRM value: one shard and customer_profiles must rebuild
+# Two shards: every publish and full-disk rule holds at any shard count.
+SHARDS = 2
 
 
 def _quiet(settings: EtlSettings, **kwargs):
@@ -67,7 +69,7 @@ def assert_not_locked(settings: EtlSettings) -> None:
 @pytest.fixture
 def published(tmp_path: Path, sample_dir: Path) -> tuple[EtlSettings, dict[str, object]]:
     """A home with one good run, then the CRM change that the next run must publish."""
-    settings = make_settings(tmp_path, sample_dir, shard_count=4)
+    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     assert _quiet(settings).ok
     before = snapshot(settings)
     edit_crm(sample_dir, CHANGE)
@@ -83,7 +85,7 @@ def changed_export(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     data = root / "data"
     shutil.copytree(SAMPLE, data)
     edit_crm(data, CHANGE)
-    settings = make_settings(root, data, shard_count=4)
+    settings = make_settings(root, data, shard_count=SHARDS)
     with dg.DagsterInstance.ephemeral() as instance:
         assert run_pipeline(settings, echo=lambda line: None, instance=instance).ok
     return Path(settings.export_path).read_bytes()
@@ -156,11 +158,11 @@ def test_a_real_full_disk_under_the_warehouse_is_named_then_heals(tmp_path):
     """20,000 customers, the warehouse on a 3 MB tmpfs (it needs about 6 MB)."""
     data = tmp_path / "data"
     generate(20_000, seed=7, out_dir=data)
-    reference = make_settings(tmp_path / "ref", data, shard_count=4)
+    reference = make_settings(tmp_path / "ref", data, shard_count=SHARDS)
     with dg.DagsterInstance.ephemeral() as instance:
         assert run_pipeline(reference, echo=lambda line: None, instance=instance).ok
     with tmpfs(tmp_path / "small", "3m") as small:
-        settings = make_settings(tmp_path / "home", data, shard_count=4,
+        settings = make_settings(tmp_path / "home", data, shard_count=SHARDS,
                                  duckdb_path=str(small / "warehouse.duckdb"))
         outcome = _quiet(settings)
         assert not outcome.ok
