@@ -41,8 +41,7 @@ PROFILE_CHECKS = [
 def customer_profiles_checks(settings: EtlSettings) -> Iterator[dg.AssetCheckResult]:
     """Evaluate the four checks against the warehouse, the export and the staged sources."""
     staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
-    slice_paths = duckdb_literals(
-        f for s in staged.values() for k in settings.shard_ids for f in s.slice_files(k))
+    slice_paths = duckdb_literals(staging.all_slice_files(staged, settings.shard_ids))
     # Read-only: a user's read-only connection to the warehouse does not block the checks.
     with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
                              settings.duckdb_limits) as con:

@@ -281,15 +281,21 @@ def _staged_stats(
 
 
 def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -> dict[int, int]:
-    """Rows per shard in a staged version's files; {} if any shard's slice is missing."""
-    counts = {}
+    """Rows per shard in a staged version's files; {} if any shard's slice is missing.
+
+    One query over every slice (counts come from the Parquet footers), not one per shard: it
+    runs for every source on every run's skip decision.
+    """
+    shard_ids = list(range(staged.shard_count))
     try:
-        for k in range(staged.shard_count):
-            counts[k] = con.execute("SELECT count(*) FROM read_parquet($files)",
-                                    {"files": duckdb_literals(staged.slice_files(k))}).fetchone()[0]
+        files = staging.all_slice_files({staged.source: staged}, shard_ids)
+        counts = dict(con.execute(
+            "SELECT shard_id, count(*) FROM read_parquet($files, hive_partitioning = true, "
+            "hive_types = {'shard_id': INTEGER}) GROUP BY shard_id",
+            {"files": duckdb_literals(files)}).fetchall())
     except (staging.StagingError, OSError, duckdb.Error):
         return {}
-    return counts
+    return {k: int(counts.get(k, 0)) for k in shard_ids}
 
 
 def _column_schema(schema: SourceSchema) -> dg.TableSchema:
@@ -346,8 +352,9 @@ def source_checks(
 
 def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
     """The asset for one source file, with its two checks (rows accounted, reject rate)."""
-    accounted = dg.AssetCheckSpec("rows_accounted", asset=schema.name, blocking=True,
-                                  description="rows read = rows accepted + rows rejected, and the staged slices hold "
+    accounted = dg.AssetCheckSpec(
+        "rows_accounted", asset=schema.name, blocking=True,
+        description="rows read = rows accepted + rows rejected, and the staged slices hold "
         "exactly the accepted rows")
     reject_rate = dg.AssetCheckSpec("reject_rate", asset=schema.name, blocking=True,
                                     description="invalid rows (superseded duplicates aside) within MAX_REJECT_FRACTION")

@@ -184,6 +184,11 @@ def current_sources(
     return staged
 
 
+def all_slice_files(staged: dict[str, StagedSource], shard_ids: list[int]) -> list[str]:
+    """Every slice file of these shards in every source (source order, then shard order)."""
+    return [f for source in staged.values() for k in shard_ids for f in source.slice_files(k)]
+
+
 def shard_input_hash(staged: dict[str, StagedSource], shard_id: int) -> str:
     """The shard's source_data_hash: sha256 over each source's slice hash, in source order."""
     text = "|".join(f"{name}:{staged[name].slice_hashes[shard_id]}" for name in staged)
