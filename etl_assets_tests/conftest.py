@@ -8,7 +8,7 @@ import io
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -66,9 +66,7 @@ def sample_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A temporary DAGSTER_HOME with telemetry off, set in the environment for the test."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    home = _new_dagster_home(tmp_path / "dagster_home")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home
 
@@ -78,6 +76,45 @@ def instance(dagster_home: Path) -> Iterator[dg.DagsterInstance]:
     """The persistent instance at the temporary DAGSTER_HOME."""
     with dg.DagsterInstance.get() as inst:
         yield inst
+
+
+def _new_dagster_home(home: Path) -> Path:
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    return home
+
+
+@pytest.fixture
+def ran_sample(tmp_path_factory: pytest.TempPathFactory,
+               monkeypatch: pytest.MonkeyPatch) -> Callable[[int], EtlSettings]:
+    """`ran_sample(n)`: settings of a home where the shipped sample has just run on n shards,
+    with DAGSTER_HOME set to that home's Dagster home.
+
+    The run happens once per test process and shard count; every test then gets a fresh copy
+    of that home (data, staging, warehouse, export and Dagster instance) restored at the same
+    absolute path, so the paths it recorded and its file times are those of a home that just
+    ran. Tests in one process run one at a time, so one path per shard count is enough.
+    """
+    from etl_assets.runner import run_pipeline
+
+    def restore(shard_count: int) -> EtlSettings:
+        root = tmp_path_factory.getbasetemp() / f"ran-sample-n{shard_count}"
+        pristine = root.with_name(root.name + ".pristine")
+        settings = make_settings(root, root / "data", shard_count=shard_count)
+        monkeypatch.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+        if root.exists():
+            shutil.rmtree(root)
+        if pristine.exists():
+            shutil.copytree(pristine, root, symlinks=True)
+            return settings
+        shutil.copytree(SAMPLE, root / "data")
+        _new_dagster_home(root / "dagster_home")
+        outcome = run_pipeline(settings, echo=lambda line: None)
+        assert outcome.ok, outcome.reason
+        shutil.copytree(root, pristine, symlinks=True)
+        return settings
+
+    return restore
 
 
 def make_settings(tmp_path: Path, data_dir: Path, **overrides) -> EtlSettings:

@@ -30,19 +30,12 @@ def _export(settings: EtlSettings) -> bytes:
     return Path(settings.export_path).read_bytes()
 
 
-@pytest.fixture(scope="module")
-def undisturbed(tmp_path_factory) -> tuple[Path, bytes]:
+@pytest.fixture
+def undisturbed(ran_sample, dagster_home, monkeypatch) -> tuple[Path, bytes]:
     """The sample's export from plain paths, for every comparison below."""
-    root = tmp_path_factory.mktemp("plain")
-    shutil.copytree(Path(__file__).resolve().parent.parent / "data", root / "data")
-    os.environ["DAGSTER_HOME"] = str(root / "dagster_home")
-    (root / "dagster_home").mkdir()
-    (root / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    settings = make_settings(root, root / "data", shard_count=SHARDS)
-    try:
-        return root / "data", _export(settings)
-    finally:
-        del os.environ["DAGSTER_HOME"]
+    settings = ran_sample(SHARDS)
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))  # the test's own instance again
+    return Path(settings.data_dir), Path(settings.export_path).read_bytes()
 
 
 def test_paths_are_literal_everywhere(tmp_path, undisturbed, monkeypatch):
@@ -157,22 +150,21 @@ def test_a_file_changed_during_the_read_fails_naming_it_and_stages_nothing(
     assert outcome.ok, outcome.reason
 
 
-def test_a_version_that_does_not_hold_what_its_name_says_is_rebuilt(
-        tmp_path, sample_dir, undisturbed):
+def test_a_version_that_does_not_hold_what_its_name_says_is_rebuilt(ran_sample):
     """A staged version found under the right name but with other rows (damaged, or staged
     by older code) is never trusted on its name: the next run re-stages it, and the checks
     would have caught it."""
-    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    assert _export(settings) == undisturbed[1]
+    settings = ran_sample(SHARDS)
+    expected = Path(settings.export_path).read_bytes()
     pointer = staging.read_pointer(settings.staging_dir, "crm")
     # Put other rows under crm's version name: the billing slices of the same layout.
     other = staging.read_pointer(settings.staging_dir, "billing")
     shutil.rmtree(pointer.version_dir)
     shutil.copytree(other.version_dir, pointer.version_dir)
-    assert _export(settings) == undisturbed[1]
+    assert _export(settings) == expected
     assert staging.read_pointer(settings.staging_dir, "crm").slice_rows == pointer.slice_rows
 
     # The same with --force, which never reuses a version.
     shutil.rmtree(pointer.version_dir)
     shutil.copytree(other.version_dir, pointer.version_dir)
-    assert _export(settings.replace(force=True)) == undisturbed[1]
+    assert _export(settings.replace(force=True)) == expected

@@ -2,6 +2,7 @@
 
 import csv
 import os
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -24,14 +25,13 @@ def _input_customers(data_dir):
     return ids
 
 
-def test_chaos_retry_heals_exactly_once_and_reruns_are_byte_identical(tmp_path, sample_dir, instance):
-    clean = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    first = run_pipeline(clean, echo=lambda line: None)
-    assert first.ok, first.reason
+def test_chaos_retry_heals_exactly_once_and_reruns_are_byte_identical(ran_sample):
+    clean = ran_sample(SHARDS)  # a home where the sample has just run
+    sample_dir = Path(clean.data_dir)
     baseline = open(clean.export_path, "rb").read()
 
     lines = []
-    chaos = make_settings(tmp_path, sample_dir, shard_count=SHARDS, chaos_fail_shard=3)
+    chaos = clean.replace(chaos_fail_shard=3)
     outcome = run_pipeline(chaos, echo=lines.append)
     assert outcome.ok, outcome.reason
     assert open(chaos.export_path, "rb").read() == baseline  # re-run: byte-identical
@@ -54,29 +54,33 @@ def test_chaos_retry_heals_exactly_once_and_reruns_are_byte_identical(tmp_path, 
     assert '"attempt": 2' in shard3_events[3] and '"shard_end"' in shard3_events[3]
 
     # The retry is Dagster's own: visible in the run's event log, as the UI shows it.
-    runs = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": "3"}))
-    retry_run = runs[0]  # newest first: the chaos run
-    types = [e.dagster_event.event_type_value for e in instance.all_logs(retry_run.run_id)
-             if e.dagster_event]
+    with dg.DagsterInstance.get() as instance:
+        runs = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": "3"}))
+        retry_run = runs[0]  # newest first: the chaos run
+        types = [e.dagster_event.event_type_value for e in instance.all_logs(retry_run.run_id)
+                 if e.dagster_event]
     assert "STEP_UP_FOR_RETRY" in types and "STEP_RESTARTED" in types
     assert types.count("ASSET_MATERIALIZATION") == 1
 
 
-def test_shard_count_does_not_change_profiles(tmp_path, sample_dir):
+def test_shard_count_does_not_change_profiles(tmp_path, ran_sample):
     exports = {}
+    on_four = ran_sample(4)  # a home where the sample has just run on four shards
     for n in (4, 10):
-        settings = make_settings(tmp_path / f"n{n}", sample_dir, shard_count=n)
-        outcome = run_pipeline(settings, echo=lambda line: None)
-        assert outcome.ok, outcome.reason
+        if n == 4:
+            settings = on_four
+        else:
+            settings = make_settings(tmp_path / f"n{n}", Path(on_four.data_dir), shard_count=n)
+            outcome = run_pipeline(settings, echo=lambda line: None)
+            assert outcome.ok, outcome.reason
         rows = read_export(settings.export_path)
         assert {int(r["shard_id"]) for r in rows} == set(range(n))
         exports[n] = [{k: v for k, v in r.items() if k != "shard_id"} for r in rows]
     assert exports[4] == exports[10]
 
 
-def test_failure_between_delete_and_insert_keeps_previous_rows(tmp_path, sample_dir):
-    settings = make_settings(tmp_path, sample_dir, shard_count=4)
-    assert run_pipeline(settings, echo=lambda line: None).ok
+def test_failure_between_delete_and_insert_keeps_previous_rows(ran_sample):
+    settings = ran_sample(4)
 
     def snapshot():
         with warehouse.reader(settings.duckdb_path, 5) as con:
@@ -99,15 +103,13 @@ def test_failure_between_delete_and_insert_keeps_previous_rows(tmp_path, sample_
     assert snapshot() == before
 
 
-def test_persistent_failure_names_the_shard_and_keeps_previous_profiles(tmp_path, sample_dir):
-    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    assert run_pipeline(settings, echo=lambda line: None).ok
+def test_persistent_failure_names_the_shard_and_keeps_previous_profiles(ran_sample):
+    settings = ran_sample(SHARDS)
     previous = open(settings.export_path, "rb").read()
     # New source content, but shard 3 never succeeds: nothing downstream may be rebuilt.
-    with open(sample_dir / "crm.csv", "a", encoding="utf-8") as fh:
+    with open(Path(settings.data_dir) / "crm.csv", "a", encoding="utf-8") as fh:
         fh.write("cust_09999999,new@x.com,New Co,,,,,,\n")
-    failing = make_settings(tmp_path, sample_dir, shard_count=SHARDS, chaos_fail_shard=3,
-                            chaos_fail_mode="always")
+    failing = settings.replace(chaos_fail_shard=3, chaos_fail_mode="always")
     outcome = run_pipeline(failing, echo=lambda line: None)
     assert not outcome.ok
     assert outcome.reason.startswith("shard 3 failed after 4 attempt(s)")
@@ -143,15 +145,16 @@ def test_reject_threshold_stops_the_run_naming_source_count_and_reason(tmp_path,
     assert reasons == {"out_of_range(nps_score)": 20, "duplicate_customer_id": 30}
 
 
-def test_parallel_workers_give_byte_identical_results(tmp_path, sample_dir, instance):
-    serial = make_settings(tmp_path / "serial", sample_dir, shard_count=4)
-    assert run_pipeline(serial, echo=lambda line: None, workers=1).ok
-    parallel = make_settings(tmp_path / "parallel", sample_dir, shard_count=4, chaos_fail_shard=1)
+def test_parallel_workers_give_byte_identical_results(tmp_path, ran_sample):
+    serial = ran_sample(4)  # the sample has just run there, one shard at a time
+    parallel = make_settings(tmp_path / "parallel", Path(serial.data_dir), shard_count=4,
+                             chaos_fail_shard=1)
     outcome = run_pipeline(parallel, echo=lambda line: None, workers=2)
     assert outcome.ok, outcome.reason
     assert [r.attempts for r in outcome.shards] == [1, 2, 1, 1]  # the retry happened in a worker
     assert open(parallel.export_path, "rb").read() == open(serial.export_path, "rb").read()
-    shard_runs = instance.get_runs(dg.RunsFilter(job_name="shards_job"))
+    with dg.DagsterInstance.get() as instance:  # the one both runs recorded in
+        shard_runs = instance.get_runs(dg.RunsFilter(job_name="shards_job"))
     assert len({r.run_id for r in shard_runs}) == 8  # one Dagster run per shard, both times
 
 

@@ -67,12 +67,11 @@ def assert_not_locked(settings: EtlSettings) -> None:
 
 
 @pytest.fixture
-def published(tmp_path: Path, sample_dir: Path) -> tuple[EtlSettings, dict[str, object]]:
+def published(ran_sample) -> tuple[EtlSettings, dict[str, object]]:
     """A home with one good run, then the CRM change that the next run must publish."""
-    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    assert _quiet(settings).ok
+    settings = ran_sample(SHARDS)
     before = snapshot(settings)
-    edit_crm(sample_dir, CHANGE)
+    edit_crm(Path(settings.data_dir), CHANGE)
     return settings, before
 
 

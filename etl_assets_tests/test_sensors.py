@@ -1,5 +1,7 @@
 """Sensors evaluated with build_sensor_context on a real temporary instance and real runs."""
 
+from pathlib import Path
+
 import dagster as dg
 import duckdb
 import pytest
@@ -8,9 +10,8 @@ from etl_assets.definitions import SHARDS_JOB, build_defs
 from etl_assets.runner import run_pipeline
 from etl_assets.sensors import RERUN_ATTEMPT_TAG, evaluate_failed_shards
 from etl_assets.sharding import shard_of
-from etl_assets_tests.conftest import edit_crm, make_settings
+from etl_assets_tests.conftest import edit_crm
 
-pytestmark = pytest.mark.usefixtures("dagster_home")
 # Four shards prove every sensor decision as well as ten, at less than half the Dagster runs.
 SHARDS = 4
 
@@ -31,10 +32,22 @@ def _execute(defs, request, instance):
 
 
 @pytest.fixture
-def built(tmp_path, sample_dir, instance):
-    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    assert run_pipeline(settings, echo=lambda line: None).ok
+def built(ran_sample):
+    """A home where the sample ran on SHARDS shards, and its definitions."""
+    settings = ran_sample(SHARDS)
     return settings, build_defs(settings)
+
+
+# Here the sample and the instance are those of the home that ran.
+@pytest.fixture
+def sample_dir(built):
+    return Path(built[0].data_dir)
+
+
+@pytest.fixture
+def instance(built):
+    with dg.DagsterInstance.get() as inst:
+        yield inst
 
 
 def test_one_changed_row_requests_exactly_its_shard_once(built, sample_dir, instance):

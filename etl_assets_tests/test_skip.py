@@ -3,6 +3,7 @@
 import os
 import time
 from decimal import Decimal
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -14,9 +15,26 @@ from etl_assets.shard_inputs import SHARD_INPUTS
 from etl_assets.sharding import shard_of
 from etl_assets_tests.conftest import make_settings
 
-pytestmark = pytest.mark.usefixtures("dagster_home")
 # Four shards prove every skip rule as well as ten, at less than half the Dagster runs.
 SHARDS = 4
+
+
+@pytest.fixture
+def ran(ran_sample):
+    """Settings of a home where the sample has just run on SHARDS shards."""
+    return ran_sample(SHARDS)
+
+
+# Here the sample and the instance are those of the home that ran.
+@pytest.fixture
+def sample_dir(ran):
+    return Path(ran.data_dir)
+
+
+@pytest.fixture
+def instance(ran):
+    with dg.DagsterInstance.get() as inst:
+        yield inst
 
 
 def _shard_runs(instance) -> int:
@@ -33,9 +51,8 @@ def _latest_metadata(instance, name):
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
-def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(tmp_path, sample_dir, instance):
-    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    assert run_pipeline(settings, echo=lambda line: None).ok
+def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(ran, sample_dir, instance):
+    settings = ran
     first_export = open(settings.export_path, "rb").read()
     assert _shard_runs(instance) == SHARDS
 
@@ -71,12 +88,11 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(tmp_path, sample_
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_replaced_warehouse_never_causes_a_wrong_skip(tmp_path, sample_dir, workers):
-    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    assert run_pipeline(settings, echo=lambda line: None).ok
+def test_a_replaced_warehouse_never_causes_a_wrong_skip(ran, sample_dir, workers):
+    settings = ran
     export = open(settings.export_path, "rb").read()
     # Staged slices survive, the warehouse does not (deleted, or swapped for an empty one).
-    (tmp_path / "var" / "warehouse.duckdb").unlink()
+    Path(settings.duckdb_path).unlink()
     # With 2 workers the files look unchanged, so the pool is not started ahead: the shards
     # still all run, in workers started when they turn out to be needed.
     assert not shards_expected(settings)
@@ -87,10 +103,9 @@ def test_a_replaced_warehouse_never_causes_a_wrong_skip(tmp_path, sample_dir, wo
     assert open(settings.export_path, "rb").read() == export
 
 
-def test_shards_expected_guesses_from_files_touched_since_staging(tmp_path, sample_dir):
-    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    assert shards_expected(settings)  # never staged
-    assert run_pipeline(settings, echo=lambda line: None).ok
+def test_shards_expected_guesses_from_files_touched_since_staging(tmp_path, ran, sample_dir):
+    assert shards_expected(make_settings(tmp_path, sample_dir, shard_count=SHARDS))  # never staged
+    settings = ran
     assert not shards_expected(settings)
     assert shards_expected(settings.replace(force=True))
     assert shards_expected(settings.replace(shard_count=3))  # staged for 4 shards
@@ -101,20 +116,18 @@ def test_shards_expected_guesses_from_files_touched_since_staging(tmp_path, samp
     assert shards_expected(settings)
 
 
-def test_force_recomputes_everything(tmp_path, sample_dir, instance):
-    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    assert run_pipeline(settings, echo=lambda line: None).ok
+def test_force_recomputes_everything(ran, sample_dir, instance):
+    settings = ran
     forced = run_pipeline(settings.replace(force=True), echo=lambda line: None)
     assert forced.ok and not any(r.skipped for r in forced.shards)
     assert _shard_runs(instance) == 2 * SHARDS
     assert _latest_metadata(instance, "crm")["skipped"] is False
 
 
-def test_customer_profiles_skip_is_proven_by_the_export_itself(tmp_path, sample_dir, instance):
+def test_customer_profiles_skip_is_proven_by_the_export_itself(ran, sample_dir, instance):
     """An unchanged re-run keeps the export only if it is byte-for-byte the one last written;
     an edited or deleted export is rebuilt, and --force always rebuilds."""
-    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    assert run_pipeline(settings, echo=lambda line: None).ok
+    settings = ran
     export = open(settings.export_path, "rb").read()
 
     with open(settings.export_path, "ab") as fh:  # someone appends a line to the export
@@ -123,7 +136,7 @@ def test_customer_profiles_skip_is_proven_by_the_export_itself(tmp_path, sample_
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
     assert open(settings.export_path, "rb").read() == export
 
-    (tmp_path / "var" / "merged_output.csv").unlink()
+    Path(settings.export_path).unlink()
     assert run_pipeline(settings, echo=lambda line: None).ok
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
     assert open(settings.export_path, "rb").read() == export
@@ -134,22 +147,20 @@ def test_customer_profiles_skip_is_proven_by_the_export_itself(tmp_path, sample_
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
 
 
-def test_a_rebuild_forgets_the_previous_record_at_once(tmp_path, sample_dir):
+def test_a_rebuild_forgets_the_previous_record_at_once(ran, sample_dir):
     """The record that lets customer_profiles skip is dropped in the rebuild's own transaction,
     so a crash between the rebuild and the export can never leave an old record that matches."""
-    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    assert run_pipeline(settings, echo=lambda line: None).ok
+    settings = ran
     with warehouse.reader(settings.duckdb_path, 5) as con:
         assert con.execute("SELECT count(*) FROM wh.profiles_manifest").fetchone()[0] == 1
         warehouse.rebuild_customer_profiles(con, settings.shard_count)
         assert con.execute("SELECT count(*) FROM wh.profiles_manifest").fetchone()[0] == 0
 
 
-def test_shard_inputs_is_recorded_again_if_a_run_died_after_staging(tmp_path, sample_dir, instance):
+def test_shard_inputs_is_recorded_again_if_a_run_died_after_staging(ran, sample_dir, instance):
     """A source staged without its shard_inputs step (a run that died in between) looks
     unchanged to the next run, which still records shard_inputs so the UI's versions are right."""
-    settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
-    assert run_pipeline(settings, echo=lambda line: None).ok
+    settings = ran
     recorded = instance.get_latest_materialization_event(SHARD_INPUTS).timestamp
     text = (sample_dir / "crm.csv").read_text(encoding="utf-8")
     (sample_dir / "crm.csv").write_text(text.replace("Enterprise", "Lead", 1), encoding="utf-8")
