@@ -40,7 +40,7 @@ test: $(STAMP)
 
 ## The inner loop: every test that needs no browser, daemon, kill or command subprocess.
 test-fast: $(STAMP)
-	$(PYTEST) -m "$(FAST)"
+	ETL_TEST_QUICK=1 $(PYTEST) -m "$(FAST)"
 
 ## Dagster UI + daemon on http://127.0.0.1:3000 (HOST=, PORT= to change), same home as `make run`.
 ui: $(STAMP)

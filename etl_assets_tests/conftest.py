@@ -20,6 +20,15 @@ from etl_assets.settings import EtlSettings
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data"
 
+# `make test-fast`, the inner loop, sets ETL_TEST_QUICK=1: there the property tests try a third
+# of their generated examples. `make test` and CI always try them all.
+QUICK = os.environ.get("ETL_TEST_QUICK") == "1"
+
+
+def examples(full: int) -> int:
+    """How many generated examples a property test tries in this session."""
+    return max(3, full // 3) if QUICK else full
+
 
 # Modules whose tests take longest start first, so that under xdist the long, mostly waiting
 # ones (a daemon's 30 s backfill ticks) overlap everything else instead of trailing at the end.

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from etl_assets.generate import generate
 from etl_assets.runner import run_pipeline
 from etl_assets.schema import MAX_FIELD_BYTES, SOURCES
-from etl_assets_tests.conftest import make_settings
+from etl_assets_tests.conftest import examples, make_settings
 
 pytestmark = pytest.mark.usefixtures("dagster_home")
 
@@ -55,7 +55,7 @@ def small_sample(tmp_path_factory):
     return data
 
 
-@settings(max_examples=8, deadline=None,
+@settings(max_examples=examples(8), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(MUTATION, min_size=1, max_size=3), target=st.sampled_from(list(SOURCES)))
 def test_any_bytes_give_an_accounted_run_or_one_line(tmp_path_factory, small_sample, mutations,

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from etl_assets.schema import SOURCES
 from etl_assets.sources import stage_source
-from etl_assets_tests.conftest import build_profiles, make_settings, write_sources
+from etl_assets_tests.conftest import build_profiles, examples, make_settings, write_sources
 
 POOL = [f"c{i:02d}" for i in range(12)]
 # One typed column per source that the generated rows may break, with a good and a bad value.
@@ -52,7 +52,7 @@ def _oracle(rows):
     return winners
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=dataset, seed=st.integers(0, 10**6))
 def test_exactly_one_row_per_valid_customer_whatever_the_layout(tmp_path_factory, data, seed):
     base = tmp_path_factory.mktemp("prop")
@@ -114,7 +114,7 @@ def lookalike(draw: st.DrawFn) -> str:
     return draw(pad) + base + draw(pad)
 
 
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=examples(12), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=st.fixed_dictionaries({name: st.lists(lookalike(), min_size=1, max_size=4)
                                   for name in SOURCES}))
