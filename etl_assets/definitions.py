@@ -1,7 +1,8 @@
-"""The code location: every asset, check, job and resource of etl_assets, assembled here.
+"""The code location: every asset, check, job, sensor and resource of etl_assets, assembled here.
 
-`defs` is built from the environment (SHARD_COUNT decides the partitions); the CLI builds its
-own with `build_defs(settings)` so flags can override the environment.
+`defs` is built from the environment; this is the one place SHARD_COUNT is read for the
+definitions (it decides the partitions). The CLI builds its own with `build_defs(settings)` so
+that flags can override the environment.
 """
 
 from __future__ import annotations
@@ -10,21 +11,23 @@ from typing import Optional
 
 import dagster as dg
 
-from etl_assets.checks import customer_profiles_checks
-from etl_assets.profiles import SHARDS_JOB, build_profile_assets
-from etl_assets.sensors import build_sensors
-from etl_assets.shard_inputs import build_shard_inputs_asset
-from etl_assets.settings import EtlSettings
-from etl_assets.sources import SOURCE_ASSETS
-
-SOURCES_JOB = "sources_job"
-PROFILES_JOB = "profiles_job"
+from etl_assets.defs.checks import build_profile_checks
+from etl_assets.defs.contracts import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB
+from etl_assets.defs.profiles import build_profile_assets
+from etl_assets.defs.resources import resources_for, resources_from_env
+from etl_assets.defs.sensors import build_sensors
+from etl_assets.defs.shard_inputs import build_shard_inputs_asset
+from etl_assets.defs.sources import build_source_assets
+from etl_assets.lib.settings import EtlSettings
 
 
 def build_defs(settings: Optional[EtlSettings] = None) -> dg.Definitions:
-    """Assemble the Definitions for `settings` (default: from the environment)."""
+    """Assemble the Definitions for `settings` (default: from the environment, with each value
+    an environment variable gave configured as that variable)."""
+    resources = resources_for(settings) if settings else None
     settings = settings or EtlSettings.from_env()
-    shard_profiles, customer_profiles = build_profile_assets(settings.shard_count)
+    shard_count = settings.shard_count
+    shard_profiles, customer_profiles = build_profile_assets(shard_count)
     jobs = [
         dg.define_asset_job(
             SOURCES_JOB, selection=dg.AssetSelection.groups("sources"),
@@ -42,13 +45,13 @@ def build_defs(settings: Optional[EtlSettings] = None) -> dg.Definitions:
     ]
     sensors_and_schedule = build_sensors(settings)
     return dg.Definitions(
-        assets=[*SOURCE_ASSETS, build_shard_inputs_asset(settings.shard_count), shard_profiles,
-                customer_profiles],
+        assets=[*build_source_assets(shard_count), build_shard_inputs_asset(shard_count),
+                shard_profiles, customer_profiles],
         sensors=[d for d in sensors_and_schedule if isinstance(d, dg.SensorDefinition)],
         schedules=[d for d in sensors_and_schedule if isinstance(d, dg.ScheduleDefinition)],
-        asset_checks=[customer_profiles_checks],
+        asset_checks=[build_profile_checks(shard_count)],
         jobs=jobs,
-        resources={"settings": settings},
+        resources=resources or resources_from_env(settings),
     )
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from etl_assets.schema import SOURCES
-from etl_assets.settings import EtlSettings
+from etl_assets.lib.schema import SOURCES
+from etl_assets.lib.settings import EtlSettings
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data"
@@ -104,7 +104,7 @@ def ran_sample(tmp_path_factory: pytest.TempPathFactory,
     absolute path, so the paths it recorded and its file times are those of a home that just
     ran. Tests in one process run one at a time, so one path per shard count is enough.
     """
-    from etl_assets.runner import run_pipeline
+    from etl_assets.tools.runner import run_pipeline
 
     def restore(shard_count: int) -> EtlSettings:
         root = tmp_path_factory.getbasetemp() / f"ran-sample-n{shard_count}"
@@ -175,9 +175,9 @@ def read_export(path: Path) -> list[dict[str, str]]:
 
 def build_profiles(settings: EtlSettings) -> dict[str, dict[str, object]]:
     """Stage, build every shard and rebuild customer_profiles without Dagster; rows by id."""
-    from etl_assets import warehouse
-    from etl_assets.profiles import build_shard
-    from etl_assets.sources import stage_source
+    from etl_assets.lib import warehouse
+    from etl_assets.lib.profiles import build_shard
+    from etl_assets.lib.sources import stage_source
 
     for schema in SOURCES.values():
         stage_source(schema, settings)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from etl_assets.bench import FULL_FLOOR_LABEL, _measure, fixed_cost_label
+from etl_assets.tools.bench import FULL_FLOOR_LABEL, _measure, fixed_cost_label
 
 BIN = Path(sys.executable).parent
 

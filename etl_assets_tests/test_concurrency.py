@@ -9,10 +9,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from etl_assets.profiles import build_shard
-from etl_assets.schema import SOURCES
-from etl_assets.sources import stage_source
-from etl_assets.warehouse import WarehouseLockedError
+from etl_assets.lib.profiles import build_shard
+from etl_assets.lib.schema import SOURCES
+from etl_assets.lib.sources import stage_source
+from etl_assets.lib.warehouse import WarehouseLockedError
 from etl_assets_tests.conftest import build_profiles, make_settings
 
 BIN = Path(sys.executable).parent
@@ -120,7 +120,7 @@ def test_a_reader_holding_the_warehouse_does_not_stop_an_unchanged_rerun(
     """A user keeps the warehouse open read-only (a notebook, the DuckDB CLI) while a run
     starts: every decision and check of an unchanged re-run only reads, so it succeeds
     without waiting for the lock."""
-    from etl_assets.runner import run_pipeline
+    from etl_assets.tools.runner import run_pipeline
 
     settings = make_settings(tmp_path, sample_dir, shard_count=2, lock_timeout_s=1.0)
     assert run_pipeline(settings, echo=lambda line: None).ok

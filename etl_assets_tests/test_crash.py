@@ -15,8 +15,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from etl_assets.faults import CRASH_POINTS
-from etl_assets.generate import generate
+from etl_assets.lib.faults import CRASH_POINTS
+from etl_assets.tools.generate import generate
 from etl_assets_tests.conftest import no_survivors, shard_rows
 
 BIN = Path(sys.executable).parent

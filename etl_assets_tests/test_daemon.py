@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from etl_assets.sharding import shard_of
+from etl_assets.lib.sharding import shard_of
 from etl_assets_tests.conftest import edit_crm
 
 pytestmark = pytest.mark.daemon

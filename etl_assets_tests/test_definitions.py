@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from etl_assets.definitions import build_defs, defs
-from etl_assets.settings import EtlSettings
+from etl_assets.lib.settings import EtlSettings
 
 REPO = Path(__file__).resolve().parent.parent
 DAGSTER = str(Path(sys.executable).parent / "dagster")
@@ -67,3 +67,64 @@ def test_shard_count_drives_partitions(tmp_path):
     four = build_defs(EtlSettings.from_env(env={}, shard_count=4, home_dir=str(tmp_path)))
     keys = four.resolve_assets_def("shard_profiles").partitions_def.get_partition_keys()
     assert keys == ["0", "1", "2", "3"]
+
+
+def test_resources_are_typed_and_name_their_environment_variables(tmp_path, monkeypatch):
+    """Four resources, the warehouse on dagster-duckdb's DuckDBResource; a value that came from
+    the environment is configured as that variable, and a step's settings round-trip."""
+    from dagster_duckdb import DuckDBResource
+
+    from etl_assets.defs.resources import (
+        RESOURCES,
+        WarehouseResource,
+        pipeline_settings,
+        resources_for,
+        resources_from_env,
+    )
+
+    assert set(defs.resources) == {"warehouse", "staging", "faults", "automation"}
+    assert isinstance(defs.resources["warehouse"], DuckDBResource)
+    monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "wh.duckdb"))
+    monkeypatch.setenv("CHAOS_FAIL_MODE", "always")
+    monkeypatch.setenv("SENSOR_INTERVAL_S", "45")
+    from_env = resources_from_env(EtlSettings.from_env())
+    assert from_env["warehouse"].database == dg.EnvVar("DUCKDB_PATH")
+    assert from_env["faults"].chaos_fail_mode == dg.EnvVar("CHAOS_FAIL_MODE")
+    assert from_env["automation"].sensor_interval_s == dg.EnvVar.int("SENSOR_INTERVAL_S")
+    assert from_env["staging"].data_dir == str(REPO / "data")  # not set: the resolved value
+    # Every settings field but the shard count lives in exactly one resource.
+    fields = [f for _, mapping in RESOURCES.values() for f in mapping.values()]
+    assert sorted(fields) == sorted(set(EtlSettings.model_fields) - {"shard_count"})
+    settings = EtlSettings.from_env(env={}, home_dir=str(tmp_path), shard_count=3,
+                                    chaos_fail_shard=1, force=True, lock_timeout_s=5)
+    built = resources_for(settings)
+    assert isinstance(built["warehouse"], WarehouseResource)
+    assert pipeline_settings(3, built["warehouse"], built["staging"], built["faults"],
+                             built["automation"]) == settings
+
+
+def test_library_imports_neither_dagster_nor_defs_nor_tools():
+    """The three rooms: lib imports nothing from Dagster, defs or tools; defs nothing from
+    tools. Checked on the source (every import statement), not on what happens to load."""
+    import ast
+
+    def imports(path: Path) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+        return found
+
+    banned = {"lib": ("dagster", "dagster_duckdb", "etl_assets.defs", "etl_assets.definitions",
+                      "etl_assets.tools"),
+              "defs": ("etl_assets.tools",)}
+    checked = 0
+    for room, prefixes in banned.items():
+        for path in sorted((REPO / "etl_assets" / room).glob("*.py")):
+            checked += 1
+            wrong = sorted(m for m in imports(path)
+                           if any(m == p or m.startswith(p + ".") for p in prefixes))
+            assert wrong == [], f"{path.relative_to(REPO)} imports {wrong}"
+    assert checked >= 20

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from etl_assets.schema import columns_markdown
+from etl_assets.lib.schema import columns_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -115,7 +115,7 @@ def test_readme_column_tables_are_generated_from_the_schema():
     between = text.split(BEGIN, 1)[1].split(END, 1)[0]
     assert between.strip() == columns_markdown().strip(), (
         "README.md: the text between the column markers differs from "
-        "etl_assets.schema.columns_markdown(); paste its output there")
+        "etl_assets.lib.schema.columns_markdown(); paste its output there")
 
 
 def test_readme_is_at_most_12_kb():

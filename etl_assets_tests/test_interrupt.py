@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from etl_assets.generate import generate
+from etl_assets.tools.generate import generate
 from etl_assets_tests.conftest import no_survivors, shard_rows
 
 BIN = Path(sys.executable).parent

@@ -7,9 +7,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from etl_assets import warehouse
-from etl_assets.profiles import build_shard
-from etl_assets.runner import run_pipeline, worker_threads
+from etl_assets.lib import warehouse
+from etl_assets.lib.profiles import build_shard
+from etl_assets.tools.runner import run_pipeline, worker_threads
 from etl_assets_tests.conftest import make_settings, read_export
 
 pytestmark = pytest.mark.usefixtures("dagster_home")

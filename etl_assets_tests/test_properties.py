@@ -6,8 +6,8 @@ import unicodedata
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from etl_assets.schema import SOURCES
-from etl_assets.sources import stage_source
+from etl_assets.lib.schema import SOURCES
+from etl_assets.lib.sources import stage_source
 from etl_assets_tests.conftest import build_profiles, examples, make_settings, write_sources
 
 POOL = [f"c{i:02d}" for i in range(12)]

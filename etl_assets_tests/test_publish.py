@@ -16,11 +16,11 @@ import dagster as dg
 import duckdb
 import pytest
 
-from etl_assets.errors import NO_SPACE
-from etl_assets.faults import ENOSPC_POINTS
-from etl_assets.generate import generate
-from etl_assets.runner import run_pipeline
-from etl_assets.settings import EtlSettings
+from etl_assets.lib.errors import NO_SPACE
+from etl_assets.lib.faults import ENOSPC_POINTS
+from etl_assets.tools.generate import generate
+from etl_assets.tools.runner import run_pipeline
+from etl_assets.lib.settings import EtlSettings
 from etl_assets_tests.conftest import edit_crm, make_settings, tmpfs
 
 pytestmark = pytest.mark.usefixtures("dagster_home")

@@ -3,7 +3,7 @@
 import duckdb
 import pytest
 
-from etl_assets.rules import install_rules
+from etl_assets.lib.rules import install_rules
 from etl_assets_tests.conftest import build_profiles, make_settings, write_sources
 
 

@@ -6,10 +6,13 @@ import dagster as dg
 import duckdb
 import pytest
 
-from etl_assets.definitions import SHARDS_JOB, build_defs
-from etl_assets.runner import run_pipeline
-from etl_assets.sensors import RERUN_ATTEMPT_TAG, evaluate_failed_shards
-from etl_assets.sharding import shard_of
+from etl_assets.defs.contracts import SHARDS_JOB
+from etl_assets.definitions import build_defs
+from etl_assets.tools.runner import run_pipeline
+from etl_assets.defs.contracts import RERUN_ATTEMPT_TAG
+from etl_assets.defs.resources import resources_for
+from etl_assets.defs.sensors import evaluate_failed_shards
+from etl_assets.lib.sharding import shard_of
 from etl_assets_tests.conftest import edit_crm
 
 # Four shards prove every sensor decision as well as ten, at less than half the Dagster runs.
@@ -19,7 +22,7 @@ SHARDS = 4
 def _tick(defs, settings, instance, cursor=None):
     sensor = defs.get_sensor_def("source_files_sensor")
     context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
-                                      resources={"settings": settings})
+                                      resources=resources_for(settings))
     return sensor.evaluate_tick(context)
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from etl_assets import warehouse
-from etl_assets.settings import EtlSettings, SettingsError
+from etl_assets.lib import warehouse
+from etl_assets.lib.settings import EtlSettings, SettingsError
 
 
 def test_defaults_live_in_git_ignored_var_folder(tmp_path, monkeypatch):

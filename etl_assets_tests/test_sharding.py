@@ -2,8 +2,9 @@ import hashlib
 
 import duckdb
 
-from etl_assets.rules import install_rules
-from etl_assets.sharding import shard_of, shard_partitions
+from etl_assets.lib.rules import install_rules
+from etl_assets.defs.contracts import shard_partitions
+from etl_assets.lib.sharding import shard_of
 
 
 def _formula(customer_id: str, n: int) -> int:

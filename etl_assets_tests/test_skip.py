@@ -8,11 +8,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from etl_assets import warehouse
-from etl_assets.definitions import SOURCES_JOB, build_defs
-from etl_assets.runner import run_pipeline, shards_expected
-from etl_assets.shard_inputs import SHARD_INPUTS
-from etl_assets.sharding import shard_of
+from etl_assets.lib import warehouse
+from etl_assets.defs.contracts import SOURCES_JOB
+from etl_assets.definitions import build_defs
+from etl_assets.tools.runner import run_pipeline, shards_expected
+from etl_assets.defs.contracts import SHARD_INPUTS
+from etl_assets.lib.sharding import shard_of
 from etl_assets_tests.conftest import make_settings
 
 # Four shards prove every skip rule as well as ten, at less than half the Dagster runs.

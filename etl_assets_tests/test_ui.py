@@ -19,7 +19,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from etl_assets.sharding import shard_of
+from etl_assets.lib.sharding import shard_of
 from etl_assets_tests.conftest import edit_crm
 
 # One `dagster dev` (webserver + daemon) serves every test here, in file order: under xdist the

@@ -7,11 +7,11 @@ from decimal import Decimal
 import duckdb
 import pytest
 
-from etl_assets import warehouse
-from etl_assets.schema import SOURCES
-from etl_assets.sharding import shard_of
-from etl_assets.sources import stage_source
-from etl_assets.validation import SourceFileError, read_source
+from etl_assets.lib import warehouse
+from etl_assets.lib.schema import SOURCES
+from etl_assets.lib.sharding import shard_of
+from etl_assets.lib.sources import stage_source
+from etl_assets.lib.validation import SourceFileError, read_source
 from etl_assets_tests.conftest import (build_profiles, make_settings, read_export, write_csv,
                                        write_sources)
 
@@ -21,7 +21,7 @@ CRM = SOURCES["crm"]
 
 def _read(path, schema):
     con = duckdb.connect()
-    from etl_assets.rules import install_rules
+    from etl_assets.lib.rules import install_rules
 
     install_rules(con)
     report = read_source(con, path, schema)
@@ -319,7 +319,7 @@ def test_a_row_with_invalid_utf8_is_quarantined_with_its_bytes(tmp_path):
 
 
 def test_a_file_mostly_not_utf8_fails_its_source_naming_the_encoding(tmp_path, dagster_home):
-    from etl_assets.runner import run_pipeline
+    from etl_assets.tools.runner import run_pipeline
 
     data = write_sources(tmp_path / "data", {"crm": [
         {"customer_id": f"c{i}", "company_name": "Caf\u00e9", "employee_count": 1}
@@ -335,7 +335,7 @@ def test_a_file_mostly_not_utf8_fails_its_source_naming_the_encoding(tmp_path, d
 def test_every_profile_row_at_the_field_limit_fits_the_readers_line_limit():
     """The export re-read (checks, drill) must carry any row the sources accept: every profile
     column at MAX_FIELD_BYTES, each byte a quote doubled, plus separators."""
-    from etl_assets.schema import MAX_FIELD_BYTES, MAX_LINE_BYTES, profile_columns
+    from etl_assets.lib.schema import MAX_FIELD_BYTES, MAX_LINE_BYTES, profile_columns
 
     columns = len(profile_columns())
     assert columns * (2 * MAX_FIELD_BYTES + 3) < MAX_LINE_BYTES
@@ -346,8 +346,8 @@ def test_a_field_at_the_limit_goes_through_and_past_it_is_quarantined(
         tmp_path, dagster_home, extra, reason):
     """At MAX_FIELD_BYTES the row is staged, merged, exported and re-read by the checks; one
     byte more and it is rejected with its own reason, the run still succeeding."""
-    from etl_assets.runner import run_pipeline
-    from etl_assets.schema import MAX_FIELD_BYTES
+    from etl_assets.tools.runner import run_pipeline
+    from etl_assets.lib.schema import MAX_FIELD_BYTES
 
     name = '"Big, Co' + "é" * ((MAX_FIELD_BYTES - 8) // 2) + "x" * ((MAX_FIELD_BYTES - 8) % 2)
     name += "x" * extra

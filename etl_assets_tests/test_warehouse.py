@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from etl_assets import warehouse
+from etl_assets.lib import warehouse
 from etl_assets_tests.conftest import build_profiles, make_settings
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import duckdb
 
-from etl_assets.schema import SOURCES
+from etl_assets.lib.schema import SOURCES
 
 # Thresholds are part of the rule text on purpose: a rule change is a code change (and bumps
 # CODE_VERSION so every shard is recomputed).

@@ -16,9 +16,9 @@ from typing import Optional, Sequence
 
 from filelock import FileLock, Timeout
 
-from etl_assets import errors, interrupts
-from etl_assets.runner import RunOutcome, run_pipeline
-from etl_assets.settings import EtlSettings, SettingsError
+from etl_assets.lib import errors, interrupts
+from etl_assets.tools.runner import RunOutcome, run_pipeline
+from etl_assets.lib.settings import EtlSettings, SettingsError
 
 
 def _settings(args: argparse.Namespace) -> EtlSettings:
@@ -190,7 +190,7 @@ def print_summary(outcome: RunOutcome) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Write the four synthetic source files."""
-    from etl_assets.generate import generate
+    from etl_assets.tools.generate import generate
 
     started = time.monotonic()
     paths = generate(args.rows, seed=args.seed, out_dir=args.out)
@@ -202,7 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_drill(args: argparse.Namespace) -> int:
     """The chaos drill end to end: shard fails once, retry heals, exactly-once verified."""
-    from etl_assets.drill import run_drill
+    from etl_assets.tools.drill import run_drill
 
     settings = EtlSettings.from_env(
         data_dir=args.data_dir, shard_count=args.shards, export_path=args.export,
@@ -215,7 +215,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """The scale-up benchmark: Markdown, JSON and a PNG chart in --out."""
-    from etl_assets.bench import run_bench
+    from etl_assets.tools.bench import run_bench
 
     out = Path(args.out)
     run_bench(args.rows, [int(x) for x in args.shards.split(",")],

@@ -1,7 +1,8 @@
-"""The four source assets: read the CSV with its typed schema, quarantine bad rows, stage by shard.
+"""Staging a source: read the CSV with its typed schema, quarantine bad rows, route by shard.
 
-Each source routes its rows to shards once; every `shard_profiles` partition then reads only its
-own slice, instead of every shard re-reading every file.
+Each source routes its rows to shards once; every shard then reads only its own slice, instead
+of every shard re-reading every file. The source assets call `stage_source`; the runner and the
+sensors ask `source_unchanged` first.
 """
 
 
@@ -13,16 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import dagster as dg
 import duckdb
 
-from etl_assets import errors, staging, warehouse
-from etl_assets.paths import duckdb_literals
-from etl_assets.rules import install_rules
-from etl_assets.schema import SOURCES, SourceSchema
-from etl_assets.settings import EtlSettings
-from etl_assets.faults import Hook
-from etl_assets.validation import (
+from etl_assets.lib import errors, staging, warehouse
+from etl_assets.lib.paths import duckdb_literals
+from etl_assets.lib.rules import install_rules
+from etl_assets.lib.schema import SOURCES, SourceSchema
+from etl_assets.lib.settings import EtlSettings
+from etl_assets.lib.faults import Hook
+from etl_assets.lib.validation import (
     ReadReport,
     SourceChangedError,
     SourceFileError,
@@ -81,6 +81,55 @@ def _unchanged(
 
 SOURCE_SKIP_REASON = ("file sha256, shard layout and staging code unchanged since the last "
                       "staging (checked against the warehouse manifest)")
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """One check's verdict, with what it compared (the source assets report it to Dagster)."""
+
+    name: str
+    passed: bool
+    metadata: dict
+    description: Optional[str] = None
+
+
+def source_checks(
+    schema: SourceSchema, report: ReadReport, staged: staging.StagedSource,
+    settings: EtlSettings,
+) -> list[CheckOutcome]:
+    """The source's two blocking checks (rows accounted, reject rate) for a read report and
+    the version it staged."""
+    staged_rows = sum(staged.slice_rows.values())
+    return [
+        CheckOutcome(
+            name="rows_accounted",
+            # Rows read from the file = accepted + rejected, and the staged slices (counted
+            # from their files) hold exactly the accepted rows: a staging that does not match
+            # the read it is recorded for fails here, not silently downstream.
+            passed=report.rows_read == report.accepted + report.rejected
+            and staged_rows == report.accepted,
+            metadata={"read": report.rows_read, "accepted": report.accepted,
+                      "rejected": report.rejected, "staged": staged_rows},
+        ),
+        CheckOutcome(
+            name="reject_rate",
+            passed=report.invalid_fraction <= settings.max_reject_fraction,
+            metadata={
+                "invalid": report.invalid,
+                "duplicates": report.rejected - report.invalid,
+                "read": report.rows_read,
+                "fraction": round(report.invalid_fraction, 6),
+                "max_fraction": settings.max_reject_fraction,
+                "top_reason": report.top_reason or "",
+            },
+            description=(
+                f"{schema.name}: {report.invalid} of {report.rows_read} rows rejected as "
+                f"invalid ({report.invalid_fraction:.1%}, limit "
+                f"{settings.max_reject_fraction:.1%})"
+                + (f", most often {report.top_reason}" if report.top_reason else "")
+            ),
+        ),
+    ]
 
 
 def source_unchanged(schema: SourceSchema, settings: EtlSettings) -> bool:
@@ -298,112 +347,11 @@ def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -
     return {k: int(counts.get(k, 0)) for k in shard_ids}
 
 
-def _column_schema(schema: SourceSchema) -> dg.TableSchema:
-    return dg.TableSchema(
-        columns=[
-            dg.TableColumn(
-                c.name,
-                c.sql_type,
-                description=(f"one of: {', '.join(c.domain)}" if c.domain else None),
-            )
-            for c in schema.columns
-        ]
-    )
-
-
-def source_checks(
-    schema: SourceSchema, report: ReadReport, staged: staging.StagedSource,
-    settings: EtlSettings,
-) -> list[dg.AssetCheckResult]:
-    """The source's two blocking checks (rows accounted, reject rate) for a read report and
-    the version it staged."""
-    staged_rows = sum(staged.slice_rows.values())
-    return [
-        dg.AssetCheckResult(
-            check_name="rows_accounted",
-            # Rows read from the file = accepted + rejected, and the staged slices (counted
-            # from their files) hold exactly the accepted rows: a staging that does not match
-            # the read it is recorded for fails here, not silently downstream.
-            passed=report.rows_read == report.accepted + report.rejected
-            and staged_rows == report.accepted,
-            metadata={"read": report.rows_read, "accepted": report.accepted,
-                      "rejected": report.rejected, "staged": staged_rows},
-        ),
-        dg.AssetCheckResult(
-            check_name="reject_rate",
-            passed=report.invalid_fraction <= settings.max_reject_fraction,
-            metadata={
-                "invalid": report.invalid,
-                "duplicates": report.rejected - report.invalid,
-                "read": report.rows_read,
-                "fraction": round(report.invalid_fraction, 6),
-                "max_fraction": settings.max_reject_fraction,
-                "top_reason": report.top_reason or "",
-            },
-            description=(
-                f"{schema.name}: {report.invalid} of {report.rows_read} rows rejected as "
-                f"invalid ({report.invalid_fraction:.1%}, limit "
-                f"{settings.max_reject_fraction:.1%})"
-                + (f", most often {report.top_reason}" if report.top_reason else "")
-            ),
-        ),
-    ]
-
-
-def build_source_asset(schema: SourceSchema) -> dg.AssetsDefinition:
-    """The asset for one source file, with its two checks (rows accounted, reject rate)."""
-    accounted = dg.AssetCheckSpec(
-        "rows_accounted", asset=schema.name, blocking=True,
-        description="rows read = rows accepted + rows rejected, and the staged slices hold "
-        "exactly the accepted rows")
-    reject_rate = dg.AssetCheckSpec("reject_rate", asset=schema.name, blocking=True,
-                                    description="invalid rows (superseded duplicates aside) within MAX_REJECT_FRACTION")
-
-    @dg.asset(
-        name=schema.name,
-        group_name="sources",
-        kinds={"csv", "duckdb"},
-        owners=["team:data-platform"],
-        code_version=STAGING_VERSION,
-        description=(
-            f"{schema.description} Reads `{schema.filename}` under DATA_DIR with a typed schema, "
-            "quarantines bad rows in `rejected_rows`, and stages one Parquet slice per shard."
-        ),
-        metadata={"dagster/column_schema": _column_schema(schema), "file": schema.filename},
-        check_specs=[accounted, reject_rate],
-    )
-    def _source(context: dg.AssetExecutionContext, settings: EtlSettings) -> dg.MaterializeResult:
-        try:
-            result = stage_source(schema, settings)
-        except (SourceFileError, errors.PathError) as exc:
-            context.log.debug(f"{schema.name}: file error", exc_info=True)
-            raise dg.Failure(description=str(exc), allow_retries=False,
-                             metadata={"retryable": False}) from exc
-        except SourceChangedError as exc:
-            # Nothing was staged; the next run (or a retry) reads the file once it is complete.
-            raise dg.Failure(description=str(exc), metadata={"retryable": True}) from exc
-        report = result.report
-        for column in report.extra_columns:
-            context.log.warning(f"{schema.filename}: ignoring extra column {column!r}")
-        return dg.MaterializeResult(
-            data_version=dg.DataVersion(result.staged.file_sha256),
-            metadata={
-                "dagster/row_count": report.accepted,
-                "rows_read": report.rows_read,
-                "rows_accepted": report.accepted,
-                "rows_rejected": report.rejected,
-                "reject_reasons": dict(report.reasons.most_common()),
-                "file_sha256": result.staged.file_sha256,
-                "file_path": str(Path(settings.data_dir) / schema.filename),
-                "staged_version": result.staged.version_dir,
-                "elapsed_ms": result.elapsed_ms,
-                "skipped": result.skipped,
-                "skip_reason": SOURCE_SKIP_REASON if result.skipped else "",
-            },
-            check_results=source_checks(schema, report, result.staged, settings),
-        )
-
-    return _source
-
-
-SOURCE_ASSETS: list[dg.AssetsDefinition] = [build_source_asset(s) for s in SOURCES.values()]
+def read_shard_inputs(settings: EtlSettings) -> dict[int, tuple[str, dict[str, int]]]:
+    """Per shard: (its input hash, rows per source) from the current staged pointers."""
+    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    return {
+        k: (staging.shard_input_hash(staged, k),
+            {name: int(source.slice_rows[k]) for name, source in staged.items()})
+        for k in settings.shard_ids
+    }

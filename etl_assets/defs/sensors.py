@@ -20,20 +20,32 @@ from typing import Any, Optional
 
 import dagster as dg
 
-from etl_assets import staging
-from etl_assets.profiles import SHARDS_JOB, stale_shards
-from etl_assets.schema import SOURCES
-from etl_assets.settings import EtlSettings
-from etl_assets.shard_inputs import SHARD_INPUTS
-from etl_assets.sources import plan_slices
-from etl_assets.validation import SourceFileError, file_sha256
-from etl_assets.warehouse import WarehouseLockedError
-
-SHARDS = dg.AssetKey("shard_profiles")
-PROFILES = dg.AssetKey("customer_profiles")
-RERUN_ATTEMPT_TAG = "etl/rerun_attempt"
-RERUN_OF_TAG = "etl/rerun_of"
-PARTITION_TAG = "dagster/partition"
+from etl_assets.defs.contracts import (
+    CHANGED_SHARDS_TAG,
+    CUSTOMER_PROFILES as PROFILES,
+    PARTITION_TAG,
+    RERUN_ATTEMPT_TAG,
+    RERUN_OF_TAG,
+    RETRYABLE,
+    SHARD_INPUTS,
+    SHARD_PROFILES as SHARDS,
+    SHARDS_JOB,
+    SOURCE_KEYS,
+    TRIGGER_TAG,
+)
+from etl_assets.defs.resources import (
+    AutomationResource,
+    StagingResource,
+    WarehouseResource,
+    pipeline_settings,
+)
+from etl_assets.lib import staging
+from etl_assets.lib.profiles import stale_shards
+from etl_assets.lib.schema import SOURCES
+from etl_assets.lib.settings import EtlSettings
+from etl_assets.lib.sources import plan_slices
+from etl_assets.lib.validation import SourceFileError, file_sha256
+from etl_assets.lib.warehouse import WarehouseLockedError
 
 
 @dataclass
@@ -104,7 +116,7 @@ def evaluate_source_files(
 
 def _staging_selection(changed: dict[str, str]) -> list[dg.AssetKey]:
     """The changed sources, then shard_inputs, so the UI knows which shard partitions changed."""
-    return [*(dg.AssetKey(name) for name in sorted(changed)), SHARD_INPUTS]
+    return [*(SOURCE_KEYS[name] for name in sorted(changed)), SHARD_INPUTS]
 
 
 def _requests_for_changes(settings: EtlSettings, changed: dict[str, str]) -> list[dg.RunRequest]:
@@ -127,13 +139,13 @@ def _requests_for_changes(settings: EtlSettings, changed: dict[str, str]) -> lis
             run_key=f"files:{content}:shard{k}",
             asset_selection=[*sources, SHARDS, PROFILES],
             partition_key=str(k),
-            tags={"etl/trigger": "source_files", "etl/changed_shards": str(k)},
+            tags={TRIGGER_TAG: "source_files", CHANGED_SHARDS_TAG: str(k)},
         )]
     return [dg.RunRequest(
         run_key=f"files:{content}",
         asset_selection=sources,
-        tags={"etl/trigger": "source_files",
-              "etl/changed_shards": ",".join(map(str, sorted(shards))) or "none"},
+        tags={TRIGGER_TAG: "source_files",
+              CHANGED_SHARDS_TAG: ",".join(map(str, sorted(shards))) or "none"},
     )]
 
 
@@ -153,7 +165,7 @@ def _requests_for_stale_shards(settings: EtlSettings, cursor: dict[str, Any]) ->
             run_key=f"stale:shard{k}:{staging.shard_input_hash(staged, k)[:16]}",
             asset_selection=[SHARDS],
             partition_key=str(k),
-            tags={"etl/trigger": "stale_shard"},
+            tags={TRIGGER_TAG: "stale_shard"},
         ) for k in stale],
         cursor=cursor,
     )
@@ -169,8 +181,8 @@ def _not_retryable(instance: dg.DagsterInstance, run_id: str) -> bool:
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
         data = entry.dagster_event.step_failure_data
         user = data.user_failure_data if data else None
-        if user is not None and user.metadata.get("retryable") is not None:
-            if user.metadata["retryable"].value is False:
+        if user is not None and user.metadata.get(RETRYABLE) is not None:
+            if user.metadata[RETRYABLE].value is False:
                 return True
     return False
 
@@ -208,7 +220,7 @@ def evaluate_failed_shards(
             asset_selection=[SHARDS],
             partition_key=partition,
             tags={RERUN_ATTEMPT_TAG: str(attempt + 1), RERUN_OF_TAG: run.run_id,
-                  "etl/trigger": "failed_shard"},
+                  TRIGGER_TAG: "failed_shard"},
         ))
     reason = None
     if not requests:
@@ -222,8 +234,13 @@ def evaluate_failed_shards(
 
 
 def build_sensors(settings: EtlSettings) -> list[Any]:
-    """The three sensors (on by default) and the daily schedule (off by default)."""
-    targets = [*(dg.AssetKey(n) for n in SOURCES), SHARD_INPUTS, SHARDS, PROFILES]
+    """The three sensors (on by default) and the daily schedule (off by default).
+
+    `settings` gives what is fixed when the definitions load (cadence, default status, shard
+    count); each tick reads the rest from its resources.
+    """
+    shard_count = settings.shard_count
+    targets = [*SOURCE_KEYS.values(), SHARD_INPUTS, SHARDS, PROFILES]
     # ETL_AUTOMATION=off starts every sensor stopped (each can still be turned on in the UI).
     default = (dg.DefaultSensorStatus.RUNNING if settings.automation == "on"
                else dg.DefaultSensorStatus.STOPPED)
@@ -237,11 +254,11 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         "changes (content hashes, two ticks to settle).",
     )
     def source_files_sensor(
-        context: dg.SensorEvaluationContext, settings: EtlSettings
+        context: dg.SensorEvaluationContext, warehouse: WarehouseResource,
+        staging: StagingResource,
     ) -> dg.SensorResult:
-        result = evaluate_source_files(
-            settings, json.loads(context.cursor or "{}"), context.instance
-        )
+        result = evaluate_source_files(pipeline_settings(shard_count, warehouse, staging),
+                                       json.loads(context.cursor or "{}"), context.instance)
         return dg.SensorResult(
             run_requests=result.run_requests,
             skip_reason=result.skip_reason,
@@ -257,8 +274,10 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         "waiting RERUN_BASE_WAIT_S x 2^n; not for errors marked not retryable.",
     )
     def failed_shard_sensor(
-        context: dg.SensorEvaluationContext, settings: EtlSettings
+        context: dg.SensorEvaluationContext, warehouse: WarehouseResource,
+        staging: StagingResource, automation: AutomationResource,
     ) -> dg.SensorResult:
+        settings = pipeline_settings(shard_count, warehouse, staging, automation=automation)
         result = evaluate_failed_shards(settings, context.instance)
         return dg.SensorResult(run_requests=result.run_requests, skip_reason=result.skip_reason)
 
@@ -270,8 +289,10 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         description="Daily: stage changed sources, or rebuild stale/missing shard partitions.",
     )
     def stale_partitions_schedule(
-        context: dg.ScheduleEvaluationContext, settings: EtlSettings
+        context: dg.ScheduleEvaluationContext, warehouse: WarehouseResource,
+        staging: StagingResource,
     ) -> Any:
+        settings = pipeline_settings(shard_count, warehouse, staging)
         changed = {
             name: file_sha256(Path(settings.data_dir) / s.filename)
             for name, s in SOURCES.items()

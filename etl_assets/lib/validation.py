@@ -16,9 +16,9 @@ from pathlib import Path
 
 import duckdb
 
-from etl_assets.faults import Hook, no_hook
-from etl_assets.paths import duckdb_literal
-from etl_assets.schema import (
+from etl_assets.lib.faults import Hook, no_hook
+from etl_assets.lib.paths import duckdb_literal
+from etl_assets.lib.schema import (
     MAX_FIELD_BYTES,
     MAX_LINE_BYTES,
     NOT_GREATER_THAN,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from etl_assets.faults import Hook, no_hook
+from etl_assets.lib.faults import Hook, no_hook
 
 POINTER = "current.json"
 KEEP_VERSIONS = 2  # the current one and the previous, for a reader that started just before

@@ -21,16 +21,17 @@ from typing import Any, Optional
 
 import dagster as dg
 
-from etl_assets import staging
-from etl_assets.definitions import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB, build_defs
-from etl_assets.errors import NO_SPACE
-from etl_assets.interrupts import Interrupted
-from etl_assets.logs import format_event, parse_shard_event
-from etl_assets.profiles import shard_status, skip_reason
-from etl_assets.schema import SOURCES
-from etl_assets.settings import EtlSettings
-from etl_assets.shard_inputs import SHARD_INPUTS
-from etl_assets.sources import SOURCE_SKIP_REASON, source_unchanged
+from etl_assets.lib import staging
+from etl_assets.defs.contracts import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB
+from etl_assets.definitions import build_defs
+from etl_assets.lib.errors import NO_SPACE
+from etl_assets.lib.interrupts import Interrupted
+from etl_assets.lib.events import format_event, parse_shard_event
+from etl_assets.lib.profiles import shard_status, skip_reason
+from etl_assets.lib.schema import SOURCES
+from etl_assets.lib.settings import EtlSettings
+from etl_assets.defs.contracts import SHARD_INPUTS
+from etl_assets.lib.sources import SOURCE_SKIP_REASON, source_unchanged
 
 
 @dataclass

@@ -31,7 +31,7 @@ _SHARD_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+ok")
 # writes a table. Run in a subprocess so its RSS is measured like the pipeline's.
 FLOOR_SCRIPT = """
 import sys, duckdb
-from etl_assets.rules import install_rules
+from etl_assets.lib.rules import install_rules
 data, db = sys.argv[1], sys.argv[2]
 con = duckdb.connect(db)
 install_rules(con)
@@ -59,7 +59,7 @@ print(con.execute("SELECT count(*) FROM profiles").fetchone()[0])
 # Dagster: the least any pipeline producing merged_output.csv has to do.
 FULL_FLOOR_SCRIPT = """
 import sys, duckdb
-from etl_assets.rules import install_rules
+from etl_assets.lib.rules import install_rules
 data, db, out = sys.argv[1], sys.argv[2], sys.argv[3]
 con = duckdb.connect(db)
 con.execute("SET enable_progress_bar = false")

@@ -208,7 +208,7 @@ def generate(rows: int, seed: int = 42, out_dir: str | Path = "data") -> dict[st
     return finals
 
 
-if __name__ == "__main__":  # a quick timing aid: python -m etl_assets.generate ROWS DIR
+if __name__ == "__main__":  # a quick timing aid: python -m etl_assets.tools.generate ROWS DIR
     import sys
 
     t0 = time.monotonic()

@@ -1,7 +1,8 @@
 """Configuration: environment variables and CLI flags resolved into one settings object.
 
-Every module reads its configuration from an `EtlSettings` instance handed to it (as a Dagster
-resource inside assets, as a plain object in the CLI); nothing else reads the environment.
+Every library function reads its configuration from an `EtlSettings` instance handed to it;
+nothing else reads the environment. Inside Dagster the same values arrive as typed resources
+(`etl_assets.defs.resources`), which are turned back into one `EtlSettings` for the library.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-import dagster as dg
+from pydantic import BaseModel, ConfigDict
 
-from etl_assets.faults import CRASH_MODES, FAULT_POINTS, Hook, crash_hook
-from etl_assets.limits import DuckDBLimits
+from etl_assets.lib.faults import CRASH_MODES, FAULT_POINTS, Hook, crash_hook
+from etl_assets.lib.limits import DuckDBLimits
 
 # Environment variable -> settings field. CLI flags override these.
 ENV_VARS: dict[str, str] = {
@@ -48,11 +49,13 @@ class SettingsError(ValueError):
     """A configuration value that cannot be used; the message names the variable."""
 
 
-class EtlSettings(dg.ConfigurableResource):
+class EtlSettings(BaseModel):
     """Where the pipeline reads and writes, how many shards, and the chaos switches.
 
     Paths are absolute once built through `from_env`, so the UI shows exactly what a run used.
     """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     data_dir: str = "data"
     home_dir: str = DEFAULT_HOME
@@ -137,7 +140,7 @@ class EtlSettings(dg.ConfigurableResource):
         return {name: getattr(self, name) for name in type(self).model_fields}
 
     def replace(self, **changes: Any) -> "EtlSettings":
-        """A copy with some fields changed (a new resource, so Dagster sees the new values)."""
+        """A copy with some fields changed, validated."""
         return type(self)(**{**self.field_values(), **changes}).validated()
 
     @property

@@ -11,11 +11,11 @@ from typing import Any, Optional
 import dagster as dg
 import duckdb
 
-from etl_assets import staging
-from etl_assets.paths import duckdb_literal, duckdb_literals
-from etl_assets.runner import RunOutcome, run_pipeline, shard_events
-from etl_assets.schema import MAX_LINE_BYTES, SOURCES
-from etl_assets.settings import EtlSettings
+from etl_assets.lib import staging
+from etl_assets.lib.paths import duckdb_literal, duckdb_literals
+from etl_assets.tools.runner import RunOutcome, run_pipeline, shard_events
+from etl_assets.lib.schema import MAX_LINE_BYTES, SOURCES
+from etl_assets.lib.settings import EtlSettings
 
 STEP = "shard_profiles"
 

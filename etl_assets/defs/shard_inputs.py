@@ -13,30 +13,24 @@ Backfills and "Materialize all" treat it as the ordinary asset it is, so sources
 → shard_profiles keeps its order in every kind of run.
 """
 
+
 import hashlib
 
 import dagster as dg
 
-from etl_assets import staging
-from etl_assets.schema import SOURCES
-from etl_assets.settings import EtlSettings
-from etl_assets.sharding import shard_partitions
+from etl_assets.defs.contracts import (
+    DATA_VERSION_TAG,
+    SHARD_INPUTS,
+    SOURCE_KEYS,
+    not_retryable,
+    shard_partitions,
+)
+from etl_assets.defs.resources import StagingResource, WarehouseResource, pipeline_settings
+from etl_assets.lib.sources import read_shard_inputs
+from etl_assets.lib.staging import StagingError
 
-SHARD_INPUTS = dg.AssetKey("shard_inputs")
-# Dagster's tag holding an asset event's data version (what MaterializeResult(data_version=) sets).
-DATA_VERSION_TAG = "dagster/data_version"
 # Bump when the meaning of a shard_inputs data version changes.
 SHARD_INPUTS_VERSION = "1"
-
-
-def read_shard_inputs(settings: EtlSettings) -> dict[int, tuple[str, dict[str, int]]]:
-    """Per shard: (its input hash, rows per source) from the current staged pointers."""
-    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
-    return {
-        k: (staging.shard_input_hash(staged, k),
-            {name: int(source.slice_rows[k]) for name, source in staged.items()})
-        for k in settings.shard_ids
-    }
 
 
 def _metadata(input_hash: str, rows: dict[str, int]) -> dict[str, object]:
@@ -49,7 +43,7 @@ def build_shard_inputs_asset(shard_count: int) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=SHARD_INPUTS,
-        deps=[dg.AssetKey(name) for name in SOURCES],
+        deps=list(SOURCE_KEYS.values()),
         partitions_def=partitions,
         group_name="sources",
         kinds={"parquet"},
@@ -61,18 +55,17 @@ def build_shard_inputs_asset(shard_count: int) -> dg.AssetsDefinition:
             "the shards whose slices changed become stale."
         ),
     )
-    def shard_inputs(context: dg.AssetExecutionContext, settings: EtlSettings) -> dg.MaterializeResult:
+    def shard_inputs(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                     staging: StagingResource) -> dg.MaterializeResult:
         if context.has_partition_key_range and not context.has_partition_key:
-            raise dg.Failure(
-                description="materialize shard_inputs for one partition or for all (no "
-                "partition), not a range: a range would share one data version",
-                allow_retries=False, metadata={"retryable": False})
+            raise not_retryable(ValueError(
+                "materialize shard_inputs for one partition or for all (no partition), not a "
+                "range: a range would share one data version"))
         own = context.partition_key if context.has_partition_key else None
         try:
-            inputs = read_shard_inputs(settings)
-        except staging.StagingError as exc:
-            raise dg.Failure(description=str(exc), allow_retries=False,
-                             metadata={"retryable": False}) from exc
+            inputs = read_shard_inputs(pipeline_settings(shard_count, warehouse, staging))
+        except StagingError as exc:
+            raise not_retryable(exc) from exc
         for k, (input_hash, rows) in inputs.items():
             if str(k) != own:
                 context.log_event(dg.AssetMaterialization(

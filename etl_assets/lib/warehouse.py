@@ -23,11 +23,11 @@ from typing import Optional
 
 import duckdb
 
-from etl_assets import errors
-from etl_assets.faults import Hook, no_hook
-from etl_assets.limits import DuckDBLimits
-from etl_assets.schema import profile_columns
-from etl_assets.validation import file_sha256
+from etl_assets.lib import errors
+from etl_assets.lib.faults import Hook, no_hook
+from etl_assets.lib.limits import DuckDBLimits
+from etl_assets.lib.schema import profile_columns
+from etl_assets.lib.validation import file_sha256
 
 ALIAS = "wh"
 _LOCK_HOLDER = re.compile(r"PID (\d+)")

@@ -1,4 +1,4 @@
-"""Routing customers to shards, and the shard partitions of `shard_profiles`.
+"""Routing customers to shards.
 
 The SQL twin of `shard_of` is the `etl_shard` macro in rules.py; a test holds them equal.
 """
@@ -7,14 +7,8 @@ from __future__ import annotations
 
 import hashlib
 
-import dagster as dg
-
 
 def shard_of(customer_id: str, shard_count: int) -> int:
     """The public demo's routing: first 4 bytes of md5(customer_id), big-endian, mod shard_count."""
     return int.from_bytes(hashlib.md5(customer_id.encode("utf-8")).digest()[:4], "big") % shard_count
 
-
-def shard_partitions(shard_count: int) -> dg.StaticPartitionsDefinition:
-    """One partition per shard, keyed "0".."N-1"."""
-    return dg.StaticPartitionsDefinition([str(k) for k in range(shard_count)])

@@ -1,0 +1,177 @@
+"""`shard_profiles` (one partition per shard) and `customer_profiles` (the merged table and
+its export): thin bodies around the library's `build_shard` and `publish_profiles`."""
+
+
+import time
+
+import dagster as dg
+
+from etl_assets.defs.contracts import (
+    COLUMN_SCHEMA,
+    CUSTOMER_PROFILES,
+    ROW_COUNT,
+    SHARD_INPUTS,
+    SHARD_PROFILES,
+    not_retryable,
+    shard_event,
+    shard_partitions,
+)
+from etl_assets.defs.resources import (
+    FaultInjectionResource,
+    StagingResource,
+    WarehouseResource,
+    pipeline_settings,
+)
+from etl_assets.lib import errors
+from etl_assets.lib.staging import StagingError
+from etl_assets.lib.profiles import (
+    CODE_VERSION,
+    PROFILES_SKIP_REASON,
+    ChaosFailure,
+    ShardsNotCurrentError,
+    build_shard,
+    publish_profiles,
+    shard_status,
+    skip_reason,
+)
+from etl_assets.lib.schema import profile_columns
+
+
+# Retries live on the shard, not the orchestrator: waits of (2^n - 1) x 1 s, jittered +/- 1 s.
+SHARD_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=3, delay=1.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+
+def _shard_result(shard_id: int, attempt: int, elapsed_ms: int, records: int,
+                  source_data_hash: str, **extra: object) -> dg.MaterializeResult:
+    """A shard attempt's result: its data version is its input hash and the code version."""
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(f"{source_data_hash[:16]}-c{CODE_VERSION}"),
+        metadata={ROW_COUNT: int(records), "elapsed_ms": elapsed_ms, "attempt": attempt,
+                  "shard_id": shard_id, "source_data_hash": source_data_hash, **extra},
+    )
+
+
+def _skipped(
+    context: dg.AssetExecutionContext, shard_id: int, attempt: int, started: float, entry: dict
+) -> dg.MaterializeResult:
+    """Nothing to do: the warehouse already holds this shard from the same inputs and code."""
+    reason = skip_reason(entry)
+    elapsed_ms = int((time.monotonic() - started) * 1000)
+    shard_event(context, "shard_skip", shard_id=shard_id, attempt=attempt,
+                record_count=entry["record_count"], elapsed_ms=elapsed_ms, reason=reason)
+    return _shard_result(shard_id, attempt, elapsed_ms, entry["record_count"],
+                         entry["source_data_hash"], skipped=True, skip_reason=reason)
+
+
+def _preview_markdown(rows: list[tuple]) -> str:
+    header = "| customer_id | email | health | churn | expansion |\n|---|---|---|---|---|\n"
+    return header + "".join(
+        "| " + " | ".join("" if v is None else str(v) for v in row) + " |\n" for row in rows
+    )
+
+
+def _profile_column_schema() -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in profile_columns()])
+
+
+def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:
+    """The partitioned `shard_profiles` asset and the merged `customer_profiles` asset."""
+
+    @dg.asset(
+        key=SHARD_PROFILES,
+        group_name="profiles",
+        partitions_def=shard_partitions(shard_count),
+        # Not the four sources directly: their file-level versions would mark every partition
+        # stale; shard_inputs has one version per shard (see shard_inputs.py).
+        deps=[SHARD_INPUTS],
+        retry_policy=SHARD_RETRY_POLICY,
+        kinds={"duckdb"},
+        owners=["team:data-platform"],
+        code_version=CODE_VERSION,
+        description=(
+            "One partition per hash shard: merges the shard's customers across the four sources "
+            "(CRM owns identity), scores health / churn / expansion, and overwrites the shard's "
+            "rows in DuckDB `shard_profiles` in one transaction."
+        ),
+        metadata={COLUMN_SCHEMA: _profile_column_schema()},
+    )
+    def shard_profiles(
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+        staging: StagingResource, faults: FaultInjectionResource,
+    ) -> dg.MaterializeResult:
+        settings = pipeline_settings(shard_count, warehouse, staging, faults)
+        shard_id = int(context.partition_key)
+        attempt = context.retry_number + 1
+        started = time.monotonic()
+        shard_event(context, "shard_start", shard_id=shard_id, attempt=attempt, run_id=context.run.run_id)
+        try:
+            if settings.chaos_fail_shard == shard_id and (
+                settings.chaos_fail_mode == "always" or context.retry_number == 0
+            ):
+                raise ChaosFailure(f"chaos: shard {shard_id} fails on attempt {attempt}")
+            # The chaos shard always does real work: the drill is about retrying real work.
+            recompute = settings.force or settings.chaos_fail_shard == shard_id
+            unchanged = None if recompute else shard_status(settings).get(shard_id)
+            if unchanged is not None:
+                return _skipped(context, shard_id, attempt, started, unchanged)
+            result = build_shard(settings, shard_id, context.run.run_id)
+        except (StagingError, errors.PathError) as exc:
+            # Missing inputs, a bad path or a full disk: retrying in seconds would not help.
+            shard_event(context, "shard_error", shard_id=shard_id, attempt=attempt,
+                        error=str(exc), retryable=False)
+            raise not_retryable(exc) from exc
+        except Exception as exc:
+            shard_event(context, "shard_error", shard_id=shard_id, attempt=attempt,
+                        error=f"{type(exc).__name__}: {exc}", retryable=True)
+            raise
+        elapsed_ms = int((time.monotonic() - started) * 1000)
+        shard_event(context, "shard_end", shard_id=shard_id, attempt=attempt,
+                    record_count=result.record_count, elapsed_ms=elapsed_ms)
+        return _shard_result(shard_id, attempt, elapsed_ms, result.record_count,
+                             result.source_data_hash,
+                             preview=dg.MetadataValue.md(_preview_markdown(result.preview)))
+
+    @dg.asset(
+        key=CUSTOMER_PROFILES,
+        group_name="profiles",
+        deps=[shard_profiles],
+        kinds={"duckdb", "csv"},
+        owners=["team:data-platform"],
+        code_version=CODE_VERSION,
+        description=(
+            "Every shard merged into DuckDB `customer_profiles`, one row per idempotency key, "
+            "and exported as CSV sorted by customer_id (EXPORT_PATH, default merged_output.csv)."
+        ),
+        metadata={COLUMN_SCHEMA: _profile_column_schema()},
+        # Follows its shards by itself, once none is in progress and blocking checks passed.
+        automation_condition=(
+            dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+        ),
+    )
+    def customer_profiles(
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+        staging: StagingResource, faults: FaultInjectionResource,
+    ) -> dg.MaterializeResult:
+        settings = pipeline_settings(shard_count, warehouse, staging, faults)
+        try:
+            count, skipped, summary = publish_profiles(settings)
+        except (errors.PathError, ShardsNotCurrentError) as exc:
+            # A path to fix, a disk to free or shards to build first: waiting would not help.
+            raise not_retryable(exc) from exc
+        if skipped:
+            context.log.info(f"customer_profiles: {PROFILES_SKIP_REASON}")
+        return dg.MaterializeResult(
+            metadata={
+                ROW_COUNT: count,
+                "export_path": dg.MetadataValue.path(settings.export_path),
+                "summary": dg.MetadataValue.md(summary),
+                "skipped": skipped,
+                "skip_reason": PROFILES_SKIP_REASON if skipped else "",
+            }
+        )
+
+    return shard_profiles, customer_profiles
+
+
