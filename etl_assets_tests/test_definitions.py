@@ -24,6 +24,21 @@ def test_dagster_definitions_validate_passes(tmp_path):
     assert "All code locations passed validation" in proc.stdout + proc.stderr
 
 
+def test_dg_check_and_list_defs_pass(tmp_path):
+    """`dg` reads [tool.dg] in pyproject.toml: the same code location as workspace.yaml."""
+    dg_cli = str(Path(sys.executable).parent / "dg")
+    env = dict(os.environ, DAGSTER_HOME=str(tmp_path))
+    check = subprocess.run([dg_cli, "check", "defs"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "All definitions loaded successfully" in check.stdout + check.stderr
+    listed = subprocess.run([dg_cli, "list", "defs", "--json"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    for name in ("shard_profiles", "customer_profiles", "source_files_sensor", "warehouse"):
+        assert f'"{name}"' in listed.stdout
+
+
 def test_asset_graph_shape():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
