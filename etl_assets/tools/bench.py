@@ -281,7 +281,10 @@ def _write_reports(results: list[Measurement], rows: int, out_dir: Path) -> None
               "end of that job's Dagster runs; outside runs: process start, imports and the "
               "time between runs."]
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _chart(results, out_dir / "bench.png")
+    try:
+        _chart(results, out_dir / "bench.png")
+    except ModuleNotFoundError as exc:  # the chart is optional: pip install 'etl_assets[bench]'
+        print(f"no chart: {exc.name} is not installed (pip install 'etl_assets[bench]')")
 
 
 def _chart(results: list[Measurement], path: Path) -> None:

@@ -15,6 +15,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from etl_assets.lib.schema import ACCOUNT_STATUSES, DEAL_STAGES, PAYMENT_STATUSES, PLANS
+
 ANCHOR = "2026-01-01"  # every date counts back from here (also in the day() macro)
 CHUNK_ROWS = 1_000_000
 
@@ -34,11 +36,12 @@ _INDUSTRIES = ["Software", "Retail", "Healthcare", "Finance", "Manufacturing", "
                "Logistics", "Media", "Energy", "Hospitality"]
 _OWNERS = ["Alice Wong", "Bob Martin", "Chen Li", "Dana Cruz", "Eve Adams", "Farid Haddad",
            "Grace Kim", "Hugo Weber"]
-_STAGES = ["Lead", "Qualified", "Proposal", "Negotiation", "Closed Won", "Enterprise"]
-_PLANS = ["Starter", "Business", "Professional", "Enterprise"]
+# The categorical domains are the schema's own, in its order (the plan's MRR follows it).
+_STAGES = list(DEAL_STAGES)
+_PLANS = list(PLANS)
 _PLAN_MRR = np.array([49.0, 299.0, 899.0, 4999.0])
-_PAYMENTS = ["Active", "Past Due", "Failed"]
-_STATUSES = ["Active", "Inactive", "Trial"]
+_PAYMENTS = list(PAYMENT_STATUSES)
+_STATUSES = list(ACCOUNT_STATUSES)
 
 LISTS = {"first": _FIRST, "last": _LAST, "words": _WORDS, "slugs": _SLUGS, "suffix": _SUFFIX,
          "industries": _INDUSTRIES, "owners": _OWNERS, "stages": _STAGES, "plans": _PLANS,
