@@ -15,7 +15,7 @@ TEST_TMPDIR ?= $(if $(wildcard /dev/shm/.),/dev/shm,/tmp)
 PYTEST := TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -n 4 --dist loadscope
 FAST := not browser and not daemon and not kill and not cli
 
-.PHONY: help install run test test-fast ui sample clean chromium
+.PHONY: help install run test test-fast lint ui sample clean chromium
 
 ## Every target with one line each.
 help:
@@ -41,6 +41,10 @@ test: $(STAMP)
 ## The inner loop: every test that needs no browser, daemon, kill or command subprocess.
 test-fast: $(STAMP)
 	ETL_TEST_QUICK=1 $(PYTEST) -m "$(FAST)"
+
+## Ruff over the package and the tests (CI fails on any finding).
+lint: $(STAMP)
+	$(BIN)/ruff check etl_assets etl_assets_tests
 
 ## Dagster UI + daemon on http://127.0.0.1:3000 (HOST=, PORT= to change), same home as `make run`.
 ui: $(STAMP)
