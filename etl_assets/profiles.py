@@ -224,7 +224,8 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
         code_version=CODE_VERSION,
         description=(
             "Every shard merged into DuckDB `customer_profiles`, one row per idempotency key, "
-            "and exported as CSV sorted by customer_id (EXPORT_PATH, default merged_output.csv)."
+            "exported as CSV sorted by customer_id (EXPORT_PATH, default merged_output.csv), "
+            "and copied with rejected_rows into the read-only warehouse.snapshot.duckdb."
         ),
         metadata={"dagster/column_schema": _profile_column_schema()},
         # Follows its shards by itself, once none is in progress and blocking checks passed.
@@ -247,6 +248,7 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
             metadata={
                 "dagster/row_count": count,
                 "export_path": dg.MetadataValue.path(settings.export_path),
+                "snapshot_path": dg.MetadataValue.path(settings.snapshot_path),
                 "summary": dg.MetadataValue.md(summary),
                 "skipped": skipped,
                 "skip_reason": PROFILES_SKIP_REASON if skipped else "",
@@ -257,7 +259,8 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
 
 
 def _publish(settings: EtlSettings) -> tuple[int, bool, str]:
-    """Rebuild and export customer_profiles unless nothing changed: (rows, skipped, summary)."""
+    """Rebuild, export and snapshot customer_profiles unless nothing changed:
+    (rows, skipped, summary)."""
     # Decided read-only first: an unchanged re-run takes no write lock at all, so a user's
     # read-only connection to the warehouse (a notebook, the DuckDB CLI) does not block it.
     with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
@@ -271,9 +274,9 @@ def _publish(settings: EtlSettings) -> tuple[int, bool, str]:
                           settings.duckdb_limits) as con:
         # Judged again under the write lock: a shard may have moved since.
         shards_hash = _current_shards_hash(settings, con)
-        # Table, manifest and export change together or not at all (see the function).
+        # Table, manifest, export and snapshot change together or not at all (see the function).
         count = warehouse.publish_customer_profiles(
-            con, settings.shard_count, settings.export_path,
+            con, settings.shard_count, settings.export_path, settings.snapshot_path,
             {"shards_hash": shards_hash, "code_version": _profiles_code()}, settings.hook)
         return count, False, profile_summary(con)
 
@@ -297,7 +300,7 @@ def _current_shards_hash(settings: EtlSettings, con: duckdb.DuckDBPyConnection) 
 
 
 PROFILES_SKIP_REASON = ("every shard and the code are unchanged since the last rebuild, and the "
-                        "export on disk is the one it wrote (sha256)")
+                        "export and snapshot on disk are the ones it wrote (sha256)")
 
 
 def _shards_hash(manifest: dict[int, dict]) -> str:
@@ -313,11 +316,19 @@ def _profiles_code() -> str:
 
 
 def _profiles_unchanged(previous: dict, shards_hash: str, settings: EtlSettings) -> bool:
-    """True if the last rebuild used these shards and code and its export is still intact."""
-    export = Path(settings.export_path)
+    """True if the last rebuild used these shards and code, and its export and snapshot are
+    still the files it wrote (a missing, edited or older one is written again)."""
     return ((previous["shards_hash"], previous["code_version"], previous["export_path"])
             == (shards_hash, _profiles_code(), settings.export_path)
-            and export.is_file() and file_sha256(export) == previous["export_sha256"])
+            and _intact(settings.export_path, previous["export_sha256"])
+            # Absent in a manifest written before snapshots existed: never intact then.
+            and _intact(settings.snapshot_path, previous.get("snapshot_sha256")))
+
+
+def _intact(path: str, sha256: Optional[str]) -> bool:
+    """True if `path` is a file whose sha256 is `sha256` (hashed without opening it in DuckDB,
+    so a reader holding the file never delays the decision)."""
+    return sha256 is not None and Path(path).is_file() and file_sha256(path) == sha256
 
 
 def profile_summary(con) -> str:

@@ -1,4 +1,5 @@
-"""Concurrent shard runs in separate processes, and a warehouse lock held elsewhere."""
+"""Concurrent runs in separate processes, a warehouse lock held elsewhere, and readers of the
+snapshot while runs publish."""
 
 import os
 import subprocess
@@ -10,10 +11,12 @@ import duckdb
 import pytest
 
 from etl_assets.profiles import build_shard
+from etl_assets.runner import run_pipeline
 from etl_assets.schema import SOURCES
+from etl_assets.sharding import shard_of
 from etl_assets.sources import stage_source
 from etl_assets.warehouse import WarehouseLockedError
-from etl_assets_tests.conftest import build_profiles, make_settings
+from etl_assets_tests.conftest import build_profiles, edit_crm, make_settings, user_tables
 
 BIN = Path(sys.executable).parent
 
@@ -137,3 +140,73 @@ def test_a_reader_holding_the_warehouse_does_not_stop_an_unchanged_rerun(
         reader.wait()
     assert again.ok, again.reason
     assert all(r.skipped for r in again.shards)
+
+
+# A reader of the snapshot, as a user's session would hold it: prints the row count and a digest
+# of customer_profiles on start and for each line it reads; "reopen" reconnects first.
+SNAPSHOT_READER = """
+import duckdb, sys
+def digest(con):
+    return con.execute("SELECT count(*), md5(string_agg(p::VARCHAR, '|' ORDER BY customer_id)) "
+                       "FROM customer_profiles p").fetchone()
+con = duckdb.connect(sys.argv[1], read_only=True)
+print(*digest(con), flush=True)
+for line in sys.stdin:
+    if line.strip() == "reopen":
+        con.close()
+        con = duckdb.connect(sys.argv[1], read_only=True)
+    print(*digest(con), flush=True)
+"""
+
+CHANGE = {"cust_00000007": 4321}  # one CRM value: one shard and customer_profiles rebuild
+
+
+def _digest(path: str) -> str:
+    con = duckdb.connect(path, read_only=True)
+    try:
+        return " ".join(map(str, con.execute(
+            "SELECT count(*), md5(string_agg(p::VARCHAR, '|' ORDER BY customer_id)) "
+            "FROM customer_profiles p").fetchone()))
+    finally:
+        con.close()
+
+
+def test_a_reader_of_the_snapshot_keeps_its_rows_while_a_changed_run_publishes(
+        tmp_path, sample_dir, dagster_home):
+    """A user's session holds the snapshot open while a run with a changed source rebuilds a
+    shard and customer_profiles: the run neither waits nor fails (lock timeout 1 s), the
+    session keeps reading the rows it opened, and reconnecting gives the new ones, equal to
+    the warehouse's."""
+    settings = make_settings(tmp_path, sample_dir, shard_count=2, lock_timeout_s=1.0)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    old = _digest(settings.duckdb_path)
+    reader = subprocess.Popen([sys.executable, "-c", SNAPSHOT_READER, settings.snapshot_path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == old
+        edit_crm(sample_dir, CHANGE)
+        changed = run_pipeline(settings, echo=lambda line: None)
+        assert changed.ok, changed.reason
+        assert [r.shard_id for r in changed.shards if not r.skipped] == \
+            [shard_of("cust_00000007", 2)]
+        new = _digest(settings.duckdb_path)
+        assert new != old
+        reader.stdin.write("again\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().strip() == old  # its connection keeps the old file
+        reader.stdin.write("reopen\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().strip() == new
+    finally:
+        reader.kill()
+        reader.wait()
+    assert user_tables(settings.snapshot_path) == user_tables(settings.duckdb_path)
+    con = duckdb.connect(settings.snapshot_path, read_only=True)
+    try:  # stored in customer_id order: a plain SELECT reads it sorted
+        ids = [r[0] for r in con.execute("SELECT customer_id FROM customer_profiles").fetchall()]
+    finally:
+        con.close()
+    assert ids == sorted(ids) and len(ids) == 1000
+    # Only the published files are left: no temp file or WAL beside them.
+    assert sorted(p.name for p in Path(settings.snapshot_path).parent.glob("*.duckdb*")) == \
+        ["warehouse.duckdb", "warehouse.snapshot.duckdb"]

@@ -12,7 +12,7 @@ from etl_assets.definitions import SOURCES_JOB, build_defs
 from etl_assets.runner import run_pipeline, shards_expected
 from etl_assets.shard_inputs import SHARD_INPUTS
 from etl_assets.sharding import shard_of
-from etl_assets_tests.conftest import make_settings
+from etl_assets_tests.conftest import make_settings, user_tables
 
 pytestmark = pytest.mark.usefixtures("dagster_home")
 # Four shards prove every skip rule as well as ten, at less than half the Dagster runs.
@@ -110,9 +110,11 @@ def test_force_recomputes_everything(tmp_path, sample_dir, instance):
     assert _latest_metadata(instance, "crm")["skipped"] is False
 
 
-def test_customer_profiles_skip_is_proven_by_the_export_itself(tmp_path, sample_dir, instance):
-    """An unchanged re-run keeps the export only if it is byte-for-byte the one last written;
-    an edited or deleted export is rebuilt, and --force always rebuilds."""
+def test_customer_profiles_skip_is_proven_by_the_export_and_snapshot_themselves(
+        tmp_path, sample_dir, instance):
+    """An unchanged re-run keeps the export and the snapshot only if they are byte-for-byte the
+    ones last written; an edited or deleted export, or a deleted snapshot, is rebuilt, and
+    --force always rebuilds."""
     settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     assert run_pipeline(settings, echo=lambda line: None).ok
     export = open(settings.export_path, "rb").read()
@@ -126,6 +128,13 @@ def test_customer_profiles_skip_is_proven_by_the_export_itself(tmp_path, sample_
     (tmp_path / "var" / "merged_output.csv").unlink()
     assert run_pipeline(settings, echo=lambda line: None).ok
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
+    assert open(settings.export_path, "rb").read() == export
+
+    (tmp_path / "var" / "warehouse.snapshot.duckdb").unlink()  # deleted, or never published
+    restored = run_pipeline(settings, echo=lambda line: None)
+    assert restored.ok and all(r.skipped for r in restored.shards)
+    assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
+    assert user_tables(settings.snapshot_path) == user_tables(settings.duckdb_path)
     assert open(settings.export_path, "rb").read() == export
 
     assert run_pipeline(settings, echo=lambda line: None).ok
