@@ -37,6 +37,13 @@ class ChaosFailure(RuntimeError):
     """The injected failure of the chaos drill (CHAOS_FAIL_SHARD)."""
 
 
+class InputsMovedError(RuntimeError):
+    """The sources were staged again while a shard was built from the previous slices.
+
+    Retryable: the next attempt builds from the new slices (or finds them already written).
+    """
+
+
 @dataclass(frozen=True)
 class ShardResult:
     """What one shard write produced."""
@@ -53,7 +60,13 @@ def build_shard(
     run_id: str,
     hook: Optional[Hook] = None,
 ) -> ShardResult:
-    """Merge and score one shard's slices, then overwrite its rows in the warehouse."""
+    """Merge and score one shard's slices, then overwrite its rows in the warehouse.
+
+    The rows are written only if the slices they came from are still the staged ones (see
+    InputsMovedError): a run that read the slices just before another run staged new ones
+    must not write its older rows over the newer rows that run may have written meanwhile.
+    """
+    hook = hook or settings.hook
     staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
     source_hash = staging.shard_input_hash(staged, shard_id)
     with warehouse.scratch(settings.duckdb_limits) as con:
@@ -66,7 +79,17 @@ def build_shard(
             "SELECT customer_id, email, health_score, churn_risk, expansion_potential "
             "FROM new_rows ORDER BY customer_id LIMIT 5"
         ).fetchall()
+        hook("shard_before_write")
         with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s):
+            # Judged again under the warehouse lock, which every shard write holds: if a write
+            # of this shard built from a later staging has committed, the pointers no longer
+            # name our slices, and our older rows must not replace its rows.
+            now = staging.current_sources(settings.staging_dir, list(SOURCES),
+                                          settings.shard_count)
+            if staging.shard_input_hash(now, shard_id) != source_hash:
+                raise InputsMovedError(
+                    f"shard {shard_id}: the sources were staged again while it was built; its "
+                    "rows were not written (the next attempt uses the new slices)")
             written = warehouse.overwrite_shard(
                 con,
                 "new_rows",
@@ -77,7 +100,7 @@ def build_shard(
                     "code_version": CODE_VERSION,
                     "run_id": run_id,
                 },
-                hook=hook or settings.hook,
+                hook=hook,
             )
     return ShardResult(shard_id, written, source_hash, preview)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from etl_assets.profiles import build_shard
+from etl_assets import warehouse
+from etl_assets.profiles import InputsMovedError, build_shard
 from etl_assets.runner import run_pipeline
 from etl_assets.schema import SOURCES
 from etl_assets.sharding import shard_of
@@ -210,3 +211,28 @@ def test_a_reader_of_the_snapshot_keeps_its_rows_while_a_changed_run_publishes(
     # Only the published files are left: no temp file or WAL beside them.
     assert sorted(p.name for p in Path(settings.snapshot_path).parent.glob("*.duckdb*")) == \
         ["warehouse.duckdb", "warehouse.snapshot.duckdb"]
+
+
+def test_a_shard_built_from_slices_restaged_meanwhile_is_not_written(tmp_path, sample_dir):
+    """Two runs of one shard: the older read its slices just before a newer run staged changed
+    data and wrote the shard. The older must not put its rows back over the newer ones (the
+    shard would silently go stale); it fails retryably, and the newer rows stay."""
+    settings = _staged(tmp_path, sample_dir)
+    shard = shard_of("cust_00000007", settings.shard_count)
+    newer = []
+
+    def newer_run_in_between(point: str) -> None:
+        if point == "shard_before_write" and not newer:
+            edit_crm(sample_dir, CHANGE)
+            stage_source(SOURCES["crm"], settings)
+            newer.append(build_shard(settings, shard, run_id="newer"))
+
+    with pytest.raises(InputsMovedError):
+        build_shard(settings, shard, run_id="older", hook=newer_run_in_between)
+    with warehouse.reader(settings.duckdb_path, 5) as con:
+        entry = warehouse.read_manifest(con, settings.shard_count)[shard]
+        employees = con.execute(
+            "SELECT employee_count FROM wh.shard_profiles WHERE customer_id = ?",
+            ["cust_00000007"]).fetchone()[0]
+    assert (entry["run_id"], entry["source_data_hash"]) == ("newer", newer[0].source_data_hash)
+    assert employees == 4321
