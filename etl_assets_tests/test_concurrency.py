@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pytest
 
@@ -17,7 +18,13 @@ from etl_assets.schema import SOURCES
 from etl_assets.sharding import shard_of
 from etl_assets.sources import stage_source
 from etl_assets.warehouse import WarehouseLockedError
-from etl_assets_tests.conftest import build_profiles, edit_crm, make_settings, user_tables
+from etl_assets_tests.conftest import (
+    build_profiles,
+    edit_crm,
+    make_settings,
+    shard_rows,
+    user_tables,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -236,3 +243,49 @@ def test_a_shard_built_from_slices_restaged_meanwhile_is_not_written(tmp_path, s
             ["cust_00000007"]).fetchone()[0]
     assert (entry["run_id"], entry["source_data_hash"]) == ("newer", newer[0].source_data_hash)
     assert employees == 4321
+
+
+def _launch(env: dict[str, str], cwd: Path, *args: str, **extra: str) -> subprocess.Popen:
+    command = [str(BIN / args[0]), *args[1:]]
+    if args[0] == "dagster":
+        command[3:3] = ["-m", "etl_assets.definitions"]  # after "asset materialize"
+    return subprocess.Popen(command, env=dict(env, **extra), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[str]:
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), \
+        "\n".join(o[-2000:] for o in outputs)
+    assert not any("Traceback" in o for o in outputs), "\n".join(outputs)
+    return outputs
+
+
+@pytest.mark.cli
+def test_a_cli_run_beside_dagster_launched_runs_of_the_same_work(tmp_path, sample_dir):
+    """What a UI click, a sensor or a backfill launches, at the same time as `etl-assets run` on
+    one home (set up by `etl-assets home`, as `make ui` does): the run and a Dagster run of
+    the four sources at once, then two Dagster runs of shard 0 at once (two backfills; with
+    ETL_FORCE=1 both really rebuild it instead of finding it current). Every process exits 0
+    without a traceback; shards, export and snapshot equal a serial run's."""
+    home = tmp_path / "var"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CHAOS_FAIL_SHARD", "CHAOS_FAIL_MODE", "EXPORT_PATH", "ETL_FORCE")}
+    env.update(DATA_DIR=str(sample_dir), ETL_HOME=str(home), SHARD_COUNT="2",
+               DAGSTER_HOME=str(home / "dagster_home"))
+    init = _launch(env, tmp_path, "etl-assets", "home")
+    serial = make_settings(tmp_path / "serial", sample_dir, shard_count=2)
+    with dg.DagsterInstance.ephemeral() as instance:  # meanwhile: the reference
+        assert run_pipeline(serial, echo=lambda line: None, instance=instance).ok
+    _finish([init])
+    _finish([_launch(env, tmp_path, "etl-assets", "run", "--shards", "2", "--workers", "1"),
+             _launch(env, tmp_path, "dagster", "asset", "materialize",
+                     "--select", "crm,billing,product,support")])
+    backfills = _finish([_launch(env, tmp_path, "dagster", "asset", "materialize", "--select",
+                                 "shard_profiles", "--partition", "0", ETL_FORCE="1")
+                         for _ in range(2)])
+    assert all('"event": "shard_end"' in out for out in backfills)  # both wrote, none skipped
+    assert shard_rows(home) == shard_rows(Path(serial.home_dir))
+    assert (home / "merged_output.csv").read_bytes() == Path(serial.export_path).read_bytes()
+    assert user_tables(home / "warehouse.snapshot.duckdb")["customer_profiles"] == \
+        user_tables(serial.snapshot_path)["customer_profiles"]
