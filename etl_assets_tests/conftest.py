@@ -226,6 +226,24 @@ def shard_rows(home: Path) -> dict[int, list[tuple]]:
     return by_shard
 
 
+# The tables the snapshot holds, each in a fixed order (warehouse.SNAPSHOT_TABLES and
+# customer_profiles).
+USER_TABLES = {"customer_profiles": "customer_id", "rejected_rows": "source, line_number",
+               "source_manifest": "source", "shard_manifest": "shard_count, shard_id"}
+
+
+def user_tables(path: str | Path) -> dict[str, list[tuple]]:
+    """The rows of the tables users query, from a warehouse or a snapshot file (read-only)."""
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return {table: con.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
+                for table, order in USER_TABLES.items()}
+    finally:
+        con.close()
+
+
 def processes_of(home: Path) -> list[int]:
     """Live processes started for this home (their environment names it), zombies aside."""
     marker = f"ETL_HOME={home}".encode()

@@ -1,4 +1,5 @@
-"""Concurrent shard runs in separate processes, and a warehouse lock held elsewhere."""
+"""Concurrent runs in separate processes, a warehouse lock held elsewhere, and readers of the
+snapshot while runs publish."""
 
 import os
 import subprocess
@@ -6,14 +7,24 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pytest
 
-from etl_assets.lib.profiles import build_shard
+from etl_assets.lib import warehouse
+from etl_assets.lib.profiles import InputsMovedError, build_shard
 from etl_assets.lib.schema import SOURCES
+from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
 from etl_assets.lib.warehouse import WarehouseLockedError
-from etl_assets_tests.conftest import build_profiles, make_settings
+from etl_assets.tools.runner import run_pipeline
+from etl_assets_tests.conftest import (
+    build_profiles,
+    edit_crm,
+    make_settings,
+    shard_rows,
+    user_tables,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -137,3 +148,144 @@ def test_a_reader_holding_the_warehouse_does_not_stop_an_unchanged_rerun(
         reader.wait()
     assert again.ok, again.reason
     assert all(r.skipped for r in again.shards)
+
+
+# A reader of the snapshot, as a user's session would hold it: prints the row count and a digest
+# of customer_profiles on start and for each line it reads; "reopen" reconnects first.
+SNAPSHOT_READER = """
+import duckdb, sys
+def digest(con):
+    return con.execute("SELECT count(*), md5(string_agg(p::VARCHAR, '|' ORDER BY customer_id)) "
+                       "FROM customer_profiles p").fetchone()
+con = duckdb.connect(sys.argv[1], read_only=True)
+print(*digest(con), flush=True)
+for line in sys.stdin:
+    if line.strip() == "reopen":
+        con.close()
+        con = duckdb.connect(sys.argv[1], read_only=True)
+    print(*digest(con), flush=True)
+"""
+
+CHANGE = {"cust_00000007": 4321}  # one CRM value: one shard and customer_profiles rebuild
+
+
+def _digest(path: str) -> str:
+    con = duckdb.connect(path, read_only=True)
+    try:
+        return " ".join(map(str, con.execute(
+            "SELECT count(*), md5(string_agg(p::VARCHAR, '|' ORDER BY customer_id)) "
+            "FROM customer_profiles p").fetchone()))
+    finally:
+        con.close()
+
+
+def test_a_reader_of_the_snapshot_keeps_its_rows_while_a_changed_run_publishes(
+        tmp_path, sample_dir, dagster_home):
+    """A user's session holds the snapshot open while a run with a changed source rebuilds a
+    shard and customer_profiles: the run neither waits nor fails (lock timeout 1 s), the
+    session keeps reading the rows it opened, and reconnecting gives the new ones, equal to
+    the warehouse's."""
+    settings = make_settings(tmp_path, sample_dir, shard_count=2, lock_timeout_s=1.0)
+    assert run_pipeline(settings, echo=lambda line: None).ok
+    old = _digest(settings.duckdb_path)
+    reader = subprocess.Popen([sys.executable, "-c", SNAPSHOT_READER, settings.snapshot_path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == old
+        edit_crm(sample_dir, CHANGE)
+        changed = run_pipeline(settings, echo=lambda line: None)
+        assert changed.ok, changed.reason
+        assert [r.shard_id for r in changed.shards if not r.skipped] == \
+            [shard_of("cust_00000007", 2)]
+        new = _digest(settings.duckdb_path)
+        assert new != old
+        reader.stdin.write("again\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().strip() == old  # its connection keeps the old file
+        reader.stdin.write("reopen\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().strip() == new
+    finally:
+        reader.kill()
+        reader.wait()
+    assert user_tables(settings.snapshot_path) == user_tables(settings.duckdb_path)
+    con = duckdb.connect(settings.snapshot_path, read_only=True)
+    try:  # stored in customer_id order: a plain SELECT reads it sorted
+        ids = [r[0] for r in con.execute("SELECT customer_id FROM customer_profiles").fetchall()]
+    finally:
+        con.close()
+    assert ids == sorted(ids) and len(ids) == 1000
+    # Only the published files are left: no temp file or WAL beside them.
+    assert sorted(p.name for p in Path(settings.snapshot_path).parent.glob("*.duckdb*")) == \
+        ["warehouse.duckdb", "warehouse.snapshot.duckdb"]
+
+
+def test_a_shard_built_from_slices_restaged_meanwhile_is_not_written(tmp_path, sample_dir):
+    """Two runs of one shard: the older read its slices just before a newer run staged changed
+    data and wrote the shard. The older must not put its rows back over the newer ones (the
+    shard would silently go stale); it fails retryably, and the newer rows stay."""
+    settings = _staged(tmp_path, sample_dir)
+    shard = shard_of("cust_00000007", settings.shard_count)
+    newer = []
+
+    def newer_run_in_between(point: str) -> None:
+        if point == "shard_before_write" and not newer:
+            edit_crm(sample_dir, CHANGE)
+            stage_source(SOURCES["crm"], settings)
+            newer.append(build_shard(settings, shard, run_id="newer"))
+
+    with pytest.raises(InputsMovedError):
+        build_shard(settings, shard, run_id="older", hook=newer_run_in_between)
+    with warehouse.reader(settings.duckdb_path, 5) as con:
+        entry = warehouse.read_manifest(con, settings.shard_count)[shard]
+        employees = con.execute(
+            "SELECT employee_count FROM wh.shard_profiles WHERE customer_id = ?",
+            ["cust_00000007"]).fetchone()[0]
+    assert (entry["run_id"], entry["source_data_hash"]) == ("newer", newer[0].source_data_hash)
+    assert employees == 4321
+
+
+def _launch(env: dict[str, str], cwd: Path, *args: str, **extra: str) -> subprocess.Popen:
+    command = [str(BIN / args[0]), *args[1:]]
+    if args[0] == "dagster":
+        command[3:3] = ["-m", "etl_assets.definitions"]  # after "asset materialize"
+    return subprocess.Popen(command, env=dict(env, **extra), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[str]:
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), \
+        "\n".join(o[-2000:] for o in outputs)
+    assert not any("Traceback" in o for o in outputs), "\n".join(outputs)
+    return outputs
+
+
+@pytest.mark.cli
+def test_a_cli_run_beside_dagster_launched_runs_of_the_same_work(tmp_path, sample_dir):
+    """What a UI click, a sensor or a backfill launches, at the same time as `etl-assets run` on
+    one home (set up by `etl-assets home`, as `make ui` does): the run and a Dagster run of
+    the four sources at once, then two Dagster runs of shard 0 at once (two backfills; with
+    ETL_FORCE=1 both really rebuild it instead of finding it current). Every process exits 0
+    without a traceback; shards, export and snapshot equal a serial run's."""
+    home = tmp_path / "var"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CHAOS_FAIL_SHARD", "CHAOS_FAIL_MODE", "EXPORT_PATH", "ETL_FORCE")}
+    env.update(DATA_DIR=str(sample_dir), ETL_HOME=str(home), SHARD_COUNT="2",
+               DAGSTER_HOME=str(home / "dagster_home"))
+    init = _launch(env, tmp_path, "etl-assets", "home")
+    serial = make_settings(tmp_path / "serial", sample_dir, shard_count=2)
+    with dg.DagsterInstance.ephemeral() as instance:  # meanwhile: the reference
+        assert run_pipeline(serial, echo=lambda line: None, instance=instance).ok
+    _finish([init])
+    _finish([_launch(env, tmp_path, "etl-assets", "run", "--shards", "2", "--workers", "1"),
+             _launch(env, tmp_path, "dagster", "asset", "materialize",
+                     "--select", "crm,billing,product,support")])
+    backfills = _finish([_launch(env, tmp_path, "dagster", "asset", "materialize", "--select",
+                                 "shard_profiles", "--partition", "0", ETL_FORCE="1")
+                         for _ in range(2)])
+    assert all('"event": "shard_end"' in out for out in backfills)  # both wrote, none skipped
+    assert shard_rows(home) == shard_rows(Path(serial.home_dir))
+    assert (home / "merged_output.csv").read_bytes() == Path(serial.export_path).read_bytes()
+    assert user_tables(home / "warehouse.snapshot.duckdb")["customer_profiles"] == \
+        user_tables(serial.snapshot_path)["customer_profiles"]

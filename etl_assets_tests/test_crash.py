@@ -17,7 +17,7 @@ import pytest
 
 from etl_assets.lib.faults import CRASH_POINTS
 from etl_assets.tools.generate import generate
-from etl_assets_tests.conftest import no_survivors, shard_rows
+from etl_assets_tests.conftest import no_survivors, shard_rows, user_tables
 
 BIN = Path(sys.executable).parent
 SHARDS = "4"
@@ -52,7 +52,13 @@ def states(tmp_path_factory):
     return {"old_home": old_home, "ref_home": ref_home, "new_data": new_data,
             "old": shard_rows(old_home), "new": shard_rows(ref_home),
             "old_export": (old_home / "merged_output.csv").read_bytes(),
-            "new_export": (ref_home / "merged_output.csv").read_bytes()}
+            "new_export": (ref_home / "merged_output.csv").read_bytes(),
+            "old_snapshot": _snapshot_rows(old_home), "new_snapshot": _snapshot_rows(ref_home)}
+
+
+def _snapshot_rows(home: Path) -> list[tuple]:
+    """The snapshot's customer_profiles (its file bytes differ from run to run, its rows not)."""
+    return user_tables(home / "warehouse.snapshot.duckdb")["customer_profiles"]
 
 
 def _assert_consistent(home: Path, states) -> None:
@@ -62,6 +68,7 @@ def _assert_consistent(home: Path, states) -> None:
         assert now.get(shard) in (states["old"][shard], states["new"][shard]), f"shard {shard} mixed"
     export = (home / "merged_output.csv").read_bytes()
     assert export in (states["old_export"], states["new_export"])
+    assert _snapshot_rows(home) in (states["old_snapshot"], states["new_snapshot"])
     for pointer in (home / "staging").glob("*/current.json"):
         version = Path(__import__("json").loads(pointer.read_text())["version_dir"])
         files = sorted(version.glob("shard_id=*/*.parquet"))
@@ -84,6 +91,7 @@ def test_sigkill_at_each_write_point_then_heal(tmp_path, states, point):
     healed = _run(home, states["new_data"])
     assert healed.returncode == 0, healed.stdout + healed.stderr
     assert (home / "merged_output.csv").read_bytes() == states["new_export"]
+    assert _snapshot_rows(home) == states["new_snapshot"]
     assert shard_rows(home) == states["new"]
 
 

@@ -2,8 +2,9 @@
 
 Each case runs the pipeline once for real, changes a source so customer_profiles must be
 rebuilt, makes the rebuild fail (a bad export path, a fault point raising ENOSPC inside a write,
-a real tmpfs that fills up), and checks that table, manifest and export are byte-identical to
-before, that no temp file or lock stays behind, and that the next good run heals.
+a real tmpfs that fills up), and checks that table, manifest, export and snapshot are
+byte-identical to before, that no temp file or lock stays behind, and that the next good run
+heals.
 """
 
 from __future__ import annotations
@@ -18,23 +19,25 @@ import pytest
 
 from etl_assets.lib.errors import NO_SPACE
 from etl_assets.lib.faults import ENOSPC_POINTS
+from etl_assets.lib.settings import EtlSettings
 from etl_assets.tools.generate import generate
 from etl_assets.tools.runner import run_pipeline
-from etl_assets.lib.settings import EtlSettings
-from etl_assets_tests.conftest import edit_crm, make_settings, tmpfs
+from etl_assets_tests.conftest import edit_crm, make_settings, tmpfs, user_tables
 
 pytestmark = pytest.mark.usefixtures("dagster_home")
 
 CHANGE = {"cust_00000007": 4321}  # one CRM value: one shard and customer_profiles must rebuild
 # Two shards: every publish and full-disk rule holds at any shard count.
 SHARDS = 2
+# What one publish changes together or not at all.
+PUBLISHED = ("table", "manifest", "export", "snapshot")
 
 
 def _quiet(settings: EtlSettings, **kwargs):
     return run_pipeline(settings, echo=lambda line: None, **kwargs)
 
 
-def snapshot(settings: EtlSettings) -> dict[str, object]:
+def state_of(settings: EtlSettings) -> dict[str, object]:
     """Everything a publish may change, as bytes and rows (read-only, takes no write lock)."""
     con = duckdb.connect(settings.duckdb_path, read_only=True)
     try:
@@ -47,13 +50,17 @@ def snapshot(settings: EtlSettings) -> dict[str, object]:
     finally:
         con.close()
     state["export"] = Path(settings.export_path).read_bytes()
+    # Bytes, not rows: a failed publish must not even open it (a reader may hold it).
+    state["snapshot"] = Path(settings.snapshot_path).read_bytes()
     return state
 
 
 def leftovers(settings: EtlSettings, *extra: Path) -> list[Path]:
-    """Temp files and folders a failed write must not leave: export, staging, spill."""
-    export = Path(settings.export_path)
+    """Temp files and folders a failed write must not leave: export, snapshot (and its WAL),
+    staging, spill."""
+    export, snap = Path(settings.export_path), Path(settings.snapshot_path)
     found = list(export.parent.glob(f".{export.name}.*.tmp"))
+    found += list(snap.parent.glob(f".{snap.name}.*.tmp*"))
     found += list(Path(settings.staging_dir).glob("*/.tmp-*"))
     found += list((Path(settings.home_dir) / "duckdb_tmp").glob("spill-*"))
     for folder in extra:
@@ -70,7 +77,7 @@ def assert_not_locked(settings: EtlSettings) -> None:
 def published(ran_sample) -> tuple[EtlSettings, dict[str, object]]:
     """A home with one good run, then the CRM change that the next run must publish."""
     settings = ran_sample(SHARDS)
-    before = snapshot(settings)
+    before = state_of(settings)
     edit_crm(Path(settings.data_dir), CHANGE)
     return settings, before
 
@@ -94,6 +101,7 @@ def _heals(settings: EtlSettings, changed_export: bytes) -> None:
     healed = _quiet(settings)
     assert healed.ok, healed.reason
     assert Path(settings.export_path).read_bytes() == changed_export
+    assert user_tables(settings.snapshot_path) == user_tables(settings.duckdb_path)
     assert leftovers(settings) == []
 
 
@@ -113,9 +121,8 @@ def test_an_export_that_cannot_be_written_changes_nothing(published, tmp_path, c
     assert not outcome.ok
     assert outcome.reason == problem
     # Shards were rebuilt (they are not the publish), but customer_profiles is as it was.
-    after = snapshot(settings)
-    assert {k: after[k] for k in ("table", "manifest", "export")} == \
-        {k: before[k] for k in ("table", "manifest", "export")}
+    after = state_of(settings)
+    assert {k: after[k] for k in PUBLISHED} == {k: before[k] for k in PUBLISHED}
     assert leftovers(settings) == []
     assert_not_locked(settings)
     _heals(settings, changed_export)
@@ -127,6 +134,7 @@ def _fault_path(settings: EtlSettings, point: str) -> str:
         "source_rejected_write": settings.duckdb_path,
         "shard_before_commit": settings.duckdb_path,
         "export_write": settings.export_path,
+        "snapshot_write": settings.snapshot_path,
     }[point]
 
 
@@ -139,10 +147,9 @@ def test_enospc_inside_each_write_is_named_and_the_next_run_heals(published, poi
     assert outcome.reason == f"{_fault_path(settings, point)}: {NO_SPACE}"
     # Not retried: a full disk is not fixed by waiting a second.
     assert all(row.attempts <= 1 for row in outcome.shards)
-    after = snapshot(settings)
-    assert {k: after[k] for k in ("table", "manifest", "export")} == \
-        {k: before[k] for k in ("table", "manifest", "export")}
-    if point != "export_write":
+    after = state_of(settings)
+    assert {k: after[k] for k in PUBLISHED} == {k: before[k] for k in PUBLISHED}
+    if point not in ("export_write", "snapshot_write"):
         assert after["shards"] == before["shards"]  # the failed write was the shard's or earlier
     assert leftovers(settings) == []
     assert_not_locked(settings)

@@ -8,13 +8,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from etl_assets.lib import warehouse
-from etl_assets.defs.contracts import SOURCES_JOB
+from etl_assets.defs.contracts import SHARD_INPUTS, SOURCES_JOB
 from etl_assets.definitions import build_defs
-from etl_assets.tools.runner import run_pipeline, shards_expected
-from etl_assets.defs.contracts import SHARD_INPUTS
+from etl_assets.lib import warehouse
 from etl_assets.lib.sharding import shard_of
-from etl_assets_tests.conftest import make_settings
+from etl_assets.tools.runner import run_pipeline, shards_expected
+from etl_assets_tests.conftest import make_settings, user_tables
 
 # Four shards prove every skip rule as well as ten, at less than half the Dagster runs.
 SHARDS = 4
@@ -125,9 +124,11 @@ def test_force_recomputes_everything(ran, sample_dir, instance):
     assert _latest_metadata(instance, "crm")["skipped"] is False
 
 
-def test_customer_profiles_skip_is_proven_by_the_export_itself(ran, sample_dir, instance):
-    """An unchanged re-run keeps the export only if it is byte-for-byte the one last written;
-    an edited or deleted export is rebuilt, and --force always rebuilds."""
+def test_customer_profiles_skip_is_proven_by_the_export_and_snapshot_themselves(
+        ran, sample_dir, instance):
+    """An unchanged re-run keeps the export and the snapshot only if they are byte-for-byte the
+    ones last written; an edited or deleted export, or a deleted snapshot, is rebuilt, and
+    --force always rebuilds."""
     settings = ran
     export = open(settings.export_path, "rb").read()
 
@@ -140,6 +141,13 @@ def test_customer_profiles_skip_is_proven_by_the_export_itself(ran, sample_dir, 
     Path(settings.export_path).unlink()
     assert run_pipeline(settings, echo=lambda line: None).ok
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
+    assert open(settings.export_path, "rb").read() == export
+
+    Path(settings.snapshot_path).unlink()  # deleted, or never published
+    restored = run_pipeline(settings, echo=lambda line: None)
+    assert restored.ok and all(r.skipped for r in restored.shards)
+    assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
+    assert user_tables(settings.snapshot_path) == user_tables(settings.duckdb_path)
     assert open(settings.export_path, "rb").read() == export
 
     assert run_pipeline(settings, echo=lambda line: None).ok

@@ -296,6 +296,7 @@ def test_minus_zero_is_stored_and_exported_as_zero(tmp_path):
         assert math.copysign(1.0, profile[column]) == 1.0, column  # -0.0 == 0.0 in Python
     with warehouse.reader(settings.duckdb_path, 5) as con:  # the real publish path
         warehouse.publish_customer_profiles(con, settings.shard_count, settings.export_path,
+                                            settings.snapshot_path,
                                             {"shards_hash": "test", "code_version": "test"})
     exported = read_export(settings.export_path)[0]
     assert {c: exported[c] for c in ("mrr", "usage_pct", "avg_resolution_hrs", "csat_score")} \

@@ -142,7 +142,8 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
         code_version=CODE_VERSION,
         description=(
             "Every shard merged into DuckDB `customer_profiles`, one row per idempotency key, "
-            "and exported as CSV sorted by customer_id (EXPORT_PATH, default merged_output.csv)."
+            "exported as CSV sorted by customer_id (EXPORT_PATH, default merged_output.csv), "
+            "and copied with rejected_rows into the read-only warehouse.snapshot.duckdb."
         ),
         metadata={COLUMN_SCHEMA: _profile_column_schema()},
         # Follows its shards by itself, once none is in progress and blocking checks passed.
@@ -166,6 +167,7 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
             metadata={
                 ROW_COUNT: count,
                 "export_path": dg.MetadataValue.path(settings.export_path),
+                "snapshot_path": dg.MetadataValue.path(settings.snapshot_path),
                 "summary": dg.MetadataValue.md(summary),
                 "skipped": skipped,
                 "skip_reason": PROFILES_SKIP_REASON if skipped else "",

@@ -24,8 +24,9 @@ CRASH_POINTS: tuple[str, ...] = (
     "source_before_rejected",  # staged, rejected rows not yet replaced in the warehouse
     "shard_after_delete",  # inside the shard transaction: old rows deleted, new not inserted
     "shard_before_commit",  # new rows and manifest inserted, not committed
-    "profiles_before_commit",  # table, manifest and export temp file ready, not committed
-    "export_before_rename",  # committed, export temp file not yet renamed into place
+    "profiles_before_commit",  # snapshot + export temp files, table, manifest ready; no COMMIT
+    # committed, export and snapshot temp files not yet renamed into place
+    "export_before_rename",
 )
 
 # Where a full disk can strike: one point inside each kind of write. Two of them are not in
@@ -36,10 +37,17 @@ ENOSPC_POINTS: tuple[str, ...] = (
     "source_rejected_write",  # warehouse: inside the rejected-rows transaction
     "shard_before_commit",  # warehouse: inside the shard transaction
     "export_write",  # export: temp file written, inside the customer_profiles transaction
+    "snapshot_write",  # snapshot: tables copied into its temp file, not yet committed there
 )
 
-FAULT_POINTS: tuple[str, ...] = CRASH_POINTS + tuple(p for p in ENOSPC_POINTS
-                                                     if p not in CRASH_POINTS)
+# Where a test may run something concurrent in between (a hook that stages new data, say):
+# killing or ENOSPC there would only repeat a neighbouring point.
+INTERLEAVE_POINTS: tuple[str, ...] = (
+    "shard_before_write",  # a shard's rows computed from its slices, warehouse not yet attached
+)
+
+FAULT_POINTS: tuple[str, ...] = CRASH_POINTS + tuple(
+    p for p in ENOSPC_POINTS + INTERLEAVE_POINTS if p not in CRASH_POINTS)
 CRASH_MODES: tuple[str, ...] = ("kill", "enospc")
 
 

@@ -31,6 +31,13 @@ class ShardsNotCurrentError(RuntimeError):
     """Some shards were not written from the current staged sources: nothing may be merged."""
 
 
+class InputsMovedError(RuntimeError):
+    """The sources were staged again while a shard was built from the previous slices.
+
+    Retryable: the next attempt builds from the new slices (or finds them already written).
+    """
+
+
 @dataclass(frozen=True)
 class ShardResult:
     """What one shard write produced."""
@@ -47,7 +54,13 @@ def build_shard(
     run_id: str,
     hook: Optional[Hook] = None,
 ) -> ShardResult:
-    """Merge and score one shard's slices, then overwrite its rows in the warehouse."""
+    """Merge and score one shard's slices, then overwrite its rows in the warehouse.
+
+    The rows are written only if the slices they came from are still the staged ones (see
+    InputsMovedError): a run that read the slices just before another run staged new ones
+    must not write its older rows over the newer rows that run may have written meanwhile.
+    """
+    hook = hook or settings.hook
     staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
     source_hash = staging.shard_input_hash(staged, shard_id)
     with warehouse.scratch(settings.duckdb_limits) as con:
@@ -60,7 +73,17 @@ def build_shard(
             "SELECT customer_id, email, health_score, churn_risk, expansion_potential "
             "FROM new_rows ORDER BY customer_id LIMIT 5"
         ).fetchall()
+        hook("shard_before_write")
         with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s):
+            # Judged again under the warehouse lock, which every shard write holds: if a write
+            # of this shard built from a later staging has committed, the pointers no longer
+            # name our slices, and our older rows must not replace its rows.
+            now = staging.current_sources(settings.staging_dir, list(SOURCES),
+                                          settings.shard_count)
+            if staging.shard_input_hash(now, shard_id) != source_hash:
+                raise InputsMovedError(
+                    f"shard {shard_id}: the sources were staged again while it was built; its "
+                    "rows were not written (the next attempt uses the new slices)")
             written = warehouse.overwrite_shard(
                 con,
                 "new_rows",
@@ -71,7 +94,7 @@ def build_shard(
                     "code_version": CODE_VERSION,
                     "run_id": run_id,
                 },
-                hook=hook or settings.hook,
+                hook=hook,
             )
     return ShardResult(shard_id, written, source_hash, preview)
 
@@ -112,7 +135,8 @@ def skip_reason(entry: dict) -> str:
 
 
 def publish_profiles(settings: EtlSettings) -> tuple[int, bool, str]:
-    """Rebuild and export customer_profiles unless nothing changed: (rows, skipped, summary)."""
+    """Rebuild, export and snapshot customer_profiles unless nothing changed:
+    (rows, skipped, summary)."""
     # Decided read-only first: an unchanged re-run takes no write lock at all, so a user's
     # read-only connection to the warehouse (a notebook, the DuckDB CLI) does not block it.
     with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
@@ -126,9 +150,9 @@ def publish_profiles(settings: EtlSettings) -> tuple[int, bool, str]:
                           settings.duckdb_limits) as con:
         # Judged again under the write lock: a shard may have moved since.
         shards_hash = _current_shards_hash(settings, con)
-        # Table, manifest and export change together or not at all (see the function).
+        # Table, manifest, export and snapshot change together or not at all (see the function).
         count = warehouse.publish_customer_profiles(
-            con, settings.shard_count, settings.export_path,
+            con, settings.shard_count, settings.export_path, settings.snapshot_path,
             {"shards_hash": shards_hash, "code_version": _profiles_code()}, settings.hook)
         return count, False, profile_summary(con)
 
@@ -149,7 +173,7 @@ def _current_shards_hash(settings: EtlSettings, con: duckdb.DuckDBPyConnection) 
 
 
 PROFILES_SKIP_REASON = ("every shard and the code are unchanged since the last rebuild, and the "
-                        "export on disk is the one it wrote (sha256)")
+                        "export and snapshot on disk are the ones it wrote (sha256)")
 
 
 def _shards_hash(manifest: dict[int, dict]) -> str:
@@ -165,11 +189,19 @@ def _profiles_code() -> str:
 
 
 def _profiles_unchanged(previous: dict, shards_hash: str, settings: EtlSettings) -> bool:
-    """True if the last rebuild used these shards and code and its export is still intact."""
-    export = Path(settings.export_path)
+    """True if the last rebuild used these shards and code, and its export and snapshot are
+    still the files it wrote (a missing, edited or older one is written again)."""
     return ((previous["shards_hash"], previous["code_version"], previous["export_path"])
             == (shards_hash, _profiles_code(), settings.export_path)
-            and export.is_file() and file_sha256(export) == previous["export_sha256"])
+            and _intact(settings.export_path, previous["export_sha256"])
+            # Absent in a manifest written before snapshots existed: never intact then.
+            and _intact(settings.snapshot_path, previous.get("snapshot_sha256")))
+
+
+def _intact(path: str, sha256: Optional[str]) -> bool:
+    """True if `path` is a file whose sha256 is `sha256` (hashed without opening it in DuckDB,
+    so a reader holding the file never delays the decision)."""
+    return sha256 is not None and Path(path).is_file() and file_sha256(path) == sha256
 
 
 def profile_summary(con) -> str:

@@ -160,6 +160,16 @@ class EtlSettings(BaseModel):
                             str(Path(self.home_dir) / "duckdb_tmp"))
 
     @property
+    def snapshot_path(self) -> str:
+        """The read-only copy of the tables users query, next to the warehouse
+        (`warehouse.duckdb` -> `warehouse.snapshot.duckdb`): open it during a run.
+
+        Named after the warehouse so two warehouses in one folder never share one.
+        """
+        warehouse = Path(self.duckdb_path)
+        return str(warehouse.with_name(f"{warehouse.stem}.snapshot.duckdb"))
+
+    @property
     def dagster_home(self) -> Path:
         """The default Dagster home inside the git-ignored folder (DAGSTER_HOME wins when set)."""
         return Path(self.home_dir) / "dagster_home"

@@ -59,6 +59,9 @@ DDL: tuple[str, ...] = (
     f"""CREATE TABLE IF NOT EXISTS {ALIAS}.profiles_manifest (
         shard_count INTEGER PRIMARY KEY, shards_hash VARCHAR, code_version VARCHAR,
         row_count BIGINT, export_path VARCHAR, export_sha256 VARCHAR)""",
+    # Added after the table shipped: a warehouse made by older code gets the column (NULL,
+    # which matches no snapshot, so its next run publishes one).
+    f"ALTER TABLE {ALIAS}.profiles_manifest ADD COLUMN IF NOT EXISTS snapshot_sha256 VARCHAR",
     f"""CREATE TABLE IF NOT EXISTS {ALIAS}.rejected_rows (
         source VARCHAR, line_number BIGINT, customer_id VARCHAR, reason VARCHAR, raw VARCHAR,
         file_sha256 VARCHAR)""",
@@ -110,9 +113,9 @@ def rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
         pass
 
 
-def _detach_quietly(con: duckdb.DuckDBPyConnection) -> None:
+def _detach_quietly(con: duckdb.DuckDBPyConnection, alias: str = ALIAS) -> None:
     try:
-        con.execute(f"DETACH {ALIAS}")
+        con.execute(f"DETACH {alias}")
     except duckdb.Error:
         pass  # the connection is closed next, which releases the file anyway
 
@@ -330,9 +333,12 @@ def replace_rejected(
         raise
 
 
-def _rebuild_table(con: duckdb.DuckDBPyConnection, shard_count: int) -> int:
-    """Inside the caller's transaction: replace customer_profiles from the current shard layout,
-    one row per idempotency key, in customer_id order; return its row count."""
+def _rebuild_table(
+    con: duckdb.DuckDBPyConnection, shard_count: int, into: str = f"{ALIAS}.customer_profiles"
+) -> int:
+    """Inside the caller's transaction: replace the table `into` (default the warehouse's
+    customer_profiles) from the current shard layout, one row per idempotency key, in
+    customer_id order; return its row count."""
     cols = ", ".join(name for name, _ in profile_columns())
     # Keys are normally unique already; the window that keeps one row per key costs about
     # 0.4 s per 1M rows, so it runs only when the probe (same transaction) finds a repeat.
@@ -346,13 +352,13 @@ def _rebuild_table(con: duckdb.DuckDBPyConnection, shard_count: int) -> int:
         if repeated else ""
     )
     con.execute(
-        f"""CREATE OR REPLACE TABLE {ALIAS}.customer_profiles AS
+        f"""CREATE OR REPLACE TABLE {into} AS
             SELECT {cols} FROM {ALIAS}.shard_profiles WHERE shard_count = ?
             {one_per_key}
             ORDER BY customer_id""",
         [shard_count],
     )
-    return int(con.execute(f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
+    return int(con.execute(f"SELECT count(*) FROM {into}").fetchone()[0])
 
 
 def rebuild_customer_profiles(con: duckdb.DuckDBPyConnection, shard_count: int) -> int:
@@ -370,7 +376,8 @@ def rebuild_customer_profiles(con: duckdb.DuckDBPyConnection, shard_count: int) 
 
 
 def check_export_target(export_path: str) -> None:
-    """Raise PathError if the export cannot be written at `export_path`, before anything changes.
+    """Raise PathError if the export (or the snapshot) cannot be written at `export_path`,
+    before anything changes.
 
     A directory there would only fail at the final rename, after the table was committed.
     """
@@ -387,12 +394,73 @@ def check_export_target(export_path: str) -> None:
         raise errors.PathError(target, errors.os_problem(exc)) from exc
 
 
+def _temp_path(target: Path) -> Path:
+    """This process's temp file for `target`: `.<name>.<pid>.tmp` in the same folder, so the
+    final rename stays on one filesystem (atomic)."""
+    return target.with_name(f".{target.name}.{os.getpid()}.tmp")
+
+
 def _stale_temps(target: Path) -> Iterator[Path]:
-    """Export temp files (`.<name>.<pid>.tmp`) left by processes that no longer exist."""
-    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        pid = tmp.name[len(target.name) + 2:-len(".tmp")]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+    """Temp files of `target` (`.<name>.<pid>.tmp`, and DuckDB's `.wal` beside a snapshot's)
+    left by processes that no longer exist."""
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp*"):
+        pid, _, suffix = tmp.name[len(target.name) + 2:].partition(".")
+        if suffix in ("tmp", "tmp.wal") and pid.isdigit() and int(pid) != os.getpid() \
+                and not Path(f"/proc/{pid}").exists():
             yield tmp
+
+
+def _remove_temp(tmp: Path) -> None:
+    """Remove a temp file and the WAL DuckDB may have left beside it."""
+    tmp.unlink(missing_ok=True)
+    tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+
+
+SNAPSHOT = "snap"  # the snapshot temp file's alias while it is attached
+
+# The tables copied into the snapshot besides customer_profiles, each in a fixed order so that
+# the same warehouse always gives the same rows in the same order.
+SNAPSHOT_TABLES: dict[str, str] = {
+    "rejected_rows": "source, line_number",
+    "source_manifest": "source",
+    "shard_manifest": "shard_count, shard_id",
+}
+
+
+def _write_snapshot(
+    con: duckdb.DuckDBPyConnection, tmp: Path, target: Path, shard_count: int, hook: Hook
+) -> str:
+    """Build the snapshot in `tmp`, durably: the customer_profiles this publish will commit
+    (rebuilt from the shards) and copies of SNAPSHOT_TABLES; return the file's sha256.
+
+    It runs before the warehouse transaction because one DuckDB transaction may write only
+    one database; the warehouse stays attached (and locked by this process) throughout, so
+    nothing changes in between. Errors name `target`, the path a user frees space for.
+    """
+    with errors.naming(target):
+        # Created and removed first, so a missing permission is an OSError naming the problem
+        # rather than DuckDB's wording of it (DuckDB will not take an empty file as a new one).
+        with open(tmp, "xb"):
+            pass
+        tmp.unlink()
+        con.execute(f"ATTACH ? AS {SNAPSHOT}", [str(tmp)])
+        try:
+            con.execute("BEGIN TRANSACTION")
+            _rebuild_table(con, shard_count, into=f"{SNAPSHOT}.customer_profiles")
+            for table, order in SNAPSHOT_TABLES.items():
+                con.execute(f"CREATE TABLE {SNAPSHOT}.{table} AS "
+                            f"SELECT * FROM {ALIAS}.{table} ORDER BY {order}")
+            hook("snapshot_write")
+            con.execute("COMMIT")
+            # DETACH checkpoints: the file is complete (no WAL beside it) once it returns.
+            con.execute(f"DETACH {SNAPSHOT}")
+        except BaseException:
+            rollback_quietly(con)
+            _detach_quietly(con, SNAPSHOT)
+            raise
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    return file_sha256(tmp)
 
 
 def _write_export(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path, hook: Hook) -> str:
@@ -450,47 +518,72 @@ def publish_customer_profiles(
     con: duckdb.DuckDBPyConnection,
     shard_count: int,
     export_path: str,
+    snapshot_path: str,
     manifest: dict[str, object],
     hook: Hook = no_hook,
 ) -> int:
-    """Rebuild customer_profiles, write its export and record both: all of it or none of it.
+    """Rebuild customer_profiles, write its export and its snapshot and record all three: all
+    of it or none of it.
 
     `con` must have the warehouse attached. `manifest` holds shards_hash and code_version (the
     rest is filled in here). The order:
-      1. check the export target (not a directory, its folder can exist), before any change;
-      2. BEGIN; rebuild the table; write the export from the new rows to a temp file next to
-         the target (fsynced); record the manifest with that file's sha256;
-      3. COMMIT (table + manifest change together);
-      4. rename the temp file onto the export (atomic).
-    Any failure up to 3 rolls back and removes the temp file: table, manifest and export stay
-    byte-identical. A crash between 3 and 4 leaves the new table with the old export; the
-    manifest then names an export sha256 that is not on disk, so the next run rebuilds and
-    exports again (and removes the dead process's temp file).
+      1. check both targets (not a directory, their folder can exist), before any change;
+      2. build the snapshot in a temp file next to its target (fsynced; see _write_snapshot);
+      3. BEGIN; copy the snapshot's customer_profiles into the warehouse (the same rows by
+         construction); write the export from them to a temp file next to its target
+         (fsynced); record the manifest with both files' sha256;
+      4. COMMIT (table + manifest change together);
+      5. rename the temp files onto the export and the snapshot (each atomic).
+    Any failure up to 4 rolls back and removes the temp files: table, manifest, export and
+    snapshot stay byte-identical. A crash between 4 and 5 leaves the new table with the old
+    files; the manifest then names sha256s that are not on disk, so the next run rebuilds
+    and writes both again (and removes the dead process's temp files).
+
+    The snapshot is never opened once published: a reader holding it (even read-write) keeps
+    the file it opened, and the rename gives the next reader the new one.
     """
     target = Path(export_path)
+    snapshot = Path(snapshot_path)
     check_export_target(export_path)
-    for stale in _stale_temps(target):
+    check_export_target(str(snapshot))
+    for stale in [*_stale_temps(target), *_stale_temps(snapshot)]:
         stale.unlink(missing_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp, snapshot_tmp = _temp_path(target), _temp_path(snapshot)
     try:
-        con.execute("BEGIN TRANSACTION")
+        snapshot_sha = _write_snapshot(con, snapshot_tmp, snapshot, shard_count, hook)
         try:
-            count = _rebuild_table(con, shard_count)
+            # Read-only: attaching never changes the file, so its sha256 stands.
+            con.execute(f"ATTACH ? AS {SNAPSHOT} (READ_ONLY)", [str(snapshot_tmp)])
+            con.execute("BEGIN TRANSACTION")
+            con.execute(f"CREATE OR REPLACE TABLE {ALIAS}.customer_profiles AS "
+                        f"SELECT * FROM {SNAPSHOT}.customer_profiles")
+            count = int(con.execute(
+                f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
             sha = _write_export(con, tmp, target, hook)
             con.execute(
-                f"INSERT OR REPLACE INTO {ALIAS}.profiles_manifest VALUES (?, ?, ?, ?, ?, ?)",
+                f"""INSERT OR REPLACE INTO {ALIAS}.profiles_manifest (shard_count, shards_hash,
+                    code_version, row_count, export_path, export_sha256, snapshot_sha256)
+                    VALUES (?, ?, ?, ?, ?, ?, ?)""",
                 [shard_count, manifest["shards_hash"], manifest["code_version"], count,
-                 export_path, sha],
+                 export_path, sha, snapshot_sha],
             )
             hook("profiles_before_commit")
             with _signals_deferred():
                 con.execute("COMMIT")
+                con.execute(f"DETACH {SNAPSHOT}")
                 hook("export_before_rename")
                 with errors.naming(target):
                     os.replace(tmp, target)
+                with errors.naming(snapshot):
+                    # A WAL beside the old file (someone wrote to it) would be replayed onto
+                    # the new one by the next reader.
+                    snapshot.with_name(snapshot.name + ".wal").unlink(missing_ok=True)
+                    os.replace(snapshot_tmp, snapshot)
         except BaseException:
             rollback_quietly(con)
+            _detach_quietly(con, SNAPSHOT)
             raise
     finally:
         tmp.unlink(missing_ok=True)
+        _remove_temp(snapshot_tmp)
     return count

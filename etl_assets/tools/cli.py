@@ -186,6 +186,8 @@ def print_summary(outcome: RunOutcome) -> None:
     if outcome.ok and outcome.export_path:
         print()
         print(f"export: {outcome.export_path}")
+        if outcome.snapshot_path:
+            print(f"snapshot: {outcome.snapshot_path}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

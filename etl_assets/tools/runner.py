@@ -56,6 +56,7 @@ class RunOutcome:
     checks: list[tuple[str, bool, dict]] = field(default_factory=list)
     reason: str = ""
     export_path: str = ""
+    snapshot_path: str = ""
     run_ids: list[str] = field(default_factory=list)
     # What the run is doing now: sources, shards or customer_profiles (named when interrupted).
     phase: str = "sources"
@@ -335,7 +336,7 @@ def run_pipeline(
         with dg.DagsterInstance.get() as own:
             return run_pipeline(settings, echo, verbose, workers, own, interrupted)
     pool = _LazyPool(workers, settings.shard_count)
-    outcome = RunOutcome(export_path=settings.export_path)
+    outcome = RunOutcome(export_path=settings.export_path, snapshot_path=settings.snapshot_path)
     tags = {INVOCATION_TAG: uuid.uuid4().hex}
     try:
         if shards_expected(settings):
