@@ -219,6 +219,27 @@ def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
         [ALIAS, table]).fetchone()[0] > 0
 
 
+@contextmanager
+def transaction(
+    con: duckdb.DuckDBPyConnection, after_commit: Optional[Callable[[], None]] = None
+) -> Iterator[None]:
+    """BEGIN, the body, COMMIT; on any error or interrupt before COMMIT, roll back and re-raise.
+
+    `after_commit` runs right after COMMIT with signals deferred, for what must follow it
+    without a gap (renaming the files the transaction recorded).
+    """
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        with _signals_deferred():
+            con.execute("COMMIT")
+            if after_commit is not None:
+                after_commit()
+    except BaseException:
+        rollback_quietly(con)
+        raise
+
+
 def overwrite_shard(
     con: duckdb.DuckDBPyConnection,
     rows_table: str,
@@ -234,8 +255,7 @@ def overwrite_shard(
     rows. `hook` is called at the fault points inside the transaction; if anything raises
     (or the process dies) before COMMIT, the old rows stay.
     """
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(
             f"DELETE FROM {ALIAS}.shard_profiles WHERE shard_count = ? AND shard_id = ?",
             [shard_count, shard_id],
@@ -262,10 +282,6 @@ def overwrite_shard(
             ],
         )
         hook("shard_before_commit")
-        con.execute("COMMIT")
-    except BaseException:
-        rollback_quietly(con)
-        raise
     return int(written)
 
 
@@ -313,8 +329,7 @@ def replace_rejected(
 
     `manifest` holds staging_key, rows_read, rows_accepted, rows_rejected and reasons (JSON).
     """
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(f"DELETE FROM {ALIAS}.rejected_rows WHERE source = ?", [source])
         con.execute(
             f"INSERT INTO {ALIAS}.rejected_rows SELECT ?, line_number, customer_id, reason, raw, ? "
@@ -327,10 +342,6 @@ def replace_rejected(
              manifest["rows_accepted"], manifest["rows_rejected"], manifest["reasons"]],
         )
         hook("source_rejected_write")
-        con.execute("COMMIT")
-    except BaseException:
-        rollback_quietly(con)
-        raise
 
 
 def _rebuild_table(
@@ -364,14 +375,9 @@ def _rebuild_table(
 def rebuild_customer_profiles(con: duckdb.DuckDBPyConnection, shard_count: int) -> int:
     """Rebuild the table alone (no export), for tests and tools; `publish_customer_profiles`
     is what the pipeline uses. The profiles manifest is cleared: no export matches it now."""
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         count = _rebuild_table(con, shard_count)
         con.execute(f"DELETE FROM {ALIAS}.profiles_manifest")
-        con.execute("COMMIT")
-    except BaseException:
-        rollback_quietly(con)
-        raise
     return count
 
 
@@ -445,13 +451,12 @@ def _write_snapshot(
         tmp.unlink()
         con.execute(f"ATTACH ? AS {SNAPSHOT}", [str(tmp)])
         try:
-            con.execute("BEGIN TRANSACTION")
-            _rebuild_table(con, shard_count, into=f"{SNAPSHOT}.customer_profiles")
-            for table, order in SNAPSHOT_TABLES.items():
-                con.execute(f"CREATE TABLE {SNAPSHOT}.{table} AS "
-                            f"SELECT * FROM {ALIAS}.{table} ORDER BY {order}")
-            hook("snapshot_write")
-            con.execute("COMMIT")
+            with transaction(con):
+                _rebuild_table(con, shard_count, into=f"{SNAPSHOT}.customer_profiles")
+                for table, order in SNAPSHOT_TABLES.items():
+                    con.execute(f"CREATE TABLE {SNAPSHOT}.{table} AS "
+                                f"SELECT * FROM {ALIAS}.{table} ORDER BY {order}")
+                hook("snapshot_write")
             # DETACH checkpoints: the file is complete (no WAL beside it) once it returns.
             con.execute(f"DETACH {SNAPSHOT}")
         except BaseException:
@@ -554,22 +559,8 @@ def publish_customer_profiles(
         try:
             # Read-only: attaching never changes the file, so its sha256 stands.
             con.execute(f"ATTACH ? AS {SNAPSHOT} (READ_ONLY)", [str(snapshot_tmp)])
-            con.execute("BEGIN TRANSACTION")
-            con.execute(f"CREATE OR REPLACE TABLE {ALIAS}.customer_profiles AS "
-                        f"SELECT * FROM {SNAPSHOT}.customer_profiles")
-            count = int(con.execute(
-                f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
-            sha = _write_export(con, tmp, target, hook)
-            con.execute(
-                f"""INSERT OR REPLACE INTO {ALIAS}.profiles_manifest (shard_count, shards_hash,
-                    code_version, row_count, export_path, export_sha256, snapshot_sha256)
-                    VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                [shard_count, manifest["shards_hash"], manifest["code_version"], count,
-                 export_path, sha, snapshot_sha],
-            )
-            hook("profiles_before_commit")
-            with _signals_deferred():
-                con.execute("COMMIT")
+
+            def publish_files() -> None:
                 con.execute(f"DETACH {SNAPSHOT}")
                 hook("export_before_rename")
                 with errors.naming(target):
@@ -579,8 +570,22 @@ def publish_customer_profiles(
                     # the new one by the next reader.
                     snapshot.with_name(snapshot.name + ".wal").unlink(missing_ok=True)
                     os.replace(snapshot_tmp, snapshot)
+
+            with transaction(con, after_commit=publish_files):
+                con.execute(f"CREATE OR REPLACE TABLE {ALIAS}.customer_profiles AS "
+                            f"SELECT * FROM {SNAPSHOT}.customer_profiles")
+                count = int(con.execute(
+                    f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
+                sha = _write_export(con, tmp, target, hook)
+                con.execute(
+                    f"""INSERT OR REPLACE INTO {ALIAS}.profiles_manifest (shard_count,
+                        shards_hash, code_version, row_count, export_path, export_sha256,
+                        snapshot_sha256) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                    [shard_count, manifest["shards_hash"], manifest["code_version"], count,
+                     export_path, sha, snapshot_sha],
+                )
+                hook("profiles_before_commit")
         except BaseException:
-            rollback_quietly(con)
             _detach_quietly(con, SNAPSHOT)
             raise
     finally:
