@@ -158,24 +158,18 @@ def _quote(identifier: str) -> str:
 def _typed_expr(col: Column) -> str:
     """SQL for the typed value of `col` from its trimmed text `v_<name>` (NULL if it won't parse)."""
     v = f"v_{col.name}"
+    def when_it_matches(pattern: str, value: str) -> str:
+        return f"CASE WHEN regexp_full_match({v}, '{pattern}') THEN {value} END"
+
     if col.kind == "int":
-        return f"CASE WHEN regexp_full_match({v}, '{INT_PATTERN}') THEN TRY_CAST({v} AS BIGINT) END"
+        return when_it_matches(INT_PATTERN, f"TRY_CAST({v} AS BIGINT)")
     if col.kind == "decimal":
         # IEEE: -0.0 + 0.0 is +0.0, so "-0" is stored (and exported) as 0, not -0.0.
-        return (
-            f"CASE WHEN regexp_full_match({v}, '{DECIMAL_PATTERN}') "
-            f"THEN TRY_CAST({v} AS {col.sql_type}) + 0.0 END"
-        )
+        return when_it_matches(DECIMAL_PATTERN, f"TRY_CAST({v} AS {col.sql_type}) + 0.0")
     if col.kind == "money":
-        return (
-            f"CASE WHEN regexp_full_match({v}, '{DECIMAL_PATTERN}') "
-            f"THEN TRY_CAST({v} AS {col.sql_type}) END"
-        )
+        return when_it_matches(DECIMAL_PATTERN, f"TRY_CAST({v} AS {col.sql_type})")
     if col.kind == "date":
-        return (
-            f"CASE WHEN regexp_full_match({v}, '{DATE_PATTERN}') "
-            f"THEN CAST(try_strptime({v}, '%Y-%m-%d') AS DATE) END"
-        )
+        return when_it_matches(DATE_PATTERN, f"CAST(try_strptime({v}, '%Y-%m-%d') AS DATE)")
     if col.kind == "category":
         # Canonical spelling of the domain value that matches after normalization.
         return (
