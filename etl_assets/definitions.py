@@ -27,7 +27,8 @@ def build_defs(settings: Optional[EtlSettings] = None) -> dg.Definitions:
     resources = resources_for(settings) if settings else None
     settings = settings or EtlSettings.from_env()
     shard_count = settings.shard_count
-    shard_profiles, customer_profiles = build_profile_assets(shard_count)
+    shard_profiles, customer_profiles = build_profile_assets(shard_count,
+                                                             settings.shard_retry_delay_s)
     jobs = [
         dg.define_asset_job(
             SOURCES_JOB, selection=dg.AssetSelection.groups("sources"),

@@ -90,6 +90,7 @@ def test_resources_are_typed_and_name_their_environment_variables(tmp_path, monk
     from dagster_duckdb import DuckDBResource
 
     from etl_assets.defs.resources import (
+        DEFINITION_TIME,
         RESOURCES,
         WarehouseResource,
         pipeline_settings,
@@ -107,9 +108,9 @@ def test_resources_are_typed_and_name_their_environment_variables(tmp_path, monk
     assert from_env["faults"].chaos_fail_mode == dg.EnvVar("CHAOS_FAIL_MODE")
     assert from_env["automation"].sensor_interval_s == dg.EnvVar.int("SENSOR_INTERVAL_S")
     assert from_env["staging"].data_dir == str(REPO / "data")  # not set: the resolved value
-    # Every settings field but the shard count lives in exactly one resource.
+    # Every settings field but those fixed with the definitions lives in exactly one resource.
     fields = [f for _, mapping in RESOURCES.values() for f in mapping.values()]
-    assert sorted(fields) == sorted(set(EtlSettings.model_fields) - {"shard_count"})
+    assert sorted(fields) == sorted(set(EtlSettings.model_fields) - set(DEFINITION_TIME))
     settings = EtlSettings.from_env(env={}, home_dir=str(tmp_path), shard_count=3,
                                     chaos_fail_shard=1, force=True, lock_timeout_s=5)
     built = resources_for(settings)

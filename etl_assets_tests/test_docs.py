@@ -162,3 +162,15 @@ def test_the_checker_sees_links_tables_and_anchors():
     assert slug("Words used here") == "words-used-here"
     assert cell_count("| a | `b \\| c` | d |") == 3
     assert cell_count("| a | b | c | d |") == 4
+
+
+def test_every_setting_is_documented_where_its_reader_looks():
+    """User settings in the README's configuration table; test hooks in contributing.md."""
+    from etl_assets.lib.settings import ENV_VARS
+
+    hooks = {"CHAOS_FAIL_SHARD", "CHAOS_FAIL_MODE", "ETL_CRASH_AT", "ETL_CRASH_MODE"}
+    readme = README.read_text(encoding="utf-8")
+    contributing = (REPO / "docs" / "contributing.md").read_text(encoding="utf-8")
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    assert {v for v in ENV_VARS if f"| `{v}` |" not in table} == hooks
+    assert [v for v in sorted(hooks) if f"`{v}" not in contributing] == []

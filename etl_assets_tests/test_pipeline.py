@@ -109,7 +109,9 @@ def test_persistent_failure_names_the_shard_and_keeps_previous_profiles(ran_samp
     # New source content, but shard 3 never succeeds: nothing downstream may be rebuilt.
     with open(Path(settings.data_dir) / "crm.csv", "a", encoding="utf-8") as fh:
         fh.write("cust_09999999,new@x.com,New Co,,,,,,\n")
-    failing = settings.replace(chaos_fail_shard=3, chaos_fail_mode="always")
+    # Retry waits from 0.05 s (SHARD_RETRY_DELAY_S): the same four attempts, without 11 s of sleep.
+    failing = settings.replace(chaos_fail_shard=3, chaos_fail_mode="always",
+                               shard_retry_delay_s=0.05)
     outcome = run_pipeline(failing, echo=lambda line: None)
     assert not outcome.ok
     assert outcome.reason.startswith("shard 3 failed after 4 attempt(s)")

@@ -114,8 +114,9 @@ def test_a_missing_file_requests_nothing_and_says_why(built, sample_dir, instanc
 
 
 def _fail_shard(settings, instance, partition, tags=None):
-    failing = settings.replace(chaos_fail_shard=int(partition),
-                                          chaos_fail_mode="always")
+    # Retry waits from 0.05 s (SHARD_RETRY_DELAY_S): the same four attempts, without 11 s of sleep.
+    failing = settings.replace(chaos_fail_shard=int(partition), chaos_fail_mode="always",
+                               shard_retry_delay_s=0.05)
     job = build_defs(failing).resolve_job_def(SHARDS_JOB)
     result = job.execute_in_process(instance=instance, partition_key=partition,
                                     raise_on_error=False, tags=tags or {})

@@ -37,10 +37,12 @@ from etl_assets.lib.profiles import (
 from etl_assets.lib.schema import profile_columns
 
 
-# Retries live on the shard, not the orchestrator: waits of (2^n - 1) x 1 s, jittered +/- 1 s.
-SHARD_RETRY_POLICY = dg.RetryPolicy(
-    max_retries=3, delay=1.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-)
+# Retries live on the shard, not the orchestrator: waits of (2^n - 1) x SHARD_RETRY_DELAY_S
+# (default 1 s), jittered.
+def shard_retry_policy(delay_s: float) -> dg.RetryPolicy:
+    """Three retries, exponential from `delay_s` (SHARD_RETRY_DELAY_S), jittered."""
+    return dg.RetryPolicy(max_retries=3, delay=delay_s, backoff=dg.Backoff.EXPONENTIAL,
+                          jitter=dg.Jitter.PLUS_MINUS)
 
 
 def _shard_result(shard_id: int, attempt: int, elapsed_ms: int, records: int,
@@ -76,7 +78,9 @@ def _profile_column_schema() -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in profile_columns()])
 
 
-def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:
+def build_profile_assets(
+    shard_count: int, retry_delay_s: float = 1.0
+) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:
     """The partitioned `shard_profiles` asset and the merged `customer_profiles` asset."""
 
     @dg.asset(
@@ -86,7 +90,7 @@ def build_profile_assets(shard_count: int) -> tuple[dg.AssetsDefinition, dg.Asse
         # Not the four sources directly: their file-level versions would mark every partition
         # stale; shard_inputs has one version per shard (see shard_inputs.py).
         deps=[SHARD_INPUTS],
-        retry_policy=SHARD_RETRY_POLICY,
+        retry_policy=shard_retry_policy(retry_delay_s),
         kinds={"duckdb"},
         owners=["team:data-platform"],
         code_version=CODE_VERSION,

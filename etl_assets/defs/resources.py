@@ -69,6 +69,9 @@ class AutomationResource(dg.ConfigurableResource):
     rerun_base_wait_s: float = Field(default=30.0, description="First wait before a re-run.")
 
 
+# Fixed when the definitions are built (partitions, the retry policy): not run-time config.
+DEFINITION_TIME = ("shard_count", "shard_retry_delay_s")
+
 # Resource key -> (class, {resource field: settings field}). The one map between the two shapes.
 RESOURCES: dict[str, tuple[type[dg.ConfigurableResource], dict[str, str]]] = {
     "warehouse": (WarehouseResource, {

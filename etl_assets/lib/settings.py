@@ -26,6 +26,7 @@ ENV_VARS: dict[str, str] = {
     "STAGING_DIR": "staging_dir",
     "EXPORT_PATH": "export_path",
     "SHARD_COUNT": "shard_count",
+    "SHARD_RETRY_DELAY_S": "shard_retry_delay_s",
     "CHAOS_FAIL_SHARD": "chaos_fail_shard",
     "CHAOS_FAIL_MODE": "chaos_fail_mode",
     "MAX_REJECT_FRACTION": "max_reject_fraction",
@@ -63,6 +64,9 @@ class EtlSettings(BaseModel):
     staging_dir: str = ""
     export_path: str = ""
     shard_count: int = 10
+    # The shard retry policy's first wait (then x2 each retry, +/- 1 s of jitter). Fixed when the
+    # definitions load, like the shard count.
+    shard_retry_delay_s: float = 1.0
     chaos_fail_shard: Optional[int] = None
     chaos_fail_mode: str = "once"
     max_reject_fraction: float = 0.01
@@ -95,6 +99,9 @@ class EtlSettings(BaseModel):
         """Raise `SettingsError` naming the bad value; return self when everything is usable."""
         if self.shard_count < 1:
             raise SettingsError(f"SHARD_COUNT must be at least 1, got {self.shard_count}")
+        if not 0 <= self.shard_retry_delay_s <= 3600:
+            raise SettingsError(
+                f"SHARD_RETRY_DELAY_S must be between 0 and 3600, got {self.shard_retry_delay_s}")
         if self.chaos_fail_mode not in CHAOS_MODES:
             raise SettingsError(
                 f"CHAOS_FAIL_MODE must be one of {', '.join(CHAOS_MODES)}, got {self.chaos_fail_mode!r}"
