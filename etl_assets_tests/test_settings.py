@@ -41,6 +41,7 @@ def test_environment_then_flags(tmp_path):
         ({"MAX_REJECT_FRACTION": "2"}, "MAX_REJECT_FRACTION must be between 0 and 1"),
         ({"DUCKDB_MEMORY_LIMIT": "lots"}, "DUCKDB_MEMORY_LIMIT must look like 1GB or 512MB"),
         ({"DUCKDB_THREADS": "-1"}, "DUCKDB_THREADS must be >= 0"),
+        ({"SHARD_RETRY_DELAY_S": "-1"}, "SHARD_RETRY_DELAY_S must be between 0 and 3600"),
     ],
 )
 def test_bad_values_are_named(env, message):
