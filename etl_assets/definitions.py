@@ -7,8 +7,6 @@ that flags can override the environment.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import dagster as dg
 
 from etl_assets.defs.checks import build_profile_checks
@@ -21,7 +19,7 @@ from etl_assets.defs.sources import build_source_assets
 from etl_assets.lib.settings import EtlSettings
 
 
-def build_defs(settings: Optional[EtlSettings] = None) -> dg.Definitions:
+def build_defs(settings: EtlSettings | None = None) -> dg.Definitions:
     """Assemble the Definitions for `settings` (default: from the environment, with each value
     an environment variable gave configured as that variable)."""
     resources = resources_for(settings) if settings else None

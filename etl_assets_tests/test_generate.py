@@ -4,8 +4,8 @@ import csv
 import hashlib
 from pathlib import Path
 
-from etl_assets.tools.generate import generate
 from etl_assets.lib.schema import SOURCES
+from etl_assets.tools.generate import generate
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -4,11 +4,12 @@ for, or fails with one line; never a traceback, never an export its own checks r
 import shutil
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from etl_assets.lib.schema import MAX_FIELD_BYTES, SOURCES
 from etl_assets.tools.generate import generate
 from etl_assets.tools.runner import run_pipeline
-from etl_assets.lib.schema import MAX_FIELD_BYTES, SOURCES
 from etl_assets_tests.conftest import examples, make_settings
 
 pytestmark = pytest.mark.usefixtures("dagster_home")

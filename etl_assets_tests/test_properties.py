@@ -4,7 +4,8 @@ import random
 import shutil
 import unicodedata
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.sources import stage_source
@@ -52,7 +53,8 @@ def _oracle(rows):
     return winners
 
 
-@settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(12), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=dataset, seed=st.integers(0, 10**6))
 def test_exactly_one_row_per_valid_customer_whatever_the_layout(tmp_path_factory, data, seed):
     base = tmp_path_factory.mktemp("prop")

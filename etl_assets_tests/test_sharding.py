@@ -2,8 +2,8 @@ import hashlib
 
 import duckdb
 
-from etl_assets.lib.rules import install_rules
 from etl_assets.defs.contracts import shard_partitions
+from etl_assets.lib.rules import install_rules
 from etl_assets.lib.sharding import shard_of
 
 

@@ -10,7 +10,6 @@ import pytest
 from etl_assets.lib import staging
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.sources import plan_slices, stage_source
-
 from etl_assets_tests.conftest import make_settings, write_csv
 
 

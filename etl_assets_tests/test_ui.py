@@ -4,6 +4,7 @@ Chromium comes from Debian (`apt-get install chromium`, done by `.ci/run`); loca
 test skips only when it is absent, and never under CI=true.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,7 +60,7 @@ def server(tmp_path_factory):
                SHARD_COUNT=str(SHARDS))
     subprocess.run([str(BIN / "etl-assets"), "home"], env=env, check=True, capture_output=True)
     port = _free_port()
-    log = open(root / "dev.log", "w")
+    log = open(root / "dev.log", "w")  # noqa: SIM115 (the server's log, closed at teardown)
     proc = subprocess.Popen(
         [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
          "-h", "127.0.0.1", "-p", str(port)],
@@ -131,10 +132,8 @@ def test_materialize_one_shard_from_the_ui(server, tmp_path):
         # The asset graph: both groups and all six assets (customer_profiles and its upstream).
         page.goto(server["url"] + "/assets/customer_profiles?view=lineage&lineageScope=upstream"
                   "&lineageDepth=5", wait_until="networkidle", timeout=60_000)
-        try:
-            page.get_by_role("button", name="Skip").click(timeout=8_000)  # first-visit dialog
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):  # a first-visit dialog, when there is one
+            page.get_by_role("button", name="Skip").click(timeout=8_000)
         for name in ASSETS + ["sources", "profiles"]:
             page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
         _shot(page, "asset_graph.png", tmp_path)
@@ -265,7 +264,7 @@ def _stale_by_partition(url: str) -> dict[str, tuple[str, list[str]]]:
 
     return {k: (status, [cause(c) for c in causes])
             for k, status, causes in zip(keys, node["staleStatusByPartition"],
-                                         node["staleCausesByPartition"])}
+                                         node["staleCausesByPartition"], strict=False)}
 
 
 def test_ui_marks_exactly_the_changed_shard_stale(server):

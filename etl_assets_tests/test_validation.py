@@ -12,8 +12,13 @@ from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
 from etl_assets.lib.validation import SourceFileError, read_source
-from etl_assets_tests.conftest import (build_profiles, make_settings, read_export, write_csv,
-                                       write_sources)
+from etl_assets_tests.conftest import (
+    build_profiles,
+    make_settings,
+    read_export,
+    write_csv,
+    write_sources,
+)
 
 SUPPORT = SOURCES["support"]
 CRM = SOURCES["crm"]
@@ -347,8 +352,8 @@ def test_a_field_at_the_limit_goes_through_and_past_it_is_quarantined(
         tmp_path, dagster_home, extra, reason):
     """At MAX_FIELD_BYTES the row is staged, merged, exported and re-read by the checks; one
     byte more and it is rejected with its own reason, the run still succeeding."""
-    from etl_assets.tools.runner import run_pipeline
     from etl_assets.lib.schema import MAX_FIELD_BYTES
+    from etl_assets.tools.runner import run_pipeline
 
     name = '"Big, Co' + "é" * ((MAX_FIELD_BYTES - 8) // 2) + "x" * ((MAX_FIELD_BYTES - 8) % 2)
     name += "x" * extra

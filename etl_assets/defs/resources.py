@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any
 
 import dagster as dg
 import duckdb
@@ -34,7 +34,7 @@ class WarehouseResource(DuckDBResource):
     threads: int = Field(default=0, description="DuckDB threads per connection (0: per core).")
 
     @contextmanager
-    def read_only(self) -> Iterator[Optional[duckdb.DuckDBPyConnection]]:
+    def read_only(self) -> Iterator[duckdb.DuckDBPyConnection | None]:
         """The warehouse attached READ_ONLY as `wh` (None before it exists): for decisions."""
         with warehouse.read_only(self.database, self.lock_timeout_s) as con:
             yield con
@@ -54,7 +54,7 @@ class StagingResource(dg.ConfigurableResource):
 class FaultInjectionResource(dg.ConfigurableResource):
     """The chaos drill and the crash points; all off by default."""
 
-    chaos_fail_shard: Optional[int] = Field(default=None, description="Shard that fails.")
+    chaos_fail_shard: int | None = Field(default=None, description="Shard that fails.")
     chaos_fail_mode: str = Field(default="once", description="once or always.")
     crash_at: str = Field(default="", description="A named write point to crash at.")
     crash_mode: str = Field(default="kill", description="kill or enospc.")
@@ -92,8 +92,8 @@ RESOURCES: dict[str, tuple[type[dg.ConfigurableResource], dict[str, str]]] = {
 
 def pipeline_settings(
     shard_count: int, warehouse: WarehouseResource, staging: StagingResource,
-    faults: Optional[FaultInjectionResource] = None,
-    automation: Optional[AutomationResource] = None,
+    faults: FaultInjectionResource | None = None,
+    automation: AutomationResource | None = None,
 ) -> EtlSettings:
     """The library's settings from the resources a step received. The warehouse and staging
     resources are always needed (together they fix every path); without faults or automation,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from etl_assets.defs.contracts import COLUMN_SCHEMA, ROW_COUNT, RETRYABLE, not_retryable
+from etl_assets.defs.contracts import COLUMN_SCHEMA, RETRYABLE, ROW_COUNT, not_retryable
 from etl_assets.defs.resources import (
     FaultInjectionResource,
     StagingResource,
@@ -38,8 +38,9 @@ def build_source_asset(schema: SourceSchema, shard_count: int) -> dg.AssetsDefin
         "rows_accounted", asset=schema.name, blocking=True,
         description="rows read = rows accepted + rows rejected, and the staged slices hold "
         "exactly the accepted rows")
-    reject_rate = dg.AssetCheckSpec("reject_rate", asset=schema.name, blocking=True,
-                                    description="invalid rows (superseded duplicates aside) within MAX_REJECT_FRACTION")
+    reject_rate = dg.AssetCheckSpec(
+        "reject_rate", asset=schema.name, blocking=True,
+        description="invalid rows (superseded duplicates aside) within MAX_REJECT_FRACTION")
 
     @dg.asset(
         name=schema.name,

@@ -12,7 +12,6 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 NO_SPACE = "no space left on device"
 
@@ -51,7 +50,7 @@ class DiskFullError(PathError):
 def is_disk_full(exc: BaseException) -> bool:
     """True if `exc` (or what it wraps) says the disk or a quota is full."""
     seen: set[int] = set()
-    current: Optional[BaseException] = exc
+    current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, DiskFullError):

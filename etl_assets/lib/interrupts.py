@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Optional
 
 WATCHED = (signal.SIGINT, signal.SIGTERM)
 
@@ -39,7 +38,7 @@ class SignalWatch:
         self._read_fd = read_fd
         self._seen: list[int] = []
 
-    def received(self) -> Optional[int]:
+    def received(self) -> int | None:
         """The first watched signal received so far, or None."""
         try:
             while True:
@@ -52,7 +51,7 @@ class SignalWatch:
         return self._seen[0] if self._seen else None
 
 
-def _note(signum: int, frame: Optional[FrameType]) -> None:
+def _note(signum: int, frame: FrameType | None) -> None:
     """Do nothing here: the wakeup fd has recorded the signal, and the runner checks it at safe
     points (between Dagster runs, while it waits for shard workers).
 

@@ -7,7 +7,7 @@ the generator and the docs are all derived from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 Kind = Literal["id", "text", "int", "decimal", "money", "date", "category"]
 
@@ -49,8 +49,8 @@ class Column:
 
     name: str
     kind: Kind
-    min: Optional[float] = None
-    max: Optional[float] = None
+    min: float | None = None
+    max: float | None = None
     domain: tuple[str, ...] = ()
 
     @property
@@ -58,12 +58,12 @@ class Column:
         return SQL_TYPES[self.kind]
 
     @property
-    def decimals(self) -> Optional[int]:
+    def decimals(self) -> int | None:
         """Most decimals a value may have (money only; trailing zeros do not count)."""
         return MONEY_DECIMALS if self.kind == "money" else None
 
     @property
-    def significant_digits(self) -> Optional[int]:
+    def significant_digits(self) -> int | None:
         """Most significant digits a value may have (decimals, which are stored as doubles)."""
         return DECIMAL_DIGITS if self.kind == "decimal" else None
 

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -67,7 +67,7 @@ class EtlSettings(BaseModel):
     # The shard retry policy's first wait (then x2 each retry, +/- 1 s of jitter). Fixed when the
     # definitions load, like the shard count.
     shard_retry_delay_s: float = 1.0
-    chaos_fail_shard: Optional[int] = None
+    chaos_fail_shard: int | None = None
     chaos_fail_mode: str = "once"
     max_reject_fraction: float = 0.01
     lock_timeout_s: float = 60.0
@@ -84,7 +84,7 @@ class EtlSettings(BaseModel):
     duckdb_threads: int = 0
 
     @classmethod
-    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "EtlSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> EtlSettings:
         """Build settings from environment variables, then apply non-None `overrides` (CLI flags)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
@@ -95,7 +95,7 @@ class EtlSettings(BaseModel):
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**_resolve_paths(values)).validated()
 
-    def validated(self) -> "EtlSettings":
+    def validated(self) -> EtlSettings:
         """Raise `SettingsError` naming the bad value; return self when everything is usable."""
         if self.shard_count < 1:
             raise SettingsError(f"SHARD_COUNT must be at least 1, got {self.shard_count}")
@@ -146,7 +146,7 @@ class EtlSettings(BaseModel):
         """Every field's value, by name (what a copy of these settings is built from)."""
         return {name: getattr(self, name) for name in type(self).model_fields}
 
-    def replace(self, **changes: Any) -> "EtlSettings":
+    def replace(self, **changes: Any) -> EtlSettings:
         """A copy with some fields changed, validated."""
         return type(self)(**{**self.field_values(), **changes}).validated()
 
@@ -185,7 +185,7 @@ class EtlSettings(BaseModel):
 def _parse(var: str, field: str, raw: str) -> Any:
     annotation = EtlSettings.model_fields[field].annotation
     try:
-        if annotation in (int, Optional[int]):
+        if annotation in (int, int | None):
             return int(raw)
         if annotation is float:
             return float(raw)

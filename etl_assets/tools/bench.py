@@ -3,8 +3,8 @@
 Every measured command runs as its own process, in a fresh ETL_HOME and DAGSTER_HOME, so wall
 time and peak RSS (from wait4) are what a user would see. The data is generated in a child
 process too: Linux carries a process's peak RSS over fork/vfork + exec into the child's
-ru_maxrss, so a bench process that had grown while generating would inflate every figure. Results go to bench.md, bench.json
-and bench.png in the output folder.
+ru_maxrss, so a bench process that had grown while generating would inflate every figure.
+Results go to bench.md, bench.json and bench.png in the output folder.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Optional
-
 
 BIN = Path(sys.executable).parent
 _SHARD_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+ok")
@@ -100,14 +98,14 @@ class Measurement:
     """One measured command."""
 
     label: str
-    shards: Optional[int]
-    workers: Optional[int]
+    shards: int | None
+    workers: int | None
     wall_s: float
     peak_rss_mb: float
     rows_per_s: float
-    slowest_shard_ms: Optional[int] = None
-    shard_compute_s: Optional[float] = None
-    other_s: Optional[float] = None
+    slowest_shard_ms: int | None = None
+    shard_compute_s: float | None = None
+    other_s: float | None = None
     phases: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -157,7 +155,7 @@ def _phases(dagster_home: Path, since: float, wall: float) -> dict[str, float]:
 
     spans: dict[str, list[float]] = {}
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        created_after = datetime.fromtimestamp(since, tz=timezone.utc)
+        created_after = datetime.fromtimestamp(since, tz=UTC)
         for record in instance.get_run_records(dg.RunsFilter(created_after=created_after)):
             if record.start_time is None or record.end_time is None:
                 continue
@@ -202,7 +200,8 @@ def run_bench(rows: int, shard_counts: list[int], worker_counts: list[int], out_
                              str(floor_home / "floor.duckdb")], dict(os.environ), floor_home)
     results.append(Measurement("floor: one DuckDB query", None, None, round(wall, 2),
                                round(rss, 1), round(rows / wall),
-                               extra={"generate_s": round(gen_s, 2), "generate_peak_rss_mb": round(gen_rss, 1)}))
+                               extra={"generate_s": round(gen_s, 2),
+                                      "generate_peak_rss_mb": round(gen_rss, 1)}))
     echo(f"floor {wall:.2f}s")
     wall, rss, _ = _measure([sys.executable, "-c", FULL_FLOOR_SCRIPT, str(data),
                              str(floor_home / "full.duckdb"), str(floor_home / "full.csv")],
@@ -217,7 +216,8 @@ def run_bench(rows: int, shard_counts: list[int], worker_counts: list[int], out_
         for workers in worker_counts:
             home = work / f"s{shards}-w{workers}"
             home.mkdir()
-            m = _run(home, data, shards, workers, rows, f"etl-assets run --shards {shards} --workers {workers}")
+            m = _run(home, data, shards, workers, rows,
+                     f"etl-assets run --shards {shards} --workers {workers}")
             results.append(m)
             echo(f"shards={shards} workers={workers}: {m.wall_s}s, {m.peak_rss_mb} MB")
             last_home = (home, shards, workers)

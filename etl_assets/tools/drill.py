@@ -6,16 +6,16 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import dagster as dg
 import duckdb
 
 from etl_assets.lib import staging
 from etl_assets.lib.paths import duckdb_literal, duckdb_literals
-from etl_assets.tools.runner import RunOutcome, run_pipeline, shard_events
 from etl_assets.lib.schema import MAX_LINE_BYTES, SOURCES
 from etl_assets.lib.settings import EtlSettings
+from etl_assets.tools.runner import RunOutcome, run_pipeline, shard_events
 
 STEP = "shard_profiles"
 
@@ -26,10 +26,10 @@ class Attempt:
 
     number: int
     start: float
-    end: Optional[float] = None
+    end: float | None = None
     outcome: str = "running"
     error: str = ""
-    wait_before_s: Optional[float] = None
+    wait_before_s: float | None = None
 
 
 def retry_timeline(instance: dg.DagsterInstance, run_id: str) -> list[Attempt]:
@@ -83,10 +83,10 @@ def verify_export(settings: EtlSettings) -> dict[str, Any]:
             "input_ids_incl_quarantined": int(raw_ids), "duplicates": int(rows - distinct)}
 
 
-def _clock(ts: Optional[float]) -> str:
+def _clock(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
 
 
 def run_drill(settings: EtlSettings, echo: Callable[[str], None] = print) -> int:

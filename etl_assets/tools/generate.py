@@ -181,7 +181,8 @@ def generate(rows: int, seed: int = 42, out_dir: str | Path = "data") -> dict[st
     tmp_dir = out / f".generate-{os.getpid()}"
     tmp_dir.mkdir(exist_ok=True)
     finals = {name: out / f"{name}.csv" for name in ("crm", "billing", "product", "support")}
-    partials = {name: open(tmp_dir / f"{name}.csv", "wb") for name in finals}
+    # Open for the whole generation, closed in the `finally` below.
+    partials = {name: open(tmp_dir / f"{name}.csv", "wb") for name in finals}  # noqa: SIM115
     con = duckdb.connect()
     for macro in _MACROS:
         con.execute(macro)
