@@ -159,7 +159,7 @@ def _requests_for_stale_shards(settings: EtlSettings, cursor: dict[str, Any]) ->
     if not stale:
         return Evaluation(skip_reason="source files unchanged and every shard current",
                           cursor=cursor)
-    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    staged = staging.current_sources(settings)
     return Evaluation(
         [dg.RunRequest(
             run_key=f"stale:shard{k}:{staging.shard_input_hash(staged, k)[:16]}",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from etl_assets.lib import staging, warehouse
 from etl_assets.lib.paths import duckdb_literal, duckdb_literals
 from etl_assets.lib.profiles import stale_shards
-from etl_assets.lib.schema import MAX_LINE_BYTES, SOURCES
+from etl_assets.lib.schema import MAX_LINE_BYTES
 from etl_assets.lib.settings import EtlSettings
 
 WH = warehouse.ALIAS
@@ -35,7 +35,7 @@ def profile_facts(settings: EtlSettings) -> ProfileFacts:
 
     Read-only: a user's read-only connection to the warehouse does not block the checks.
     """
-    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    staged = staging.current_sources(settings)
     slice_paths = duckdb_literals(staging.all_slice_files(staged, settings.shard_ids))
     with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
                              settings.duckdb_limits) as con:

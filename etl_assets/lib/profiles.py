@@ -14,7 +14,6 @@ from etl_assets.lib import staging, warehouse
 from etl_assets.lib.faults import Hook
 from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import install_rules, merge_sql
-from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.validation import file_sha256
 
@@ -48,7 +47,7 @@ def build_shard(
     hook: Optional[Hook] = None,
 ) -> ShardResult:
     """Merge and score one shard's slices, then overwrite its rows in the warehouse."""
-    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    staged = staging.current_sources(settings)
     source_hash = staging.shard_input_hash(staged, shard_id)
     with warehouse.scratch(settings.duckdb_limits) as con:
         install_rules(con)
@@ -85,7 +84,7 @@ def shard_status(
     Judged against the manifest written in the same transaction as the shard's rows, so a
     replaced or deleted warehouse can never pass for current. `con` must have it attached.
     """
-    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    staged = staging.current_sources(settings)
     if con is None:
         with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s) as own:
             manifest = {} if own is None else warehouse.read_manifest(own, settings.shard_count)

@@ -19,7 +19,7 @@ import duckdb
 from etl_assets.lib import errors, staging, warehouse
 from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import install_rules
-from etl_assets.lib.schema import SOURCES, SourceSchema
+from etl_assets.lib.schema import SourceSchema
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.faults import Hook
 from etl_assets.lib.validation import (
@@ -349,7 +349,7 @@ def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -
 
 def read_shard_inputs(settings: EtlSettings) -> dict[int, tuple[str, dict[str, int]]]:
     """Per shard: (its input hash, rows per source) from the current staged pointers."""
-    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    staged = staging.current_sources(settings)
     return {
         k: (staging.shard_input_hash(staged, k),
             {name: int(source.slice_rows[k]) for name, source in staged.items()})

@@ -282,7 +282,7 @@ def shards_expected(settings: EtlSettings) -> bool:
     if settings.force or settings.chaos_fail_shard is not None:
         return True
     try:
-        staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+        staging.current_sources(settings)
         for name, schema in SOURCES.items():
             data = Path(settings.data_dir) / schema.filename
             if data.stat().st_mtime_ns > staging.pointer_mtime_ns(settings.staging_dir, name):
