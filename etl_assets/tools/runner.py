@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import dagster as dg
 
-from etl_assets.lib import staging
+from etl_assets.lib import freshness, staging
 from etl_assets.defs.contracts import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB
 from etl_assets.definitions import build_defs
 from etl_assets.lib.errors import NO_SPACE
@@ -31,7 +31,6 @@ from etl_assets.lib.profiles import shard_status, skip_reason
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.defs.contracts import SHARD_INPUTS
-from etl_assets.lib.sources import SOURCE_SKIP_REASON, source_unchanged
 
 
 @dataclass
@@ -292,6 +291,20 @@ def shards_expected(settings: EtlSettings) -> bool:
     return False
 
 
+def sources_to_stage(settings: EtlSettings, echo: Callable[[str], None]) -> list[str]:
+    """The sources this run stages: those `freshness` does not find unchanged (--force: all).
+
+    Like unchanged shards, an unchanged source gets no Dagster step: its last staging stands
+    (proven by the warehouse manifest), and so do its checks' results; a `source_skip` line
+    says why.
+    """
+    states = freshness.source_states(settings)
+    for name, state in states.items():
+        if state.unchanged:
+            echo(format_event({"event": "source_skip", "source": name, "reason": state.reason}))
+    return [name for name, state in states.items() if not state.unchanged]
+
+
 def shard_inputs_recorded(settings: EtlSettings, instance: dg.DagsterInstance) -> bool:
     """True if `shard_inputs` was recorded after every source's current staging.
 
@@ -377,13 +390,7 @@ def _run_all(
             raise KeyboardInterrupt  # Dagster already failed the step it interrupted
         return result
 
-    # Like unchanged shards, an unchanged source gets no Dagster step: its last staging stands
-    # (proven by the warehouse manifest), and so do its checks' results.
-    changed = [name for name, schema in SOURCES.items() if not source_unchanged(schema, settings)]
-    for name in SOURCES:
-        if name not in changed:
-            echo(format_event({"event": "source_skip", "source": name,
-                               "reason": SOURCE_SKIP_REASON}))
+    changed = sources_to_stage(settings, echo)
     if changed or not shard_inputs_recorded(settings, instance):
         result = execute(SOURCES_JOB,
                          asset_selection=[dg.AssetKey(name) for name in changed] + [SHARD_INPUTS])

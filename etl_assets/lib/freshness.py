@@ -1,0 +1,165 @@
+"""Freshness: the one answer to "is this source unchanged, is this shard current, is
+customer_profiles current", for every caller.
+
+The runner, the assets' in-step skips, the sensors, the schedule and the checks all ask here, so
+they cannot disagree. Each answer is a small frozen state object that says yes or no and why.
+
+What is compared is what the warehouse recorded, in the same transaction as the data, against
+what is on disk now:
+- a source is unchanged when its staged version is this exact file (sha256), for this shard
+  layout and staging code, the warehouse's `source_manifest` records that staging, the staged
+  files still hold the recorded rows, and the source's checks pass on the recorded figures;
+- a shard is current when its `shard_manifest` entry was written from the current staged inputs
+  (their hash) and code;
+- customer_profiles is current when every shard is, its `profiles_manifest` row was built from
+  these shards and code, and the export on disk is the one it wrote (sha256).
+
+Overrides are part of the answer. `--force` (settings.force) makes every source, shard and
+customer_profiles not current, and CHAOS_FAIL_SHARD makes its shard not current: the drill is
+about retrying real work. An overridden state is decided before anything is read (no file is
+hashed, no warehouse opened) and names the override in `override` and `reason`. Callers that
+watch rather than run (the sensors, the schedule, the checks) ask `without_overrides(settings)`:
+an override is an instruction to a run, not a fact about the data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import duckdb
+
+from etl_assets.lib import staging, warehouse
+from etl_assets.lib.paths import duckdb_literals
+from etl_assets.lib.schema import SOURCES, SourceSchema
+from etl_assets.lib.settings import EtlSettings
+from etl_assets.lib.validation import ReadReport, file_sha256, source_checks
+
+# Bump when staging output would change for the same input (types, validation, hashing): every
+# source is then staged again.
+STAGING_VERSION = "3"
+
+SOURCE_SKIP_REASON = ("file sha256, shard layout and staging code unchanged since the last "
+                      "staging (checked against the warehouse manifest)")
+
+
+def staging_key(settings: EtlSettings) -> str:
+    """The shard layout and staging code a source is staged for (in its version folder's name
+    and in its manifest row)."""
+    return f"n{settings.shard_count}-v{STAGING_VERSION}"
+
+
+def without_overrides(settings: EtlSettings) -> EtlSettings:
+    """The same settings with --force and the chaos shard off: the data as it is, which is what
+    the sensors, the schedule and the checks judge."""
+    return settings.replace(force=False, chaos_fail_shard=None)
+
+
+def _force(settings: EtlSettings) -> str:
+    return "--force" if settings.force else ""
+
+
+@dataclass(frozen=True)
+class SourceState:
+    """Whether a source needs staging, and why.
+
+    `unchanged`: nothing to do; the run skips the source's step. `reusable`: its staged version
+    and warehouse record are exactly this file's, so staging it again reuses them (true even when
+    its checks fail: then the step runs, reuses them, and its checks block again). The staged
+    version and the recorded read come with the state when there are any.
+    """
+
+    name: str
+    unchanged: bool
+    reason: str
+    reusable: bool = False
+    override: str = ""
+    # The file's sha256 as it is now; "" when not hashed (missing, never staged, overridden).
+    file_sha256: str = ""
+    # Its current staged version for this shard layout, if it has one.
+    staged: Optional[staging.StagedSource] = None
+    # The read the warehouse recorded for that version, when `reusable`.
+    recorded: Optional[ReadReport] = None
+
+
+def source_state(
+    schema: SourceSchema, settings: EtlSettings, sha: Optional[str] = None
+) -> SourceState:
+    """Is this source unchanged since it was last staged? `sha`: the file's sha256, when the
+    caller has just computed it (otherwise it is hashed here, and only if it was ever staged).
+
+    A missing file counts as changed, so that the source's own step reports it; so does a
+    source whose checks fail, so that its step blocks what depends on it again.
+    """
+    name = schema.name
+    override = _force(settings)
+    if override:
+        return SourceState(name, False, f"{override}: staged again whatever changed",
+                           override=override)
+    path = Path(settings.data_dir) / schema.filename
+    if not path.is_file():
+        return SourceState(name, False, f"{path} is not a file")
+
+    def changed(reason: str, staged: Optional[staging.StagedSource] = None) -> SourceState:
+        return SourceState(name, False, reason, file_sha256=sha or "", staged=staged)
+
+    try:
+        staged = staging.read_pointer(settings.staging_dir, name)
+    except staging.StagingError:
+        return changed("never staged (or its staged version is gone)")  # no need to hash
+    if staged.shard_count != settings.shard_count:
+        return changed(f"staged for {staged.shard_count} shards, not {settings.shard_count}")
+    sha = sha or file_sha256(path)
+    key = staging_key(settings)
+    if staged.file_sha256 != sha:
+        return changed("the file's content (sha256) changed since it was staged", staged)
+    if not Path(staged.version_dir).name.endswith(key):
+        return changed("staged by other staging code", staged)
+    # Both halves: the staged pointer on disk and the manifest row the warehouse committed with
+    # the rejected rows, so a deleted or replaced warehouse forces a re-read.
+    with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s) as con:
+        if con is None:
+            return changed("no warehouse: its staging is not recorded", staged)
+        row = warehouse.read_source_manifest(con, name)
+        # The version's files must still hold the rows recorded for it (Parquet footers only).
+        on_disk = _staged_rows(con, staged)
+    if row is None:
+        return changed("the warehouse has no record of its staging", staged)
+    if (row["file_sha256"], row["staging_key"]) != (sha, key):
+        return changed("the warehouse records another staging of it", staged)
+    if on_disk != staged.slice_rows or sum(on_disk.values()) != row["rows_accepted"]:
+        return changed("its staged files do not hold the rows recorded for them", staged)
+    report = ReadReport(row["rows_read"], row["rows_accepted"], row["rows_rejected"],
+                        Counter(json.loads(row["reasons"])))
+    failed = [c.name for c in source_checks(schema, report, staged, settings) if not c.passed]
+    return SourceState(
+        name, not failed,
+        f"staged and recorded, but its check(s) {', '.join(failed)} fail" if failed
+        else SOURCE_SKIP_REASON,
+        reusable=True, file_sha256=sha, staged=staged, recorded=report)
+
+
+def source_states(settings: EtlSettings) -> dict[str, SourceState]:
+    """Every source's state, in source order."""
+    return {name: source_state(schema, settings) for name, schema in SOURCES.items()}
+
+
+def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -> dict[int, int]:
+    """Rows per shard in a staged version's files; {} if any shard's slice is missing.
+
+    One query over every slice (counts come from the Parquet footers), not one per shard: it
+    runs for every source on every run's skip decision.
+    """
+    shard_ids = list(range(staged.shard_count))
+    try:
+        files = staging.all_slice_files({staged.source: staged}, shard_ids)
+        counts = dict(con.execute(
+            "SELECT shard_id, count(*) FROM read_parquet($files, hive_partitioning = true, "
+            "hive_types = {'shard_id': INTEGER}) GROUP BY shard_id",
+            {"files": duckdb_literals(files)}).fetchall())
+    except (staging.StagingError, OSError, duckdb.Error):
+        return {}
+    return {k: int(counts.get(k, 0)) for k in shard_ids}
