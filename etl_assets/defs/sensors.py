@@ -40,7 +40,7 @@ from etl_assets.defs.resources import (
     pipeline_settings,
 )
 from etl_assets.lib import staging
-from etl_assets.lib.profiles import stale_shards
+from etl_assets.lib.freshness import stale_shards
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.sources import plan_slices

@@ -24,6 +24,7 @@ an override is an instruction to a run, not a fact about the data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -163,3 +164,161 @@ def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -
     except (staging.StagingError, OSError, duckdb.Error):
         return {}
     return {k: int(counts.get(k, 0)) for k in shard_ids}
+
+
+# Bump when the rows a shard writes would change for the same input (rules, merge, columns):
+# every shard is then recomputed.
+CODE_VERSION = "1"
+
+
+def _shard_override(settings: EtlSettings, shard_id: int) -> str:
+    if settings.force:
+        return "--force"
+    if settings.chaos_fail_shard == shard_id:
+        # The chaos drill is about retrying real work, never a skip.
+        return f"CHAOS_FAIL_SHARD={shard_id}"
+    return ""
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """Whether a shard's warehouse rows are current, and why.
+
+    `input_hash`: what the shard would be built from now (its source_data_hash); `entry`: its
+    shard_manifest entry, when the warehouse has one. Both are "" / None when overridden.
+    """
+
+    shard_id: int
+    current: bool
+    reason: str
+    override: str = ""
+    input_hash: str = ""
+    entry: Optional[dict] = None
+
+
+def shard_states(
+    settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection] = None
+) -> dict[int, ShardState]:
+    """Every shard's state, by shard id. StagingError if a source is not staged for this layout
+    (and a shard that is judged needs it).
+
+    Judged against the manifest written in the same transaction as the shard's rows, so a
+    replaced or deleted warehouse can never pass for current. `con`, if given, must have the
+    warehouse attached; otherwise it is opened read-only here.
+    """
+    overrides = {k: _shard_override(settings, k) for k in settings.shard_ids}
+    states = {k: ShardState(k, False, f"{o}: recomputed whatever changed", override=o)
+              for k, o in overrides.items() if o}
+    judged = [k for k in settings.shard_ids if k not in states]
+    if judged:
+        staged = staging.current_sources(settings)
+        if con is None:
+            with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s) as own:
+                manifest = {} if own is None else warehouse.read_manifest(own, settings.shard_count)
+        else:
+            manifest = warehouse.read_manifest(con, settings.shard_count)
+        for k in judged:
+            states[k] = _shard_state(k, staging.shard_input_hash(staged, k), manifest.get(k))
+    return dict(sorted(states.items()))
+
+
+def _shard_state(shard_id: int, input_hash: str, entry: Optional[dict]) -> ShardState:
+    if entry is None:
+        reason = "not in the warehouse manifest"
+    elif entry["code_version"] != CODE_VERSION:
+        reason = f"written by code version {entry['code_version']}, not {CODE_VERSION}"
+    elif entry["source_data_hash"] != input_hash:
+        reason = "its staged input slices changed since it was written"
+    else:
+        return ShardState(shard_id, True, (
+            f"input slice hash and code version unchanged since run {entry['run_id']} "
+            "(warehouse manifest)"), input_hash=input_hash, entry=entry)
+    return ShardState(shard_id, False, reason, input_hash=input_hash, entry=entry)
+
+
+def shard_state(settings: EtlSettings, shard_id: int) -> ShardState:
+    """One shard's state (see `shard_states`)."""
+    return shard_states(settings)[shard_id]
+
+
+def stale_shards(
+    settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection] = None
+) -> list[int]:
+    """Shards whose warehouse rows were not written from the current staged inputs and code.
+
+    The data as it is: overrides do not make a shard stale here (the checks ask this after a
+    --force run, whose shards are all current).
+    """
+    return [k for k, state in shard_states(without_overrides(settings), con).items()
+            if not state.current]
+
+
+PROFILES_SKIP_REASON = ("every shard and the code are unchanged since the last rebuild, and the "
+                        "export on disk is the one it wrote (sha256)")
+
+
+def profiles_code() -> str:
+    """The code that shapes the table and the export: our rules and DuckDB's CSV writer."""
+    return f"{CODE_VERSION}-duckdb{duckdb.__version__}"
+
+
+def shards_hash(states: dict[int, ShardState]) -> str:
+    """One hash over every shard's manifest entry: what customer_profiles is built from."""
+    text = "|".join(
+        f"{k}:{s.entry['source_data_hash']}:{s.entry['code_version']}:{s.entry['record_count']}"
+        for k, s in sorted(states.items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ProfilesState:
+    """Whether customer_profiles (table and export) is current, and why.
+
+    `stale_shards`: shards not current (customer_profiles must not be built from them);
+    `shards_hash`: what it would be built from now, when every shard is current; `entry`: its
+    last build's profiles_manifest row, if any.
+    """
+
+    current: bool
+    reason: str
+    override: str = ""
+    stale_shards: tuple[int, ...] = ()
+    shards_hash: str = ""
+    entry: Optional[dict] = None
+
+
+def profiles_state(
+    settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection] = None
+) -> ProfilesState:
+    """Is customer_profiles current? `con`, if given, must have the warehouse attached;
+    otherwise it is opened read-only here. StagingError as for `shard_states`."""
+    override = _force(settings)
+    if override:
+        return ProfilesState(False, f"{override}: rebuilt and exported again whatever changed",
+                             override=override)
+    if con is None:
+        with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
+                                 settings.duckdb_limits) as own:
+            if own is not None:
+                return profiles_state(settings, own)
+        return ProfilesState(False, "no warehouse", stale_shards=tuple(stale_shards(settings)))
+    # Its shards as they are: the chaos shard is not stale for customer_profiles.
+    shards = shard_states(without_overrides(settings), con)
+    stale = tuple(k for k, state in shards.items() if not state.current)
+    if stale:
+        return ProfilesState(False, f"shards {list(stale)} are not current with the staged "
+                             "sources", stale_shards=stale)
+    built_from = shards_hash(shards)
+    entry = warehouse.read_profiles_manifest(con, settings.shard_count)
+    export = Path(settings.export_path)
+    if entry is None:
+        reason = "never built for this shard layout"
+    elif (entry["shards_hash"], entry["code_version"]) != (built_from, profiles_code()):
+        reason = "its shards or code changed since it was built"
+    elif entry["export_path"] != settings.export_path:
+        reason = f"last exported to {entry['export_path']}"
+    elif not export.is_file() or file_sha256(export) != entry["export_sha256"]:
+        reason = "the export on disk is not the one it wrote"
+    else:
+        return ProfilesState(True, PROFILES_SKIP_REASON, shards_hash=built_from, entry=entry)
+    return ProfilesState(False, reason, shards_hash=built_from, entry=entry)

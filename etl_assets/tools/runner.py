@@ -27,7 +27,6 @@ from etl_assets.definitions import build_defs
 from etl_assets.lib.errors import NO_SPACE
 from etl_assets.lib.interrupts import Interrupted
 from etl_assets.lib.events import format_event, parse_shard_event
-from etl_assets.lib.profiles import shard_status, skip_reason
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.defs.contracts import SHARD_INPUTS
@@ -305,6 +304,27 @@ def sources_to_stage(settings: EtlSettings, echo: Callable[[str], None]) -> list
     return [name for name, state in states.items() if not state.unchanged]
 
 
+def shards_to_run(
+    settings: EtlSettings, echo: Callable[[str], None]
+) -> tuple[list[int], dict[int, ShardRow]]:
+    """(the shards this run builds, a skipped row for each other shard).
+
+    A shard `freshness` finds current (the warehouse already holds its rows from the same
+    inputs and code) is not run at all, not even as a Dagster run; a `shard_skip` line says
+    why. --force runs every shard, and the chaos drill its shard.
+    """
+    todo, skipped = [], {}
+    for shard_id, state in freshness.shard_states(settings).items():
+        if not state.current:
+            todo.append(shard_id)
+            continue
+        records = int(state.entry["record_count"])
+        echo(format_event({"event": "shard_skip", "shard_id": shard_id, "record_count": records,
+                           "reason": state.reason}))
+        skipped[shard_id] = ShardRow(shard_id=shard_id, records=records, ok=True, skipped=True)
+    return todo, skipped
+
+
 def shard_inputs_recorded(settings: EtlSettings, instance: dg.DagsterInstance) -> bool:
     """True if `shard_inputs` was recorded after every source's current staging.
 
@@ -404,25 +424,10 @@ def _run_all(
         if outcome.reason:
             return
 
-    # A shard whose rows the warehouse already holds from the same inputs and code is not run
-    # at all (not even a Dagster run); --force runs every shard, and so is the chaos shard.
     outcome.phase = "shards"
     if interrupted():
         raise KeyboardInterrupt
-    status = {} if settings.force else shard_status(settings)
-    rows: dict[int, ShardRow] = {}
-    todo = []
-    for shard_id in settings.shard_ids:
-        entry = status.get(shard_id)
-        if entry is not None and shard_id != settings.chaos_fail_shard:
-            echo(format_event({
-                "event": "shard_skip", "shard_id": shard_id, "record_count": entry["record_count"],
-                "reason": skip_reason(entry),
-            }))
-            rows[shard_id] = ShardRow(shard_id=shard_id, records=int(entry["record_count"]),
-                                      ok=True, skipped=True)
-        else:
-            todo.append(shard_id)
+    todo, rows = shards_to_run(settings, echo)
     workers = pool.start() if len(todo) > 1 else None
     for shard_id, run_id, success, error in _run_shards(settings, todo, workers, run_config,
                                                         instance, pool.size, tags, interrupted):
