@@ -48,9 +48,10 @@ def stage_source(
     """Read, validate and stage one source; record its rejected rows in the warehouse.
 
     A file whose staging is reusable (`freshness.source_state`: same sha256, layout and staging
-    code, proven by the warehouse) is not read again unless `settings.force`. Otherwise the file is copied to a private snapshot,
-    hashed as it is copied, and only the snapshot is read: the staged version is named after
-    exactly the bytes it was made from, even if the file changes meanwhile.
+    code, proven by the warehouse) is not read again unless `settings.force`. Otherwise the
+    file is copied to a private snapshot, hashed as it is copied, and only the snapshot is read:
+    the staged version is named after exactly the bytes it was made from, even if the file
+    changes meanwhile.
     """
     hook = hook or settings.hook
     started = time.monotonic()
