@@ -322,3 +322,25 @@ def profiles_state(
     else:
         return ProfilesState(True, PROFILES_SKIP_REASON, shards_hash=built_from, entry=entry)
     return ProfilesState(False, reason, shards_hash=built_from, entry=entry)
+
+
+def guess_shards_needed(settings: EtlSettings) -> bool:
+    """A cheap GUESS, before the sources are judged, whether a run will build any shard.
+
+    Not an answer: nothing is hashed and the warehouse is not read. It only decides when the
+    runner starts its worker processes (early, so their imports overlap the sources, or when
+    first needed); what runs is decided by `shard_states` once the sources are staged. A data
+    file modified after its source was last staged, a source never staged or staged for another
+    shard layout, and the overrides (--force, the chaos shard) guess yes.
+    """
+    if any(_shard_override(settings, k) for k in settings.shard_ids):
+        return True
+    try:
+        staging.current_sources(settings)
+        for name, schema in SOURCES.items():
+            data = Path(settings.data_dir) / schema.filename
+            if data.stat().st_mtime_ns > staging.pointer_mtime_ns(settings.staging_dir, name):
+                return True
+    except (staging.StagingError, OSError):
+        return True
+    return False

@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import dagster as dg
@@ -269,27 +268,6 @@ class _LazyPool:
             process.join(timeout=10)
 
 
-def shards_expected(settings: EtlSettings) -> bool:
-    """A cheap guess, before the sources run, whether this run will compute shards.
-
-    It only decides when the worker processes start (early, so their imports overlap the
-    sources, or when first needed); what runs is decided later from the warehouse manifest.
-    A data file modified after its source was last staged, a source never staged or staged for
-    another shard layout, --force and the chaos drill all say yes.
-    """
-    if settings.force or settings.chaos_fail_shard is not None:
-        return True
-    try:
-        staging.current_sources(settings)
-        for name, schema in SOURCES.items():
-            data = Path(settings.data_dir) / schema.filename
-            if data.stat().st_mtime_ns > staging.pointer_mtime_ns(settings.staging_dir, name):
-                return True
-    except (staging.StagingError, OSError):
-        return True
-    return False
-
-
 def sources_to_stage(settings: EtlSettings, echo: Callable[[str], None]) -> list[str]:
     """The sources this run stages: those `freshness` does not find unchanged (--force: all).
 
@@ -371,8 +349,8 @@ def run_pipeline(
     outcome = RunOutcome(export_path=settings.export_path)
     tags = {INVOCATION_TAG: uuid.uuid4().hex}
     try:
-        if shards_expected(settings):
-            pool.start()
+        if freshness.guess_shards_needed(settings):
+            pool.start()  # early, so that the workers' imports overlap the sources
         _run_all(settings, echo, verbose, pool, instance, outcome, tags, interrupted)
         return outcome
     except KeyboardInterrupt as exc:
