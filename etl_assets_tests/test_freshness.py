@@ -8,6 +8,7 @@ profile_facts.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -182,3 +183,6 @@ def test_the_chaos_shard_is_always_recomputed(ran_sample):
     assert freshness.profiles_state(chaos).current
     # Sources are not overridden by the chaos drill.
     assert all(s.unchanged for s in freshness.source_states(chaos).values())
+    # The shard step's question about its own shard is decided before anything is read.
+    shutil.rmtree(settings.staging_dir)
+    assert freshness.shard_state(chaos, 1).override == "CHAOS_FAIL_SHARD=1"

@@ -18,8 +18,12 @@ Overrides are part of the answer. `--force` (settings.force) makes every source,
 customer_profiles not current, and CHAOS_FAIL_SHARD makes its shard not current: the drill is
 about retrying real work. An overridden state is decided before anything is read (no file is
 hashed, no warehouse opened) and names the override in `override` and `reason`. Callers that
-watch rather than run (the sensors, the schedule, the checks) ask `without_overrides(settings)`:
-an override is an instruction to a run, not a fact about the data.
+watch rather than run (the sensors, the schedule) ask with `without_overrides(settings)`, and
+`stale_shards` (the checks) and customer_profiles' own shard check strip them themselves: an
+override is an instruction to a run, not a fact about the data.
+
+`source_state(s)` -> SourceState, `shard_state(s)` -> ShardState, `profiles_state` ->
+ProfilesState, `stale_shards`; `guess_shards_needed` is the runner's cheap guess, not an answer.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from etl_assets.lib.validation import ReadReport, file_sha256, source_checks
 # Bump when staging output would change for the same input (types, validation, hashing): every
 # source is then staged again.
 STAGING_VERSION = "3"
+# Bump when the rows a shard writes would change for the same input (rules, merge, columns):
+# every shard is then recomputed.
+CODE_VERSION = "1"
 
 SOURCE_SKIP_REASON = ("file sha256, shard layout and staging code unchanged since the last "
                       "staging (checked against the warehouse manifest)")
@@ -166,11 +173,6 @@ def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -
     return {k: int(counts.get(k, 0)) for k in shard_ids}
 
 
-# Bump when the rows a shard writes would change for the same input (rules, merge, columns):
-# every shard is then recomputed.
-CODE_VERSION = "1"
-
-
 def _shard_override(settings: EtlSettings, shard_id: int) -> str:
     if settings.force:
         return "--force"
@@ -197,19 +199,21 @@ class ShardState:
 
 
 def shard_states(
-    settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection] = None
+    settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection] = None,
+    shard_ids: Optional[list[int]] = None,
 ) -> dict[int, ShardState]:
-    """Every shard's state, by shard id. StagingError if a source is not staged for this layout
-    (and a shard that is judged needs it).
+    """The state of every shard (or of `shard_ids`), by shard id. StagingError if a source is
+    not staged for this layout (and a shard that is judged needs it).
 
     Judged against the manifest written in the same transaction as the shard's rows, so a
     replaced or deleted warehouse can never pass for current. `con`, if given, must have the
     warehouse attached; otherwise it is opened read-only here.
     """
-    overrides = {k: _shard_override(settings, k) for k in settings.shard_ids}
+    shard_ids = settings.shard_ids if shard_ids is None else shard_ids
+    overrides = {k: _shard_override(settings, k) for k in shard_ids}
     states = {k: ShardState(k, False, f"{o}: recomputed whatever changed", override=o)
               for k, o in overrides.items() if o}
-    judged = [k for k in settings.shard_ids if k not in states]
+    judged = [k for k in shard_ids if k not in states]
     if judged:
         staged = staging.current_sources(settings)
         if con is None:
@@ -237,8 +241,8 @@ def _shard_state(shard_id: int, input_hash: str, entry: Optional[dict]) -> Shard
 
 
 def shard_state(settings: EtlSettings, shard_id: int) -> ShardState:
-    """One shard's state (see `shard_states`)."""
-    return shard_states(settings)[shard_id]
+    """One shard's state (see `shard_states`); an overridden one reads nothing."""
+    return shard_states(settings, shard_ids=[shard_id])[shard_id]
 
 
 def stale_shards(
