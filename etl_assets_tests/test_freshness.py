@@ -112,9 +112,11 @@ def _sensor(defs: dg.Definitions, settings: EtlSettings, instance: dg.DagsterIns
 
 def _schedule(defs: dg.Definitions, settings: EtlSettings, instance: dg.DagsterInstance) -> Answer:
     schedule = defs.get_schedule_def("stale_partitions_schedule")
-    context = dg.build_schedule_context(instance=instance, resources=resources_for(settings),
-                                        repository_def=defs.get_repository_def())
-    return _from_requests(schedule.evaluate_tick(context).run_requests or [])
+    # As a context manager: the instance it opens from `instance`'s ref is closed on exit
+    # (left open, it stays Dagster's current one after the test).
+    with dg.build_schedule_context(instance=instance, resources=resources_for(settings),
+                                   repository_def=defs.get_repository_def()) as context:
+        return _from_requests(schedule.evaluate_tick(context).run_requests or [])
 
 
 def _checks(settings: EtlSettings) -> Answer:
