@@ -11,8 +11,9 @@ import pytest
 from etl_assets.defs.contracts import SHARD_INPUTS, SOURCES_JOB
 from etl_assets.definitions import build_defs
 from etl_assets.lib import warehouse
+from etl_assets.lib.freshness import guess_shards_needed
 from etl_assets.lib.sharding import shard_of
-from etl_assets.tools.runner import run_pipeline, shards_expected
+from etl_assets.tools.runner import run_pipeline
 from etl_assets_tests.conftest import make_settings, user_tables
 
 # Four shards prove every skip rule as well as ten, at less than half the Dagster runs.
@@ -95,7 +96,7 @@ def test_a_replaced_warehouse_never_causes_a_wrong_skip(ran, sample_dir, workers
     Path(settings.duckdb_path).unlink()
     # With 2 workers the files look unchanged, so the pool is not started ahead: the shards
     # still all run, in workers started when they turn out to be needed.
-    assert not shards_expected(settings)
+    assert not guess_shards_needed(settings)
     rerun = run_pipeline(settings, echo=lambda line: None, workers=workers)
     assert rerun.ok, rerun.reason
     assert not any(r.skipped for r in rerun.shards)
@@ -103,17 +104,18 @@ def test_a_replaced_warehouse_never_causes_a_wrong_skip(ran, sample_dir, workers
     assert open(settings.export_path, "rb").read() == export
 
 
-def test_shards_expected_guesses_from_files_touched_since_staging(tmp_path, ran, sample_dir):
-    assert shards_expected(make_settings(tmp_path, sample_dir, shard_count=SHARDS))  # never staged
+def test_guess_shards_needed_from_files_touched_since_staging(tmp_path, ran, sample_dir):
+    never_staged = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
+    assert guess_shards_needed(never_staged)
     settings = ran
-    assert not shards_expected(settings)
-    assert shards_expected(settings.replace(force=True))
-    assert shards_expected(settings.replace(shard_count=3))  # staged for 4 shards
-    assert shards_expected(settings.replace(chaos_fail_shard=3))
+    assert not guess_shards_needed(settings)
+    assert guess_shards_needed(settings.replace(force=True))
+    assert guess_shards_needed(settings.replace(shard_count=3))  # staged for 4 shards
+    assert guess_shards_needed(settings.replace(chaos_fail_shard=3))
     # A file written after the staging (an edit, a new delivery) makes the workers start early.
     later = time.time() + 5
     os.utime(sample_dir / "support.csv", (later, later))
-    assert shards_expected(settings)
+    assert guess_shards_needed(settings)
 
 
 def test_force_recomputes_everything(ran, sample_dir, instance):

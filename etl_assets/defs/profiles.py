@@ -22,17 +22,14 @@ from etl_assets.defs.resources import (
     WarehouseResource,
     pipeline_settings,
 )
-from etl_assets.lib import errors
+from etl_assets.lib import errors, freshness
+from etl_assets.lib.freshness import CODE_VERSION, PROFILES_SKIP_REASON
 from etl_assets.lib.staging import StagingError
 from etl_assets.lib.profiles import (
-    CODE_VERSION,
-    PROFILES_SKIP_REASON,
     ChaosFailure,
     ShardsNotCurrentError,
     build_shard,
     publish_profiles,
-    shard_status,
-    skip_reason,
 )
 from etl_assets.lib.schema import profile_columns
 
@@ -56,10 +53,11 @@ def _shard_result(shard_id: int, attempt: int, elapsed_ms: int, records: int,
 
 
 def _skipped(
-    context: dg.AssetExecutionContext, shard_id: int, attempt: int, started: float, entry: dict
+    context: dg.AssetExecutionContext, shard_id: int, attempt: int, started: float,
+    state: freshness.ShardState,
 ) -> dg.MaterializeResult:
     """Nothing to do: the warehouse already holds this shard from the same inputs and code."""
-    reason = skip_reason(entry)
+    reason, entry = state.reason, state.entry
     elapsed_ms = int((time.monotonic() - started) * 1000)
     shard_event(context, "shard_skip", shard_id=shard_id, attempt=attempt,
                 record_count=entry["record_count"], elapsed_ms=elapsed_ms, reason=reason)
@@ -115,11 +113,10 @@ def build_profile_assets(
                 settings.chaos_fail_mode == "always" or context.retry_number == 0
             ):
                 raise ChaosFailure(f"chaos: shard {shard_id} fails on attempt {attempt}")
-            # The chaos shard always does real work: the drill is about retrying real work.
-            recompute = settings.force or settings.chaos_fail_shard == shard_id
-            unchanged = None if recompute else shard_status(settings).get(shard_id)
-            if unchanged is not None:
-                return _skipped(context, shard_id, attempt, started, unchanged)
+            # Not current under --force, nor for the chaos shard (see freshness).
+            state = freshness.shard_state(settings, shard_id)
+            if state.current:
+                return _skipped(context, shard_id, attempt, started, state)
             result = build_shard(settings, shard_id, context.run.run_id)
         except (StagingError, errors.PathError) as exc:
             # Missing inputs, a bad path or a full disk: retrying in seconds would not help.

@@ -8,12 +8,17 @@
 - `failed_shard_sensor` re-requests a shard partition whose run failed after its own retries, a
   bounded number of times with a growing wait, never for errors marked not retryable.
 - `stale_partitions_schedule` (off by default) requests whatever is stale or missing daily.
+
+Whether a source changed or a shard is stale is never decided here: both ask `freshness`, the
+runner's rule (file sha256, layout, staging code, warehouse manifests), without the run
+overrides. What is the sensor's own is its cadence: two ticks to settle, one request per content.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -39,8 +44,7 @@ from etl_assets.defs.resources import (
     WarehouseResource,
     pipeline_settings,
 )
-from etl_assets.lib import staging
-from etl_assets.lib.profiles import stale_shards
+from etl_assets.lib import freshness, staging
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.sources import plan_slices
@@ -57,12 +61,14 @@ class Evaluation:
     cursor: dict[str, Any] = field(default_factory=dict)
 
 
-def _staged_or_none(settings: EtlSettings, name: str) -> Optional[staging.StagedSource]:
-    try:
-        staged = staging.read_pointer(settings.staging_dir, name)
-    except staging.StagingError:
-        return None
-    return staged if staged.shard_count == settings.shard_count else None
+def _watching(settings: EtlSettings) -> EtlSettings:
+    """What the sensors and the schedule judge freshness with: the data as it is (--force and the
+    chaos shard are instructions to a run), waiting at most 2 s for a busy warehouse."""
+    return freshness.without_overrides(settings).replace(lock_timeout_s=2.0)
+
+
+def _busy(exc: WarehouseLockedError) -> str:
+    return f"warehouse busy, next tick: {exc}"
 
 
 ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
@@ -83,12 +89,21 @@ def evaluate_source_files(
             cursor={"pending": {}, "requested": requested},
         )
 
+    settings = _watching(settings)
     changed: dict[str, str] = {}
     settling: list[str] = []
+    states: dict[str, freshness.SourceState] = {}
     for name, schema in SOURCES.items():
         sha = file_sha256(data_dir / schema.filename)
-        staged = _staged_or_none(settings, name)
-        if (staged is not None and sha == staged.file_sha256) or sha == requested.get(name):
+        try:
+            # Changed since it was staged? The same rule as the runner's (freshness).
+            states[name] = state = freshness.source_state(schema, settings, sha)
+        except WarehouseLockedError as exc:
+            return Evaluation(skip_reason=_busy(exc), cursor={
+                "pending": dict(cursor.get("pending", {})), "requested": requested})
+        # The cadence is the sensor's own: a change counts once the file reads the same on two
+        # consecutive ticks, and the same content is requested only once.
+        if state.unchanged or sha == requested.get(name):
             pending.pop(name, None)
         elif pending.get(name) == sha:
             changed[name] = sha  # the same content on two consecutive ticks: settled
@@ -100,7 +115,7 @@ def evaluate_source_files(
     new_cursor = {"pending": pending, "requested": {**requested, **changed}}
 
     if changed:
-        return Evaluation(_requests_for_changes(settings, changed), cursor=new_cursor)
+        return Evaluation(_requests_for_changes(settings, changed, states), cursor=new_cursor)
     if settling:
         return Evaluation(
             skip_reason=f"waiting for {', '.join(settling)} to settle (content changed since "
@@ -114,15 +129,18 @@ def evaluate_source_files(
     return _requests_for_stale_shards(settings, new_cursor)
 
 
-def _staging_selection(changed: dict[str, str]) -> list[dg.AssetKey]:
+def _staging_selection(changed: Iterable[str]) -> list[dg.AssetKey]:
     """The changed sources, then shard_inputs, so the UI knows which shard partitions changed."""
     return [*(SOURCE_KEYS[name] for name in sorted(changed)), SHARD_INPUTS]
 
 
-def _requests_for_changes(settings: EtlSettings, changed: dict[str, str]) -> list[dg.RunRequest]:
+def _requests_for_changes(
+    settings: EtlSettings, changed: dict[str, str], states: dict[str, freshness.SourceState]
+) -> list[dg.RunRequest]:
     shards: set[int] = set()
     for name in changed:
-        staged = _staged_or_none(settings, name)
+        # The shards whose slice of this source the file as it is now would change.
+        staged = states[name].staged
         try:
             _, hashes = plan_slices(SOURCES[name], settings)
         except SourceFileError:
@@ -150,25 +168,44 @@ def _requests_for_changes(settings: EtlSettings, changed: dict[str, str]) -> lis
 
 
 def _requests_for_stale_shards(settings: EtlSettings, cursor: dict[str, Any]) -> Evaluation:
-    if any(_staged_or_none(settings, name) is None for name in SOURCES):
-        return Evaluation(skip_reason="sources not staged yet", cursor=cursor)
+    """One run per shard that freshness finds not current (`settings`: from `_watching`)."""
     try:
-        stale = stale_shards(settings.replace(lock_timeout_s=2.0))
+        states = freshness.shard_states(settings)
+    except staging.StagingError:
+        return Evaluation(skip_reason="sources not staged yet", cursor=cursor)
     except WarehouseLockedError as exc:
-        return Evaluation(skip_reason=f"warehouse busy, next tick: {exc}", cursor=cursor)
+        return Evaluation(skip_reason=_busy(exc), cursor=cursor)
+    stale = [state for state in states.values() if not state.current]
     if not stale:
         return Evaluation(skip_reason="source files unchanged and every shard current",
                           cursor=cursor)
-    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
     return Evaluation(
         [dg.RunRequest(
-            run_key=f"stale:shard{k}:{staging.shard_input_hash(staged, k)[:16]}",
+            run_key=f"stale:shard{state.shard_id}:{state.input_hash[:16]}",
             asset_selection=[SHARDS],
-            partition_key=str(k),
+            partition_key=str(state.shard_id),
             tags={TRIGGER_TAG: "stale_shard"},
-        ) for k in stale],
+        ) for state in stale],
         cursor=cursor,
     )
+
+
+def evaluate_schedule(settings: EtlSettings) -> Any:
+    """One tick of `stale_partitions_schedule`: stage the sources freshness finds changed (the
+    runner's rule), else one run per stale shard. A missing file is not requested (the file
+    sensor's tick names it)."""
+    settings = _watching(settings)
+    data_dir = Path(settings.data_dir)
+    try:
+        changed = [name for name, schema in SOURCES.items()
+                   if (data_dir / schema.filename).is_file()
+                   and not freshness.source_state(schema, settings).unchanged]
+    except WarehouseLockedError as exc:
+        return dg.SkipReason(_busy(exc))
+    if changed:
+        return dg.RunRequest(asset_selection=_staging_selection(changed))
+    result = _requests_for_stale_shards(settings, {})
+    return result.run_requests or dg.SkipReason(result.skip_reason or "nothing stale")
 
 
 def _shard_partition(run: dg.DagsterRun) -> Optional[str]:
@@ -292,18 +329,7 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         context: dg.ScheduleEvaluationContext, warehouse: WarehouseResource,
         staging: StagingResource,
     ) -> Any:
-        settings = pipeline_settings(shard_count, warehouse, staging)
-        changed = {
-            name: file_sha256(Path(settings.data_dir) / s.filename)
-            for name, s in SOURCES.items()
-            if (Path(settings.data_dir) / s.filename).is_file()
-        }
-        staged = {name: _staged_or_none(settings, name) for name in SOURCES}
-        changed = {n: h for n, h in changed.items() if staged[n] is None or staged[n].file_sha256 != h}
-        if changed:
-            return dg.RunRequest(asset_selection=_staging_selection(changed))
-        result = _requests_for_stale_shards(settings, {})
-        return result.run_requests or dg.SkipReason(result.skip_reason or "nothing stale")
+        return evaluate_schedule(pipeline_settings(shard_count, warehouse, staging))
 
     # Declared here (not left to Dagster's implicit default) so that it is on by default,
     # ticks as often as the other sensors, and is visible by name in the UI.

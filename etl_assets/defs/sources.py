@@ -14,9 +14,10 @@ from etl_assets.defs.resources import (
     pipeline_settings,
 )
 from etl_assets.lib import errors
+from etl_assets.lib.freshness import SOURCE_SKIP_REASON, STAGING_VERSION
 from etl_assets.lib.schema import SOURCES, SourceSchema
-from etl_assets.lib.sources import SOURCE_SKIP_REASON, STAGING_VERSION, source_checks, stage_source
-from etl_assets.lib.validation import SourceChangedError, SourceFileError
+from etl_assets.lib.sources import stage_source
+from etl_assets.lib.validation import SourceChangedError, SourceFileError, source_checks
 
 
 def _column_schema(schema: SourceSchema) -> dg.TableSchema:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from etl_assets.lib import staging, warehouse
+from etl_assets.lib import freshness, staging, warehouse
 from etl_assets.lib.paths import duckdb_literal, duckdb_literals
-from etl_assets.lib.profiles import stale_shards
-from etl_assets.lib.schema import MAX_LINE_BYTES, SOURCES
+from etl_assets.lib.schema import MAX_LINE_BYTES
 from etl_assets.lib.settings import EtlSettings
 
 WH = warehouse.ALIAS
@@ -35,7 +34,7 @@ def profile_facts(settings: EtlSettings) -> ProfileFacts:
 
     Read-only: a user's read-only connection to the warehouse does not block the checks.
     """
-    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    staged = staging.current_sources(settings)
     slice_paths = duckdb_literals(staging.all_slice_files(staged, settings.shard_ids))
     with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
                              settings.duckdb_limits) as con:
@@ -54,5 +53,5 @@ def profile_facts(settings: EtlSettings) -> ProfileFacts:
             "max_line_size = $max_line)",
             {"path": duckdb_literal(settings.export_path), "max_line": MAX_LINE_BYTES},
         ).fetchone()[0]
-        stale = stale_shards(settings, con)
+        stale = freshness.stale_shards(settings, con)
     return ProfileFacts(int(expected), int(rows), int(ids), int(keys), int(export_rows), stale)

@@ -1,26 +1,17 @@
-"""Building profiles: one shard's merge and score, whether a shard is current, and the merged
-`customer_profiles` table with its export, published all or nothing."""
+"""Building profiles: one shard's merge and score, and the merged `customer_profiles` table
+with its export, published all or nothing. Whether either is current: `freshness`."""
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-import duckdb
-
-from etl_assets.lib import staging, warehouse
+from etl_assets.lib import freshness, staging, warehouse
 from etl_assets.lib.faults import Hook
 from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import install_rules, merge_sql
-from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
-from etl_assets.lib.validation import file_sha256
-
-
-# Bump when the rows a shard writes would change for the same input (rules, merge, columns).
-CODE_VERSION = "1"
 
 
 class ChaosFailure(RuntimeError):
@@ -61,7 +52,7 @@ def build_shard(
     must not write its older rows over the newer rows that run may have written meanwhile.
     """
     hook = hook or settings.hook
-    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    staged = staging.current_sources(settings)
     source_hash = staging.shard_input_hash(staged, shard_id)
     with warehouse.scratch(settings.duckdb_limits) as con:
         install_rules(con)
@@ -78,8 +69,7 @@ def build_shard(
             # Judged again under the warehouse lock, which every shard write holds: if a write
             # of this shard built from a later staging has committed, the pointers no longer
             # name our slices, and our older rows must not replace its rows.
-            now = staging.current_sources(settings.staging_dir, list(SOURCES),
-                                          settings.shard_count)
+            now = staging.current_sources(settings)
             if staging.shard_input_hash(now, shard_id) != source_hash:
                 raise InputsMovedError(
                     f"shard {shard_id}: the sources were staged again while it was built; its "
@@ -91,7 +81,7 @@ def build_shard(
                 shard_id=shard_id,
                 manifest={
                     "source_data_hash": source_hash,
-                    "code_version": CODE_VERSION,
+                    "code_version": freshness.CODE_VERSION,
                     "run_id": run_id,
                 },
                 hook=hook,
@@ -99,109 +89,39 @@ def build_shard(
     return ShardResult(shard_id, written, source_hash, preview)
 
 
-def shard_status(
-    settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection] = None
-) -> dict[int, Optional[dict]]:
-    """Per shard: its manifest entry if its rows were written from the current staged inputs
-    and code, else None (stale or missing).
-
-    Judged against the manifest written in the same transaction as the shard's rows, so a
-    replaced or deleted warehouse can never pass for current. `con` must have it attached.
-    """
-    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
-    if con is None:
-        with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s) as own:
-            manifest = {} if own is None else warehouse.read_manifest(own, settings.shard_count)
-    else:
-        manifest = warehouse.read_manifest(con, settings.shard_count)
-    status: dict[int, Optional[dict]] = {}
-    for k in settings.shard_ids:
-        entry = manifest.get(k)
-        current = entry is not None and (entry["source_data_hash"], entry["code_version"]) == (
-            staging.shard_input_hash(staged, k), CODE_VERSION)
-        status[k] = entry if current else None
-    return status
-
-
-def stale_shards(settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection] = None) -> list[int]:
-    """Shards whose warehouse rows were not written from the current staged inputs and code."""
-    return [k for k, entry in shard_status(settings, con).items() if entry is None]
-
-
-def skip_reason(entry: dict) -> str:
-    """Why a shard with this manifest entry needs no work."""
-    return (f"input slice hash and code version unchanged since run {entry['run_id']} "
-            "(warehouse manifest)")
-
-
 def publish_profiles(settings: EtlSettings) -> tuple[int, bool, str]:
-    """Rebuild, export and snapshot customer_profiles unless nothing changed:
+    """Rebuild, export and snapshot customer_profiles unless `freshness` finds it current:
     (rows, skipped, summary)."""
     # Decided read-only first: an unchanged re-run takes no write lock at all, so a user's
     # read-only connection to the warehouse (a notebook, the DuckDB CLI) does not block it.
     with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
                              settings.duckdb_limits) as con:
-        if con is not None and not settings.force:
-            shards_hash = _current_shards_hash(settings, con)
-            previous = warehouse.read_profiles_manifest(con, settings.shard_count)
-            if previous is not None and _profiles_unchanged(previous, shards_hash, settings):
-                return int(previous["row_count"]), True, profile_summary(con)
+        if con is not None:
+            state = freshness.profiles_state(settings, con)
+            if state.stale_shards:
+                raise _not_current(state.stale_shards)
+            if state.current:
+                return int(state.entry["row_count"]), True, profile_summary(con)
     with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s,
                           settings.duckdb_limits) as con:
-        # Judged again under the write lock: a shard may have moved since.
-        shards_hash = _current_shards_hash(settings, con)
+        # Judged again under the write lock: a shard may have moved since. Never merge a partly
+        # updated set of shards: the previous table, export and snapshot stay.
+        shards = freshness.shard_states(freshness.without_overrides(settings), con)
+        stale = [k for k, state in shards.items() if not state.current]
+        if stale:
+            raise _not_current(stale)
         # Table, manifest, export and snapshot change together or not at all (see the function).
         count = warehouse.publish_customer_profiles(
             con, settings.shard_count, settings.export_path, settings.snapshot_path,
-            {"shards_hash": shards_hash, "code_version": _profiles_code()}, settings.hook)
+            {"shards_hash": freshness.shards_hash(shards),
+             "code_version": freshness.profiles_code()}, settings.hook)
         return count, False, profile_summary(con)
 
 
-def _current_shards_hash(settings: EtlSettings, con: duckdb.DuckDBPyConnection) -> str:
-    """The hash of every shard's manifest entry; ShardsNotCurrentError if one is not current.
-
-    Never merge a partly updated set of shards: the previous table and export stay.
-    """
-    status = shard_status(settings, con)
-    stale = [k for k, entry in status.items() if entry is None]
-    if stale:
-        raise ShardsNotCurrentError(
-            f"shards {stale} are not current with the staged sources; "
-            "materialize them first (customer_profiles left as it was)")
-    # Every shard is current here, so its status entry is its manifest entry.
-    return _shards_hash(status)
-
-
-PROFILES_SKIP_REASON = ("every shard and the code are unchanged since the last rebuild, and the "
-                        "export and snapshot on disk are the ones it wrote (sha256)")
-
-
-def _shards_hash(manifest: dict[int, dict]) -> str:
-    """One hash over every shard's manifest entry: what customer_profiles is built from."""
-    text = "|".join(f"{k}:{e['source_data_hash']}:{e['code_version']}:{e['record_count']}"
-                    for k, e in sorted(manifest.items()))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _profiles_code() -> str:
-    """The code that shapes the table and the export: our rules and DuckDB's CSV writer."""
-    return f"{CODE_VERSION}-duckdb{duckdb.__version__}"
-
-
-def _profiles_unchanged(previous: dict, shards_hash: str, settings: EtlSettings) -> bool:
-    """True if the last rebuild used these shards and code, and its export and snapshot are
-    still the files it wrote (a missing, edited or older one is written again)."""
-    return ((previous["shards_hash"], previous["code_version"], previous["export_path"])
-            == (shards_hash, _profiles_code(), settings.export_path)
-            and _intact(settings.export_path, previous["export_sha256"])
-            # Absent in a manifest written before snapshots existed: never intact then.
-            and _intact(settings.snapshot_path, previous.get("snapshot_sha256")))
-
-
-def _intact(path: str, sha256: Optional[str]) -> bool:
-    """True if `path` is a file whose sha256 is `sha256` (hashed without opening it in DuckDB,
-    so a reader holding the file never delays the decision)."""
-    return sha256 is not None and Path(path).is_file() and file_sha256(path) == sha256
+def _not_current(stale: Iterable[int]) -> ShardsNotCurrentError:
+    return ShardsNotCurrentError(
+        f"shards {list(stale)} are not current with the staged sources; "
+        "materialize them first (customer_profiles left as it was)")
 
 
 def profile_summary(con) -> str:

@@ -11,7 +11,7 @@ import duckdb
 from etl_assets.lib.schema import SOURCES
 
 # Thresholds are part of the rule text on purpose: a rule change is a code change (and bumps
-# CODE_VERSION so every shard is recomputed).
+# CODE_VERSION in freshness.py so every shard is recomputed).
 RULE_MACROS: tuple[str, ...] = (
     # Categoricals compare trimmed, case-insensitively, spaces/hyphens/underscores alike.
     r"""CREATE OR REPLACE TEMP MACRO etl_norm(v) AS

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from etl_assets.lib.faults import Hook, no_hook
+from etl_assets.lib.schema import SOURCES
+from etl_assets.lib.settings import EtlSettings
 
 POINTER = "current.json"
 KEEP_VERSIONS = 2  # the current one and the previous, for a reader that started just before
@@ -170,16 +172,15 @@ def _age_s(path: Path) -> float:
         return 0.0
 
 
-def current_sources(
-    staging_dir: str, sources: list[str], shard_count: int
-) -> dict[str, StagedSource]:
-    """Every source's current staged version; StagingError if one is missing or mis-sharded."""
-    staged = {name: read_pointer(staging_dir, name) for name in sources}
+def current_sources(settings: EtlSettings) -> dict[str, StagedSource]:
+    """Every source's current staged version, in source order; StagingError if one is missing
+    or staged for another shard count than `settings.shard_count`."""
+    staged = {name: read_pointer(settings.staging_dir, name) for name in SOURCES}
     for name, source in staged.items():
-        if source.shard_count != shard_count:
+        if source.shard_count != settings.shard_count:
             raise StagingError(
-                f"source {name!r} is staged for {source.shard_count} shards, not {shard_count}: "
-                "materialize the sources again with this SHARD_COUNT"
+                f"source {name!r} is staged for {source.shard_count} shards, not "
+                f"{settings.shard_count}: materialize the sources again with this SHARD_COUNT"
             )
     return staged
 

@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import duckdb
 
@@ -25,6 +26,8 @@ from etl_assets.lib.schema import (
     Column,
     SourceSchema,
 )
+from etl_assets.lib.settings import EtlSettings
+from etl_assets.lib.staging import StagedSource
 
 INT_PATTERN = "[+-]?[0-9]+"
 DECIMAL_PATTERN = r"[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)"
@@ -76,6 +79,55 @@ class ReadReport:
         """The most common reason a row was invalid (ties: alphabetical)."""
         bad = sorted((-n, r) for r, n in self.reasons.items() if r != DUPLICATE)
         return bad[0][1] if bad else None
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """One check's verdict, with what it compared (the source assets report it to Dagster)."""
+
+    name: str
+    passed: bool
+    metadata: dict
+    description: Optional[str] = None
+
+
+def source_checks(
+    schema: SourceSchema, report: ReadReport, staged: StagedSource,
+    settings: EtlSettings,
+) -> list[CheckOutcome]:
+    """The source's two blocking checks (rows accounted, reject rate) for a read report and
+    the version it staged."""
+    staged_rows = sum(staged.slice_rows.values())
+    return [
+        CheckOutcome(
+            name="rows_accounted",
+            # Rows read from the file = accepted + rejected, and the staged slices (counted
+            # from their files) hold exactly the accepted rows: a staging that does not match
+            # the read it is recorded for fails here, not silently downstream.
+            passed=report.rows_read == report.accepted + report.rejected
+            and staged_rows == report.accepted,
+            metadata={"read": report.rows_read, "accepted": report.accepted,
+                      "rejected": report.rejected, "staged": staged_rows},
+        ),
+        CheckOutcome(
+            name="reject_rate",
+            passed=report.invalid_fraction <= settings.max_reject_fraction,
+            metadata={
+                "invalid": report.invalid,
+                "duplicates": report.rejected - report.invalid,
+                "read": report.rows_read,
+                "fraction": round(report.invalid_fraction, 6),
+                "max_fraction": settings.max_reject_fraction,
+                "top_reason": report.top_reason or "",
+            },
+            description=(
+                f"{schema.name}: {report.invalid} of {report.rows_read} rows rejected as "
+                f"invalid ({report.invalid_fraction:.1%}, limit "
+                f"{settings.max_reject_fraction:.1%})"
+                + (f", most often {report.top_reason}" if report.top_reason else "")
+            ),
+        ),
+    ]
 
 
 class SourceChangedError(RuntimeError):

@@ -59,7 +59,7 @@ def retry_timeline(instance: dg.DagsterInstance, run_id: str) -> list[Attempt]:
 
 def verify_export(settings: EtlSettings) -> dict[str, Any]:
     """Export rows vs distinct accepted input customers, and duplicate ids in the export."""
-    staged = staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
+    staged = staging.current_sources(settings)
     paths = duckdb_literals(staging.all_slice_files(staged, settings.shard_ids))
     raw = duckdb_literals(Path(settings.data_dir) / s.filename for s in SOURCES.values())
     con = duckdb.connect()

@@ -16,22 +16,19 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import dagster as dg
 
-from etl_assets.lib import staging
+from etl_assets.lib import freshness, staging
 from etl_assets.defs.contracts import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB
 from etl_assets.definitions import build_defs
 from etl_assets.lib.errors import NO_SPACE
 from etl_assets.lib.interrupts import Interrupted
 from etl_assets.lib.events import format_event, parse_shard_event
-from etl_assets.lib.profiles import shard_status, skip_reason
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.defs.contracts import SHARD_INPUTS
-from etl_assets.lib.sources import SOURCE_SKIP_REASON, source_unchanged
 
 
 @dataclass
@@ -272,25 +269,39 @@ class _LazyPool:
             process.join(timeout=10)
 
 
-def shards_expected(settings: EtlSettings) -> bool:
-    """A cheap guess, before the sources run, whether this run will compute shards.
+def sources_to_stage(settings: EtlSettings, echo: Callable[[str], None]) -> list[str]:
+    """The sources this run stages: those `freshness` does not find unchanged (--force: all).
 
-    It only decides when the worker processes start (early, so their imports overlap the
-    sources, or when first needed); what runs is decided later from the warehouse manifest.
-    A data file modified after its source was last staged, a source never staged or staged for
-    another shard layout, --force and the chaos drill all say yes.
+    Like unchanged shards, an unchanged source gets no Dagster step: its last staging stands
+    (proven by the warehouse manifest), and so do its checks' results; a `source_skip` line
+    says why.
     """
-    if settings.force or settings.chaos_fail_shard is not None:
-        return True
-    try:
-        staging.current_sources(settings.staging_dir, list(SOURCES), settings.shard_count)
-        for name, schema in SOURCES.items():
-            data = Path(settings.data_dir) / schema.filename
-            if data.stat().st_mtime_ns > staging.pointer_mtime_ns(settings.staging_dir, name):
-                return True
-    except (staging.StagingError, OSError):
-        return True
-    return False
+    states = freshness.source_states(settings)
+    for name, state in states.items():
+        if state.unchanged:
+            echo(format_event({"event": "source_skip", "source": name, "reason": state.reason}))
+    return [name for name, state in states.items() if not state.unchanged]
+
+
+def shards_to_run(
+    settings: EtlSettings, echo: Callable[[str], None]
+) -> tuple[list[int], dict[int, ShardRow]]:
+    """(the shards this run builds, a skipped row for each other shard).
+
+    A shard `freshness` finds current (the warehouse already holds its rows from the same
+    inputs and code) is not run at all, not even as a Dagster run; a `shard_skip` line says
+    why. --force runs every shard, and the chaos drill its shard.
+    """
+    todo, skipped = [], {}
+    for shard_id, state in freshness.shard_states(settings).items():
+        if not state.current:
+            todo.append(shard_id)
+            continue
+        records = int(state.entry["record_count"])
+        echo(format_event({"event": "shard_skip", "shard_id": shard_id, "record_count": records,
+                           "reason": state.reason}))
+        skipped[shard_id] = ShardRow(shard_id=shard_id, records=records, ok=True, skipped=True)
+    return todo, skipped
 
 
 def shard_inputs_recorded(settings: EtlSettings, instance: dg.DagsterInstance) -> bool:
@@ -339,8 +350,8 @@ def run_pipeline(
     outcome = RunOutcome(export_path=settings.export_path, snapshot_path=settings.snapshot_path)
     tags = {INVOCATION_TAG: uuid.uuid4().hex}
     try:
-        if shards_expected(settings):
-            pool.start()
+        if freshness.guess_shards_needed(settings):
+            pool.start()  # early, so that the workers' imports overlap the sources
         _run_all(settings, echo, verbose, pool, instance, outcome, tags, interrupted)
         return outcome
     except KeyboardInterrupt as exc:
@@ -378,13 +389,7 @@ def _run_all(
             raise KeyboardInterrupt  # Dagster already failed the step it interrupted
         return result
 
-    # Like unchanged shards, an unchanged source gets no Dagster step: its last staging stands
-    # (proven by the warehouse manifest), and so do its checks' results.
-    changed = [name for name, schema in SOURCES.items() if not source_unchanged(schema, settings)]
-    for name in SOURCES:
-        if name not in changed:
-            echo(format_event({"event": "source_skip", "source": name,
-                               "reason": SOURCE_SKIP_REASON}))
+    changed = sources_to_stage(settings, echo)
     if changed or not shard_inputs_recorded(settings, instance):
         result = execute(SOURCES_JOB,
                          asset_selection=[dg.AssetKey(name) for name in changed] + [SHARD_INPUTS])
@@ -398,25 +403,10 @@ def _run_all(
         if outcome.reason:
             return
 
-    # A shard whose rows the warehouse already holds from the same inputs and code is not run
-    # at all (not even a Dagster run); --force runs every shard, and so is the chaos shard.
     outcome.phase = "shards"
     if interrupted():
         raise KeyboardInterrupt
-    status = {} if settings.force else shard_status(settings)
-    rows: dict[int, ShardRow] = {}
-    todo = []
-    for shard_id in settings.shard_ids:
-        entry = status.get(shard_id)
-        if entry is not None and shard_id != settings.chaos_fail_shard:
-            echo(format_event({
-                "event": "shard_skip", "shard_id": shard_id, "record_count": entry["record_count"],
-                "reason": skip_reason(entry),
-            }))
-            rows[shard_id] = ShardRow(shard_id=shard_id, records=int(entry["record_count"]),
-                                      ok=True, skipped=True)
-        else:
-            todo.append(shard_id)
+    todo, rows = shards_to_run(settings, echo)
     workers = pool.start() if len(todo) > 1 else None
     for shard_id, run_id, success, error in _run_shards(settings, todo, workers, run_config,
                                                         instance, pool.size, tags, interrupted):
