@@ -68,6 +68,12 @@ DDL: tuple[str, ...] = (
 )
 
 
+def _sql_string(path: str) -> str:
+    """`path` as a SQL string literal, for ATTACH: DuckDB before 2.0 does not take a bound
+    parameter there. The text is taken as is (a quote is doubled; no glob, no escapes)."""
+    return "'" + path.replace("'", "''") + "'"
+
+
 def _holder(message: str) -> str:
     match = _LOCK_HOLDER.search(message)
     if not match:
@@ -131,7 +137,8 @@ def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float) -> Ite
     with errors.disk_full_at(path):
         with errors.naming(Path(path).parent):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        _with_lock_retry(lambda: con.execute(f"ATTACH ? AS {ALIAS}", [path]), path, timeout_s)
+        _with_lock_retry(lambda: con.execute(f"ATTACH {_sql_string(path)} AS {ALIAS}"), path,
+                         timeout_s)
         try:
             for ddl in DDL:
                 con.execute(ddl)
@@ -205,8 +212,9 @@ def read_only(
         yield None
         return
     with scratch(limits) as con:
-        _with_lock_retry(lambda: con.execute(f"ATTACH ? AS {ALIAS} (READ_ONLY)", [path]),
-                         path, timeout_s)
+        _with_lock_retry(
+            lambda: con.execute(f"ATTACH {_sql_string(path)} AS {ALIAS} (READ_ONLY)"),
+            path, timeout_s)
         try:
             yield con
         finally:
@@ -449,7 +457,7 @@ def _write_snapshot(
         with open(tmp, "xb"):
             pass
         tmp.unlink()
-        con.execute(f"ATTACH ? AS {SNAPSHOT}", [str(tmp)])
+        con.execute(f"ATTACH {_sql_string(str(tmp))} AS {SNAPSHOT}")
         try:
             with transaction(con):
                 _rebuild_table(con, shard_count, into=f"{SNAPSHOT}.customer_profiles")
@@ -558,7 +566,7 @@ def publish_customer_profiles(
         snapshot_sha = _write_snapshot(con, snapshot_tmp, snapshot, shard_count, hook)
         try:
             # Read-only: attaching never changes the file, so its sha256 stands.
-            con.execute(f"ATTACH ? AS {SNAPSHOT} (READ_ONLY)", [str(snapshot_tmp)])
+            con.execute(f"ATTACH {_sql_string(str(snapshot_tmp))} AS {SNAPSHOT} (READ_ONLY)")
 
             def publish_files() -> None:
                 con.execute(f"DETACH {SNAPSHOT}")
