@@ -32,10 +32,11 @@ def test_chaos_drill_acceptance(tmp_path, sample_dir):
     lines = out.read_text(encoding="utf-8").splitlines()
     crm_lines = (sample_dir / "crm.csv").read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(crm_lines) == 1001
-    ids = [l.split(",", 1)[0] for l in lines[1:]]
+    ids = [ln.split(",", 1)[0] for ln in lines[1:]]
     assert len(ids) == len(set(ids))
     stdout = proc.stdout
-    assert '"attempt": 1, "error": "ChaosFailure: chaos: shard 3 fails on attempt 1", "event": "shard_error"' in stdout
+    assert ('"attempt": 1, "error": "ChaosFailure: chaos: shard 3 fails on attempt 1", '
+            '"event": "shard_error"') in stdout
     assert '"attempt": 2, "elapsed_ms"' in stdout and '"event": "shard_end", "record_count"' in stdout
     assert "check shards_current" in stdout and "FAILED" not in stdout
     assert f"export: {out}" in stdout
@@ -90,7 +91,7 @@ def test_drill_prints_the_retry_timeline_and_passes(tmp_path, sample_dir):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout.splitlines()
-    start = out.index(next(l for l in out if l.startswith("retry timeline of shard 2")))
+    start = out.index(next(ln for ln in out if ln.startswith("retry timeline of shard 2")))
     first, second = out[start + 2].split(), out[start + 3].split()
     assert first[0] == "1" and "failed, retrying (ChaosFailure: chaos: shard 2" in out[start + 2]
     assert second[0] == "2" and second[-1] == "success"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 import duckdb
@@ -35,7 +34,7 @@ ALL_SHARDS = set(range(SHARDS))
 # Answer = (sources to stage, stale shards); None where the caller does not judge: the checks
 # judge no source, and the sensor and the schedule judge no shard while a source is to be
 # staged (sources first, by design).
-Answer = tuple[Optional[set[str]], Optional[set[int]]]
+Answer = tuple[set[str] | None, set[int] | None]
 
 
 def _fresh(settings: EtlSettings, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,13 +28,13 @@ def _input_customers(data_dir):
 def test_chaos_retry_heals_exactly_once_and_reruns_are_byte_identical(ran_sample):
     clean = ran_sample(SHARDS)  # a home where the sample has just run
     sample_dir = Path(clean.data_dir)
-    baseline = open(clean.export_path, "rb").read()
+    baseline = Path(clean.export_path).read_bytes()
 
     lines = []
     chaos = clean.replace(chaos_fail_shard=3)
     outcome = run_pipeline(chaos, echo=lines.append)
     assert outcome.ok, outcome.reason
-    assert open(chaos.export_path, "rb").read() == baseline  # re-run: byte-identical
+    assert Path(chaos.export_path).read_bytes() == baseline  # re-run: byte-identical
 
     rows = read_export(chaos.export_path)
     ids = [r["customer_id"] for r in rows]
@@ -49,7 +49,7 @@ def test_chaos_retry_heals_exactly_once_and_reruns_are_byte_identical(ran_sample
     assert (shard3.attempts, shard3.ok) == (2, True)
     # The other shards are unchanged since the first run: skipped, no Dagster run at all.
     assert all(r.skipped and r.attempts == 0 for r in outcome.shards if r.shard_id != 3)
-    shard3_events = [l for l in lines if '"shard_id": 3' in l]
+    shard3_events = [ln for ln in lines if '"shard_id": 3' in ln]
     assert '"attempt": 1' in shard3_events[1] and '"shard_error"' in shard3_events[1]
     assert '"attempt": 2' in shard3_events[3] and '"shard_end"' in shard3_events[3]
 
@@ -105,7 +105,7 @@ def test_failure_between_delete_and_insert_keeps_previous_rows(ran_sample):
 
 def test_persistent_failure_names_the_shard_and_keeps_previous_profiles(ran_sample):
     settings = ran_sample(SHARDS)
-    previous = open(settings.export_path, "rb").read()
+    previous = Path(settings.export_path).read_bytes()
     # New source content, but shard 3 never succeeds: nothing downstream may be rebuilt.
     with open(Path(settings.data_dir) / "crm.csv", "a", encoding="utf-8") as fh:
         fh.write("cust_09999999,new@x.com,New Co,,,,,,\n")
@@ -115,7 +115,7 @@ def test_persistent_failure_names_the_shard_and_keeps_previous_profiles(ran_samp
     outcome = run_pipeline(failing, echo=lambda line: None)
     assert not outcome.ok
     assert outcome.reason.startswith("shard 3 failed after 4 attempt(s)")
-    assert open(settings.export_path, "rb").read() == previous
+    assert Path(settings.export_path).read_bytes() == previous
     with warehouse.reader(settings.duckdb_path, 5) as con:
         assert con.execute("SELECT count(*) FROM wh.customer_profiles").fetchone()[0] == 1000
 
@@ -123,8 +123,8 @@ def test_persistent_failure_names_the_shard_and_keeps_previous_profiles(ran_samp
 def test_reject_threshold_stops_the_run_naming_source_count_and_reason(tmp_path, sample_dir):
     lines = (sample_dir / "support.csv").read_text(encoding="utf-8").splitlines()
     # Break nps_score on 20 of ~860 rows: over the 1% default.
-    broken = [lines[0]] + [l.rsplit(",", 2)[0] + ",11," + l.rsplit(",", 1)[1] if i < 20 else l
-                           for i, l in enumerate(lines[1:])]
+    broken = [lines[0]] + [ln.rsplit(",", 2)[0] + ",11," + ln.rsplit(",", 1)[1] if i < 20 else ln
+                           for i, ln in enumerate(lines[1:])]
     (sample_dir / "support.csv").write_text("\n".join(broken) + "\n", encoding="utf-8")
     settings = make_settings(tmp_path, sample_dir, shard_count=SHARDS)
     outcome = run_pipeline(settings, echo=lambda line: None)
@@ -154,7 +154,7 @@ def test_parallel_workers_give_byte_identical_results(tmp_path, ran_sample):
     outcome = run_pipeline(parallel, echo=lambda line: None, workers=2)
     assert outcome.ok, outcome.reason
     assert [r.attempts for r in outcome.shards] == [1, 2, 1, 1]  # the retry happened in a worker
-    assert open(parallel.export_path, "rb").read() == open(serial.export_path, "rb").read()
+    assert Path(parallel.export_path).read_bytes() == Path(serial.export_path).read_bytes()
     with dg.DagsterInstance.get() as instance:  # the one both runs recorded in
         shard_runs = instance.get_runs(dg.RunsFilter(job_name="shards_job"))
     assert len({r.run_id for r in shard_runs}) == 8  # one Dagster run per shard, both times

@@ -8,8 +8,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from etl_assets.defs.contracts import SHARD_INPUTS, SOURCES_JOB
 from etl_assets.definitions import build_defs
+from etl_assets.defs.contracts import SHARD_INPUTS, SOURCES_JOB
 from etl_assets.lib import warehouse
 from etl_assets.lib.freshness import guess_shards_needed
 from etl_assets.lib.sharding import shard_of
@@ -54,7 +54,7 @@ def _latest_metadata(instance, name):
 
 def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(ran, sample_dir, instance):
     settings = ran
-    first_export = open(settings.export_path, "rb").read()
+    first_export = Path(settings.export_path).read_bytes()
     assert _shard_runs(instance) == SHARDS
 
     lines = []
@@ -67,11 +67,11 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(ran, sample_dir, 
     assert sum('"event": "source_skip"' in line for line in lines) == 4
     assert len(_sources_runs(instance)) == 1
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is True
-    assert open(settings.export_path, "rb").read() == first_export
+    assert Path(settings.export_path).read_bytes() == first_export
 
     # One customer's row changes: that shard (and customer_profiles) is rebuilt, nothing else.
     text = (sample_dir / "billing.csv").read_text(encoding="utf-8")
-    line = next(l for l in text.splitlines() if l.startswith("cust_00000077,"))
+    line = next(ln for ln in text.splitlines() if ln.startswith("cust_00000077,"))
     fields = line.split(",")
     fields[3] = "12345.67"  # mrr
     (sample_dir / "billing.csv").write_text(text.replace(line, ",".join(fields)), encoding="utf-8")
@@ -91,7 +91,7 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(ran, sample_dir, 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_replaced_warehouse_never_causes_a_wrong_skip(ran, sample_dir, workers):
     settings = ran
-    export = open(settings.export_path, "rb").read()
+    export = Path(settings.export_path).read_bytes()
     # Staged slices survive, the warehouse does not (deleted, or swapped for an empty one).
     Path(settings.duckdb_path).unlink()
     # With 2 workers the files look unchanged, so the pool is not started ahead: the shards
@@ -101,7 +101,7 @@ def test_a_replaced_warehouse_never_causes_a_wrong_skip(ran, sample_dir, workers
     assert rerun.ok, rerun.reason
     assert not any(r.skipped for r in rerun.shards)
     assert sum(r.records for r in rerun.shards) == 1000
-    assert open(settings.export_path, "rb").read() == export
+    assert Path(settings.export_path).read_bytes() == export
 
 
 def test_guess_shards_needed_from_files_touched_since_staging(tmp_path, ran, sample_dir):
@@ -132,25 +132,25 @@ def test_customer_profiles_skip_is_proven_by_the_export_and_snapshot_themselves(
     ones last written; an edited or deleted export, or a deleted snapshot, is rebuilt, and
     --force always rebuilds."""
     settings = ran
-    export = open(settings.export_path, "rb").read()
+    export = Path(settings.export_path).read_bytes()
 
     with open(settings.export_path, "ab") as fh:  # someone appends a line to the export
         fh.write(b"cust_99999999,intruder@example.com\n")
     assert run_pipeline(settings, echo=lambda line: None).ok
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
-    assert open(settings.export_path, "rb").read() == export
+    assert Path(settings.export_path).read_bytes() == export
 
     Path(settings.export_path).unlink()
     assert run_pipeline(settings, echo=lambda line: None).ok
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
-    assert open(settings.export_path, "rb").read() == export
+    assert Path(settings.export_path).read_bytes() == export
 
     Path(settings.snapshot_path).unlink()  # deleted, or never published
     restored = run_pipeline(settings, echo=lambda line: None)
     assert restored.ok and all(r.skipped for r in restored.shards)
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
     assert user_tables(settings.snapshot_path) == user_tables(settings.duckdb_path)
-    assert open(settings.export_path, "rb").read() == export
+    assert Path(settings.export_path).read_bytes() == export
 
     assert run_pipeline(settings, echo=lambda line: None).ok
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is True

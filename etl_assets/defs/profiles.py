@@ -24,7 +24,6 @@ from etl_assets.defs.resources import (
 )
 from etl_assets.lib import errors, freshness
 from etl_assets.lib.freshness import CODE_VERSION, PROFILES_SKIP_REASON
-from etl_assets.lib.staging import StagingError
 from etl_assets.lib.profiles import (
     ChaosFailure,
     ShardsNotCurrentError,
@@ -32,6 +31,7 @@ from etl_assets.lib.profiles import (
     publish_profiles,
 )
 from etl_assets.lib.schema import profile_columns
+from etl_assets.lib.staging import StagingError
 
 
 # Retries live on the shard, not the orchestrator: waits of (2^n - 1) x SHARD_RETRY_DELAY_S

@@ -33,7 +33,6 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import duckdb
 
@@ -88,13 +87,13 @@ class SourceState:
     # The file's sha256 as it is now; "" when not hashed (missing, never staged, overridden).
     file_sha256: str = ""
     # Its current staged version for this shard layout, if it has one.
-    staged: Optional[staging.StagedSource] = None
+    staged: staging.StagedSource | None = None
     # The read the warehouse recorded for that version, when `reusable`.
-    recorded: Optional[ReadReport] = None
+    recorded: ReadReport | None = None
 
 
 def source_state(
-    schema: SourceSchema, settings: EtlSettings, sha: Optional[str] = None
+    schema: SourceSchema, settings: EtlSettings, sha: str | None = None
 ) -> SourceState:
     """Is this source unchanged since it was last staged? `sha`: the file's sha256, when the
     caller has just computed it (otherwise it is hashed here, and only if it was ever staged).
@@ -111,7 +110,7 @@ def source_state(
     if not path.is_file():
         return SourceState(name, False, f"{path} is not a file")
 
-    def changed(reason: str, staged: Optional[staging.StagedSource] = None) -> SourceState:
+    def changed(reason: str, staged: staging.StagedSource | None = None) -> SourceState:
         return SourceState(name, False, reason, file_sha256=sha or "", staged=staged)
 
     try:
@@ -195,12 +194,12 @@ class ShardState:
     reason: str
     override: str = ""
     input_hash: str = ""
-    entry: Optional[dict] = None
+    entry: dict | None = None
 
 
 def shard_states(
-    settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection] = None,
-    shard_ids: Optional[list[int]] = None,
+    settings: EtlSettings, con: duckdb.DuckDBPyConnection | None = None,
+    shard_ids: list[int] | None = None,
 ) -> dict[int, ShardState]:
     """The state of every shard (or of `shard_ids`), by shard id. StagingError if a source is
     not staged for this layout (and a shard that is judged needs it).
@@ -226,7 +225,7 @@ def shard_states(
     return dict(sorted(states.items()))
 
 
-def _shard_state(shard_id: int, input_hash: str, entry: Optional[dict]) -> ShardState:
+def _shard_state(shard_id: int, input_hash: str, entry: dict | None) -> ShardState:
     if entry is None:
         reason = "not in the warehouse manifest"
     elif entry["code_version"] != CODE_VERSION:
@@ -246,7 +245,7 @@ def shard_state(settings: EtlSettings, shard_id: int) -> ShardState:
 
 
 def stale_shards(
-    settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection] = None
+    settings: EtlSettings, con: duckdb.DuckDBPyConnection | None = None
 ) -> list[int]:
     """Shards whose warehouse rows were not written from the current staged inputs and code.
 
@@ -288,11 +287,11 @@ class ProfilesState:
     override: str = ""
     stale_shards: tuple[int, ...] = ()
     shards_hash: str = ""
-    entry: Optional[dict] = None
+    entry: dict | None = None
 
 
 def profiles_state(
-    settings: EtlSettings, con: Optional[duckdb.DuckDBPyConnection] = None
+    settings: EtlSettings, con: duckdb.DuckDBPyConnection | None = None
 ) -> ProfilesState:
     """Is customer_profiles current? `con`, if given, must have the warehouse attached;
     otherwise it is opened read-only here. StagingError as for `shard_states`."""
@@ -331,7 +330,7 @@ def profiles_state(
     return ProfilesState(False, reason, shards_hash=built_from, entry=entry)
 
 
-def _intact(path: Path, sha256: Optional[str]) -> bool:
+def _intact(path: Path, sha256: str | None) -> bool:
     """True if `path` is a file whose sha256 is `sha256` (hashed without opening it in DuckDB,
     so a reader holding the file never delays the decision)."""
     return sha256 is not None and path.is_file() and file_sha256(path) == sha256

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Optional
 
 from etl_assets.lib import freshness, staging, warehouse
 from etl_assets.lib.faults import Hook
@@ -43,7 +42,7 @@ def build_shard(
     settings: EtlSettings,
     shard_id: int,
     run_id: str,
-    hook: Optional[Hook] = None,
+    hook: Hook | None = None,
 ) -> ShardResult:
     """Merge and score one shard's slices, then overwrite its rows in the warehouse.
 

@@ -12,16 +12,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import duckdb
 
 from etl_assets.lib import errors, freshness, staging, warehouse
+from etl_assets.lib.faults import Hook
 from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import install_rules
 from etl_assets.lib.schema import SourceSchema
 from etl_assets.lib.settings import EtlSettings
-from etl_assets.lib.faults import Hook
 from etl_assets.lib.validation import (
     ReadReport,
     SourceFileError,
@@ -42,7 +41,7 @@ class SourceResult:
 
 
 def stage_source(
-    schema: SourceSchema, settings: EtlSettings, hook: Optional[Hook] = None
+    schema: SourceSchema, settings: EtlSettings, hook: Hook | None = None
 ) -> SourceResult:
     """Read, validate and stage one source; record its rejected rows in the warehouse.
 

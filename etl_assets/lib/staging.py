@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from etl_assets.lib.faults import Hook, no_hook
 from etl_assets.lib.schema import SOURCES
@@ -63,7 +63,7 @@ class StagedSource:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "StagedSource":
+    def from_json(cls, data: dict[str, Any]) -> StagedSource:
         return cls(
             source=data["source"],
             file_sha256=data["file_sha256"],
@@ -82,7 +82,7 @@ def new_temp_dir(staging_dir: str, source: str) -> Path:
 
 
 def publish(
-    staging_dir: str, tmp_dir: Optional[Path], staged: StagedSource, hook: Hook = no_hook,
+    staging_dir: str, tmp_dir: Path | None, staged: StagedSource, hook: Hook = no_hook,
     replace: bool = False,
 ) -> StagedSource:
     """Rename `tmp_dir` to the version directory, then point `current.json` at it.

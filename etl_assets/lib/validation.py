@@ -13,7 +13,6 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import duckdb
 
@@ -88,7 +87,7 @@ class CheckOutcome:
     name: str
     passed: bool
     metadata: dict
-    description: Optional[str] = None
+    description: str | None = None
 
 
 def source_checks(

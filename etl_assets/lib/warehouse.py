@@ -7,6 +7,7 @@ transaction and is always followed by DETACH/close, even when it fails.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import random
@@ -17,9 +18,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Optional
 
 import duckdb
 
@@ -113,17 +113,14 @@ def rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
     ended the transaction, and DuckDB's "cannot rollback - no transaction is active" must not
     replace the error that says what happened.
     """
-    try:
+    with suppress(duckdb.Error):
         con.execute("ROLLBACK")
-    except duckdb.Error:
-        pass
 
 
 def _detach_quietly(con: duckdb.DuckDBPyConnection, alias: str = ALIAS) -> None:
-    try:
+    # The connection is closed next, which releases the file anyway.
+    with contextlib.suppress(duckdb.Error):
         con.execute(f"DETACH {alias}")
-    except duckdb.Error:
-        pass  # the connection is closed next, which releases the file anyway
 
 
 @contextmanager
@@ -152,13 +149,13 @@ def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float) -> Ite
 
 
 @contextmanager
-def scratch(limits: Optional[DuckDBLimits] = None) -> Iterator[duckdb.DuckDBPyConnection]:
+def scratch(limits: DuckDBLimits | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory DuckDB connection for heavy work, closed whatever happens.
 
     With `limits`, DuckDB keeps to the memory limit by spilling to the temp directory.
     """
     config: dict[str, object] = {}
-    spill_dir: Optional[str] = None
+    spill_dir: str | None = None
     if limits is not None:
         if limits.memory_limit:
             config["memory_limit"] = limits.memory_limit
@@ -177,10 +174,9 @@ def scratch(limits: Optional[DuckDBLimits] = None) -> Iterator[duckdb.DuckDBPyCo
             con.execute("SET enable_progress_bar = false")
             yield con
         except BaseException:
-            try:
+            # e.g. a still-attached file failing its checkpoint: the first error wins
+            with contextlib.suppress(duckdb.Error):
                 con.close()
-            except duckdb.Error:
-                pass  # e.g. a still-attached file failing its checkpoint: the first error wins
             raise
         con.close()
     finally:
@@ -190,7 +186,7 @@ def scratch(limits: Optional[DuckDBLimits] = None) -> Iterator[duckdb.DuckDBPyCo
 
 @contextmanager
 def reader(
-    path: str, timeout_s: float, limits: Optional[DuckDBLimits] = None
+    path: str, timeout_s: float, limits: DuckDBLimits | None = None
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """A scratch connection with the warehouse attached (for reads and short writes)."""
     with scratch(limits) as con, attached(con, path, timeout_s):
@@ -199,8 +195,8 @@ def reader(
 
 @contextmanager
 def read_only(
-    path: str, timeout_s: float, limits: Optional[DuckDBLimits] = None
-) -> Iterator[Optional[duckdb.DuckDBPyConnection]]:
+    path: str, timeout_s: float, limits: DuckDBLimits | None = None
+) -> Iterator[duckdb.DuckDBPyConnection | None]:
     """A scratch connection with the warehouse attached READ_ONLY as `wh`, or None when there
     is no warehouse file yet.
 
@@ -229,7 +225,7 @@ def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
 
 @contextmanager
 def transaction(
-    con: duckdb.DuckDBPyConnection, after_commit: Optional[Callable[[], None]] = None
+    con: duckdb.DuckDBPyConnection, after_commit: Callable[[], None] | None = None
 ) -> Iterator[None]:
     """BEGIN, the body, COMMIT; on any error or interrupt before COMMIT, roll back and re-raise.
 
@@ -293,7 +289,7 @@ def overwrite_shard(
     return int(written)
 
 
-def read_source_manifest(con: duckdb.DuckDBPyConnection, source: str) -> Optional[dict]:
+def read_source_manifest(con: duckdb.DuckDBPyConnection, source: str) -> dict | None:
     """The source's manifest row (see replace_rejected), or None."""
     if not _has_table(con, "source_manifest"):
         return None
@@ -315,7 +311,7 @@ def read_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict[int,
     return {int(row[0]): dict(zip(names[1:], row[1:], strict=True)) for row in cur.fetchall()}
 
 
-def read_profiles_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> Optional[dict]:
+def read_profiles_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict | None:
     """The last customer_profiles build for this layout (see publish_customer_profiles), or None."""
     if not _has_table(con, "profiles_manifest"):
         return None
