@@ -22,7 +22,13 @@ from typing import Any, Optional
 import dagster as dg
 
 from etl_assets.lib import staging
-from etl_assets.defs.contracts import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB
+from etl_assets.defs.contracts import (
+    LAUNCHED_BY_CLI,
+    LAUNCHED_BY_TAG,
+    PROFILES_JOB,
+    SHARDS_JOB,
+    SOURCES_JOB,
+)
 from etl_assets.definitions import build_defs
 from etl_assets.lib.errors import NO_SPACE
 from etl_assets.lib.interrupts import Interrupted
@@ -337,7 +343,9 @@ def run_pipeline(
             return run_pipeline(settings, echo, verbose, workers, own, interrupted)
     pool = _LazyPool(workers, settings.shard_count)
     outcome = RunOutcome(export_path=settings.export_path, snapshot_path=settings.snapshot_path)
-    tags = {INVOCATION_TAG: uuid.uuid4().hex}
+    # Every run also says who launched it (the UI filters on it; a step reads it to leave the
+    # DuckDB threads as this command shares them out among its workers).
+    tags = {INVOCATION_TAG: uuid.uuid4().hex, LAUNCHED_BY_TAG: LAUNCHED_BY_CLI}
     try:
         if shards_expected(settings):
             pool.start()
