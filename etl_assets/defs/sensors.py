@@ -23,6 +23,7 @@ import dagster as dg
 from etl_assets.defs.contracts import (
     CHANGED_SHARDS_TAG,
     CUSTOMER_PROFILES as PROFILES,
+    LAUNCHED_BY_TAG,
     PARTITION_TAG,
     RERUN_ATTEMPT_TAG,
     RERUN_OF_TAG,
@@ -32,6 +33,8 @@ from etl_assets.defs.contracts import (
     SHARDS_JOB,
     SOURCE_KEYS,
     TRIGGER_TAG,
+    launched_by_schedule,
+    launched_by_sensor,
 )
 from etl_assets.defs.resources import (
     AutomationResource,
@@ -233,6 +236,17 @@ def evaluate_failed_shards(
     return Evaluation(requests, skip_reason=reason)
 
 
+def tagged(requests: list[dg.RunRequest], origin: str) -> list[dg.RunRequest]:
+    """The requests, each tagged with who launched it (LAUNCHED_BY_TAG)."""
+    return [r.with_replaced_attrs(tags={**r.tags, LAUNCHED_BY_TAG: origin}) for r in requests]
+
+
+SOURCE_FILES_SENSOR = "source_files_sensor"
+FAILED_SHARD_SENSOR = "failed_shard_sensor"
+PROFILES_AUTOMATION = "profiles_automation_sensor"
+STALE_SCHEDULE = "stale_partitions_schedule"
+
+
 def build_sensors(settings: EtlSettings) -> list[Any]:
     """The three sensors (on by default) and the daily schedule (off by default).
 
@@ -246,7 +260,7 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
                else dg.DefaultSensorStatus.STOPPED)
 
     @dg.sensor(
-        name="source_files_sensor",
+        name=SOURCE_FILES_SENSOR,
         minimum_interval_seconds=settings.sensor_interval_s,
         default_status=default,
         target=targets,
@@ -260,13 +274,13 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         result = evaluate_source_files(pipeline_settings(shard_count, warehouse, staging),
                                        json.loads(context.cursor or "{}"), context.instance)
         return dg.SensorResult(
-            run_requests=result.run_requests,
+            run_requests=tagged(result.run_requests, launched_by_sensor(SOURCE_FILES_SENSOR)),
             skip_reason=result.skip_reason,
             cursor=json.dumps(result.cursor, sort_keys=True),
         )
 
     @dg.sensor(
-        name="failed_shard_sensor",
+        name=FAILED_SHARD_SENSOR,
         minimum_interval_seconds=settings.sensor_interval_s,
         default_status=default,
         target=[SHARDS],
@@ -279,10 +293,12 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
     ) -> dg.SensorResult:
         settings = pipeline_settings(shard_count, warehouse, staging, automation=automation)
         result = evaluate_failed_shards(settings, context.instance)
-        return dg.SensorResult(run_requests=result.run_requests, skip_reason=result.skip_reason)
+        return dg.SensorResult(
+            run_requests=tagged(result.run_requests, launched_by_sensor(FAILED_SHARD_SENSOR)),
+            skip_reason=result.skip_reason)
 
     @dg.schedule(
-        name="stale_partitions_schedule",
+        name=STALE_SCHEDULE,
         cron_schedule="0 3 * * *",
         target=targets,
         default_status=dg.DefaultScheduleStatus.STOPPED,
@@ -300,16 +316,20 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         }
         staged = {name: _staged_or_none(settings, name) for name in SOURCES}
         changed = {n: h for n, h in changed.items() if staged[n] is None or staged[n].file_sha256 != h}
+        origin = launched_by_schedule(STALE_SCHEDULE)
         if changed:
-            return dg.RunRequest(asset_selection=_staging_selection(changed))
+            return tagged([dg.RunRequest(asset_selection=_staging_selection(changed))],
+                               origin)
         result = _requests_for_stale_shards(settings, {})
-        return result.run_requests or dg.SkipReason(result.skip_reason or "nothing stale")
+        return (tagged(result.run_requests, origin)
+                or dg.SkipReason(result.skip_reason or "nothing stale"))
 
     # Declared here (not left to Dagster's implicit default) so that it is on by default,
     # ticks as often as the other sensors, and is visible by name in the UI.
     profiles_automation = dg.AutomationConditionSensorDefinition(
-        "profiles_automation_sensor",
+        PROFILES_AUTOMATION,
         target=[PROFILES],
+        run_tags={LAUNCHED_BY_TAG: launched_by_sensor(PROFILES_AUTOMATION)},
         default_status=default,
         minimum_interval_seconds=settings.sensor_interval_s,
         description="Evaluates customer_profiles' automation condition: rebuild once its shards "
