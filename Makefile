@@ -15,7 +15,7 @@ TEST_TMPDIR ?= $(if $(wildcard /dev/shm/.),/dev/shm,/tmp)
 PYTEST := TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -n 4 --dist loadscope
 FAST := not browser and not daemon and not kill and not cli
 
-.PHONY: help install run test test-fast lint ui sample clean chromium
+.PHONY: help install run test test-fast lint ui sample clean chromium postgres
 
 ## Every target with one line each.
 help:
@@ -54,6 +54,10 @@ ui: $(STAMP)
 ## Headless Chromium for the browser test, from Debian (Playwright's own download does not work here).
 chromium:
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+## PostgreSQL server binaries for the tests that start their own server (Debian's postgresql).
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; }
 
 ## Regenerate the committed 1,000-customer sample.
 sample: $(STAMP)

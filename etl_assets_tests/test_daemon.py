@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from etl_assets.defs.contracts import LAUNCHED_BY_TAG
 from etl_assets.lib.sharding import shard_of
 from etl_assets_tests.conftest import edit_crm
 
@@ -57,7 +58,8 @@ def _wait_for(db: Path, wanted: dict[str, int], daemon: subprocess.Popen, log: P
 
 
 def _settled_runs(home: Path, daemon: subprocess.Popen, log: Path) -> list[tuple]:
-    """Wait until no run is queued or running; return (status, assets, partition) oldest first."""
+    """Wait until no run is queued or running; return (status, assets, partition, launched_by)
+    oldest first."""
     import dagster as dg
 
     with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -74,7 +76,8 @@ def _settled_runs(home: Path, daemon: subprocess.Popen, log: Path) -> list[tuple
                        if r.dagster_run.tags.get("dagster/sensor_name")
                        or r.dagster_run.tags.get("dagster/tick")]
         return [(run.status.value, sorted(k.to_user_string() for k in run.asset_selection or []),
-                 run.tags.get("dagster/partition")) for run in daemon_runs]
+                 run.tags.get("dagster/partition"), run.tags.get(LAUNCHED_BY_TAG))
+                for run in daemon_runs]
 
 
 def test_daemon_rebuilds_changed_customers_without_a_click(tmp_path, sample_dir):
@@ -112,12 +115,15 @@ def test_daemon_rebuilds_changed_customers_without_a_click(tmp_path, sample_dir)
                 daemon.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(daemon.pid, signal.SIGKILL)
-    # Exactly the runs the changes needed, all successful, none twice.
-    assert all(status == "SUCCESS" for status, _, _ in runs), runs
+    # Exactly the runs the changes needed, all successful, none twice, each tagged with the
+    # sensor that requested it.
+    assert all(status == "SUCCESS" for status, _, _, _ in runs), runs
+    files, automation = "sensor:source_files_sensor", "sensor:profiles_automation_sensor"
     assert runs[0] == ("SUCCESS", ["crm", "customer_profiles", "shard_inputs", "shard_profiles"],
-                       str(shard_of(one[0], 10)))
-    assert runs[1] == ("SUCCESS", ["crm", "shard_inputs"], None)
-    stale = sorted(partition for _, assets, partition in runs[2:] if assets == ["shard_profiles"])
+                       str(shard_of(one[0], 10)), files)
+    assert runs[1] == ("SUCCESS", ["crm", "shard_inputs"], None, files)
+    stale = sorted(partition for _, assets, partition, origin in runs[2:]
+                   if assets == ["shard_profiles"] and origin == files)
     assert stale == sorted({str(shard_of(c, 10)) for c in several})
     assert [r for r in runs[2:] if r[1] != ["shard_profiles"]] == [
-        ("SUCCESS", ["customer_profiles"], None)]
+        ("SUCCESS", ["customer_profiles"], None, automation)]

@@ -6,13 +6,12 @@ import dagster as dg
 import duckdb
 import pytest
 
-from etl_assets.defs.contracts import SHARDS_JOB
 from etl_assets.definitions import build_defs
-from etl_assets.tools.runner import run_pipeline
-from etl_assets.defs.contracts import RERUN_ATTEMPT_TAG
+from etl_assets.defs.contracts import LAUNCHED_BY_TAG, RERUN_ATTEMPT_TAG, SHARDS_JOB
 from etl_assets.defs.resources import resources_for
 from etl_assets.defs.sensors import evaluate_failed_shards
 from etl_assets.lib.sharding import shard_of
+from etl_assets.tools.runner import run_pipeline
 from etl_assets_tests.conftest import edit_crm
 
 # Four shards prove every sensor decision as well as ten, at less than half the Dagster runs.
@@ -64,6 +63,7 @@ def test_one_changed_row_requests_exactly_its_shard_once(built, sample_dir, inst
     second = _tick(defs, settings, instance, first.cursor)
     [request] = second.run_requests
     assert request.partition_key == str(shard_of("cust_00000042", SHARDS))
+    assert request.tags[LAUNCHED_BY_TAG] == "sensor:source_files_sensor"
     assert {k.to_user_string() for k in request.asset_selection} == {
         "crm", "shard_inputs", "shard_profiles", "customer_profiles"}
     again = _tick(defs, settings, instance, second.cursor)
@@ -104,6 +104,17 @@ def test_several_shards_sources_first_then_exactly_the_stale_shards(built, sampl
     shards = _tick(defs, settings, instance, t1.cursor).run_requests
     assert sorted(r.partition_key for r in shards) == expected
     assert all([k.to_user_string() for k in r.asset_selection] == ["shard_profiles"] for r in shards)
+    assert {r.tags[LAUNCHED_BY_TAG] for r in [sources_run, *shards]} == {
+        "sensor:source_files_sensor"}
+    # The daily schedule asks for the same stale shards, tagged as its own.
+    schedule = defs.get_schedule_def("stale_partitions_schedule")
+    # As a context manager: the instance it opens is closed on exit (see test_freshness).
+    with dg.build_schedule_context(instance=instance, resources=resources_for(settings),
+                                   repository_def=defs.get_repository_def()) as context:
+        daily = schedule.evaluate_tick(context)
+    assert sorted(r.partition_key for r in daily.run_requests) == expected
+    assert {r.tags[LAUNCHED_BY_TAG] for r in daily.run_requests} == {
+        "schedule:stale_partitions_schedule"}
 
 
 def test_a_missing_file_requests_nothing_and_says_why(built, sample_dir, instance):
@@ -134,6 +145,16 @@ def test_failed_shard_is_rerun_within_bound_with_new_keys(built, instance):
     [rerun] = evaluate_failed_shards(bounded, instance, now=end + 100).run_requests
     assert rerun.partition_key == "2" and rerun.tags[RERUN_ATTEMPT_TAG] == "1"
     assert rerun.run_key == f"rerun:2:{first.run_id}"
+    # The sensor itself (no wait configured) requests the same rerun, tagged as its own.
+    defs = build_defs(settings)
+    tick = defs.get_sensor_def("failed_shard_sensor").evaluate_tick(dg.build_sensor_context(
+        instance=instance, definitions=defs,
+        resources=resources_for(bounded.replace(rerun_base_wait_s=0))))
+    [request] = tick.run_requests
+    assert request.run_key == rerun.run_key
+    assert request.tags[LAUNCHED_BY_TAG] == "sensor:failed_shard_sensor"
+    automation = defs.get_sensor_def("profiles_automation_sensor")
+    assert automation.run_tags[LAUNCHED_BY_TAG] == "sensor:profiles_automation_sensor"
 
     _fail_shard(settings, instance, "2", tags=rerun.tags)  # the rerun fails too
     done = evaluate_failed_shards(bounded, instance, now=end + 10_000)

@@ -20,7 +20,10 @@ import dagster as dg
 import duckdb
 import pytest
 
+from etl_assets.defs.contracts import LAUNCHED_BY_TAG
+from etl_assets.lib import limits
 from etl_assets.lib.sharding import shard_of
+from etl_assets.tools.instance import cores, ram_bytes
 from etl_assets_tests.conftest import edit_crm
 
 # One `dagster dev` (webserver + daemon) serves every test here, in file order: under xdist the
@@ -151,6 +154,7 @@ def test_materialize_one_shard_from_the_ui(server, tmp_path):
 
         run = _wait_run(server["home"], "3", server["log"])
         assert run.status == dg.DagsterRunStatus.SUCCESS
+        assert run.tags[LAUNCHED_BY_TAG] == "ui"  # recorded by the instance's run coordinator
         con = duckdb.connect(str(server["db"]), read_only=True)
         try:
             shards = con.execute("SELECT shard_id, count(*) FROM shard_profiles "
@@ -232,6 +236,20 @@ def test_materialize_all_through_graphql(server):
     shards = [records[r.run_id] for r in backfill if r.tags.get("dagster/partition")]
     assert len(sources) == 1 and len(shards) == SHARDS, [r.asset_selection for r in backfill]
     assert min(r.start_time for r in shards) >= sources[0].end_time
+    assert {r.tags[LAUNCHED_BY_TAG] for r in backfill} == {"backfill"}
+    # The queue let at most max_concurrent_runs run at once, each DuckDB on its share of cores.
+    with dg.DagsterInstance.from_config(str(server["home"])) as instance:
+        slots = instance.get_concurrency_config().run_queue_config.max_concurrent_runs
+        events = instance.fetch_materializations(dg.AssetKey("shard_profiles"), limit=100)
+    threads = {e.asset_materialization.metadata["duckdb_threads"].value for e in events.records
+               if e.run_id in records and "duckdb_threads" in e.asset_materialization.metadata}
+    memory = os.environ.get("DUCKDB_MEMORY_LIMIT") or "2GB"
+    assert slots == limits.run_slots(cores(), ram_bytes(), memory)
+    edges = sorted([(r.start_time, 1) for r in records.values()] +
+                   [(r.end_time, -1) for r in records.values()])
+    running = [sum(step for _, step in edges[:i + 1]) for i in range(len(edges))]
+    assert 1 <= max(running) <= slots
+    assert threads == {limits.threads_per_run(cores(), slots)}
     [node] = _graphql(server["url"], CHECKS)["assetNodes"]
     checks = {c["name"]: c["executionForLatestMaterialization"]
               for c in node["assetChecksOrError"]["checks"]}

@@ -6,7 +6,12 @@ from collections.abc import Iterator
 import dagster as dg
 
 from etl_assets.defs.contracts import CUSTOMER_PROFILES, not_retryable
-from etl_assets.defs.resources import StagingResource, WarehouseResource, pipeline_settings
+from etl_assets.defs.resources import (
+    StagingResource,
+    WarehouseResource,
+    for_this_run,
+    pipeline_settings,
+)
 from etl_assets.lib.checks import NoWarehouseError, ProfileFacts, profile_facts
 
 
@@ -29,9 +34,10 @@ def build_profile_checks(shard_count: int) -> dg.AssetChecksDefinition:
 
     @dg.multi_asset_check(specs=PROFILE_CHECKS, name="customer_profiles_checks")
     def customer_profiles_checks(
-        warehouse: WarehouseResource, staging: StagingResource
+        context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource,
+        staging: StagingResource,
     ) -> Iterator[dg.AssetCheckResult]:
-        settings = pipeline_settings(shard_count, warehouse, staging)
+        settings = for_this_run(context, pipeline_settings(shard_count, warehouse, staging))
         try:
             facts = profile_facts(settings)
         except NoWarehouseError as exc:

@@ -3,6 +3,7 @@ the shard partitions, the shard event lines in a run's log, and the non-retryabl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
@@ -21,11 +22,56 @@ PROFILES_JOB = "profiles_job"
 
 PARTITION_TAG = "dagster/partition"
 DATA_VERSION_TAG = "dagster/data_version"
-# Where a run came from (the UI filters on it) and what a sensor saw.
+# Dagster's own tags on the runs a backfill, a sensor or a schedule launched, and on a
+# re-execution (the run it repeats).
+BACKFILL_TAG = "dagster/backfill"
+SENSOR_NAME_TAG = "dagster/sensor_name"
+SCHEDULE_NAME_TAG = "dagster/schedule_name"
+PARENT_RUN_TAG = "dagster/parent_run_id"
+# Why a sensor or the schedule requested a run, and what it saw.
 TRIGGER_TAG = "etl/trigger"
 CHANGED_SHARDS_TAG = "etl/changed_shards"
 RERUN_ATTEMPT_TAG = "etl/rerun_attempt"
 RERUN_OF_TAG = "etl/rerun_of"
+
+# Who launched a run, on every run (the UI filters on it): `etl-assets run` tags its own runs,
+# the sensors and the schedule their requests, and the instance's run coordinator
+# (tools/instance.py) every other run it receives, from what Dagster's own tags say.
+LAUNCHED_BY_TAG = "etl/launched_by"
+LAUNCHED_BY_CLI = "cli"
+LAUNCHED_BY_BACKFILL = "backfill"
+# A run submitted with none of Dagster's origin tags: the UI's launch buttons (or another client
+# of the webserver's API, such as `dagster job launch`).
+LAUNCHED_BY_UI = "ui"
+
+
+def launched_by_sensor(name: str) -> str:
+    """The LAUNCHED_BY_TAG value of a run that sensor `name` requested."""
+    return f"sensor:{name}"
+
+
+def launched_by_schedule(name: str) -> str:
+    """The LAUNCHED_BY_TAG value of a run that schedule `name` requested."""
+    return f"schedule:{name}"
+
+
+def launched_by(tags: Mapping[str, str]) -> str:
+    """Who launched a run with these tags: its own LAUNCHED_BY_TAG if it has one, else what
+    Dagster's tags say (a backfill, a sensor, a schedule), else the UI.
+
+    A re-execution (it has a parent run) copies its parent's tags, LAUNCHED_BY_TAG among them;
+    that one says who launched the parent, so it is not taken.
+    """
+    if tags.get(LAUNCHED_BY_TAG) and not tags.get(PARENT_RUN_TAG):
+        return tags[LAUNCHED_BY_TAG]
+    if tags.get(BACKFILL_TAG):
+        return LAUNCHED_BY_BACKFILL
+    if tags.get(SENSOR_NAME_TAG):
+        return launched_by_sensor(tags[SENSOR_NAME_TAG])
+    if tags.get(SCHEDULE_NAME_TAG):
+        return launched_by_schedule(tags[SCHEDULE_NAME_TAG])
+    return LAUNCHED_BY_UI
+
 
 ROW_COUNT = "dagster/row_count"
 COLUMN_SCHEMA = "dagster/column_schema"

@@ -20,6 +20,7 @@ from etl_assets.defs.resources import (
     FaultInjectionResource,
     StagingResource,
     WarehouseResource,
+    for_this_run,
     pipeline_settings,
 )
 from etl_assets.lib import errors, freshness
@@ -103,7 +104,8 @@ def build_profile_assets(
         context: dg.AssetExecutionContext, warehouse: WarehouseResource,
         staging: StagingResource, faults: FaultInjectionResource,
     ) -> dg.MaterializeResult:
-        settings = pipeline_settings(shard_count, warehouse, staging, faults)
+        settings = for_this_run(context, pipeline_settings(shard_count, warehouse, staging,
+                                                           faults))
         shard_id = int(context.partition_key)
         attempt = context.retry_number + 1
         started = time.monotonic()
@@ -132,7 +134,9 @@ def build_profile_assets(
                     record_count=result.record_count, elapsed_ms=elapsed_ms)
         return _shard_result(shard_id, attempt, elapsed_ms, result.record_count,
                              result.source_data_hash,
-                             preview=dg.MetadataValue.md(_preview_markdown(result.preview)))
+                             preview=dg.MetadataValue.md(_preview_markdown(result.preview)),
+                             # 0: DuckDB's default, one per core
+                             duckdb_threads=settings.duckdb_threads)
 
     @dg.asset(
         key=CUSTOMER_PROFILES,
@@ -156,7 +160,8 @@ def build_profile_assets(
         context: dg.AssetExecutionContext, warehouse: WarehouseResource,
         staging: StagingResource, faults: FaultInjectionResource,
     ) -> dg.MaterializeResult:
-        settings = pipeline_settings(shard_count, warehouse, staging, faults)
+        settings = for_this_run(context, pipeline_settings(shard_count, warehouse, staging,
+                                                           faults))
         try:
             count, skipped, summary = publish_profiles(settings)
         except (errors.PathError, ShardsNotCurrentError) as exc:

@@ -21,7 +21,8 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from etl_assets.lib import warehouse
+from etl_assets.defs.contracts import LAUNCHED_BY_CLI, LAUNCHED_BY_TAG
+from etl_assets.lib import limits, warehouse
 from etl_assets.lib.settings import ENV_VARS, EtlSettings
 
 
@@ -105,6 +106,32 @@ def pipeline_settings(
             values.update({field: getattr(resource, name)
                            for name, field in RESOURCES[key][1].items()})
     return EtlSettings.from_env(env={}, **values)
+
+
+def queue_slots(instance: dg.DagsterInstance) -> int:
+    """How many runs the instance's run queue lets be in progress at once (one per core when
+    it sets no limit)."""
+    cores = os.cpu_count() or 1
+    queue = instance.get_concurrency_config().run_queue_config
+    if queue is None or queue.max_concurrent_runs < 1:
+        return cores
+    return queue.max_concurrent_runs
+
+
+def for_this_run(
+    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, settings: EtlSettings
+) -> EtlSettings:
+    """`settings` with the DuckDB threads this step's run may use.
+
+    DUCKDB_THREADS, when set, wins; `etl-assets run` shares the cores among its own workers
+    (runner.worker_threads). Any other run (the UI, a backfill, a sensor, `dagster asset
+    materialize`) may run beside as many others as the run queue allows, so its connections
+    get cores / max_concurrent_runs threads: together they never ask for more than the cores.
+    """
+    if settings.duckdb_threads or context.run.tags.get(LAUNCHED_BY_TAG) == LAUNCHED_BY_CLI:
+        return settings
+    threads = limits.threads_per_run(os.cpu_count() or 1, queue_slots(context.instance))
+    return settings.replace(duckdb_threads=threads)
 
 
 def resources_for(settings: EtlSettings) -> dict[str, dg.ConfigurableResource]:

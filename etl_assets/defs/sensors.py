@@ -21,22 +21,29 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import dagster as dg
 
 from etl_assets.defs.contracts import (
     CHANGED_SHARDS_TAG,
-    CUSTOMER_PROFILES as PROFILES,
+    LAUNCHED_BY_TAG,
     PARTITION_TAG,
     RERUN_ATTEMPT_TAG,
     RERUN_OF_TAG,
     RETRYABLE,
     SHARD_INPUTS,
-    SHARD_PROFILES as SHARDS,
     SHARDS_JOB,
     SOURCE_KEYS,
     TRIGGER_TAG,
+    launched_by_schedule,
+    launched_by_sensor,
+)
+from etl_assets.defs.contracts import (
+    CUSTOMER_PROFILES as PROFILES,
+)
+from etl_assets.defs.contracts import (
+    SHARD_PROFILES as SHARDS,
 )
 from etl_assets.defs.resources import (
     AutomationResource,
@@ -57,7 +64,7 @@ class Evaluation:
     """What one sensor tick decided."""
 
     run_requests: list[dg.RunRequest] = field(default_factory=list)
-    skip_reason: Optional[str] = None
+    skip_reason: str | None = None
     cursor: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,7 +83,7 @@ ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
 
 
 def evaluate_source_files(
-    settings: EtlSettings, cursor: dict[str, Any], instance: Optional[dg.DagsterInstance] = None
+    settings: EtlSettings, cursor: dict[str, Any], instance: dg.DagsterInstance | None = None
 ) -> Evaluation:
     """Decide one tick of `source_files_sensor` from the files, the staged data and the cursor."""
     pending: dict[str, str] = dict(cursor.get("pending", {}))
@@ -190,7 +197,7 @@ def _requests_for_stale_shards(settings: EtlSettings, cursor: dict[str, Any]) ->
     )
 
 
-def evaluate_schedule(settings: EtlSettings) -> Any:
+def evaluate_schedule(settings: EtlSettings) -> list[dg.RunRequest] | dg.SkipReason:
     """One tick of `stale_partitions_schedule`: stage the sources freshness finds changed (the
     runner's rule), else one run per stale shard. A missing file is not requested (the file
     sensor's tick names it)."""
@@ -203,12 +210,12 @@ def evaluate_schedule(settings: EtlSettings) -> Any:
     except WarehouseLockedError as exc:
         return dg.SkipReason(_busy(exc))
     if changed:
-        return dg.RunRequest(asset_selection=_staging_selection(changed))
+        return [dg.RunRequest(asset_selection=_staging_selection(changed))]
     result = _requests_for_stale_shards(settings, {})
     return result.run_requests or dg.SkipReason(result.skip_reason or "nothing stale")
 
 
-def _shard_partition(run: dg.DagsterRun) -> Optional[str]:
+def _shard_partition(run: dg.DagsterRun) -> str | None:
     """The shard partition a run built, if it built one (asset selection or the shards job)."""
     targets_shards = SHARDS in (run.asset_selection or set()) or run.job_name == SHARDS_JOB
     return run.tags.get(PARTITION_TAG) if targets_shards else None
@@ -218,14 +225,14 @@ def _not_retryable(instance: dg.DagsterInstance, run_id: str) -> bool:
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
         data = entry.dagster_event.step_failure_data
         user = data.user_failure_data if data else None
-        if user is not None and user.metadata.get(RETRYABLE) is not None:
-            if user.metadata[RETRYABLE].value is False:
-                return True
+        flag = user.metadata.get(RETRYABLE) if user is not None else None
+        if flag is not None and flag.value is False:
+            return True
     return False
 
 
 def evaluate_failed_shards(
-    settings: EtlSettings, instance: dg.DagsterInstance, now: Optional[float] = None
+    settings: EtlSettings, instance: dg.DagsterInstance, now: float | None = None
 ) -> Evaluation:
     """Re-request shard partitions whose newest run failed, within the bound and the wait."""
     now = time.time() if now is None else now
@@ -270,6 +277,17 @@ def evaluate_failed_shards(
     return Evaluation(requests, skip_reason=reason)
 
 
+def tagged(requests: list[dg.RunRequest], origin: str) -> list[dg.RunRequest]:
+    """The requests, each tagged with who launched it (LAUNCHED_BY_TAG)."""
+    return [r.with_replaced_attrs(tags={**r.tags, LAUNCHED_BY_TAG: origin}) for r in requests]
+
+
+SOURCE_FILES_SENSOR = "source_files_sensor"
+FAILED_SHARD_SENSOR = "failed_shard_sensor"
+PROFILES_AUTOMATION = "profiles_automation_sensor"
+STALE_SCHEDULE = "stale_partitions_schedule"
+
+
 def build_sensors(settings: EtlSettings) -> list[Any]:
     """The three sensors (on by default) and the daily schedule (off by default).
 
@@ -283,7 +301,7 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
                else dg.DefaultSensorStatus.STOPPED)
 
     @dg.sensor(
-        name="source_files_sensor",
+        name=SOURCE_FILES_SENSOR,
         minimum_interval_seconds=settings.sensor_interval_s,
         default_status=default,
         target=targets,
@@ -297,13 +315,13 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         result = evaluate_source_files(pipeline_settings(shard_count, warehouse, staging),
                                        json.loads(context.cursor or "{}"), context.instance)
         return dg.SensorResult(
-            run_requests=result.run_requests,
+            run_requests=tagged(result.run_requests, launched_by_sensor(SOURCE_FILES_SENSOR)),
             skip_reason=result.skip_reason,
             cursor=json.dumps(result.cursor, sort_keys=True),
         )
 
     @dg.sensor(
-        name="failed_shard_sensor",
+        name=FAILED_SHARD_SENSOR,
         minimum_interval_seconds=settings.sensor_interval_s,
         default_status=default,
         target=[SHARDS],
@@ -316,10 +334,12 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
     ) -> dg.SensorResult:
         settings = pipeline_settings(shard_count, warehouse, staging, automation=automation)
         result = evaluate_failed_shards(settings, context.instance)
-        return dg.SensorResult(run_requests=result.run_requests, skip_reason=result.skip_reason)
+        return dg.SensorResult(
+            run_requests=tagged(result.run_requests, launched_by_sensor(FAILED_SHARD_SENSOR)),
+            skip_reason=result.skip_reason)
 
     @dg.schedule(
-        name="stale_partitions_schedule",
+        name=STALE_SCHEDULE,
         cron_schedule="0 3 * * *",
         target=targets,
         default_status=dg.DefaultScheduleStatus.STOPPED,
@@ -329,13 +349,17 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         context: dg.ScheduleEvaluationContext, warehouse: WarehouseResource,
         staging: StagingResource,
     ) -> Any:
-        return evaluate_schedule(pipeline_settings(shard_count, warehouse, staging))
+        result = evaluate_schedule(pipeline_settings(shard_count, warehouse, staging))
+        if isinstance(result, dg.SkipReason):
+            return result
+        return tagged(result, launched_by_schedule(STALE_SCHEDULE))
 
     # Declared here (not left to Dagster's implicit default) so that it is on by default,
     # ticks as often as the other sensors, and is visible by name in the UI.
     profiles_automation = dg.AutomationConditionSensorDefinition(
-        "profiles_automation_sensor",
+        PROFILES_AUTOMATION,
         target=[PROFILES],
+        run_tags={LAUNCHED_BY_TAG: launched_by_sensor(PROFILES_AUTOMATION)},
         default_status=default,
         minimum_interval_seconds=settings.sensor_interval_s,
         description="Evaluates customer_profiles' automation condition: rebuild once its shards "

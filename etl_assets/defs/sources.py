@@ -11,6 +11,7 @@ from etl_assets.defs.resources import (
     FaultInjectionResource,
     StagingResource,
     WarehouseResource,
+    for_this_run,
     pipeline_settings,
 )
 from etl_assets.lib import errors
@@ -58,7 +59,8 @@ def build_source_asset(schema: SourceSchema, shard_count: int) -> dg.AssetsDefin
     )
     def _source(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
                 staging: StagingResource, faults: FaultInjectionResource) -> dg.MaterializeResult:
-        settings = pipeline_settings(shard_count, warehouse, staging, faults)
+        settings = for_this_run(context, pipeline_settings(shard_count, warehouse, staging,
+                                                           faults))
         try:
             result = stage_source(schema, settings)
         except (SourceFileError, errors.PathError) as exc:

@@ -1,4 +1,5 @@
-"""Resource limits for DuckDB connections (a leaf module: settings and warehouse both use it)."""
+"""Resource limits: for DuckDB connections, and how many runs one machine takes at once (a leaf
+module: settings, warehouse and the instance config use it)."""
 
 from __future__ import annotations
 
@@ -12,3 +13,36 @@ class DuckDBLimits:
     memory_limit: str = ""
     threads: int = 0  # 0: DuckDB's default, one per core
     temp_directory: str = ""
+
+
+# DuckDB reads "KB/MB/GB/TB" as powers of 1000 and "KiB/MiB/GiB/TiB" as powers of 1024.
+_UNITS = {"K": 1, "M": 2, "G": 3, "T": 4}
+
+
+def memory_bytes(limit: str) -> int:
+    """A DuckDB memory limit such as `2GB` or `512MiB`, in bytes, read as DuckDB reads it."""
+    text = limit.strip().upper().replace(" ", "")
+    binary = text.endswith("IB")
+    number, unit = text[:-3 if binary else -2], text[-3 if binary else -2]
+    return int(float(number) * (1024 if binary else 1000) ** _UNITS[unit])
+
+
+def run_slots(cores: int, ram_bytes: int, memory_limit: str) -> int:
+    """How many Dagster runs may be in progress at once on this machine (at least 1).
+
+    One per core, so that runs launched together (a UI "Materialize all", a backfill, sensors)
+    never ask for more CPU than there is; and no more than leave half the memory to everything
+    but DuckDB when each run's connection fills its `memory_limit`.
+    """
+    by_memory = ram_bytes // (2 * memory_bytes(memory_limit)) if ram_bytes > 0 else cores
+    return max(1, min(cores, by_memory))
+
+
+def threads_per_run(cores: int, slots: int) -> int:
+    """DuckDB threads for one run's connections when up to `slots` runs share `cores` cores.
+
+    `slots` below 1 (a queue without a limit) counts as one run per core.
+    """
+    if slots < 1:
+        slots = cores
+    return max(1, cores // max(1, slots))

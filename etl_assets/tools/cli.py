@@ -9,16 +9,16 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
 
 from filelock import FileLock, Timeout
 
 from etl_assets.lib import errors, interrupts
-from etl_assets.tools.runner import RunOutcome, run_pipeline
 from etl_assets.lib.settings import EtlSettings, SettingsError
+from etl_assets.tools.instance import open_instance, pg_url, write_instance_config
+from etl_assets.tools.runner import RunOutcome, run_pipeline
 
 
 def _settings(args: argparse.Namespace) -> EtlSettings:
@@ -29,20 +29,6 @@ def _settings(args: argparse.Namespace) -> EtlSettings:
         duckdb_path=getattr(args, "duckdb", None),
         force=getattr(args, "force", None) or None,
     )
-
-
-# The instance config written into a new Dagster home (an existing one is left alone).
-# No compute-log capture: Dagster's default starts `tail -F` and a Python watcher process for
-# every run, only to mirror the steps' stdout, and our steps log through context.log (which
-# the UI shows) instead. Ctrl-C in a terminal reaches those helpers too, and the watcher
-# printed its own KeyboardInterrupt traceback.
-DAGSTER_YAML = """\
-telemetry:
-  enabled: false
-compute_logs:
-  module: dagster._core.storage.noop_compute_log_manager
-  class: NoOpComputeLogManager
-"""
 
 
 def ensure_writable_dir(path: Path) -> None:
@@ -65,7 +51,12 @@ def ensure_writable_dir(path: Path) -> None:
 
 
 def prepare_dagster_home(settings: EtlSettings) -> Path:
-    """Use DAGSTER_HOME if set, else the git-ignored default; create its folder and config."""
+    """Use DAGSTER_HOME if set, else the git-ignored default; create its folder and config.
+
+    The config (`tools.instance.instance_yaml`) keeps runs in SQLite inside the home, or in
+    PostgreSQL when DAGSTER_PG_URL is set, and sets the run queue's limits for this machine.
+    """
+    url = pg_url()  # checked before anything is written
     home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home).resolve()
     if set(str(home)) & set("?%"):
         # Dagster opens its SQLite storage through a URL: a "?" or "%" in the folder would
@@ -73,11 +64,9 @@ def prepare_dagster_home(settings: EtlSettings) -> Path:
         raise errors.PathError(home, "DAGSTER_HOME cannot contain '?' or '%' (Dagster's "
                                "SQLite storage URL would point elsewhere)")
     ensure_writable_dir(home)
-    config = home / "dagster.yaml"
     with errors.naming(home):
         settings.hook("dagster_home_write")
-        if not config.exists():
-            config.write_text(DAGSTER_YAML, encoding="utf-8")
+        write_instance_config(home, settings, url)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -85,11 +74,9 @@ def prepare_dagster_home(settings: EtlSettings) -> Path:
 def ensure_dagster_home(settings: EtlSettings) -> Path:
     """`prepare_dagster_home`, then create the instance's storage so runs can be recorded."""
     home = prepare_dagster_home(settings)
-    # Create the storage now: SQLite schema creation races when several processes (concurrent
-    # shard runs) open a brand-new home at the same moment.
-    import dagster as dg
-
-    with dg.DagsterInstance.get():
+    # Create the storage now: schema creation races when several processes (concurrent shard
+    # runs) open a brand-new home (SQLite) or database (Postgres) at the same moment.
+    with open_instance():
         pass
     return home
 
@@ -131,9 +118,8 @@ def preflight(settings: EtlSettings) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Materialize sources, every shard and customer_profiles; print the summary."""
-    import dagster as dg
-
     settings = _settings(args)
+    pg_url()  # a configuration error, like the settings': exit 2 before anything starts
     # Lines appear as they happen, also through a pipe (a test, `tee`, a log collector).
     echo = functools.partial(print, flush=True)
     with interrupts.watching() as watch:
@@ -143,15 +129,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             with one_run_at_a_time(settings, lambda: watch.received() is not None):
                 home = prepare_dagster_home(settings)
                 # A full disk under Dagster's own storage (SQLite: "database or disk is full").
-                with errors.disk_full_at(home):
-                    # One instance for the whole command (opening one costs about 0.5 s). It
-                    # creates the storage before any shard worker opens it, which avoids
-                    # SQLite's schema-creation race.
-                    with dg.DagsterInstance.get() as instance:
-                        phase = "sources"
-                        outcome = run_pipeline(settings, echo=echo, verbose=args.verbose,
-                                               workers=args.workers, instance=instance,
-                                               interrupted=lambda: watch.received() is not None)
+                # One instance for the whole command (opening one costs about 0.5 s). It
+                # creates the storage before any shard worker opens it, which avoids SQLite's
+                # schema-creation race; on Postgres, under a lock that other processes opening
+                # the same fresh database wait for.
+                with errors.disk_full_at(home), open_instance() as instance:
+                    phase = "sources"
+                    outcome = run_pipeline(settings, echo=echo, verbose=args.verbose,
+                                           workers=args.workers, instance=instance,
+                                           interrupted=lambda: watch.received() is not None)
         except KeyboardInterrupt as exc:
             phase = getattr(exc, "phase", phase)
             if args.verbose:
@@ -274,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `etl-assets` console script."""
     args = build_parser().parse_args(argv)
     try:

@@ -7,6 +7,7 @@ event log, so what the CLI prints is what the UI shows.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import multiprocessing
@@ -16,19 +17,25 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import dagster as dg
 
-from etl_assets.lib import freshness, staging
-from etl_assets.defs.contracts import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB
 from etl_assets.definitions import build_defs
+from etl_assets.defs.contracts import (
+    LAUNCHED_BY_CLI,
+    LAUNCHED_BY_TAG,
+    PROFILES_JOB,
+    SHARD_INPUTS,
+    SHARDS_JOB,
+    SOURCES_JOB,
+)
+from etl_assets.lib import freshness, staging
 from etl_assets.lib.errors import NO_SPACE
-from etl_assets.lib.interrupts import Interrupted
 from etl_assets.lib.events import format_event, parse_shard_event
+from etl_assets.lib.interrupts import Interrupted
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
-from etl_assets.defs.contracts import SHARD_INPUTS
 
 
 @dataclass
@@ -37,8 +44,8 @@ class ShardRow:
 
     shard_id: int
     attempts: int = 0
-    records: Optional[int] = None
-    elapsed_ms: Optional[int] = None
+    records: int | None = None
+    elapsed_ms: int | None = None
     ok: bool = False
     error: str = ""
     run_id: str = ""
@@ -116,10 +123,8 @@ def _init_worker(parent_pid: int) -> None:
     pays for its storage imports (about 0.7 s) while the sources are still staging, instead of
     in the first shard run of each worker.
     """
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
     # The signal only covers a parent that dies from now on; one that died while this worker
     # was still starting up (it takes a few seconds to import) would leave it orphaned.
     if os.getppid() != parent_pid:
@@ -199,7 +204,7 @@ def worker_threads(settings: EtlSettings, workers: int) -> int:
 
 
 def _run_shards(
-    settings: EtlSettings, shard_ids: list[int], pool: Optional[ProcessPoolExecutor],
+    settings: EtlSettings, shard_ids: list[int], pool: ProcessPoolExecutor | None,
     run_config: dict[str, Any], instance: dg.DagsterInstance, workers: int,
     tags: dict[str, str], interrupted: Callable[[], bool],
 ) -> Iterator[tuple[int, str, bool, str]]:
@@ -234,14 +239,14 @@ class _LazyPool:
 
     def __init__(self, workers: int, shard_count: int):
         self.workers, self.shard_count = workers, shard_count
-        self.pool: Optional[ProcessPoolExecutor] = None
+        self.pool: ProcessPoolExecutor | None = None
 
     @property
     def size(self) -> int:
         """How many shards run at once."""
         return max(1, min(self.workers, self.shard_count))
 
-    def start(self) -> Optional[ProcessPoolExecutor]:
+    def start(self) -> ProcessPoolExecutor | None:
         """The pool, started now if it was not; None when shards run one at a time here."""
         if self.pool is None and self.size > 1:
             self.pool = _start_pool(self.size)
@@ -261,10 +266,8 @@ class _LazyPool:
             return
         # ProcessPoolExecutor has no public way to reach its processes before Python 3.14.
         for process in list(getattr(self.pool, "_processes", {}).values()):
-            try:
+            with contextlib.suppress(OSError, ValueError):  # already gone
                 process.kill()
-            except (OSError, ValueError):
-                pass  # already gone
         for process in list(getattr(self.pool, "_processes", {}).values()):
             process.join(timeout=10)
 
@@ -330,7 +333,7 @@ def run_pipeline(
     echo: Callable[[str], None] = print,
     verbose: bool = False,
     workers: int = 1,
-    instance: Optional[dg.DagsterInstance] = None,
+    instance: dg.DagsterInstance | None = None,
     interrupted: Callable[[], bool] = _never,
 ) -> RunOutcome:
     """Materialize everything for `settings` in `instance` (default: the one at DAGSTER_HOME).
@@ -348,7 +351,9 @@ def run_pipeline(
             return run_pipeline(settings, echo, verbose, workers, own, interrupted)
     pool = _LazyPool(workers, settings.shard_count)
     outcome = RunOutcome(export_path=settings.export_path, snapshot_path=settings.snapshot_path)
-    tags = {INVOCATION_TAG: uuid.uuid4().hex}
+    # Every run also says who launched it (the UI filters on it; a step reads it to leave the
+    # DuckDB threads as this command shares them out among its workers).
+    tags = {INVOCATION_TAG: uuid.uuid4().hex, LAUNCHED_BY_TAG: LAUNCHED_BY_CLI}
     try:
         if freshness.guess_shards_needed(settings):
             pool.start()  # early, so that the workers' imports overlap the sources
