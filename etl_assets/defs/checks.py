@@ -9,8 +9,7 @@ from etl_assets.defs.contracts import CUSTOMER_PROFILES, not_retryable
 from etl_assets.defs.resources import (
     StagingResource,
     WarehouseResource,
-    for_this_run,
-    pipeline_settings,
+    step_settings,
 )
 from etl_assets.lib.checks import NoWarehouseError, ProfileFacts, profile_facts
 
@@ -37,7 +36,7 @@ def build_profile_checks(shard_count: int) -> dg.AssetChecksDefinition:
         context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource,
         staging: StagingResource,
     ) -> Iterator[dg.AssetCheckResult]:
-        settings = for_this_run(context, pipeline_settings(shard_count, warehouse, staging))
+        settings = step_settings(context, shard_count, warehouse, staging)
         try:
             facts = profile_facts(settings)
         except NoWarehouseError as exc:

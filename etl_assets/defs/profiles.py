@@ -20,8 +20,7 @@ from etl_assets.defs.resources import (
     FaultInjectionResource,
     StagingResource,
     WarehouseResource,
-    for_this_run,
-    pipeline_settings,
+    step_settings,
 )
 from etl_assets.lib import errors, freshness
 from etl_assets.lib.freshness import CODE_VERSION, PROFILES_SKIP_REASON
@@ -104,8 +103,7 @@ def build_profile_assets(
         context: dg.AssetExecutionContext, warehouse: WarehouseResource,
         staging: StagingResource, faults: FaultInjectionResource,
     ) -> dg.MaterializeResult:
-        settings = for_this_run(context, pipeline_settings(shard_count, warehouse, staging,
-                                                           faults))
+        settings = step_settings(context, shard_count, warehouse, staging, faults)
         shard_id = int(context.partition_key)
         attempt = context.retry_number + 1
         started = time.monotonic()
@@ -160,8 +158,7 @@ def build_profile_assets(
         context: dg.AssetExecutionContext, warehouse: WarehouseResource,
         staging: StagingResource, faults: FaultInjectionResource,
     ) -> dg.MaterializeResult:
-        settings = for_this_run(context, pipeline_settings(shard_count, warehouse, staging,
-                                                           faults))
+        settings = step_settings(context, shard_count, warehouse, staging, faults)
         try:
             count, skipped, summary = publish_profiles(settings)
         except (errors.PathError, ShardsNotCurrentError) as exc:

@@ -134,6 +134,15 @@ def for_this_run(
     return settings.replace(duckdb_threads=threads)
 
 
+def step_settings(
+    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, shard_count: int,
+    warehouse: WarehouseResource, staging: StagingResource,
+    faults: FaultInjectionResource | None = None,
+) -> EtlSettings:
+    """What a step hands the library: its resources' settings, with its run's DuckDB threads."""
+    return for_this_run(context, pipeline_settings(shard_count, warehouse, staging, faults))
+
+
 def resources_for(settings: EtlSettings) -> dict[str, dg.ConfigurableResource]:
     """Every resource, holding the values of `settings`."""
     return {key: cls(**{name: getattr(settings, field) for name, field in fields.items()})

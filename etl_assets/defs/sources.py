@@ -11,8 +11,7 @@ from etl_assets.defs.resources import (
     FaultInjectionResource,
     StagingResource,
     WarehouseResource,
-    for_this_run,
-    pipeline_settings,
+    step_settings,
 )
 from etl_assets.lib import errors
 from etl_assets.lib.freshness import SOURCE_SKIP_REASON, STAGING_VERSION
@@ -59,8 +58,7 @@ def build_source_asset(schema: SourceSchema, shard_count: int) -> dg.AssetsDefin
     )
     def _source(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
                 staging: StagingResource, faults: FaultInjectionResource) -> dg.MaterializeResult:
-        settings = for_this_run(context, pipeline_settings(shard_count, warehouse, staging,
-                                                           faults))
+        settings = step_settings(context, shard_count, warehouse, staging, faults)
         try:
             result = stage_source(schema, settings)
         except (SourceFileError, errors.PathError) as exc:
