@@ -301,3 +301,29 @@ def test_ui_marks_exactly_the_changed_shard_stale(server):
     assert after[changed][0] == "STALE", after
     assert any(c.startswith("shard_inputs:") for c in after[changed][1]), after
     assert {k for k, (status, _) in after.items() if status != "FRESH"} == {changed}, after
+
+
+RESOURCES = """
+query Resources($repo: RepositorySelector!) {
+  allTopLevelResourceDetailsOrError(repositorySelector: $repo) {
+    __typename
+    ... on ResourceDetailsList {
+      results { name resourceType configuredValues { key value type } assetKeysUsing { path } }
+    }
+  }
+}"""
+
+
+def test_the_resource_page_shows_each_typed_resource_and_its_variables(server):
+    """What the UI's resource page reads: the four resources, the warehouse on dagster-duckdb,
+    and a value the environment set shown as that variable (DATA_DIR), not a copy of it."""
+    repo = {"repositoryLocationName": "etl_assets", "repositoryName": "__repository__"}
+    found = _graphql(server["url"], RESOURCES, {"repo": repo})["allTopLevelResourceDetailsOrError"]
+    assert found["__typename"] == "ResourceDetailsList", found
+    by_name = {r["name"]: r for r in found["results"]}
+    assert set(by_name) == {"warehouse", "staging", "faults", "automation"}
+    assert by_name["warehouse"]["resourceType"].endswith("WarehouseResource")
+    values = {v["key"]: (v["type"], v["value"]) for v in by_name["staging"]["configuredValues"]}
+    assert values["data_dir"] == ("ENV_VAR", "DATA_DIR")
+    using = {"/".join(k["path"]) for k in by_name["warehouse"]["assetKeysUsing"]}
+    assert {"crm", "shard_profiles", "customer_profiles"} <= using
