@@ -31,9 +31,7 @@ from etl_assets.tools.instance import (
     MARKER,
     PG_URL_VAR,
     EtlRunCoordinator,
-    cores,
     instance_yaml,
-    ram_bytes,
     write_instance_config,
 )
 from etl_assets.tools.runner import run_pipeline
@@ -61,8 +59,8 @@ def _queue(instance: dg.DagsterInstance):
 
 def _assert_machine_limits(instance: dg.DagsterInstance) -> None:
     queue = _queue(instance)
-    assert queue.max_concurrent_runs == limits.run_slots(cores(), ram_bytes(), "2GB")
-    assert 1 <= queue.max_concurrent_runs <= cores()
+    assert queue.max_concurrent_runs == limits.run_slots(limits.cores(), limits.ram_bytes(), "2GB")
+    assert 1 <= queue.max_concurrent_runs <= limits.cores()
     assert queue.tag_concurrency_limits == [
         {"key": PARTITION_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]
 
@@ -92,7 +90,7 @@ def test_own_files_are_rewritten_a_users_file_is_kept(tmp_path):
     config = tmp_path / "dagster.yaml"
     config.write_text(LEGACY_YAML)  # what etl-assets wrote before
     assert write_instance_config(tmp_path, settings, None)
-    assert config.read_text() == instance_yaml(settings, False, cores(), ram_bytes())
+    assert config.read_text() == instance_yaml(settings, False, limits.cores(), limits.ram_bytes())
     assert not write_instance_config(tmp_path, settings, None)  # current: left as it is
 
     url = "postgresql+psycopg2://etl@db.example:5432/dagster"
@@ -267,7 +265,7 @@ def test_a_queued_run_gets_its_share_of_the_cores(ran_sample, tmp_path):
     """A run the queue launched gets cores / max_concurrent_runs DuckDB threads; `etl-assets
     run`'s own runs keep its split; DUCKDB_THREADS wins over both."""
     settings = ran_sample(4)
-    n = cores()
+    n = limits.cores()
     for slots in (1, 2):  # a queue of one run gives it every core; of two, half each
         home = tmp_path / f"queue{slots}"
         home.mkdir()

@@ -23,7 +23,6 @@ import pytest
 from etl_assets.defs.contracts import LAUNCHED_BY_TAG
 from etl_assets.lib import limits
 from etl_assets.lib.sharding import shard_of
-from etl_assets.tools.instance import cores, ram_bytes
 from etl_assets_tests.conftest import edit_crm
 
 # One `dagster dev` (webserver + daemon) serves every test here, in file order: under xdist the
@@ -244,12 +243,12 @@ def test_materialize_all_through_graphql(server):
     threads = {e.asset_materialization.metadata["duckdb_threads"].value for e in events.records
                if e.run_id in records and "duckdb_threads" in e.asset_materialization.metadata}
     memory = os.environ.get("DUCKDB_MEMORY_LIMIT") or "2GB"
-    assert slots == limits.run_slots(cores(), ram_bytes(), memory)
+    assert slots == limits.run_slots(limits.cores(), limits.ram_bytes(), memory)
     edges = sorted([(r.start_time, 1) for r in records.values()] +
                    [(r.end_time, -1) for r in records.values()])
     running = [sum(step for _, step in edges[:i + 1]) for i in range(len(edges))]
     assert 1 <= max(running) <= slots
-    assert threads == {limits.threads_per_run(cores(), slots)}
+    assert threads == {limits.threads_per_run(limits.cores(), slots)}
     [node] = _graphql(server["url"], CHECKS)["assetNodes"]
     checks = {c["name"]: c["executionForLatestMaterialization"]
               for c in node["assetChecksOrError"]["checks"]}

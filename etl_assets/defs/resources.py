@@ -109,13 +109,10 @@ def pipeline_settings(
 
 
 def queue_slots(instance: dg.DagsterInstance) -> int:
-    """How many runs the instance's run queue lets be in progress at once (one per core when
-    it sets no limit)."""
-    cores = os.cpu_count() or 1
+    """How many runs the instance's run queue lets be in progress at once (below 1: no limit,
+    which `limits.threads_per_run` counts as one run per core)."""
     queue = instance.get_concurrency_config().run_queue_config
-    if queue is None or queue.max_concurrent_runs < 1:
-        return cores
-    return queue.max_concurrent_runs
+    return queue.max_concurrent_runs if queue is not None else 0
 
 
 def for_this_run(
@@ -130,7 +127,7 @@ def for_this_run(
     """
     if settings.duckdb_threads or context.run.tags.get(LAUNCHED_BY_TAG) == LAUNCHED_BY_CLI:
         return settings
-    threads = limits.threads_per_run(os.cpu_count() or 1, queue_slots(context.instance))
+    threads = limits.threads_per_run(limits.cores(), queue_slots(context.instance))
     return settings.replace(duckdb_threads=threads)
 
 

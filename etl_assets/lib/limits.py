@@ -3,7 +3,21 @@ module: settings, warehouse and the instance config use it)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+
+def cores() -> int:
+    """The cores runs share (what `--workers` defaults to)."""
+    return os.cpu_count() or 1
+
+
+def ram_bytes() -> int:
+    """The machine's physical memory (0 if unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from etl_assets.lib import errors, interrupts
+from etl_assets.lib import errors, interrupts, limits
 from etl_assets.lib.settings import EtlSettings, SettingsError
 from etl_assets.tools.instance import open_instance, pg_url, write_instance_config
 from etl_assets.tools.runner import RunOutcome, run_pipeline
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shards", type=int, help="number of shards (SHARD_COUNT, default 10)")
     run.add_argument("--export", help="path of the merged CSV (EXPORT_PATH)")
     run.add_argument("--duckdb", help="warehouse file (DUCKDB_PATH)")
-    run.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    run.add_argument("--workers", type=int, default=limits.cores(),
                      help="shard partitions run at once, each in its own process "
                      "(default: the number of cores)")
     run.add_argument("--force", action="store_true",

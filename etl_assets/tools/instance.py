@@ -73,19 +73,6 @@ def pg_url(env: Mapping[str, str] | None = None) -> str | None:
     return url
 
 
-def cores() -> int:
-    """The cores runs share (what `--workers` defaults to)."""
-    return os.cpu_count() or 1
-
-
-def ram_bytes() -> int:
-    """The machine's physical memory (0 if unknown)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 def instance_yaml(settings: EtlSettings, postgres: bool, n_cores: int, ram: int) -> str:
     """The `dagster.yaml` of a home: storage (SQLite in the home, or Postgres at DAGSTER_PG_URL),
     no compute-log capture, and the run queue with its limits for this machine."""
@@ -134,7 +121,7 @@ def write_instance_config(home: Path, settings: EtlSettings, url: str | None) ->
     DAGSTER_PG_URL: that would put the runs in SQLite without a word.
     """
     config = home / "dagster.yaml"
-    text = instance_yaml(settings, url is not None, cores(), ram_bytes())
+    text = instance_yaml(settings, url is not None, limits.cores(), limits.ram_bytes())
     try:
         current: str | None = config.read_text(encoding="utf-8")
     except FileNotFoundError:

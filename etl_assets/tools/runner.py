@@ -30,7 +30,7 @@ from etl_assets.defs.contracts import (
     SHARDS_JOB,
     SOURCES_JOB,
 )
-from etl_assets.lib import freshness, staging
+from etl_assets.lib import freshness, limits, staging
 from etl_assets.lib.errors import NO_SPACE
 from etl_assets.lib.events import format_event, parse_shard_event
 from etl_assets.lib.interrupts import Interrupted
@@ -200,7 +200,7 @@ def worker_threads(settings: EtlSettings, workers: int) -> int:
     """
     if settings.duckdb_threads or workers <= 1:
         return settings.duckdb_threads
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, limits.cores() // workers)
 
 
 def _run_shards(
