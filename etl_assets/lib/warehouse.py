@@ -464,8 +464,7 @@ def _write_snapshot(
             # DETACH checkpoints: the file is complete (no WAL beside it) once it returns.
             con.execute(f"DETACH {SNAPSHOT}")
         except BaseException:
-            rollback_quietly(con)
-            _detach_quietly(con, SNAPSHOT)
+            _detach_quietly(con, SNAPSHOT)  # the transaction has already rolled back
             raise
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
