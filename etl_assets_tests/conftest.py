@@ -249,6 +249,27 @@ def user_tables(path: str | Path) -> dict[str, list[tuple]]:
         con.close()
 
 
+def old_and_new_homes(root: Path, rows: int,
+                      run: Callable[[Path, Path], subprocess.CompletedProcess]) -> dict:
+    """A home that processed generated data (seed 1), and the reference: what an undisturbed
+    run makes of new data (seed 2). `run(home, data)` runs the pipeline there and must succeed.
+    """
+    from etl_assets.tools.generate import generate
+
+    old_data, new_data = root / "old", root / "new"
+    generate(rows, seed=1, out_dir=old_data)
+    generate(rows, seed=2, out_dir=new_data)
+    old_home, ref_home = root / "old_home", root / "ref_home"
+    for home, data in ((old_home, old_data), (ref_home, new_data)):
+        home.mkdir()
+        proc = run(home, data)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {"old_home": old_home, "ref_home": ref_home, "new_data": new_data,
+            "old": shard_rows(old_home), "new": shard_rows(ref_home),
+            "old_export": (old_home / "merged_output.csv").read_bytes(),
+            "new_export": (ref_home / "merged_output.csv").read_bytes()}
+
+
 def processes_of(home: Path) -> list[int]:
     """Live processes started for this home (their environment names it), zombies aside."""
     marker = f"ETL_HOME={home}".encode()

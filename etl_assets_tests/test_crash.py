@@ -16,8 +16,7 @@ import duckdb
 import pytest
 
 from etl_assets.lib.faults import CRASH_POINTS
-from etl_assets.tools.generate import generate
-from etl_assets_tests.conftest import no_survivors, shard_rows, user_tables
+from etl_assets_tests.conftest import no_survivors, old_and_new_homes, shard_rows, user_tables
 
 BIN = Path(sys.executable).parent
 SHARDS = "4"
@@ -40,20 +39,9 @@ def _run(home: Path, data: Path, crash_at: str = "", workers: int = 1, **popen):
 @pytest.fixture(scope="module")
 def states(tmp_path_factory):
     """Old data fully processed (home to copy), and the reference result of the new data."""
-    root = tmp_path_factory.mktemp("crash")
-    old_data, new_data = root / "old", root / "new"
-    generate(1000, seed=1, out_dir=old_data)
-    generate(1000, seed=2, out_dir=new_data)
-    old_home, ref_home = root / "old_home", root / "ref_home"
-    for home, data in ((old_home, old_data), (ref_home, new_data)):
-        home.mkdir()
-        proc = _run(home, data)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {"old_home": old_home, "ref_home": ref_home, "new_data": new_data,
-            "old": shard_rows(old_home), "new": shard_rows(ref_home),
-            "old_export": (old_home / "merged_output.csv").read_bytes(),
-            "new_export": (ref_home / "merged_output.csv").read_bytes(),
-            "old_snapshot": _snapshot_rows(old_home), "new_snapshot": _snapshot_rows(ref_home)}
+    built = old_and_new_homes(tmp_path_factory.mktemp("crash"), 1000, _run)
+    return {**built, "old_snapshot": _snapshot_rows(built["old_home"]),
+            "new_snapshot": _snapshot_rows(built["ref_home"])}
 
 
 def _snapshot_rows(home: Path) -> list[tuple]:

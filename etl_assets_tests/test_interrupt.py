@@ -18,8 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from etl_assets.tools.generate import generate
-from etl_assets_tests.conftest import no_survivors, shard_rows
+from etl_assets_tests.conftest import no_survivors, old_and_new_homes, shard_rows
 
 BIN = Path(sys.executable).parent
 SHARDS = 4
@@ -47,19 +46,7 @@ def _run(home: Path, data: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """A home that processed the old data, and what an undisturbed run makes of the new."""
-    root = tmp_path_factory.mktemp("interrupt")
-    old_data, new_data = root / "old", root / "new"
-    generate(2000, seed=1, out_dir=old_data)
-    generate(2000, seed=2, out_dir=new_data)
-    old_home, ref_home = root / "old_home", root / "ref_home"
-    for home, data in ((old_home, old_data), (ref_home, new_data)):
-        home.mkdir()
-        proc = _run(home, data)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {"old_home": old_home, "new_data": new_data, "old": shard_rows(old_home),
-            "new": shard_rows(ref_home),
-            "old_export": (old_home / "merged_output.csv").read_bytes(),
-            "new_export": (ref_home / "merged_output.csv").read_bytes()}
+    return old_and_new_homes(tmp_path_factory.mktemp("interrupt"), 2000, _run)
 
 
 @pytest.mark.parametrize("signum, to_group, code", [
