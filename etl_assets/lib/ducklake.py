@@ -107,10 +107,17 @@ def is_missing_catalog(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.Error) and _NO_CATALOG in str(exc)
 
 
+class ChangedMeanwhile(RuntimeError):
+    """Raised by our own code inside a write that finds another writer changed what it was
+    judged from (a conflict DuckLake cannot see: it validates writes, not reads)."""
+
+
 def is_commit_conflict(exc: BaseException) -> bool:
-    """True for DuckLake's commit conflict (another writer committed to the same table first),
-    and for nothing else: other TransactionExceptions (no transaction open, two databases
-    written in one transaction) are not healed by running again."""
+    """True for DuckLake's commit conflict (another writer committed to the same table first)
+    or ChangedMeanwhile, and for nothing else: other TransactionExceptions (no transaction
+    open, two databases written in one transaction) are not healed by running again."""
+    if isinstance(exc, ChangedMeanwhile):
+        return True
     return isinstance(exc, duckdb.TransactionException) and _CONFLICT in str(exc)
 
 
@@ -149,7 +156,7 @@ def retry_conflicts(attempt: Callable[[], T], what: str, policy: ConflictRetry =
     for failures in range(1, policy.attempts + 1):
         try:
             return attempt()
-        except duckdb.TransactionException as exc:
+        except (duckdb.TransactionException, ChangedMeanwhile) as exc:
             if not is_commit_conflict(exc):
                 raise
             if failures == policy.attempts:

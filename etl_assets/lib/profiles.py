@@ -120,11 +120,19 @@ def _publish(settings: EtlSettings) -> tuple[int, bool, str]:
         stale = [k for k, state in shards.items() if not state.current]
         if stale:
             raise _not_current(stale)
+        judged = {k: state.entry for k, state in shards.items()}
+
+        def built_from(manifest: dict[int, dict]) -> None:
+            # DuckLake: a shard may have committed between the judgement above and the
+            # snapshot's read of the rows; then the publish starts again and judges anew.
+            if manifest != judged:
+                raise ducklake.ChangedMeanwhile("shards changed while customer_profiles was built")
+
         # Table, manifest, export and snapshot change together or not at all (see the function).
         count = warehouse.publish_customer_profiles(
             con, settings.shard_count, settings.export_path, settings.snapshot_path,
             {"shards_hash": freshness.shards_hash(shards),
-             "code_version": freshness.profiles_code()}, settings.hook)
+             "code_version": freshness.profiles_code()}, settings.hook, built_from)
         return count, False, profile_summary(con)
 
 

@@ -410,9 +410,14 @@ def read_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict[int,
     """shard_id -> {source_data_hash, code_version, record_count, run_id} for this layout."""
     if not _has_table(con, "shard_manifest"):
         return {}
+    return _manifest_in(con, ALIAS, shard_count)
+
+
+def _manifest_in(con: duckdb.DuckDBPyConnection, database: str,
+                 shard_count: int) -> dict[int, dict]:
     cur = con.execute(
         f"SELECT shard_id, source_data_hash, code_version, record_count, run_id "
-        f"FROM {ALIAS}.shard_manifest WHERE shard_count = ?",
+        f"FROM {database}.shard_manifest WHERE shard_count = ?",
         [shard_count],
     )
     names = [d[0] for d in cur.description]
@@ -651,9 +656,14 @@ def publish_customer_profiles(
     snapshot_path: str,
     manifest: dict[str, object],
     hook: Hook = no_hook,
+    built_from: Callable[[dict[int, dict]], None] | None = None,
 ) -> int:
     """Rebuild customer_profiles, write its export and its snapshot and record all three: all
     of it or none of it.
+
+    `built_from`, if given, is shown the shard manifest the snapshot's rows were read with
+    (same transaction) before anything is recorded, and raises if it is not the one
+    `manifest` was judged from: on DuckLake no lock keeps shards still meanwhile.
 
     `con` must have the warehouse attached. `manifest` holds shards_hash and code_version (the
     rest is filled in here). The order:
@@ -697,6 +707,8 @@ def publish_customer_profiles(
                     os.replace(snapshot_tmp, snapshot)
 
             with transaction(con, after_commit=publish_files):
+                if built_from is not None:
+                    built_from(_manifest_in(con, SNAPSHOT, shard_count))
                 con.execute(f"CREATE OR REPLACE TABLE {ALIAS}.customer_profiles AS "
                             f"SELECT * FROM {SNAPSHOT}.customer_profiles")
                 count = int(con.execute(
