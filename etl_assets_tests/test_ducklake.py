@@ -270,3 +270,15 @@ def test_etl_assets_run_on_postgres_and_ducklake_matches_the_embedded_run(
     assert [job for job, _ in runs].count("shards_job") == 4
     assert not (tmp_path / "shared" / "var" / "warehouse.duckdb").exists()
     assert (tmp_path / "shared" / "var" / "merged_output.snapshot.duckdb").is_file()
+
+
+def test_an_unreachable_catalog_is_one_line_without_the_password(tmp_path):
+    path = "ducklake:postgres:dbname=x host=127.0.0.1 port=1 user=postgres"
+    with warehouse.scratch() as con, \
+            pytest.raises(warehouse.WarehouseUnreachableError) as caught, \
+            warehouse.attached(con, path, 5, str(tmp_path / "data")):
+        pass
+    message = str(caught.value)
+    assert message.startswith(f"{path}: cannot attach the DuckLake catalog") and "\n" not in message
+    assert ducklake.redact(f"{path} password='a b' sslmode=require") == \
+        f"{path} password=*** sslmode=require"
