@@ -19,8 +19,8 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from etl_assets.lib import ducklake, warehouse
-from etl_assets.lib.profiles import InputsMovedError, build_shard
+from etl_assets.lib import ducklake, freshness, warehouse
+from etl_assets.lib.profiles import InputsMovedError, build_shard, publish_profiles
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings, SettingsError
 from etl_assets.lib.sharding import shard_of
@@ -167,6 +167,40 @@ def test_a_shard_built_from_slices_restaged_meanwhile_is_not_written(tmp_path, s
             ["cust_00000007"]).fetchall()
     assert (entry["run_id"], entry["source_data_hash"]) == ("newer", newer[0].source_data_hash)
     assert employees == [(4321,)]
+
+
+def test_a_shard_written_while_customer_profiles_is_published_makes_it_start_again(
+        tmp_path, sample_dir, lake, monkeypatch, caplog):
+    """No lock keeps the shards still while customer_profiles is built from them: a shard run
+    commits changed rows after the publish judged the shards. The publish sees that its
+    snapshot read another shard manifest, starts again, and records what its rows came from
+    (without that, it would record the judged shards and the next run would rebuild)."""
+    settings = _on_lake(tmp_path, sample_dir, lake, shard_count=2)
+    for schema in SOURCES.values():
+        stage_source(schema, settings)
+    for k in settings.shard_ids:
+        build_shard(settings, k, run_id="first")
+    check, meanwhile = warehouse.check_export_target, []
+    changed = shard_of("cust_00000007", settings.shard_count)  # the other shard stays current
+
+    def a_shard_commits_meanwhile(path: str) -> None:
+        if not meanwhile:  # after the shards were judged, before the snapshot reads them
+            edit_crm(sample_dir, {"cust_00000007": 4321})
+            stage_source(SOURCES["crm"], settings)
+            meanwhile.append(build_shard(settings, changed, run_id="meanwhile"))
+        check(path)
+
+    monkeypatch.setattr(warehouse, "check_export_target", a_shard_commits_meanwhile)
+    with caplog.at_level("WARNING", logger=ducklake.__name__):
+        count, skipped, _ = publish_profiles(settings)
+    assert (count, skipped) == (1000, False)
+    assert any('"what": "customer_profiles"' in r.getMessage() for r in caplog.records)
+    with warehouse.read_only(settings.duckdb_path, 5) as con:
+        # Recorded as built from the shards it was built from: the next run skips it.
+        assert freshness.profiles_state(settings, con).current
+        assert warehouse.read_manifest(con, 2)[changed]["run_id"] == "meanwhile"
+        assert con.execute("SELECT employee_count FROM wh.customer_profiles "
+                           "WHERE customer_id = 'cust_00000007'").fetchall() == [(4321,)]
 
 
 def test_retry_policy_is_bounded_and_retries_only_conflicts():
