@@ -42,7 +42,8 @@ SLOWEST_FIRST = ("test_ui.py", "test_daemon.py", "test_crash.py", "test_interrup
 # Modules whose tests share one expensive module fixture (a `dagster dev`, homes built by real
 # runs) and, for test_ui and test_failures, use it in file order or in place: each goes to one
 # xdist worker as a whole.
-ONE_WORKER = ("test_ui.py", "test_crash.py", "test_interrupt.py", "test_failures.py")
+ONE_WORKER = ("test_ui.py", "test_crash.py", "test_interrupt.py", "test_failures.py",
+              "test_ducklake.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -33,6 +33,8 @@ class WarehouseResource(DuckDBResource):
     lock_timeout_s: float = Field(default=60.0, description="Longest wait for the file lock (s).")
     memory_limit: str = Field(default="2GB", description="Per DuckDB connection, then spill.")
     threads: int = Field(default=0, description="DuckDB threads per connection (0: per core).")
+    ducklake_data_path: str = Field(
+        default="", description="With a ducklake: database, the shared folder of its data.")
 
     @contextmanager
     def read_only(self) -> Iterator[duckdb.DuckDBPyConnection | None]:
@@ -77,7 +79,8 @@ DEFINITION_TIME = ("shard_count", "shard_retry_delay_s")
 RESOURCES: dict[str, tuple[type[dg.ConfigurableResource], dict[str, str]]] = {
     "warehouse": (WarehouseResource, {
         "database": "duckdb_path", "lock_timeout_s": "lock_timeout_s",
-        "memory_limit": "duckdb_memory_limit", "threads": "duckdb_threads"}),
+        "memory_limit": "duckdb_memory_limit", "threads": "duckdb_threads",
+        "ducklake_data_path": "ducklake_data_path"}),
     "staging": (StagingResource, {
         "data_dir": "data_dir", "home_dir": "home_dir", "staging_dir": "staging_dir",
         "export_path": "export_path", "max_reject_fraction": "max_reject_fraction",

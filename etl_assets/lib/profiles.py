@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from etl_assets.lib import freshness, staging, warehouse
+from etl_assets.lib import ducklake, freshness, staging, warehouse
 from etl_assets.lib.faults import Hook
 from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import install_rules, merge_sql
@@ -64,15 +64,20 @@ def build_shard(
             "FROM new_rows ORDER BY customer_id LIMIT 5"
         ).fetchall()
         hook("shard_before_write")
-        with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s):
-            # Judged again under the warehouse lock, which every shard write holds: if a write
-            # of this shard built from a later staging has committed, the pointers no longer
-            # name our slices, and our older rows must not replace its rows.
+
+        def still_current() -> None:
+            # Judged again inside the write (under the file's lock; on DuckLake, a write of
+            # this shard committed meanwhile makes ours conflict and ask again): if a write of
+            # this shard built from a later staging has committed, the pointers no longer name
+            # our slices, and our older rows must not replace its rows.
             now = staging.current_sources(settings)
             if staging.shard_input_hash(now, shard_id) != source_hash:
                 raise InputsMovedError(
                     f"shard {shard_id}: the sources were staged again while it was built; its "
                     "rows were not written (the next attempt uses the new slices)")
+
+        with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s,
+                                settings.ducklake_data_path):
             written = warehouse.overwrite_shard(
                 con,
                 "new_rows",
@@ -84,6 +89,7 @@ def build_shard(
                     "run_id": run_id,
                 },
                 hook=hook,
+                still_current=still_current,
             )
     return ShardResult(shard_id, written, source_hash, preview)
 
@@ -101,19 +107,32 @@ def publish_profiles(settings: EtlSettings) -> tuple[int, bool, str]:
                 raise _not_current(state.stale_shards)
             if state.current:
                 return int(state.entry["row_count"]), True, profile_summary(con)
+    # On DuckLake another publisher can commit first: the whole publish runs again.
+    return ducklake.retry_conflicts(lambda: _publish(settings), "customer_profiles")
+
+
+def _publish(settings: EtlSettings) -> tuple[int, bool, str]:
     with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s,
-                          settings.duckdb_limits) as con:
+                          settings.duckdb_limits, settings.ducklake_data_path) as con:
         # Judged again under the write lock: a shard may have moved since. Never merge a partly
         # updated set of shards: the previous table, export and snapshot stay.
         shards = freshness.shard_states(freshness.without_overrides(settings), con)
         stale = [k for k, state in shards.items() if not state.current]
         if stale:
             raise _not_current(stale)
+        judged = {k: state.entry for k, state in shards.items()}
+
+        def built_from(manifest: dict[int, dict]) -> None:
+            # DuckLake: a shard may have committed between the judgement above and the
+            # snapshot's read of the rows; then the publish starts again and judges anew.
+            if manifest != judged:
+                raise ducklake.ChangedMeanwhile("shards changed while customer_profiles was built")
+
         # Table, manifest, export and snapshot change together or not at all (see the function).
         count = warehouse.publish_customer_profiles(
             con, settings.shard_count, settings.export_path, settings.snapshot_path,
             {"shards_hash": freshness.shards_hash(shards),
-             "code_version": freshness.profiles_code()}, settings.hook)
+             "code_version": freshness.profiles_code()}, settings.hook, built_from)
         return count, False, profile_summary(con)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from etl_assets.lib import ducklake
 from etl_assets.lib.faults import CRASH_MODES, FAULT_POINTS, Hook, crash_hook
 from etl_assets.lib.limits import DuckDBLimits
 
@@ -23,6 +24,7 @@ ENV_VARS: dict[str, str] = {
     "DATA_DIR": "data_dir",
     "ETL_HOME": "home_dir",
     "DUCKDB_PATH": "duckdb_path",
+    "DUCKLAKE_DATA_PATH": "ducklake_data_path",
     "STAGING_DIR": "staging_dir",
     "EXPORT_PATH": "export_path",
     "SHARD_COUNT": "shard_count",
@@ -60,7 +62,10 @@ class EtlSettings(BaseModel):
 
     data_dir: str = "data"
     home_dir: str = DEFAULT_HOME
+    # A DuckDB file, or a DuckLake catalog (ducklake:postgres:<libpq string>) whose table data
+    # lives under ducklake_data_path, a folder every writer shares.
     duckdb_path: str = ""
+    ducklake_data_path: str = ""
     staging_dir: str = ""
     export_path: str = ""
     shard_count: int = 10
@@ -126,6 +131,10 @@ class EtlSettings(BaseModel):
             )
         if self.duckdb_threads < 0:
             raise SettingsError(f"DUCKDB_THREADS must be >= 0, got {self.duckdb_threads}")
+        if ducklake.is_ducklake(self.duckdb_path):
+            problem = ducklake.problem(self.duckdb_path, self.ducklake_data_path)
+            if problem:
+                raise SettingsError(problem)
         if "?" in self.duckdb_path:
             # DuckDB reads what follows a "?" in a database path as connection options.
             raise SettingsError(
@@ -167,14 +176,28 @@ class EtlSettings(BaseModel):
                             str(Path(self.home_dir) / "duckdb_tmp"))
 
     @property
-    def snapshot_path(self) -> str:
-        """The read-only copy of the tables users query, next to the warehouse
-        (`warehouse.duckdb` -> `warehouse.snapshot.duckdb`): open it during a run.
+    def on_ducklake(self) -> bool:
+        """True if the warehouse is a DuckLake catalog rather than a DuckDB file."""
+        return ducklake.is_ducklake(self.duckdb_path)
 
-        Named after the warehouse so two warehouses in one folder never share one.
+    @property
+    def warehouse_dir(self) -> str:
+        """The folder the warehouse writes its files to: the DuckDB file's, or the lake's data."""
+        if self.on_ducklake:
+            return self.ducklake_data_path
+        return str(Path(self.duckdb_path).parent)
+
+    @property
+    def snapshot_path(self) -> str:
+        """The read-only copy of the tables users query: open it during a run.
+
+        Next to a warehouse file (`warehouse.duckdb` -> `warehouse.snapshot.duckdb`), named
+        after it so two warehouses in one folder never share one. A DuckLake warehouse has no
+        file of its own, and its data folder belongs to DuckLake: the snapshot goes next to
+        the export it is published with (`merged_output.csv` -> `merged_output.snapshot.duckdb`).
         """
-        warehouse = Path(self.duckdb_path)
-        return str(warehouse.with_name(f"{warehouse.stem}.snapshot.duckdb"))
+        beside = Path(self.export_path if self.on_ducklake else self.duckdb_path)
+        return str(beside.with_name(f"{beside.stem}.snapshot.duckdb"))
 
     @property
     def dagster_home(self) -> Path:
@@ -207,4 +230,8 @@ def _resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
     out["data_dir"] = str(Path(values.get("data_dir") or "data").resolve())
     for field, default in defaults.items():
         out[field] = str(Path(values[field]).resolve()) if values.get(field) else str(default)
+    if ducklake.is_ducklake(values.get("duckdb_path") or ""):
+        out["duckdb_path"] = values["duckdb_path"]  # a catalog, not a path: taken as written
+    if values.get("ducklake_data_path"):
+        out["ducklake_data_path"] = str(Path(values["ducklake_data_path"]).resolve())
     return out

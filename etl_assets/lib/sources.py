@@ -74,7 +74,8 @@ def stage_source(
                 raise SourceFileError(path, exc.problem) from None  # name the user's file
             staged = _write_slices(con, schema, settings, sha, hook)
             hook("source_before_rejected")
-            with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s):
+            with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s,
+                                    settings.ducklake_data_path):
                 warehouse.replace_rejected(con, schema.name, "rejected", sha, {
                     "staging_key": freshness.staging_key(settings),
                     "rows_read": report.rows_read,

@@ -3,6 +3,10 @@
 DuckDB lets one process hold a database file read-write. Heavy work happens in scratch in-memory
 connections; the warehouse file is attached only for the short write, which runs in one
 transaction and is always followed by DETACH/close, even when it fails.
+
+The warehouse may also be a DuckLake catalog (`ducklake.is_ducklake`): attached the same way,
+written with the same statements, but shared by many writers without a lock; their commit
+conflicts are retried (`ducklake.retry_conflicts`). Callers do not tell the two apart.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import duckdb
 
-from etl_assets.lib import errors
+from etl_assets.lib import ducklake, errors
 from etl_assets.lib.faults import Hook, no_hook
 from etl_assets.lib.limits import DuckDBLimits
 from etl_assets.lib.schema import profile_columns
@@ -42,7 +46,9 @@ def _profile_ddl(extra: str = "") -> str:
     return f"({cols}{extra})"
 
 
-# Tables are created on first use; the statements are idempotent.
+# Tables are created on first use; the statements are idempotent. The keys are not what keeps
+# one row per key (every write is DELETE by key + INSERT, in one transaction): DuckLake has no
+# PRIMARY KEY, and its DDL (`ddl`) leaves them out.
 DDL: tuple[str, ...] = (
     # shard_count is kept so rows from an earlier shard layout are never mixed with the current one.
     f"CREATE TABLE IF NOT EXISTS {ALIAS}.shard_profiles {_profile_ddl(', shard_count INTEGER')}",
@@ -65,7 +71,20 @@ DDL: tuple[str, ...] = (
     f"""CREATE TABLE IF NOT EXISTS {ALIAS}.rejected_rows (
         source VARCHAR, line_number BIGINT, customer_id VARCHAR, reason VARCHAR, raw VARCHAR,
         file_sha256 VARCHAR)""",
+    # One row that every shard and rejected-rows write updates first (see `_claim`).
+    f"CREATE TABLE IF NOT EXISTS {ALIAS}.write_guard AS SELECT CAST(0 AS BIGINT) AS writes",
 )
+
+
+def ddl(on_ducklake: bool) -> tuple[str, ...]:
+    """The statements that create the tables, for a DuckDB file or for DuckLake (no keys)."""
+    if not on_ducklake:
+        return DDL
+    return tuple(re.sub(r",\s*PRIMARY KEY \([^)]*\)| PRIMARY KEY", "", stmt) for stmt in DDL)
+
+
+class WarehouseUnreachableError(RuntimeError):
+    """The DuckLake catalog could not be attached (message without any password)."""
 
 
 def _sql_string(path: str) -> str:
@@ -123,22 +142,54 @@ def _detach_quietly(con: duckdb.DuckDBPyConnection, alias: str = ALIAS) -> None:
         con.execute(f"DETACH {alias}")
 
 
-@contextmanager
-def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float) -> Iterator[str]:
-    """Attach the warehouse file to `con` as `wh` for a short write; always detach afterwards.
+def _attach_ducklake(con: duckdb.DuckDBPyConnection, path: str, data_path: str,
+                     read_only: bool) -> None:
+    """ATTACH a DuckLake catalog as `wh`; an unreachable one is one line without a password."""
+    ducklake.load_extensions(con)
+    try:
+        con.execute(ducklake.attach_sql(path, ALIAS, data_path, read_only))
+    except duckdb.Error as exc:
+        if read_only and ducklake.is_missing_catalog(exc):
+            raise
+        lines = str(exc).strip().splitlines()
+        raise WarehouseUnreachableError(
+            f"{ducklake.redact(path)}: cannot attach the DuckLake catalog: "
+            f"{ducklake.redact(lines[0] if lines else type(exc).__name__)}") from None
 
+
+def _attach(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float, data_path: str) -> str:
+    """ATTACH the warehouse read-write as `wh`, creating it if new; return the folder its data
+    is written to (the one a full disk is named by)."""
+    if ducklake.is_ducklake(path):
+        with errors.naming(data_path):
+            Path(data_path).mkdir(parents=True, exist_ok=True)
+        _attach_ducklake(con, path, data_path, read_only=False)
+        return data_path
+    with errors.naming(Path(path).parent):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _with_lock_retry(lambda: con.execute(f"ATTACH {_sql_string(path)} AS {ALIAS}"), path,
+                     timeout_s)
+    return path
+
+
+@contextmanager
+def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float,
+             data_path: str = "") -> Iterator[str]:
+    """Attach the warehouse to `con` as `wh` for a short write; always detach afterwards.
+
+    `path` is a DuckDB file, or a DuckLake catalog with its table data under `data_path`.
     A full disk anywhere inside (ATTACH replaying the WAL, a COMMIT, the CHECKPOINT of DETACH)
-    is reported as DiskFullError naming the warehouse file. When the block fails, ROLLBACK and
-    DETACH are attempted but cannot replace its error.
+    is reported as DiskFullError naming the warehouse file (DuckLake: its data folder). When
+    the block fails, ROLLBACK and DETACH are attempted but cannot replace its error.
     """
-    with errors.disk_full_at(path):
-        with errors.naming(Path(path).parent):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        _with_lock_retry(lambda: con.execute(f"ATTACH {_sql_string(path)} AS {ALIAS}"), path,
-                         timeout_s)
+    on_lake = ducklake.is_ducklake(path)
+    with errors.disk_full_at(data_path if on_lake else path):
+        _attach(con, path, timeout_s, data_path)
         try:
-            for ddl in DDL:
-                con.execute(ddl)
+            for statement in ddl(on_lake):
+                # Two fresh writers creating the same table conflict on DuckLake; once the
+                # tables exist these statements change nothing and never conflict.
+                ducklake.retry_conflicts(lambda s=statement: con.execute(s), "creating tables")
             yield ALIAS
         except BaseException:
             rollback_quietly(con)
@@ -186,10 +237,10 @@ def scratch(limits: DuckDBLimits | None = None) -> Iterator[duckdb.DuckDBPyConne
 
 @contextmanager
 def reader(
-    path: str, timeout_s: float, limits: DuckDBLimits | None = None
+    path: str, timeout_s: float, limits: DuckDBLimits | None = None, data_path: str = ""
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """A scratch connection with the warehouse attached (for reads and short writes)."""
-    with scratch(limits) as con, attached(con, path, timeout_s):
+    with scratch(limits) as con, attached(con, path, timeout_s, data_path):
         yield con
 
 
@@ -202,19 +253,40 @@ def read_only(
 
     For decisions that only read (is a source or shard current?): a user's read-only
     connection to the warehouse (a notebook, the DuckDB CLI) does not block them, and they
-    never create a file or a table.
+    never create a file or a table. A DuckLake catalog never created is "no warehouse yet"
+    too (the READ_ONLY attach creates nothing); its data folder is the one its catalog records.
     """
-    if not Path(path).is_file():
+    on_lake = ducklake.is_ducklake(path)
+    if not on_lake and not Path(path).is_file():
         yield None
         return
     with scratch(limits) as con:
-        _with_lock_retry(
-            lambda: con.execute(f"ATTACH {_sql_string(path)} AS {ALIAS} (READ_ONLY)"),
-            path, timeout_s)
+        if on_lake:
+            try:
+                _attach_ducklake(con, path, "", read_only=True)
+                missing = False
+            except duckdb.Error as exc:
+                if not ducklake.is_missing_catalog(exc):
+                    raise
+                missing = True
+            if missing:
+                yield None
+                return
+        else:
+            _with_lock_retry(
+                lambda: con.execute(f"ATTACH {_sql_string(path)} AS {ALIAS} (READ_ONLY)"),
+                path, timeout_s)
         try:
             yield con
         finally:
             con.execute(f"DETACH {ALIAS}")
+
+
+def on_ducklake(con: duckdb.DuckDBPyConnection) -> bool:
+    """True if the warehouse attached to `con` is a DuckLake catalog."""
+    row = con.execute("SELECT type FROM duckdb_databases() WHERE database_name = ?",
+                      [ALIAS]).fetchone()
+    return row is not None and row[0] == "ducklake"
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
@@ -244,6 +316,19 @@ def transaction(
         raise
 
 
+def _claim(con: duckdb.DuckDBPyConnection) -> None:
+    """First statement of a key-replacing write: update the one row of write_guard.
+
+    DuckLake detects conflicts only between writes, and a DELETE that finds no row writes
+    nothing: two first writes of one shard would both commit, and the shard would hold both
+    runs' rows. Two transactions that updated the same row never both commit, so with this
+    any two concurrent writers conflict (they would anyway once the table has rows). It also
+    fixes the transaction's snapshot before anything is judged (see overwrite_shard). On a
+    DuckDB file the lock already serializes writers, and this costs one tiny update.
+    """
+    con.execute(f"UPDATE {ALIAS}.write_guard SET writes = writes + 1")
+
+
 def overwrite_shard(
     con: duckdb.DuckDBPyConnection,
     rows_table: str,
@@ -252,14 +337,35 @@ def overwrite_shard(
     shard_id: int,
     manifest: dict[str, object],
     hook: Hook = no_hook,
+    still_current: Callable[[], None] | None = None,
 ) -> int:
     """Replace one shard's rows and manifest entry in ONE transaction; return the rows written.
 
     `con` must have the warehouse attached (see `attached`). `rows_table` holds the new profile
     rows. `hook` is called at the fault points inside the transaction; if anything raises
     (or the process dies) before COMMIT, the old rows stay.
+
+    `still_current` (raising if the rows are outdated) is asked inside the transaction, after
+    `_claim`. On a DuckDB file the writer's lock makes that enough. On DuckLake a write of
+    this shard committed by anyone after the claim makes our COMMIT conflict, and the retry
+    asks `still_current` again, so rows judged current are never committed over a newer
+    write (a compare-and-set).
     """
+    return ducklake.retry_conflicts(
+        lambda: _overwrite_shard_once(con, rows_table, shard_count, shard_id, manifest, hook,
+                                      still_current),
+        f"shard {shard_id}")
+
+
+def _overwrite_shard_once(
+    con: duckdb.DuckDBPyConnection, rows_table: str, shard_count: int, shard_id: int,
+    manifest: dict[str, object], hook: Hook, still_current: Callable[[], None] | None,
+) -> int:
+    """One attempt of `overwrite_shard`: BEGIN, the body, COMMIT."""
     with transaction(con):
+        _claim(con)
+        if still_current is not None:
+            still_current()
         con.execute(
             f"DELETE FROM {ALIAS}.shard_profiles WHERE shard_count = ? AND shard_id = ?",
             [shard_count, shard_id],
@@ -274,8 +380,10 @@ def overwrite_shard(
             f"SELECT count(*) FROM {ALIAS}.shard_profiles WHERE shard_count = ? AND shard_id = ?",
             [shard_count, shard_id],
         ).fetchone()[0]
+        con.execute(f"DELETE FROM {ALIAS}.shard_manifest WHERE shard_count = ? AND shard_id = ?",
+                    [shard_count, shard_id])
         con.execute(
-            f"INSERT OR REPLACE INTO {ALIAS}.shard_manifest VALUES (?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO {ALIAS}.shard_manifest VALUES (?, ?, ?, ?, ?, ?)",
             [
                 shard_count,
                 shard_id,
@@ -302,9 +410,14 @@ def read_manifest(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict[int,
     """shard_id -> {source_data_hash, code_version, record_count, run_id} for this layout."""
     if not _has_table(con, "shard_manifest"):
         return {}
+    return _manifest_in(con, ALIAS, shard_count)
+
+
+def _manifest_in(con: duckdb.DuckDBPyConnection, database: str,
+                 shard_count: int) -> dict[int, dict]:
     cur = con.execute(
         f"SELECT shard_id, source_data_hash, code_version, record_count, run_id "
-        f"FROM {ALIAS}.shard_manifest WHERE shard_count = ?",
+        f"FROM {database}.shard_manifest WHERE shard_count = ?",
         [shard_count],
     )
     names = [d[0] for d in cur.description]
@@ -333,15 +446,27 @@ def replace_rejected(
 
     `manifest` holds staging_key, rows_read, rows_accepted, rows_rejected and reasons (JSON).
     """
+    ducklake.retry_conflicts(
+        lambda: _replace_rejected_once(con, source, rejected_table, file_sha256, manifest, hook),
+        f"rejected rows of {source}")
+
+
+def _replace_rejected_once(
+    con: duckdb.DuckDBPyConnection, source: str, rejected_table: str, file_sha256: str,
+    manifest: dict[str, object], hook: Hook,
+) -> None:
+    """One attempt of `replace_rejected`: BEGIN, the body, COMMIT."""
     with transaction(con):
+        _claim(con)
         con.execute(f"DELETE FROM {ALIAS}.rejected_rows WHERE source = ?", [source])
         con.execute(
             f"INSERT INTO {ALIAS}.rejected_rows SELECT ?, line_number, customer_id, reason, raw, ? "
             f"FROM {rejected_table} ORDER BY line_number",
             [source, file_sha256],
         )
+        con.execute(f"DELETE FROM {ALIAS}.source_manifest WHERE source = ?", [source])
         con.execute(
-            f"INSERT OR REPLACE INTO {ALIAS}.source_manifest VALUES (?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO {ALIAS}.source_manifest VALUES (?, ?, ?, ?, ?, ?, ?)",
             [source, file_sha256, manifest["staging_key"], manifest["rows_read"],
              manifest["rows_accepted"], manifest["rows_rejected"], manifest["reasons"]],
         )
@@ -485,8 +610,10 @@ def _write_export(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path, hook:
         # order when a query has no ORDER BY (preserve_insertion_order, on by default and set
         # here), so the export needs no second sort of every row.
         con.execute("SET preserve_insertion_order = true")
+        # DuckLake does not keep insertion order: there the export pays for the sort.
+        order = " ORDER BY customer_id" if on_ducklake(con) else ""
         con.execute(
-            f"COPY (SELECT * FROM {ALIAS}.customer_profiles) TO ? "
+            f"COPY (SELECT * FROM {ALIAS}.customer_profiles{order}) TO ? "
             "(FORMAT csv, HEADER true, DELIMITER ',')",
             [str(tmp)],
         )
@@ -529,9 +656,14 @@ def publish_customer_profiles(
     snapshot_path: str,
     manifest: dict[str, object],
     hook: Hook = no_hook,
+    built_from: Callable[[dict[int, dict]], None] | None = None,
 ) -> int:
     """Rebuild customer_profiles, write its export and its snapshot and record all three: all
     of it or none of it.
+
+    `built_from`, if given, is shown the shard manifest the snapshot's rows were read with
+    (same transaction) before anything is recorded, and raises if it is not the one
+    `manifest` was judged from: on DuckLake no lock keeps shards still meanwhile.
 
     `con` must have the warehouse attached. `manifest` holds shards_hash and code_version (the
     rest is filled in here). The order:
@@ -575,13 +707,17 @@ def publish_customer_profiles(
                     os.replace(snapshot_tmp, snapshot)
 
             with transaction(con, after_commit=publish_files):
+                if built_from is not None:
+                    built_from(_manifest_in(con, SNAPSHOT, shard_count))
                 con.execute(f"CREATE OR REPLACE TABLE {ALIAS}.customer_profiles AS "
                             f"SELECT * FROM {SNAPSHOT}.customer_profiles")
                 count = int(con.execute(
                     f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
                 sha = _write_export(con, tmp, target, hook)
+                con.execute(f"DELETE FROM {ALIAS}.profiles_manifest WHERE shard_count = ?",
+                            [shard_count])
                 con.execute(
-                    f"""INSERT OR REPLACE INTO {ALIAS}.profiles_manifest (shard_count,
+                    f"""INSERT INTO {ALIAS}.profiles_manifest (shard_count,
                         shards_hash, code_version, row_count, export_path, export_sha256,
                         snapshot_sha256) VALUES (?, ?, ?, ?, ?, ?, ?)""",
                     [shard_count, manifest["shards_hash"], manifest["code_version"], count,

@@ -111,7 +111,7 @@ def preflight(settings: EtlSettings) -> None:
         raise errors.PathError(data, "is not a directory (DATA_DIR / --data-dir)")
     # ETL_HOME first: when it is the problem, it is the folder to name.
     folders = [Path(settings.home_dir), Path(settings.staging_dir),
-               Path(settings.duckdb_path).parent]
+               Path(settings.warehouse_dir)]
     for folder in dict.fromkeys(folders):
         ensure_writable_dir(folder)
 
