@@ -206,7 +206,12 @@ def cmd_drill(args: argparse.Namespace) -> int:
         force=True,  # the drill is about a real retry of real work, not a skip
     )
     ensure_dagster_home(settings)
-    return run_drill(settings)
+    if not args.submit:
+        return run_drill(settings)
+    if pg_url() is None:
+        raise SettingsError(f"drill --submit needs {PG_URL_VAR}: the deployment's Dagster instance")
+    with open_instance() as instance:
+        return run_drill(settings, pipeline=functools.partial(submit_pipeline, instance=instance))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -268,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_argument("--data-dir", help="folder with the four CSV files")
     drill.add_argument("--shards", type=int, help="number of shards (SHARD_COUNT)")
     drill.add_argument("--export", help="path of the merged CSV (EXPORT_PATH)")
+    drill.add_argument("--submit", action="store_true",
+                       help="through the deployment's run queue and workers (DAGSTER_PG_URL)")
     drill.set_defaults(func=cmd_drill)
 
     bench = sub.add_parser("bench", help="time etl-assets run against shards/workers and the floor")
