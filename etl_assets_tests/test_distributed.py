@@ -262,6 +262,11 @@ def test_submit_runs_every_shard_on_the_workers(deployment: Deployment):
     assert "FAILED" not in out
     # Sources, ten shards and customer_profiles: all through the deployment's queue, all done.
     runs = _runs(dep)
+    with _instance(dep) as inst:  # DEBUG
+        for rec in reversed(inst.get_run_records()):
+            print("RUN", rec.dagster_run.job_name, rec.dagster_run.tags.get("dagster/partition"),
+                  rec.create_timestamp.timestamp() % 1000, rec.start_time and rec.start_time % 1000,
+                  rec.end_time and rec.end_time % 1000)
     assert len(runs) == 12 and {r.status.value for r in runs} == {"SUCCESS"}, runs
     shard_runs = [r for r in runs if r.job_name == "shards_job"]
     assert sorted(int(r.tags["dagster/partition"]) for r in shard_runs) == list(range(10))
@@ -326,7 +331,7 @@ def test_sigkilled_worker_mid_write_is_retried_elsewhere(deployment: Deployment)
                and line.split()[0].isdigit()]
     assert len(retried) == 1, out
     killed = [r for r in _runs(dep) if r.tags.get("dagster/partition") == retried[0].split()[0]]
-    hosts = _step_workers(dep, killed[-1].run_id)
+    hosts = _step_workers(dep, killed[0].run_id)  # newest first: this test's run
     assert hosts[0] == w3 and hosts[-1] in (w1, w2), hosts
     # Old or new, never a mix: every shard now holds exactly its new rows, and nothing is
     # lost: the export is the embedded run's of the new data, byte for byte.
