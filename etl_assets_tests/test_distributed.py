@@ -27,13 +27,16 @@ from unittest import mock
 import pytest
 
 from etl_assets.defs.executor import QUEUE
-from etl_assets_tests.conftest import SAMPLE, PgCluster, shard_rows, unavailable
+from etl_assets.lib.sharding import shard_of
+from etl_assets_tests.conftest import SAMPLE, PgCluster, edit_crm, shard_rows, unavailable
 
 pytestmark = pytest.mark.daemon
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 # Variables of the test's own environment that must not leak into the deployment's processes.
+# Customers whose crm row the second run changes: three shards' worth of work.
+CHANGED = ["cust_00000001", "cust_00000002", "cust_00000003"]
 DROP = ("SHARD_COUNT", "CHAOS_", "ETL_", "DAGSTER_", "DUCKDB_", "STAGING_DIR", "EXPORT_PATH",
         "DATA_DIR", "CELERY_")
 
@@ -171,12 +174,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, pg_cluster: PgCluster,
     """Postgres database + Redis + daemon + two workers, and the embedded reference runs."""
     import psycopg2
 
-    from etl_assets.tools.generate import generate
-
     root = tmp_path_factory.mktemp("distributed")
     shared = root / "shared"
-    new_data = root / "new_data"
-    generate(1000, seed=2, out_dir=new_data)
+    new_data = root / "new_data"  # the sample with a few customers of three shards changed
+    shutil.copytree(SAMPLE, new_data)
+    edit_crm(new_data, {c: 5000 + i for i, c in enumerate(CHANGED)})
     references = {"sample": _embedded(root / "ref_sample", SAMPLE),
                   "new": _embedded(root / "ref_new", new_data)}
     shutil.copytree(SAMPLE, shared / "data")
@@ -262,11 +264,6 @@ def test_submit_runs_every_shard_on_the_workers(deployment: Deployment):
     assert "FAILED" not in out
     # Sources, ten shards and customer_profiles: all through the deployment's queue, all done.
     runs = _runs(dep)
-    with _instance(dep) as inst:  # DEBUG
-        for rec in reversed(inst.get_run_records()):
-            print("RUN", rec.dagster_run.job_name, rec.dagster_run.tags.get("dagster/partition"),
-                  rec.create_timestamp.timestamp() % 1000, rec.start_time and rec.start_time % 1000,
-                  rec.end_time and rec.end_time % 1000)
     assert len(runs) == 12 and {r.status.value for r in runs} == {"SUCCESS"}, runs
     shard_runs = [r for r in runs if r.job_name == "shards_job"]
     assert sorted(int(r.tags["dagster/partition"]) for r in shard_runs) == list(range(10))
@@ -308,8 +305,7 @@ def test_sigkilled_worker_mid_write_is_retried_elsewhere(deployment: Deployment)
     try:
         dep.worker("w3", ETL_CRASH_AT="shard_before_commit", ETL_CRASH_MODE="stop")
         dep.wait_for_workers("w3")
-        shutil.rmtree(dep.shared / "data")
-        shutil.copytree(dep.new_data, dep.shared / "data")
+        shutil.copy(dep.new_data / "crm.csv", dep.shared / "data" / "crm.csv")
         run = subprocess.Popen([str(BIN / "etl-assets"), "run", "--submit"],
                                cwd=dep.root, env=dep.env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -337,7 +333,8 @@ def test_sigkilled_worker_mid_write_is_retried_elsewhere(deployment: Deployment)
     # lost: the export is the embedded run's of the new data, byte for byte.
     new = shard_rows(dep.references["new"])
     now = shard_rows_of(dep)
-    assert all(now[k] == new[k] for k in range(10)) and old != new
+    assert {k for k in range(10) if old[k] != new[k]} == {shard_of(c, 10) for c in CHANGED}
+    assert all(now[k] == new[k] for k in range(10))
     assert (dep.shared / "merged_output.csv").read_bytes() == \
         (dep.references["new"] / "merged_output.csv").read_bytes()
 
@@ -351,7 +348,9 @@ def test_chaos_drill_passes_on_the_workers(deployment: Deployment):
     proc = dep.client("drill", "--submit", "--shard", "3")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out + dep.log("daemon")
-    assert "failed, retrying (chaos: shard 3 fails on attempt 1)" in out
+    timeline = out[out.index("retry timeline of shard 3"):].splitlines()
+    assert "failed, retrying (ChaosFailure: chaos: shard 3 fails on attempt 1)" in timeline[2]
+    assert timeline[3].split()[0] == "2" and timeline[3].split()[-1] == "success", out
     assert re.search(r"^PASS  export rows (\d+) = distinct input customers \1 ", out, re.M), out
     assert "PASS  duplicate customer_id in export: 0" in out
 

@@ -63,10 +63,14 @@ class NoDeployment(RuntimeError):
     """--submit without a Postgres-backed Dagster instance to submit to."""
 
 
+# A worker's memory and cores are its own: its environment decides them, not this command's.
+MACHINE_FIELDS = ("memory_limit", "threads")
+
+
 def submit_config(settings: EtlSettings) -> dict[str, Any]:
-    """The run config every submitted run carries: this command's warehouse and staging paths
-    (and limits), and the faults it was asked to inject (the chaos drill); otherwise the
-    deployment's own fault settings (none, normally) stand."""
+    """The run config every submitted run carries: this command's warehouse and staging paths,
+    and the faults it was asked to inject (the chaos drill); otherwise the deployment's own
+    fault settings (none, normally) stand."""
     resources = resources_for(settings)
     keys = ["warehouse", "staging"]
     if settings.chaos_fail_shard is not None or settings.crash_at:
@@ -75,7 +79,8 @@ def submit_config(settings: EtlSettings) -> dict[str, Any]:
 
 
 def _config_of(resource: dg.ConfigurableResource) -> dict[str, Any]:
-    return {k: v for k, v in resource.model_dump().items() if v is not None}
+    return {k: v for k, v in resource.model_dump().items()
+            if v is not None and k not in MACHINE_FIELDS}
 
 
 @contextmanager

@@ -10,9 +10,11 @@ but a Dagster home (DAGSTER_HOME, default `var/dagster_home` under its folder) w
 
 from __future__ import annotations
 
+import os
 import socket
 
 from etl_assets.defs.executor import BROKER_VAR, QUEUE, app_args, broker_url
+from etl_assets.lib import limits
 from etl_assets.lib.settings import SettingsError
 
 
@@ -31,6 +33,11 @@ def run_worker(name: str, concurrency: int, loglevel: str = "INFO") -> int:
     broker = broker_url()
     if broker is None:
         raise SettingsError(f"etl-assets worker needs {BROKER_VAR} (the deployment's broker)")
+    # A step here has the machine's cores to itself but for the worker's other pool
+    # processes: DuckDB threads follow from the worker's concurrency, not from the run
+    # queue of the machine that launched the run (DUCKDB_THREADS, when set, wins).
+    if not os.environ.get("DUCKDB_THREADS", "").strip():
+        os.environ["DUCKDB_THREADS"] = str(max(1, limits.cores() // max(1, concurrency)))
     # Import the code location now, once, so each pool process forked from here starts warm.
     import etl_assets.definitions  # noqa: F401
 
