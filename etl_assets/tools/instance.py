@@ -85,8 +85,12 @@ def instance_yaml(settings: EtlSettings, postgres: bool, n_cores: int, ram: int,
 # The run queue (the daemon launches queued runs): at most one run in progress per core
 # ({n_cores}), fewer if DUCKDB_MEMORY_LIMIT ({memory}) per run would take over half the memory;
 # a queued run's DuckDB gets cores / max_concurrent_runs threads."""
+    dequeue = ""
     if celery:
         slots = limits.orchestrator_slots(n_cores, ram)
+        # Each phase of `etl-assets run --submit` waits for the queue to launch its runs; the
+        # default 5 s between looks would add up to 15 s a pipeline.
+        dequeue = "\n    dequeue_interval_seconds: 1"
         queue_comment = f"""\
 # The run queue (the daemon launches queued runs). With {BROKER_VAR} set, a run here only
 # orchestrates: Celery workers run its steps, one at a time each, so their number bounds the
@@ -115,7 +119,7 @@ run_coordinator:
   module: etl_assets.tools.instance
   class: EtlRunCoordinator
   config:
-    max_concurrent_runs: {slots}
+    max_concurrent_runs: {slots}{dequeue}
     tag_concurrency_limits:
       - key: {PARTITION_TAG}
         value:
