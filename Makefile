@@ -15,7 +15,7 @@ TEST_TMPDIR ?= $(if $(wildcard /dev/shm/.),/dev/shm,/tmp)
 PYTEST := TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -n 4 --dist loadscope
 FAST := not browser and not daemon and not kill and not cli
 
-.PHONY: help install run test test-fast lint ui sample clean chromium postgres
+.PHONY: help install run test test-fast lint ui sample clean chromium postgres broker
 
 ## Every target with one line each.
 help:
@@ -58,6 +58,10 @@ chromium:
 ## PostgreSQL server binaries for the tests that start their own server (Debian's postgresql).
 postgres:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; }
+
+## Redis server for the distributed tests' Celery broker (Debian's redis-server).
+broker:
+	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
 ## Regenerate the committed 1,000-customer sample.
 sample: $(STAMP)

@@ -1,8 +1,9 @@
 """The code location: every asset, check, job, sensor and resource of etl_assets, assembled here.
 
 `defs` is built from the environment; this is the one place SHARD_COUNT is read for the
-definitions (it decides the partitions). The CLI builds its own with `build_defs(settings)` so
-that flags can override the environment.
+definitions (it decides the partitions), and CELERY_BROKER_URL (it decides whether launched
+runs send their steps to Celery workers, `defs.executor`). The CLI builds its own with
+`build_defs(settings)` so that flags can override the environment.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dagster as dg
 
 from etl_assets.defs.checks import build_profile_checks
 from etl_assets.defs.contracts import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB
+from etl_assets.defs.executor import broker_url, executor_for
 from etl_assets.defs.profiles import build_profile_assets
 from etl_assets.defs.resources import resources_for, resources_from_env
 from etl_assets.defs.sensors import build_sensors
@@ -19,9 +21,12 @@ from etl_assets.defs.sources import build_source_assets
 from etl_assets.lib.settings import EtlSettings
 
 
-def build_defs(settings: EtlSettings | None = None) -> dg.Definitions:
+def build_defs(settings: EtlSettings | None = None, broker: str | None = None) -> dg.Definitions:
     """Assemble the Definitions for `settings` (default: from the environment, with each value
-    an environment variable gave configured as that variable)."""
+    an environment variable gave configured as that variable); with a Celery `broker` (default:
+    from the environment when `settings` is too), launched runs execute their steps there."""
+    if settings is None and broker is None:
+        broker = broker_url()
     resources = resources_for(settings) if settings else None
     settings = settings or EtlSettings.from_env()
     shard_count = settings.shard_count
@@ -51,6 +56,7 @@ def build_defs(settings: EtlSettings | None = None) -> dg.Definitions:
         asset_checks=[build_profile_checks(shard_count)],
         jobs=jobs,
         resources=resources or resources_from_env(settings),
+        executor=executor_for(broker),
     )
 
 

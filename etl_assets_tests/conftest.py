@@ -37,13 +37,13 @@ def examples(full: int) -> int:
 
 # Modules whose tests take longest start first, so that under xdist the long, mostly waiting
 # ones (a daemon's 30 s backfill ticks) overlap everything else instead of trailing at the end.
-SLOWEST_FIRST = ("test_ui.py", "test_daemon.py", "test_crash.py", "test_interrupt.py",
-                 "test_bench.py", "test_failures.py")
+SLOWEST_FIRST = ("test_distributed.py", "test_ui.py", "test_daemon.py", "test_crash.py",
+                 "test_interrupt.py", "test_bench.py", "test_failures.py")
 # Modules whose tests share one expensive module fixture (a `dagster dev`, homes built by real
 # runs) and, for test_ui and test_failures, use it in file order or in place: each goes to one
 # xdist worker as a whole.
 ONE_WORKER = ("test_ui.py", "test_crash.py", "test_interrupt.py", "test_failures.py",
-              "test_ducklake.py")
+              "test_ducklake.py", "test_distributed.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

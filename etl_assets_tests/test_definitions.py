@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from etl_assets.definitions import build_defs, defs
 from etl_assets.lib.settings import EtlSettings
@@ -144,3 +145,20 @@ def test_library_imports_neither_dagster_nor_defs_nor_tools():
                            if any(m == p or m.startswith(p + ".") for p in prefixes))
             assert wrong == [], f"{path.relative_to(REPO)} imports {wrong}"
     assert checked >= 20
+
+
+def test_the_executor_is_chosen_by_the_broker_setting(tmp_path):
+    """Without CELERY_BROKER_URL launched runs use Dagster's default executor; with one, every
+    job sends its steps to Celery; a URL that is no broker's is refused, naming the variable."""
+    from etl_assets.defs.executor import broker_url
+    from etl_assets.lib.settings import SettingsError
+
+    settings = EtlSettings.from_env(env={}, home_dir=str(tmp_path))
+    default = build_defs(settings)
+    celery = build_defs(settings, broker="redis://127.0.0.1:6379/0")
+    for job in ("sources_job", "shards_job", "profiles_job"):
+        assert default.resolve_job_def(job).executor_def.name != "celery"
+        assert celery.resolve_job_def(job).executor_def.name == "celery"
+    assert broker_url({}) is None
+    with pytest.raises(SettingsError, match="^CELERY_BROKER_URL must be a broker URL"):
+        broker_url({"CELERY_BROKER_URL": "http://example"})

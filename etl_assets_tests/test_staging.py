@@ -60,3 +60,19 @@ def test_a_source_with_no_valid_row_stages_empty_slices_for_every_shard(tmp_path
     assert plan_slices(schema, settings)[1] == result.staged.slice_hashes
     for k in range(3):
         assert duckdb.connect().read_parquet(result.staged.slice_files(k)).fetchall() == []
+
+
+def test_staging_read_from_another_mount_point_finds_its_own_files(tmp_path: Path,
+                                                                  sample_dir: Path):
+    """Shared staging mounted elsewhere on another machine: a reader there resolves every
+    version under its own STAGING_DIR, never at the path the stager's machine recorded."""
+    import shutil
+
+    settings = make_settings(tmp_path, sample_dir, shard_count=3)
+    stage_source(SOURCES["crm"], settings)
+    elsewhere = tmp_path / "mounted-elsewhere"
+    shutil.move(settings.staging_dir, elsewhere)  # the stager's path no longer exists
+    staged = staging.read_pointer(str(elsewhere), "crm")
+    assert Path(staged.version_dir).parent == elsewhere / "crm"
+    files = [f for k in range(3) for f in staged.slice_files(k)]
+    assert files and all(f.startswith(str(elsewhere)) for f in files)

@@ -39,6 +39,8 @@ RERUN_OF_TAG = "etl/rerun_of"
 # (tools/instance.py) every other run it receives, from what Dagster's own tags say.
 LAUNCHED_BY_TAG = "etl/launched_by"
 LAUNCHED_BY_CLI = "cli"
+# `etl-assets run --submit`: runs handed to a deployment's run queue, executed by its workers.
+LAUNCHED_BY_SUBMIT = "cli:submit"
 LAUNCHED_BY_BACKFILL = "backfill"
 # A run submitted with none of Dagster's origin tags: the UI's launch buttons (or another client
 # of the webserver's API, such as `dagster job launch`).

@@ -60,7 +60,7 @@ class FaultInjectionResource(dg.ConfigurableResource):
     chaos_fail_shard: int | None = Field(default=None, description="Shard that fails.")
     chaos_fail_mode: str = Field(default="once", description="once or always.")
     crash_at: str = Field(default="", description="A named write point to crash at.")
-    crash_mode: str = Field(default="kill", description="kill or enospc.")
+    crash_mode: str = Field(default="kill", description="kill, enospc or stop.")
 
 
 class AutomationResource(dg.ConfigurableResource):

@@ -4,7 +4,9 @@
 - `kill` (default): the process SIGKILLs itself: no cleanup, no `finally`, exactly what a killed
   worker or a power cut leaves behind;
 - `enospc`: the write raises `OSError(ENOSPC)`, as a full disk would in the middle of it; the
-  code around the write must name the path and leave nothing half-done.
+  code around the write must name the path and leave nothing half-done;
+- `stop`: the process SIGSTOPs itself and waits there, holding whatever it holds, for a test to
+  kill it from outside (a worker on another machine that dies in the middle of a write).
 Production code calls `hook(point)` at each point; by default that does nothing.
 """
 
@@ -48,7 +50,7 @@ INTERLEAVE_POINTS: tuple[str, ...] = (
 
 FAULT_POINTS: tuple[str, ...] = CRASH_POINTS + tuple(
     p for p in ENOSPC_POINTS + INTERLEAVE_POINTS if p not in CRASH_POINTS)
-CRASH_MODES: tuple[str, ...] = ("kill", "enospc")
+CRASH_MODES: tuple[str, ...] = ("kill", "enospc", "stop")
 
 
 def no_hook(point: str) -> None:
@@ -65,6 +67,6 @@ def crash_hook(crash_at: str, mode: str = "kill") -> Hook:
             return
         if mode == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP if mode == "stop" else signal.SIGKILL)
 
     return hook

@@ -52,6 +52,21 @@ def run_slots(cores: int, ram_bytes: int, memory_limit: str) -> int:
     return max(1, min(cores, by_memory))
 
 
+# What a run costs the machine that launches it when Celery workers run its steps: its process
+# only orchestrates (it waits on its steps, polling once a second), but starting it imports
+# Dagster and the code location (a few CPU-seconds) and it holds a few hundred MB.
+ORCHESTRATOR_BYTES = 1_000_000_000
+ORCHESTRATORS_PER_CORE = 4
+
+
+def orchestrator_slots(cores: int, ram_bytes: int) -> int:
+    """How many runs may be in progress at once on a machine whose runs only orchestrate (their
+    steps queue at the broker; the workers' own concurrency bounds the work): four per core,
+    so that launches overlap the waits, and no more than one per GB."""
+    by_memory = ram_bytes // ORCHESTRATOR_BYTES if ram_bytes > 0 else cores
+    return max(1, min(ORCHESTRATORS_PER_CORE * cores, by_memory))
+
+
 def threads_per_run(cores: int, slots: int) -> int:
     """DuckDB threads for one run's connections when up to `slots` runs share `cores` cores.
 

@@ -8,6 +8,7 @@ under a name a reader would use. Readers need no DuckDB lock.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -123,6 +124,9 @@ def read_pointer(staging_dir: str, source: str) -> StagedSource:
             f"source {source!r} has not been staged yet ({path} missing): materialize the "
             "sources first"
         ) from None
+    # The version is the pointer's sibling: found under this reader's staging_dir, whatever
+    # path the machine that staged it mounted the shared folder at.
+    staged = dataclasses.replace(staged, version_dir=str(path.parent / Path(staged.version_dir).name))
     if not Path(staged.version_dir).is_dir():
         raise StagingError(f"source {source!r}: staged version {staged.version_dir} is gone")
     return staged

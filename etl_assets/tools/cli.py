@@ -17,8 +17,9 @@ from filelock import FileLock, Timeout
 
 from etl_assets.lib import errors, interrupts, limits
 from etl_assets.lib.settings import EtlSettings, SettingsError
-from etl_assets.tools.instance import open_instance, pg_url, write_instance_config
+from etl_assets.tools.instance import PG_URL_VAR, open_instance, pg_url, write_instance_config
 from etl_assets.tools.runner import RunOutcome, run_pipeline
+from etl_assets.tools.submit import submit_pipeline
 
 
 def _settings(args: argparse.Namespace) -> EtlSettings:
@@ -119,7 +120,10 @@ def preflight(settings: EtlSettings) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Materialize sources, every shard and customer_profiles; print the summary."""
     settings = _settings(args)
-    pg_url()  # a configuration error, like the settings': exit 2 before anything starts
+    # A configuration error, like the settings': exit 2 before anything starts.
+    if pg_url() is None and args.submit:
+        raise SettingsError("--submit hands the runs to a deployment's run queue: set "
+                            f"{PG_URL_VAR} to its Dagster instance (PostgreSQL)")
     # Lines appear as they happen, also through a pipe (a test, `tee`, a log collector).
     echo = functools.partial(print, flush=True)
     with interrupts.watching() as watch:
@@ -135,9 +139,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 # the same fresh database wait for.
                 with errors.disk_full_at(home), open_instance() as instance:
                     phase = "sources"
-                    outcome = run_pipeline(settings, echo=echo, verbose=args.verbose,
-                                           workers=args.workers, instance=instance,
-                                           interrupted=lambda: watch.received() is not None)
+                    stop = lambda: watch.received() is not None  # noqa: E731
+                    if args.submit:
+                        outcome = submit_pipeline(settings, instance, echo=echo, interrupted=stop)
+                    else:
+                        outcome = run_pipeline(settings, echo=echo, verbose=args.verbose,
+                                               workers=args.workers, instance=instance,
+                                               interrupted=stop)
         except KeyboardInterrupt as exc:
             phase = getattr(exc, "phase", phase)
             if args.verbose:
@@ -198,7 +206,12 @@ def cmd_drill(args: argparse.Namespace) -> int:
         force=True,  # the drill is about a real retry of real work, not a skip
     )
     ensure_dagster_home(settings)
-    return run_drill(settings)
+    if not args.submit:
+        return run_drill(settings)
+    if pg_url() is None:
+        raise SettingsError(f"drill --submit needs {PG_URL_VAR}: the deployment's Dagster instance")
+    with open_instance() as instance:
+        return run_drill(settings, pipeline=functools.partial(submit_pipeline, instance=instance))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -211,6 +224,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print((out / "bench.md").read_text(encoding="utf-8"))
     print(f"written: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Serve a deployment's steps from the broker, recording them in its Postgres instance."""
+    from etl_assets.tools.worker import run_worker
+
+    if pg_url() is None:
+        raise SettingsError(f"etl-assets worker needs {PG_URL_VAR}: a worker records its steps "
+                            "in the deployment's Dagster instance (PostgreSQL)")
+    ensure_dagster_home(_settings(args))
+    return run_worker(args.name, args.concurrency)
 
 
 def cmd_home(args: argparse.Namespace) -> int:
@@ -233,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the number of cores)")
     run.add_argument("--force", action="store_true",
                      help="recompute every source and shard even if unchanged (ETL_FORCE)")
+    run.add_argument("--submit", action="store_true",
+                     help="hand the runs to the deployment's run queue (DAGSTER_PG_URL) and "
+                     "follow them, instead of running them here")
     run.add_argument("-v", "--verbose", action="store_true", help="also show Dagster's own logs")
     run.set_defaults(func=cmd_run)
 
@@ -246,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_argument("--data-dir", help="folder with the four CSV files")
     drill.add_argument("--shards", type=int, help="number of shards (SHARD_COUNT)")
     drill.add_argument("--export", help="path of the merged CSV (EXPORT_PATH)")
+    drill.add_argument("--submit", action="store_true",
+                       help="through the deployment's run queue and workers (DAGSTER_PG_URL)")
     drill.set_defaults(func=cmd_drill)
 
     bench = sub.add_parser("bench", help="time etl-assets run against shards/workers and the floor")
@@ -254,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     bench.add_argument("--out", default="var/bench", help="folder for bench.md/json/png")
     bench.set_defaults(func=cmd_bench)
+
+    worker = sub.add_parser("worker", help="a Celery worker for a deployment's steps "
+                            "(CELERY_BROKER_URL, DAGSTER_PG_URL)")
+    worker.add_argument("--name", default="etl", help="worker name, before @host (etl)")
+    worker.add_argument("--concurrency", type=int, default=1,
+                        help="steps at once (1: a shard's DuckDB gets the whole machine)")
+    worker.set_defaults(func=cmd_worker)
 
     home = sub.add_parser("home", help="create the Dagster home used by run and `make ui`")
     home.set_defaults(func=cmd_home)

@@ -89,9 +89,14 @@ def _clock(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
 
 
-def run_drill(settings: EtlSettings, echo: Callable[[str], None] = print) -> int:
-    """Run the pipeline with the chaos shard, print the timeline and the two verifications."""
-    outcome: RunOutcome = run_pipeline(settings, echo=echo)
+def run_drill(settings: EtlSettings, echo: Callable[[str], None] = print,
+              pipeline: Callable[..., RunOutcome] = run_pipeline) -> int:
+    """Run the pipeline with the chaos shard, print the timeline and the two verifications.
+
+    `pipeline(settings, echo=...)` runs it: here by default, or (`drill --submit`) through a
+    deployment's run queue and workers.
+    """
+    outcome: RunOutcome = pipeline(settings, echo=echo)
     shard = settings.chaos_fail_shard
     row = next((r for r in outcome.shards if r.shard_id == shard), None)
     if row is None or not row.run_id:

@@ -20,6 +20,7 @@ from pathlib import Path
 import dagster as dg
 
 from etl_assets.defs.contracts import LAUNCHED_BY_TAG, PARTITION_TAG, launched_by
+from etl_assets.defs.executor import BROKER_VAR, broker_url
 from etl_assets.lib import errors, limits
 from etl_assets.lib.settings import EtlSettings, SettingsError
 
@@ -29,8 +30,8 @@ PG_URL_VAR = "DAGSTER_PG_URL"
 PG_SCHEME = "postgresql+psycopg2://"
 
 # The first line of every dagster.yaml etl-assets writes. A file that starts with it is
-# rewritten whenever what it is made from changes (cores, memory limit, DAGSTER_PG_URL set or
-# not); one without it is the user's and is left alone.
+# rewritten whenever what it is made from changes (cores, memory limit, DAGSTER_PG_URL or
+# CELERY_BROKER_URL set or not); one without it is the user's and is left alone.
 MARKER = "# Written by `etl-assets home` (etl_assets/tools/instance.py); delete this line to keep"
 # What etl-assets wrote before the marker existed: also ours to rewrite.
 LEGACY_YAML = """\
@@ -73,11 +74,27 @@ def pg_url(env: Mapping[str, str] | None = None) -> str | None:
     return url
 
 
-def instance_yaml(settings: EtlSettings, postgres: bool, n_cores: int, ram: int) -> str:
+def instance_yaml(settings: EtlSettings, postgres: bool, n_cores: int, ram: int,
+                  celery: bool = False) -> str:
     """The `dagster.yaml` of a home: storage (SQLite in the home, or Postgres at DAGSTER_PG_URL),
-    no compute-log capture, and the run queue with its limits for this machine."""
+    no compute-log capture, and the run queue with its limits for this machine (with `celery`,
+    CELERY_BROKER_URL set, the runs here only orchestrate: the workers do the work)."""
     slots = limits.run_slots(n_cores, ram, settings.duckdb_memory_limit)
     memory = settings.duckdb_memory_limit
+    queue_comment = f"""\
+# The run queue (the daemon launches queued runs): at most one run in progress per core
+# ({n_cores}), fewer if DUCKDB_MEMORY_LIMIT ({memory}) per run would take over half the memory;
+# a queued run's DuckDB gets cores / max_concurrent_runs threads."""
+    dequeue = ""
+    if celery:
+        slots = limits.orchestrator_slots(n_cores, ram)
+        # Each phase of `etl-assets run --submit` waits for the queue to launch its runs; the
+        # default 5 s between looks would add up to 15 s a pipeline.
+        dequeue = "\n    dequeue_interval_seconds: 1"
+        queue_comment = f"""\
+# The run queue (the daemon launches queued runs). With {BROKER_VAR} set, a run here only
+# orchestrates: Celery workers run its steps, one at a time each, so their number bounds the
+# work; here at most {limits.ORCHESTRATORS_PER_CORE} runs per core ({n_cores}), one per GB."""
     storage = f"""\
 # Runs, events and schedules in PostgreSQL; each process reads the URL from ${PG_URL_VAR}.
 storage:
@@ -96,15 +113,13 @@ telemetry:
 compute_logs:
   module: dagster._core.storage.noop_compute_log_manager
   class: NoOpComputeLogManager
-{storage}# The run queue (the daemon launches queued runs): at most one run in progress per core
-# ({n_cores}), fewer if DUCKDB_MEMORY_LIMIT ({memory}) per run would take over half the memory;
-# a queued run's DuckDB gets cores / max_concurrent_runs threads. One run per shard
+{storage}{queue_comment} One run per shard
 # partition at a time: two would do the same work, one after the other.
 run_coordinator:
   module: etl_assets.tools.instance
   class: EtlRunCoordinator
   config:
-    max_concurrent_runs: {slots}
+    max_concurrent_runs: {slots}{dequeue}
     tag_concurrency_limits:
       - key: {PARTITION_TAG}
         value:
@@ -121,7 +136,8 @@ def write_instance_config(home: Path, settings: EtlSettings, url: str | None) ->
     DAGSTER_PG_URL: that would put the runs in SQLite without a word.
     """
     config = home / "dagster.yaml"
-    text = instance_yaml(settings, url is not None, limits.cores(), limits.ram_bytes())
+    text = instance_yaml(settings, url is not None, limits.cores(), limits.ram_bytes(),
+                         celery=broker_url() is not None)
     try:
         current: str | None = config.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import signal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,7 +80,12 @@ def _metadata(evaluation: Any) -> dict[str, Any]:
 
 def first_failure(result: dg.ExecuteInProcessResult) -> str:
     """One line: the first failed step's user-facing error."""
-    for event in result.all_events:
+    return failure_of(result.all_events)
+
+
+def failure_of(events: Iterable[dg.DagsterEvent]) -> str:
+    """One line: the user-facing error of the first step failure among a run's events."""
+    for event in events:
         if event.is_step_failure:
             data = event.step_failure_data
             if data.user_failure_data is not None and data.user_failure_data.description:
@@ -324,6 +329,20 @@ def shard_inputs_recorded(settings: EtlSettings, instance: dg.DagsterInstance) -
     return event.timestamp * 1e9 > staged_ns
 
 
+def shard_failure_reason(shards: list[ShardRow]) -> str:
+    """One line naming the failed shards ("" if none failed)."""
+    failed = [r for r in shards if not r.ok]
+    if not failed:
+        return ""
+    first = failed[0]
+    full = next((r for r in failed if r.error.endswith(f": {NO_SPACE}")), None)
+    if full is not None:
+        return full.error  # the disk is what to fix, whichever shard noticed first
+    others = f" (and shards {', '.join(str(r.shard_id) for r in failed[1:])})" if failed[1:] else ""
+    return (f"shard {first.shard_id} failed after {first.attempts} attempt(s): {first.error}"
+            f"{others}; customer_profiles was not rebuilt")
+
+
 def _never() -> bool:
     return False
 
@@ -425,19 +444,8 @@ def _run_all(
         rows[shard_id] = shard_row(shard_id, events, success, error)
         rows[shard_id].run_id = run_id
     outcome.shards = [rows[k] for k in settings.shard_ids]
-    failed = [r for r in outcome.shards if not r.ok]
-    if failed:
-        first = failed[0]
-        full = next((r for r in failed if r.error.endswith(f": {NO_SPACE}")), None)
-        if full is not None:
-            # The disk is what to fix, whichever shard noticed first.
-            outcome.reason = full.error
-            return
-        others = f" (and shards {', '.join(str(r.shard_id) for r in failed[1:])})" if failed[1:] else ""
-        outcome.reason = (
-            f"shard {first.shard_id} failed after {first.attempts} attempt(s): {first.error}{others}; "
-            "customer_profiles was not rebuilt"
-        )
+    outcome.reason = shard_failure_reason(outcome.shards)
+    if outcome.reason:
         return
 
     outcome.phase = "customer_profiles"

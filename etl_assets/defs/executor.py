@@ -1,0 +1,77 @@
+"""Which Dagster executor runs the steps of a launched run: the default, or Celery workers.
+
+Without CELERY_BROKER_URL, Dagster's default executor runs every step of a run in processes on
+the machine that launched it (what `make ui` and `dagster dev` do). With it (a `redis://` or
+`amqp://` URL), dagster-celery sends each step to the broker, and whichever Celery worker
+(`etl-assets worker`, on this machine or another) takes it runs it: the shards of a backfill
+then spread over the workers. `etl-assets run` is unaffected either way: it executes its runs
+in its own processes.
+
+Celery reads the same variable by itself, so the workers and the runs that feed them agree on
+the broker without being told twice. The settings below are the one definition both use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+
+from etl_assets.lib.settings import SettingsError
+
+BROKER_VAR = "CELERY_BROKER_URL"
+BROKER_SCHEMES = ("redis://", "rediss://", "amqp://", "pyamqp://")
+QUEUE = "dagster"  # dagster-celery's task routes send every step here
+
+# What a worker that dies in the middle of a step does to that step. acks_late: the broker
+# hands the step's message back unless a worker finished it; reject_on_worker_lost: a worker
+# whose step process was killed (SIGKILL, out of memory) gives it back at once, and another
+# worker runs the step again from the start. That is safe because every write of a step
+# commits in one transaction (a shard is old or new, never half). prefetch 1: a worker holds
+# only the step it runs, so a queued step never waits behind a long one on a busy worker.
+# visibility_timeout: a step whose whole worker vanished (machine lost) is handed out again
+# after this long; it must exceed the longest step, or a slow step would run twice at once.
+VISIBILITY_TIMEOUT_S = 3600
+CELERY_CONFIG: dict[str, Any] = {
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    "worker_prefetch_multiplier": 1,
+    "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+    "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+    "broker_connection_retry_on_startup": True,
+}
+
+
+def broker_url(env: Mapping[str, str] | None = None) -> str | None:
+    """CELERY_BROKER_URL, checked (SettingsError naming the variable, not its value), or None."""
+    url = (os.environ if env is None else env).get(BROKER_VAR, "").strip()
+    if not url:
+        return None
+    if not url.startswith(BROKER_SCHEMES):
+        raise SettingsError(f"{BROKER_VAR} must be a broker URL starting with one of "
+                            f"{', '.join(BROKER_SCHEMES)}")
+    return url
+
+
+def result_backend(broker: str) -> str:
+    """Where step results go back to the run: the same Redis, or RabbitMQ's reply queues."""
+    return broker if broker.startswith(("redis://", "rediss://")) else "rpc://"
+
+
+def app_args(broker: str) -> dict[str, Any]:
+    """The Celery app's arguments for this broker: the executor's and the workers' alike."""
+    return {"broker": broker, "backend": result_backend(broker), "config_source": CELERY_CONFIG}
+
+
+def executor_for(broker: str | None) -> dg.ExecutorDefinition | None:
+    """dagster-celery's executor configured for `broker`, or None (Dagster's default)."""
+    if broker is None:
+        return None
+    from dagster_celery import celery_executor
+
+    args = app_args(broker)
+    return celery_executor.configured(
+        {"broker": args["broker"], "backend": args["backend"],
+         "config_source": args["config_source"]}, name="celery")
