@@ -18,6 +18,7 @@ from filelock import FileLock, Timeout
 from etl_assets.lib import errors, interrupts, limits
 from etl_assets.lib.settings import EtlSettings, SettingsError
 from etl_assets.tools.instance import open_instance, pg_url, write_instance_config
+from etl_assets.tools.progress import Progress
 from etl_assets.tools.runner import RunOutcome, run_pipeline
 
 
@@ -122,8 +123,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     pg_url()  # a configuration error, like the settings': exit 2 before anything starts
     # Lines appear as they happen, also through a pipe (a test, `tee`, a log collector).
     echo = functools.partial(print, flush=True)
-    with interrupts.watching() as watch:
+    progress = Progress()  # stderr: a live display on a terminal, timestamped lines otherwise
+    with interrupts.watching() as watch, progress.running():
         phase = "startup"
+        progress.start_phase("startup", "opening the Dagster home and instance")
         try:
             preflight(settings)
             with one_run_at_a_time(settings, lambda: watch.received() is not None):
@@ -137,7 +140,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                     phase = "sources"
                     outcome = run_pipeline(settings, echo=echo, verbose=args.verbose,
                                            workers=args.workers, instance=instance,
-                                           interrupted=lambda: watch.received() is not None)
+                                           interrupted=lambda: watch.received() is not None,
+                                           progress=progress)
+                progress.start_phase("done", "every step and check passed" if outcome.ok
+                                     else f"FAILED: {outcome.reason}")
         except KeyboardInterrupt as exc:
             phase = getattr(exc, "phase", phase)
             if args.verbose:

@@ -36,6 +36,7 @@ from etl_assets.lib.events import format_event, parse_shard_event
 from etl_assets.lib.interrupts import Interrupted
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
+from etl_assets.tools.progress import Progress
 
 
 @dataclass
@@ -335,6 +336,7 @@ def run_pipeline(
     workers: int = 1,
     instance: dg.DagsterInstance | None = None,
     interrupted: Callable[[], bool] = _never,
+    progress: Progress | None = None,
 ) -> RunOutcome:
     """Materialize everything for `settings` in `instance` (default: the one at DAGSTER_HOME).
 
@@ -348,7 +350,8 @@ def run_pipeline(
     """
     if instance is None:
         with dg.DagsterInstance.get() as own:
-            return run_pipeline(settings, echo, verbose, workers, own, interrupted)
+            return run_pipeline(settings, echo, verbose, workers, own, interrupted, progress)
+    progress = progress or Progress(silent=True)
     pool = _LazyPool(workers, settings.shard_count)
     outcome = RunOutcome(export_path=settings.export_path, snapshot_path=settings.snapshot_path)
     # Every run also says who launched it (the UI filters on it; a step reads it to leave the
@@ -357,7 +360,7 @@ def run_pipeline(
     try:
         if freshness.guess_shards_needed(settings):
             pool.start()  # early, so that the workers' imports overlap the sources
-        _run_all(settings, echo, verbose, pool, instance, outcome, tags, interrupted)
+        _run_all(settings, echo, verbose, pool, instance, outcome, tags, interrupted, progress)
         return outcome
     except KeyboardInterrupt as exc:
         pool.kill()
@@ -378,7 +381,7 @@ def _cancel_unfinished(instance: dg.DagsterInstance, tags: dict[str, str]) -> No
 def _run_all(
     settings: EtlSettings, echo: Callable[[str], None], verbose: bool,
     pool: _LazyPool, instance: dg.DagsterInstance, outcome: RunOutcome, tags: dict[str, str],
-    interrupted: Callable[[], bool],
+    interrupted: Callable[[], bool], progress: Progress,
 ) -> None:
     defs = build_defs(settings)
     run_config = {} if verbose else QUIET_RUN_CONFIG
@@ -394,7 +397,10 @@ def _run_all(
             raise KeyboardInterrupt  # Dagster already failed the step it interrupted
         return result
 
+    progress.start_phase("sources", "checking which source files changed")
     changed = sources_to_stage(settings, echo)
+    progress.expect(len(changed), f"{len(changed)} of {len(SOURCES)} sources to stage"
+                    + (f" ({', '.join(changed)})" if changed else ", the others unchanged"))
     if changed or not shard_inputs_recorded(settings, instance):
         result = execute(SOURCES_JOB,
                          asset_selection=[dg.AssetKey(name) for name in changed] + [SHARD_INPUTS])
@@ -411,7 +417,10 @@ def _run_all(
     outcome.phase = "shards"
     if interrupted():
         raise KeyboardInterrupt
+    progress.start_phase("shards", "checking which shards changed")
     todo, rows = shards_to_run(settings, echo)
+    progress.expect(len(todo), f"{len(todo)} of {settings.shard_count} shards to build"
+                    + (", the others unchanged" if len(todo) < settings.shard_count else ""))
     workers = pool.start() if len(todo) > 1 else None
     for shard_id, run_id, success, error in _run_shards(settings, todo, workers, run_config,
                                                         instance, pool.size, tags, interrupted):
@@ -424,6 +433,10 @@ def _run_all(
             echo(format_event(event))
         rows[shard_id] = shard_row(shard_id, events, success, error)
         rows[shard_id].run_id = run_id
+        row = rows[shard_id]
+        progress.step(f"shard {shard_id} built: {row.records or 0:,} rows in "
+                      f"{(row.elapsed_ms or 0) / 1000:.1f} s" if success
+                      else f"shard {shard_id} FAILED", advance=1)
     outcome.shards = [rows[k] for k in settings.shard_ids]
     failed = [r for r in outcome.shards if not r.ok]
     if failed:
@@ -441,6 +454,8 @@ def _run_all(
         return
 
     outcome.phase = "customer_profiles"
+    progress.start_phase("customer_profiles", f"merging {settings.shard_count} shards into the "
+                         "table and the export (or finding them current)")
     result = execute(PROFILES_JOB)
     for evaluation in result.get_asset_check_evaluations():
         outcome.checks.append((evaluation.check_name, evaluation.passed, _metadata(evaluation)))
