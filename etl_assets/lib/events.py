@@ -4,6 +4,7 @@ and the progress a step reports while it runs."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +36,8 @@ def parse_shard_event(message: str) -> dict[str, Any] | None:
 # listens. With nobody listening (the UI's runs, the tests' `materialize`) it costs nothing.
 ProgressListener = Callable[[str, dict[str, Any]], None]
 _listeners: list[ProgressListener] = []
+# A forked worker process is not the process that listens.
+os.register_at_fork(after_in_child=_listeners.clear)
 
 
 def report_progress(stage: str, **fields: Any) -> None:

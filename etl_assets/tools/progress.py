@@ -13,6 +13,7 @@ stages through `lib.events.report_progress`.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -27,6 +28,14 @@ from etl_assets.lib.events import progress_listener
 PHASES = ("startup", "sources", "shards", "customer_profiles", "checks", "done")
 # A plain-line run says something at least this often (issue 15: no silent stretch over 5 s).
 HEARTBEAT_S = 4.0
+
+# One lock for every Progress: what it guards is the output. The runner forks its shard workers
+# while the heartbeat thread may run; holding the lock around the fork means no write is half
+# done in the parent (a child would inherit stderr's buffer lock held, and hang on its first
+# write).
+_LOCK = threading.RLock()
+os.register_at_fork(before=_LOCK.acquire, after_in_parent=_LOCK.release,
+                    after_in_child=_LOCK.release)
 
 _SOURCE_STAGES = {
     "source_copy": "{source}: copying and hashing the file",
@@ -54,7 +63,7 @@ class Progress:
         self.activity = "starting"
         self.total = 0
         self.completed = 0
-        self._lock = threading.RLock()
+        self._lock = _LOCK
         self._last_said = time.monotonic()
         self._phase_started = time.monotonic()
         self._stop = threading.Event()

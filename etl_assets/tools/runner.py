@@ -121,15 +121,19 @@ def _init_worker(parent_pid: int) -> None:
     """Worker initializer: die with the CLI, then open the Dagster instance once.
 
     A killed CLI must not leave shard writers running on their own. Opening the instance here
-    pays for its storage imports (about 0.7 s) while the sources are still staging, instead of
-    in the first shard run of each worker.
+    overlaps the sources still staging, instead of delaying the first shard run of each worker.
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    # The signal only covers a parent that dies from now on; one that died while this worker
-    # was still starting up (it takes a few seconds to import) would leave it orphaned.
+    # The signal only covers a parent that dies from now on; one that died meanwhile would
+    # leave this worker orphaned.
     if os.getppid() != parent_pid:
         os._exit(1)
+    # Forked: the CLI's signal watch (its wakeup fd and handlers) is not this process's. A
+    # signal here must not be recorded as one the CLI received.
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Ctrl-C reaches the whole process group: the CLI decides what happens to its workers
     # (it kills them), a worker must not print its own KeyboardInterrupt traceback meanwhile.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -177,14 +181,22 @@ def _shard_in_worker(
 
 
 def _warm_up() -> None:
-    """A no-op task: submitting it makes the pool start its worker now, whose imports (Dagster
-    and the code location, pulled in by unpickling the initializer) then overlap the sources."""
+    """A no-op task: submitting it makes the pool start its workers now, so that opening their
+    Dagster instance overlaps the sources."""
 
 
-def _start_pool(size: int) -> ProcessPoolExecutor:
-    """`size` worker processes for the shards, started early so their imports overlap the
-    sources."""
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB/gRPC
+def _start_pool(size: int, fork: bool) -> ProcessPoolExecutor:
+    """`size` worker processes for the shards, forked from this process.
+
+    Forked, not spawned: a spawned worker imports Dagster and the code location again (about
+    3 s of CPU each on this machine, measured with py-spy), which on 2 cores delays the sources
+    it was meant to overlap. A fork inherits the imports. It is safe because nothing a worker
+    uses is shared: it opens its own Dagster instance and DuckDB connections; the caller starts
+    the pool before it opens any DuckDB connection (DuckDB's threads do not survive a fork), and
+    no other thread of this process writes while it forks (progress takes its lock around it).
+    Started later (`fork` False: this process has run DuckDB and Dagster steps), it spawns.
+    """
+    context = multiprocessing.get_context("fork" if fork else "spawn")
     pool = ProcessPoolExecutor(max_workers=size, mp_context=context,
                                initializer=_init_worker, initargs=(os.getpid(),))
     for _ in range(size):
@@ -247,10 +259,14 @@ class _LazyPool:
         """How many shards run at once."""
         return max(1, min(self.workers, self.shard_count))
 
-    def start(self) -> ProcessPoolExecutor | None:
-        """The pool, started now if it was not; None when shards run one at a time here."""
+    def start(self, early: bool = False) -> ProcessPoolExecutor | None:
+        """The pool, started now if it was not; None when shards run one at a time here.
+
+        `early`: before this process opened any DuckDB connection or ran any step, so the
+        workers may be forked from it (see `_start_pool`).
+        """
         if self.pool is None and self.size > 1:
-            self.pool = _start_pool(self.size)
+            self.pool = _start_pool(self.size, fork=early)
         return self.pool
 
     def shutdown(self) -> None:
@@ -359,7 +375,7 @@ def run_pipeline(
     tags = {INVOCATION_TAG: uuid.uuid4().hex, LAUNCHED_BY_TAG: LAUNCHED_BY_CLI}
     try:
         if freshness.guess_shards_needed(settings):
-            pool.start()  # early, so that the workers' imports overlap the sources
+            pool.start(early=True)  # so that the workers' start overlaps the sources
         _run_all(settings, echo, verbose, pool, instance, outcome, tags, interrupted, progress)
         return outcome
     except KeyboardInterrupt as exc:
