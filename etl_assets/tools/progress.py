@@ -165,6 +165,9 @@ class Progress:
             self._stop.set()
             self._thread.join()
             if self._rich is not None:
+                if self._task is not None:  # the last phase ("done") shows as finished
+                    self._rich.update(self._task, completed=self.total or 1,
+                                      total=self.total or 1)
                 self._rich.stop()
                 self._rich = None
 
