@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from etl_assets.tools.bench import FULL_FLOOR_LABEL, _measure, fixed_cost_label
+from etl_assets.tools.bench import (
+    FULL_FLOOR_LABEL,
+    PHASE_FLOOR_LABEL,
+    _measure,
+    fixed_cost_label,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -22,15 +27,18 @@ def test_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     labels = [r["label"] for r in report["results"]]
-    assert labels == ["floor: one DuckDB query", FULL_FLOOR_LABEL,
+    assert labels == ["floor: one DuckDB query", FULL_FLOOR_LABEL, PHASE_FLOOR_LABEL,
                       "etl-assets run --shards 2 --workers 1",
                       "etl-assets run --shards 2 --workers 2", "unchanged re-run (skips)",
                       "one row changed re-run", fixed_cost_label(2, 2)]
     for r in report["results"]:
         assert r["wall_s"] > 0 and r["peak_rss_mb"] > 50 and r["rows_per_s"] > 0
-    runs = report["results"][2:4]
+    floors = report["results"][2]["phases"]
+    assert set(floors) == {"sources_s", "shards_s", "profiles_s", "outside_runs_s"}, floors
+    assert all(floors[k] > 0 for k in ("sources_s", "shards_s", "profiles_s")), floors
+    runs = report["results"][3:5]
     assert all(r["slowest_shard_ms"] and r["shard_compute_s"] is not None for r in runs)
-    for r in report["results"][2:]:
+    for r in report["results"][3:]:
         # Each phase comes from the Dagster runs of that command only: with runs of an earlier
         # command counted, the spans would outgrow the wall time and leave outside_runs_s < 0.
         phases = r["phases"]
@@ -41,7 +49,12 @@ def test_bench_smoke(tmp_path):
         assert all(v > 0 for v in phases.values()), phases
     assert report["machine"]["cores"] >= 1 and report["machine"]["floor_s"] > 0
     table = (out / "bench.md").read_text()
-    assert table.count("\n| ") == 8 and "× floor" in table and "outside runs s" in table
+    assert table.count("\n| ") == 9 and "× floor" in table and "outside runs s" in table
+    # Each run's phase beside that phase's own floor, as a multiple of it.
+    row = next(line for line in table.splitlines()
+               if line.startswith("| etl-assets run --shards 2 --workers 1 |"))
+    expected = report["results"][3]["phases"]["sources_s"] / floors["sources_s"]
+    assert row.split(" | ")[7].endswith(f"({expected:.1f}×)"), row
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not (out / "work").exists()  # generated data and warehouses are cleaned up

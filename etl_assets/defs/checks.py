@@ -12,6 +12,7 @@ from etl_assets.defs.resources import (
     step_settings,
 )
 from etl_assets.lib.checks import NoWarehouseError, ProfileFacts, profile_facts
+from etl_assets.lib.events import report_progress
 
 
 def _spec(name: str, description: str) -> dg.AssetCheckSpec:
@@ -37,6 +38,7 @@ def build_profile_checks(shard_count: int) -> dg.AssetChecksDefinition:
         staging: StagingResource,
     ) -> Iterator[dg.AssetCheckResult]:
         settings = step_settings(context, shard_count, warehouse, staging)
+        report_progress("checks")
         try:
             facts = profile_facts(settings)
         except NoWarehouseError as exc:

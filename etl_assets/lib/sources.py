@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 
 from etl_assets.lib import errors, freshness, staging, warehouse
+from etl_assets.lib.events import report_progress
 from etl_assets.lib.faults import Hook
 from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import install_rules
@@ -58,21 +59,28 @@ def stage_source(
         raise SourceFileError(*_missing(path))
     state = freshness.source_state(schema, settings)
     if state.reusable:  # never under --force: an overridden state is not judged
-        return SourceResult(state.recorded, state.staged,
-                            int((time.monotonic() - started) * 1000), True)
+        result = SourceResult(state.recorded, state.staged,
+                              int((time.monotonic() - started) * 1000), True)
+        _report_staged(schema, result)
+        return result
     hook("source_after_hash")
     snapshot_dir = staging.new_temp_dir(settings.staging_dir, schema.name)
     try:
         snapshot = snapshot_dir / schema.filename
+        report_progress("source_copy", source=schema.name)
         with errors.naming(snapshot_dir):
             sha = snapshot_file(path, snapshot, hook)
         with warehouse.scratch(settings.duckdb_limits) as con:
             install_rules(con)
+            report_progress("source_validate", source=schema.name)
             try:
                 report = read_source(con, snapshot, schema)
             except SourceFileError as exc:
                 raise SourceFileError(path, exc.problem) from None  # name the user's file
+            report_progress("source_stage", source=schema.name, rows=report.accepted,
+                            shards=settings.shard_count)
             staged = _write_slices(con, schema, settings, sha, hook)
+            report_progress("source_rejected", source=schema.name, rows=report.rejected)
             hook("source_before_rejected")
             with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s,
                                     settings.ducklake_data_path):
@@ -85,7 +93,14 @@ def stage_source(
                 }, hook)
     finally:
         shutil.rmtree(snapshot_dir, ignore_errors=True)
-    return SourceResult(report, staged, int((time.monotonic() - started) * 1000))
+    result = SourceResult(report, staged, int((time.monotonic() - started) * 1000))
+    _report_staged(schema, result)
+    return result
+
+
+def _report_staged(schema: SourceSchema, result: SourceResult) -> None:
+    report_progress("source_staged", source=schema.name, rows=result.report.accepted,
+                    rejected=result.report.rejected, elapsed_ms=result.elapsed_ms)
 
 
 def _missing(path: Path) -> tuple[Path, str]:

@@ -79,6 +79,47 @@ print(con.execute("SELECT count(*) FROM profiles").fetchone()[0])
 """
 FULL_FLOOR_LABEL = "full-width floor: one query, all columns, sorted table + CSV export"
 
+# Each phase's own floor: one DuckDB query doing that phase's work and nothing else (no
+# validation, quarantine, manifests, transactions or Dagster), timed one after the other in one
+# process. sources: read each CSV once with its types and write it as Parquet split by shard;
+# shards: join the four staged sets and score every customer (the pipeline's merge query) into
+# one table; customer_profiles + checks: that table sorted by customer_id, its CSV export, and
+# one pass counting rows, distinct ids and keys. Prints the three times as JSON.
+PHASE_FLOOR_SCRIPT = """
+import json, os, sys, time, duckdb
+from etl_assets.lib.rules import install_rules, merge_sql
+from etl_assets.lib.schema import SOURCES
+data, db, staged, out, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+os.makedirs(staged, exist_ok=True)
+con = duckdb.connect(db)
+con.execute("SET enable_progress_bar = false")
+install_rules(con)
+times = {}
+started = time.monotonic()
+for name, schema in SOURCES.items():
+    types = {c.name: "VARCHAR" if c.kind == "category" else c.sql_type for c in schema.columns}
+    con.execute(
+        "COPY (SELECT *, md5(customer_id) AS row_hash, etl_shard(customer_id, $n) AS shard_id "
+        "FROM read_csv($f, header = true, columns = $types)) "
+        "TO $dir (FORMAT parquet, PARTITION_BY (shard_id))",
+        {"f": f"{data}/{schema.filename}", "types": types, "n": n, "dir": f"{staged}/{name}"})
+times["sources_s"] = time.monotonic() - started
+started = time.monotonic()
+for name in SOURCES:
+    con.execute(f"CREATE VIEW {name} AS SELECT * EXCLUDE (shard_id) FROM "
+                f"read_parquet('{staged}/{name}/*/*.parquet', hive_partitioning = true)")
+con.execute(f"CREATE TABLE shard_profiles AS {merge_sql()}", {"shard_id": 0})
+times["shards_s"] = time.monotonic() - started
+started = time.monotonic()
+con.execute("CREATE TABLE customer_profiles AS SELECT * FROM shard_profiles ORDER BY customer_id")
+con.execute("COPY customer_profiles TO $out (FORMAT csv, HEADER true)", {"out": out})
+con.execute("SELECT count(*), count(DISTINCT customer_id), count(DISTINCT idempotency_key) "
+            "FROM customer_profiles").fetchall()
+times["profiles_s"] = time.monotonic() - started
+print(json.dumps({k: round(v, 2) for k, v in times.items()}))
+"""
+PHASE_FLOOR_LABEL = "phase floors: one DuckDB query per phase's work"
+
 # The same command on a tiny input: what process start, the Dagster instance and one Dagster run
 # per job and shard cost whatever the data, i.e. the part of every figure no data work explains.
 FIXED_ROWS = 1_000
@@ -209,6 +250,8 @@ def run_bench(rows: int, shard_counts: list[int], worker_counts: list[int], out_
     results.append(Measurement(FULL_FLOOR_LABEL, None, None, round(wall, 2), round(rss, 1),
                                round(rows / wall)))
     echo(f"full-width floor {wall:.2f}s")
+    results.append(_phase_floors(data, floor_home, rows, max(shard_counts)))
+    echo(f"phase floors {results[-1].phases}")
     shutil.rmtree(floor_home)
 
     last_home = None
@@ -236,6 +279,17 @@ def run_bench(rows: int, shard_counts: list[int], worker_counts: list[int], out_
     _write_reports(results, rows, out_dir)
     shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def _phase_floors(data: Path, home: Path, rows: int, shards: int) -> Measurement:
+    """One query per phase, each timed on its own (see PHASE_FLOOR_SCRIPT)."""
+    wall, rss, out = _measure([sys.executable, "-c", PHASE_FLOOR_SCRIPT, str(data),
+                               str(home / "phases.duckdb"), str(home / "phases_staged"),
+                               str(home / "phases.csv"), str(shards)], dict(os.environ), home)
+    phases = json.loads(out.strip().splitlines()[-1])
+    phases["outside_runs_s"] = round(wall - sum(phases.values()), 2)
+    return Measurement(PHASE_FLOOR_LABEL, shards, None, round(wall, 2), round(rss, 1),
+                       round(rows / wall), phases=phases)
 
 
 def _fixed_cost(work: Path, shards: int, workers: int) -> Measurement:
@@ -271,20 +325,35 @@ def _write_reports(results: list[Measurement], rows: int, out_dir: Path) -> None
              "", "| configuration | wall s | × floor | rows/s | peak RSS MB | slowest shard ms "
              "| shard compute s | sources s | shards s | customer_profiles + checks s "
              "| outside runs s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    phase_floor = next((r.phases for r in results if r.label == PHASE_FLOOR_LABEL), {})
     for r in results:
-        phases = [r.phases.get(k, "") for k in ("sources_s", "shards_s", "profiles_s",
-                                                "outside_runs_s")]
+        phases = [_beside_floor(r, k, phase_floor) for k in ("sources_s", "shards_s",
+                                                             "profiles_s")]
+        phases.append(r.phases.get("outside_runs_s", ""))
         lines.append(f"| {r.label} | {r.wall_s} | {r.wall_s / floor:.1f} | {r.rows_per_s:,} | "
                      f"{r.peak_rss_mb} | {r.slowest_shard_ms or ''} | {r.shard_compute_s or ''} | "
                      + " | ".join(str(p) for p in phases) + " |")
     lines += ["", "sources / shards / customer_profiles + checks: from the first start to the last "
-              "end of that job's Dagster runs; outside runs: process start, imports and the "
-              "time between runs."]
+              "end of that job's Dagster runs, and in brackets that time as a multiple of the "
+              "phase's own floor (the phase floors row: one DuckDB query doing that phase's "
+              "work: read each CSV and write it split by shard as Parquet; join and score every "
+              "shard into one table; sort it, export the CSV and count rows, ids and keys); "
+              "outside runs: process start, imports and the time between runs."]
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     try:
         _chart(results, out_dir / "bench.png")
     except ModuleNotFoundError as exc:  # the chart is optional: pip install 'etl_assets[bench]'
         print(f"no chart: {exc.name} is not installed (pip install 'etl_assets[bench]')")
+
+
+def _beside_floor(r: Measurement, key: str, floor: dict) -> str:
+    """A run's phase time with its multiple of that phase's floor, e.g. `11.6 (3.1×)`."""
+    value = r.phases.get(key)
+    if value is None:
+        return ""
+    if r.label == PHASE_FLOOR_LABEL or not floor.get(key):
+        return str(value)
+    return f"{value} ({value / floor[key]:.1f}×)"
 
 
 def _chart(results: list[Measurement], path: Path) -> None:

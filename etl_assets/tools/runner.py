@@ -36,6 +36,7 @@ from etl_assets.lib.events import format_event, parse_shard_event
 from etl_assets.lib.interrupts import Interrupted
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
+from etl_assets.tools.progress import Progress
 
 
 @dataclass
@@ -125,15 +126,19 @@ def _init_worker(parent_pid: int) -> None:
     """Worker initializer: die with the CLI, then open the Dagster instance once.
 
     A killed CLI must not leave shard writers running on their own. Opening the instance here
-    pays for its storage imports (about 0.7 s) while the sources are still staging, instead of
-    in the first shard run of each worker.
+    overlaps the sources still staging, instead of delaying the first shard run of each worker.
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    # The signal only covers a parent that dies from now on; one that died while this worker
-    # was still starting up (it takes a few seconds to import) would leave it orphaned.
+    # The signal only covers a parent that dies from now on; one that died meanwhile would
+    # leave this worker orphaned.
     if os.getppid() != parent_pid:
         os._exit(1)
+    # Forked: the CLI's signal watch (its wakeup fd and handlers) is not this process's. A
+    # signal here must not be recorded as one the CLI received.
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Ctrl-C reaches the whole process group: the CLI decides what happens to its workers
     # (it kills them), a worker must not print its own KeyboardInterrupt traceback meanwhile.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -181,14 +186,22 @@ def _shard_in_worker(
 
 
 def _warm_up() -> None:
-    """A no-op task: submitting it makes the pool start its worker now, whose imports (Dagster
-    and the code location, pulled in by unpickling the initializer) then overlap the sources."""
+    """A no-op task: submitting it makes the pool start its workers now, so that opening their
+    Dagster instance overlaps the sources."""
 
 
-def _start_pool(size: int) -> ProcessPoolExecutor:
-    """`size` worker processes for the shards, started early so their imports overlap the
-    sources."""
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB/gRPC
+def _start_pool(size: int, fork: bool) -> ProcessPoolExecutor:
+    """`size` worker processes for the shards, forked from this process.
+
+    Forked, not spawned: a spawned worker imports Dagster and the code location again (about
+    3 s of CPU each on this machine, measured with py-spy), which on 2 cores delays the sources
+    it was meant to overlap. A fork inherits the imports. It is safe because nothing a worker
+    uses is shared: it opens its own Dagster instance and DuckDB connections; the caller starts
+    the pool before it opens any DuckDB connection (DuckDB's threads do not survive a fork), and
+    no other thread of this process writes while it forks (progress takes its lock around it).
+    Started later (`fork` False: this process has run DuckDB and Dagster steps), it spawns.
+    """
+    context = multiprocessing.get_context("fork" if fork else "spawn")
     pool = ProcessPoolExecutor(max_workers=size, mp_context=context,
                                initializer=_init_worker, initargs=(os.getpid(),))
     for _ in range(size):
@@ -251,10 +264,14 @@ class _LazyPool:
         """How many shards run at once."""
         return max(1, min(self.workers, self.shard_count))
 
-    def start(self) -> ProcessPoolExecutor | None:
-        """The pool, started now if it was not; None when shards run one at a time here."""
+    def start(self, early: bool = False) -> ProcessPoolExecutor | None:
+        """The pool, started now if it was not; None when shards run one at a time here.
+
+        `early`: before this process opened any DuckDB connection or ran any step, so the
+        workers may be forked from it (see `_start_pool`).
+        """
         if self.pool is None and self.size > 1:
-            self.pool = _start_pool(self.size)
+            self.pool = _start_pool(self.size, fork=early)
         return self.pool
 
     def shutdown(self) -> None:
@@ -354,6 +371,7 @@ def run_pipeline(
     workers: int = 1,
     instance: dg.DagsterInstance | None = None,
     interrupted: Callable[[], bool] = _never,
+    progress: Progress | None = None,
 ) -> RunOutcome:
     """Materialize everything for `settings` in `instance` (default: the one at DAGSTER_HOME).
 
@@ -367,7 +385,8 @@ def run_pipeline(
     """
     if instance is None:
         with dg.DagsterInstance.get() as own:
-            return run_pipeline(settings, echo, verbose, workers, own, interrupted)
+            return run_pipeline(settings, echo, verbose, workers, own, interrupted, progress)
+    progress = progress or Progress(silent=True)
     pool = _LazyPool(workers, settings.shard_count)
     outcome = RunOutcome(export_path=settings.export_path, snapshot_path=settings.snapshot_path)
     # Every run also says who launched it (the UI filters on it; a step reads it to leave the
@@ -375,8 +394,8 @@ def run_pipeline(
     tags = {INVOCATION_TAG: uuid.uuid4().hex, LAUNCHED_BY_TAG: LAUNCHED_BY_CLI}
     try:
         if freshness.guess_shards_needed(settings):
-            pool.start()  # early, so that the workers' imports overlap the sources
-        _run_all(settings, echo, verbose, pool, instance, outcome, tags, interrupted)
+            pool.start(early=True)  # so that the workers' start overlaps the sources
+        _run_all(settings, echo, verbose, pool, instance, outcome, tags, interrupted, progress)
         return outcome
     except KeyboardInterrupt as exc:
         pool.kill()
@@ -397,7 +416,7 @@ def _cancel_unfinished(instance: dg.DagsterInstance, tags: dict[str, str]) -> No
 def _run_all(
     settings: EtlSettings, echo: Callable[[str], None], verbose: bool,
     pool: _LazyPool, instance: dg.DagsterInstance, outcome: RunOutcome, tags: dict[str, str],
-    interrupted: Callable[[], bool],
+    interrupted: Callable[[], bool], progress: Progress,
 ) -> None:
     defs = build_defs(settings)
     run_config = {} if verbose else QUIET_RUN_CONFIG
@@ -413,7 +432,10 @@ def _run_all(
             raise KeyboardInterrupt  # Dagster already failed the step it interrupted
         return result
 
+    progress.start_phase("sources", "checking which source files changed")
     changed = sources_to_stage(settings, echo)
+    progress.expect(len(changed), f"{len(changed)} of {len(SOURCES)} sources to stage"
+                    + (f" ({', '.join(changed)})" if changed else ", the others unchanged"))
     if changed or not shard_inputs_recorded(settings, instance):
         result = execute(SOURCES_JOB,
                          asset_selection=[dg.AssetKey(name) for name in changed] + [SHARD_INPUTS])
@@ -430,7 +452,10 @@ def _run_all(
     outcome.phase = "shards"
     if interrupted():
         raise KeyboardInterrupt
+    progress.start_phase("shards", "checking which shards changed")
     todo, rows = shards_to_run(settings, echo)
+    progress.expect(len(todo), f"{len(todo)} of {settings.shard_count} shards to build"
+                    + (", the others unchanged" if len(todo) < settings.shard_count else ""))
     workers = pool.start() if len(todo) > 1 else None
     for shard_id, run_id, success, error in _run_shards(settings, todo, workers, run_config,
                                                         instance, pool.size, tags, interrupted):
@@ -443,12 +468,18 @@ def _run_all(
             echo(format_event(event))
         rows[shard_id] = shard_row(shard_id, events, success, error)
         rows[shard_id].run_id = run_id
+        row = rows[shard_id]
+        progress.step(f"shard {shard_id} built: {row.records or 0:,} rows in "
+                      f"{(row.elapsed_ms or 0) / 1000:.1f} s" if success
+                      else f"shard {shard_id} FAILED", advance=1)
     outcome.shards = [rows[k] for k in settings.shard_ids]
     outcome.reason = shard_failure_reason(outcome.shards)
     if outcome.reason:
         return
 
     outcome.phase = "customer_profiles"
+    progress.start_phase("customer_profiles", f"merging {settings.shard_count} shards into the "
+                         "table and the export (or finding them current)")
     result = execute(PROFILES_JOB)
     for evaluation in result.get_asset_check_evaluations():
         outcome.checks.append((evaluation.check_name, evaluation.passed, _metadata(evaluation)))
