@@ -24,7 +24,7 @@ from pathlib import Path
 import duckdb
 
 from etl_assets.lib import errors
-from etl_assets.lib.faults import Hook, no_hook
+from etl_assets.lib.faults import Hook, injected, no_hook
 from etl_assets.lib.limits import DuckDBLimits
 from etl_assets.lib.schema import profile_columns
 from etl_assets.lib.validation import file_sha256
@@ -349,11 +349,13 @@ def replace_rejected(
 
 
 def _rebuild_table(
-    con: duckdb.DuckDBPyConnection, shard_count: int, into: str = f"{ALIAS}.customer_profiles"
+    con: duckdb.DuckDBPyConnection, shard_count: int, into: str = f"{ALIAS}.customer_profiles",
+    hook: Hook = no_hook,
 ) -> int:
     """Inside the caller's transaction: replace the table `into` (default the warehouse's
     customer_profiles) from the current shard layout, one row per idempotency key, in
-    customer_id order; return its row count."""
+    customer_id order; return its row count. At the `merge_duplicate` fault the first row is
+    written twice (for the test that the audit stops it)."""
     cols = ", ".join(name for name, _ in profile_columns())
     # Keys are normally unique already; the window that keeps one row per key costs about
     # 0.4 s per 1M rows, so it runs only when the probe (same transaction) finds a repeat.
@@ -373,6 +375,8 @@ def _rebuild_table(
             ORDER BY customer_id""",
         [shard_count],
     )
+    if injected(hook, "merge_duplicate"):
+        con.execute(f"INSERT INTO {into} SELECT * FROM {into} ORDER BY customer_id LIMIT 1")
     return int(con.execute(f"SELECT count(*) FROM {into}").fetchone()[0])
 
 
@@ -456,7 +460,7 @@ def _write_snapshot(
         con.execute(f"ATTACH {_sql_string(str(tmp))} AS {SNAPSHOT}")
         try:
             with transaction(con):
-                _rebuild_table(con, shard_count, into=f"{SNAPSHOT}.customer_profiles")
+                _rebuild_table(con, shard_count, into=f"{SNAPSHOT}.customer_profiles", hook=hook)
                 for table, order in SNAPSHOT_TABLES.items():
                     con.execute(f"CREATE TABLE {SNAPSHOT}.{table} AS "
                                 f"SELECT * FROM {ALIAS}.{table} ORDER BY {order}")
@@ -529,9 +533,10 @@ def publish_customer_profiles(
     snapshot_path: str,
     manifest: dict[str, object],
     hook: Hook = no_hook,
+    audit: Callable[[duckdb.DuckDBPyConnection, Path], None] | None = None,
 ) -> int:
-    """Rebuild customer_profiles, write its export and its snapshot and record all three: all
-    of it or none of it.
+    """Rebuild customer_profiles, write its export and its snapshot, audit them and record all
+    three: all of it or none of it (write, audit, publish).
 
     `con` must have the warehouse attached. `manifest` holds shards_hash and code_version (the
     rest is filled in here). The order:
@@ -539,7 +544,9 @@ def publish_customer_profiles(
       2. build the snapshot in a temp file next to its target (fsynced; see _write_snapshot);
       3. BEGIN; copy the snapshot's customer_profiles into the warehouse (the same rows by
          construction); write the export from them to a temp file next to its target
-         (fsynced); record the manifest with both files' sha256;
+         (fsynced); `audit(con, export_tmp)` checks the table (as this transaction sees it)
+         and the temp export, and raises if a check failed; record the manifest with both
+         files' sha256;
       4. COMMIT (table + manifest change together);
       5. rename the temp files onto the export and the snapshot (each atomic).
     Any failure up to 4 rolls back and removes the temp files: table, manifest, export and
@@ -580,6 +587,8 @@ def publish_customer_profiles(
                 count = int(con.execute(
                     f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
                 sha = _write_export(con, tmp, target, hook)
+                if audit is not None:
+                    audit(con, tmp)
                 con.execute(
                     f"""INSERT OR REPLACE INTO {ALIAS}.profiles_manifest (shard_count,
                         shards_hash, code_version, row_count, export_path, export_sha256,
