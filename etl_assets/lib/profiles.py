@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from etl_assets.lib import checks, freshness, staging, warehouse
 from etl_assets.lib.faults import Hook
@@ -137,7 +138,8 @@ def publish_profiles(settings: EtlSettings) -> Published:
         count = warehouse.publish_customer_profiles(
             con, settings.shard_count, settings.export_path, settings.snapshot_path,
             {"shards_hash": freshness.shards_hash(shards),
-             "code_version": freshness.profiles_code()}, settings.hook, audit=audit)
+             "code_version": freshness.profiles_code()}, settings.hook, audit=audit,
+            parts_dir=str(Path(settings.home_dir) / "export_parts"), rebuild=settings.force)
         return Published(count, False, profile_summary(con), outcomes)
 
 
