@@ -33,7 +33,6 @@ _BUFFER = 1 << 20
 PLAIN, RECORDS = "plain", "records"  # the part file's last name component: how to merge it
 # An id byte that could be quoted or sort below the comma ending it; a line break in a value.
 _ID_NOT_PLAIN = r"[\x00-\x2c]"
-_LINE_BREAK = r"[\r\n]"
 
 
 def part_prefix(shard_count: int, shard_id: int, version: str) -> str:
@@ -43,23 +42,25 @@ def part_prefix(shard_count: int, shard_id: int, version: str) -> str:
     return f"{shard_count}-{shard_id}-{digest}."
 
 
-def write_part(con: duckdb.DuckDBPyConnection, rows_sql: str, params: list, text_columns:
-               list[str], folder: Path, prefix: str) -> Path:
+def write_part(con: duckdb.DuckDBPyConnection, rows_sql: str, text_columns: list[str],
+               folder: Path, prefix: str, params: list | None = None) -> Path:
     """Write `rows_sql` (sorted by customer_id; bound `params`) as a header-less CSV part in
     `folder`, through a temp name and a rename (a part on disk is always complete); return it.
     `text_columns` are the VARCHAR columns, where a line break could be."""
-    breaks = " OR ".join(f"regexp_matches({c}, ?)" for c in text_columns)
+    # contains() rather than a regex per value: a third of the cost.
+    breaks = " OR ".join(f"contains({c}, chr(10)) OR contains({c}, chr(13))"
+                         for c in text_columns)
     not_plain = con.execute(
         f"SELECT coalesce(bool_or(regexp_matches(customer_id, ?) OR {breaks}), false) "
         f"FROM ({rows_sql})",
-        [_ID_NOT_PLAIN, *[_LINE_BREAK] * len(text_columns), *params],
+        [_ID_NOT_PLAIN, *(params or [])],
     ).fetchone()[0]
     target = folder / f"{prefix}{RECORDS if not_plain else PLAIN}.csv"
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         # A relation's write_csv is DuckDB's COPY ... (FORMAT csv) and keeps the query's order;
         # unlike COPY's own statement it takes the query's bound parameters.
-        con.sql(rows_sql, params=params).write_csv(str(tmp), sep=",", header=False)
+        con.sql(rows_sql, params=params or []).write_csv(str(tmp), sep=",", header=False)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -391,8 +391,8 @@ def _replace_shards(
     over every row group, and the checkpoint's vacuum then rewrote most of the table (1.4 s of
     CPU per 1M rows for a one-shard change). The view names its tables without a catalog, so it
     resolves in whichever database holds it: the warehouse or the snapshot, under any alias.
-    At the `merge_duplicate` fault shard 0's first row is written twice (for the test that the
-    audit stops it).
+    At the `merge_duplicate` fault (the warehouse's table only) shard 0's first row is written
+    twice, for the test that the audit stops it.
     """
     for shard_id in range(shard_count) if shards is None else shards:
         con.execute(f"CREATE OR REPLACE TABLE {db}.{PROFILES_SHARD_TABLE.format(shard_id)} AS "
@@ -530,7 +530,8 @@ def _write_snapshot(
         con.execute(f"ATTACH {_sql_string(str(tmp))} AS {SNAPSHOT}")
         try:
             with transaction(con):
-                _replace_shards(con, shard_count, SNAPSHOT, one_per_key, changed, hook)
+                # No fault hook: the export's parts are read from here and kept.
+                _replace_shards(con, shard_count, SNAPSHOT, one_per_key, changed)
                 for table, order in SNAPSHOT_TABLES.items():
                     con.execute(f"CREATE OR REPLACE TABLE {SNAPSHOT}.{table} AS "
                                 f"SELECT * FROM {ALIAS}.{table} ORDER BY {order}")
@@ -546,9 +547,15 @@ def _write_snapshot(
 
 
 def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dict[int, str],
-                 one_per_key: str, parts_dir: Path) -> list[Path]:
+                 parts_dir: Path) -> list[Path]:
     """Each shard's sorted CSV part, written only where its version has none yet (see
-    export_parts); older parts of this layout and dead processes' temp files are removed."""
+    export_parts); older parts of this layout and dead processes' temp files are removed.
+
+    Read from the snapshot being published (attached as `snap`): its shard tables hold these
+    versions, already sorted by customer_id, and a scan keeps that order
+    (preserve_insertion_order, DuckDB's default, set here), so no part sorts again.
+    """
+    con.execute("SET preserve_insertion_order = true")
     with errors.naming(parts_dir):
         parts_dir.mkdir(parents=True, exist_ok=True)
         parts = []
@@ -557,8 +564,8 @@ def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dic
             prefix = export_parts.part_prefix(shard_count, shard_id, version)
             found = sorted(parts_dir.glob(f"{glob.escape(prefix)}*.csv"))
             parts.append(found[0] if found else export_parts.write_part(
-                con, _shard_rows_sql(one_per_key), [shard_count, shard_id], text, parts_dir,
-                prefix))
+                con, f"SELECT * FROM {SNAPSHOT}.{PROFILES_SHARD_TABLE.format(shard_id)}", text,
+                parts_dir, prefix))
         keep = {p.name for p in parts}
         for old in parts_dir.glob(f"{shard_count}-*.csv"):
             if old.name not in keep:
@@ -589,7 +596,7 @@ def _write_export(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path, parts
         # than DuckDB's wording of it.
         with open(tmp, "xb") as out:
             head = export_parts.header(
-                con, f"SELECT {cols} FROM {ALIAS}.shard_profiles LIMIT 0",
+                con, f"SELECT {cols} FROM {ALIAS}.customer_profiles LIMIT 0",
                 tmp.with_name(tmp.name + ".head"))
             export_parts.merge(head, parts, out)
         hook("export_write")
@@ -680,10 +687,10 @@ def publish_customer_profiles(
     try:
         snapshot_sha = _write_snapshot(con, snapshot_tmp, snapshot, shard_count, one_per_key,
                                        snapshot_base, hook)
-        part_files = _write_parts(con, shard_count, versions, one_per_key, parts)
         try:
             # Read-only: attaching never changes the file, so its sha256 stands.
             con.execute(f"ATTACH {_sql_string(str(snapshot_tmp))} AS {SNAPSHOT} (READ_ONLY)")
+            part_files = _write_parts(con, shard_count, versions, parts)
 
             def publish_files() -> None:
                 con.execute(f"DETACH {SNAPSHOT}")
