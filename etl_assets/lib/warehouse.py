@@ -379,11 +379,13 @@ PROFILES_SHARD_TABLE = "customer_profiles_shard_{}"  # one shard's rows of custo
 
 def _replace_shards(
     con: duckdb.DuckDBPyConnection, shard_count: int, db: str, one_per_key: str,
-    shards: list[int] | None = None, hook: Hook = no_hook,
+    shards: list[int] | None = None, hook: Hook = no_hook, copy_from: str | None = None,
 ) -> None:
     """Inside the caller's transaction: make `db`.customer_profiles hold the current shard
     layout, one row per idempotency key. `shards` None: every shard; otherwise only those (the
-    others already hold their current rows: the cost follows what changed).
+    others already hold their current rows: the cost follows what changed). With `copy_from`
+    (the snapshot being published, attached), each shard's table is copied from its table
+    there, already sorted, rather than sorted again from shard_profiles.
 
     customer_profiles is a view, `UNION ALL` over one table per shard (each sorted by
     customer_id), so replacing a shard writes that shard's table alone and drops the old one.
@@ -395,8 +397,13 @@ def _replace_shards(
     twice, for the test that the audit stops it.
     """
     for shard_id in range(shard_count) if shards is None else shards:
-        con.execute(f"CREATE OR REPLACE TABLE {db}.{PROFILES_SHARD_TABLE.format(shard_id)} AS "
-                    f"{_shard_rows_sql(one_per_key)}", [shard_count, shard_id])
+        table = PROFILES_SHARD_TABLE.format(shard_id)
+        if copy_from:
+            con.execute(f"CREATE OR REPLACE TABLE {db}.{table} AS "
+                        f"SELECT * FROM {copy_from}.{table}")
+        else:
+            con.execute(f"CREATE OR REPLACE TABLE {db}.{table} AS "
+                        f"{_shard_rows_sql(one_per_key)}", [shard_count, shard_id])
     tables = {row[0]: row[1] for row in con.execute(
         """SELECT table_name, 'TABLE' FROM duckdb_tables() WHERE database_name = ?
            UNION ALL SELECT view_name, 'VIEW' FROM duckdb_views() WHERE database_name = ?""",
@@ -704,7 +711,10 @@ def publish_customer_profiles(
                     os.replace(snapshot_tmp, snapshot)
 
             with transaction(con, after_commit=publish_files):
-                _replace_shards(con, shard_count, ALIAS, one_per_key, changed, hook)
+                # The snapshot's tables: the same rows by construction, already sorted.
+                con.execute("SET preserve_insertion_order = true")
+                _replace_shards(con, shard_count, ALIAS, one_per_key, changed, hook,
+                                copy_from=SNAPSHOT)
                 count = int(con.execute(
                     f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
                 sha = _write_export(con, tmp, target, part_files, hook)
