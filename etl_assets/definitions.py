@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dagster as dg
 
-from etl_assets.defs.checks import build_profile_checks
 from etl_assets.defs.contracts import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB
 from etl_assets.defs.executor import broker_url, executor_for
 from etl_assets.defs.profiles import build_profile_assets
@@ -53,7 +52,6 @@ def build_defs(settings: EtlSettings | None = None, broker: str | None = None) -
                 shard_profiles, customer_profiles],
         sensors=[d for d in sensors_and_schedule if isinstance(d, dg.SensorDefinition)],
         schedules=[d for d in sensors_and_schedule if isinstance(d, dg.ScheduleDefinition)],
-        asset_checks=[build_profile_checks(shard_count)],
         jobs=jobs,
         resources=resources or resources_from_env(settings),
         executor=executor_for(broker),

@@ -199,3 +199,33 @@ def test_a_real_full_disk_under_the_export_changes_nothing_then_heals(published,
         healed = _quiet(moved)
         assert healed.ok, healed.reason
         assert target.read_bytes() == changed_export
+
+
+def test_a_failed_check_publishes_nothing(published, changed_export):
+    """Write, audit, publish: the merge_duplicate fault makes the merge write one customer
+    twice, the blocking checks fail on the staged table and export inside a real Dagster run,
+    and the run fails with one line while table, manifest, export and snapshot stay as before."""
+    settings, before = published
+    with dg.DagsterInstance.ephemeral() as instance:
+        outcome = _quiet(settings.replace(crash_at="merge_duplicate"), instance=instance)
+        assert not outcome.ok
+        assert outcome.reason.startswith(
+            "customer_profiles failed its checks: row_count_matches_sources"), outcome.reason
+        assert "no_duplicate_customer_id (1 duplicate customer_id row(s))" in outcome.reason
+        assert outcome.reason.endswith("(table, export and snapshot left as they were)")
+        assert "\n" not in outcome.reason
+        checks = {name: passed for name, passed, _ in outcome.checks if "." not in name}
+        assert checks == {"row_count_matches_sources": False, "no_duplicate_customer_id": False,
+                          "idempotency_keys_unique": False, "shards_current": True}
+        # What the UI reads: the run failed and each check's latest execution says so.
+        run = instance.get_run_by_id(outcome.run_ids[-1])
+        assert run.job_name == "profiles_job" and run.status == dg.DagsterRunStatus.FAILURE
+        keys = [dg.AssetCheckKey(dg.AssetKey("customer_profiles"), name) for name in checks]
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+        assert {k.name: r.status.value for k, r in latest.items()} == {
+            name: "SUCCEEDED" if passed else "FAILED" for name, passed in checks.items()}
+    after = state_of(settings)
+    assert {k: after[k] for k in PUBLISHED} == {k: before[k] for k in PUBLISHED}
+    assert leftovers(settings) == []
+    assert_not_locked(settings)
+    _heals(settings, changed_export)

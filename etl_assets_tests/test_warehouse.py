@@ -17,8 +17,10 @@ def _insert_copy_of_shard_row(con, customer_id: str, shard_id: int) -> None:
 
 
 def test_rebuild_keeps_one_row_per_idempotency_key(tmp_path, sample_dir):
-    """A repeated key (the same record written by two shards) yields one profile row, the one
-    from the lowest shard; without repeats every shard row is kept, sorted by customer_id."""
+    """A repeated key (the same record written again under another shard id) yields one
+    profile row, the one from its own shard; without repeats every shard row is kept, each
+    shard's rows sorted by customer_id (customer_profiles is a view over one table per shard;
+    the export is what is sorted as a whole)."""
     settings = make_settings(tmp_path, sample_dir, shard_count=3)
     profiles = build_profiles(settings)
     first = sorted(profiles)[0]
@@ -26,7 +28,11 @@ def test_rebuild_keeps_one_row_per_idempotency_key(tmp_path, sample_dir):
         rows = con.execute("SELECT count(*) FROM wh.shard_profiles").fetchone()[0]
         assert warehouse.rebuild_customer_profiles(con, settings.shard_count) == rows
         ids = [r[0] for r in con.execute("SELECT customer_id FROM wh.customer_profiles").fetchall()]
-        assert ids == sorted(ids) and len(ids) == len(set(ids)) == len(profiles)
+        assert len(ids) == len(set(ids)) == len(profiles)
+        for shard in range(settings.shard_count):
+            in_shard = [r[0] for r in con.execute(
+                "SELECT customer_id FROM wh.customer_profiles WHERE shard_id = ?", [shard]).fetchall()]
+            assert in_shard == sorted(in_shard) and in_shard
 
         home = profiles[first]["shard_id"]
         _insert_copy_of_shard_row(con, first, shard_id=home + 7)
@@ -35,3 +41,40 @@ def test_rebuild_keeps_one_row_per_idempotency_key(tmp_path, sample_dir):
         kept = con.execute("SELECT shard_id FROM wh.customer_profiles WHERE customer_id = ?",
                            [first]).fetchall()
         assert kept == [(home,)]
+
+
+def test_export_merged_from_parts_is_the_whole_table_copy(tmp_path):
+    """The export merged from per-shard sorted parts has exactly the bytes of one sorted COPY
+    of all rows: plain parts, and parts whose ids need quotes (commas, quotes, bytes below the
+    comma) or whose values hold line breaks."""
+    import random
+
+    import duckdb
+
+    from etl_assets.lib import export_parts
+
+    rng = random.Random(7)
+    alphabet = ["a", "Z", "0", "_", "-", " ", "!", '"', ",", "~", "é", "中", "😀", "\r", "\n"]
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t (customer_id VARCHAR, note VARCHAR, n INTEGER, shard_id INTEGER)")
+    for case, plain in (("plain", True), ("hostile", False)):
+        chars = alphabet[:5] if plain else alphabet
+        ids = {"c" + "".join(rng.choice(chars) for _ in range(rng.randint(0, 5)))
+               for _ in range(3000)}
+        con.execute("DELETE FROM t")
+        con.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", [
+            [i, "".join(rng.choice(chars) for _ in range(rng.randint(0, 4))) or None,
+             rng.randint(-5, 5), rng.randrange(4)] for i in ids])
+        whole = tmp_path / f"{case}_whole.csv"
+        con.sql("SELECT * FROM t ORDER BY customer_id").write_csv(str(whole), sep=",", header=True)
+        folder = tmp_path / case
+        folder.mkdir()
+        parts = [export_parts.write_part(
+            con, "SELECT * FROM t WHERE shard_id = ? ORDER BY customer_id", ["customer_id", "note"],
+            folder, f"4-{k}-x.", params=[k]) for k in range(4)]
+        assert all(p.name.endswith(".plain.csv") for p in parts) is plain
+        head = export_parts.header(con, "SELECT * FROM t LIMIT 0", tmp_path / "head.csv")
+        merged = tmp_path / f"{case}_merged.csv"
+        with open(merged, "wb") as out:
+            export_parts.merge(head, parts, out)
+        assert merged.read_bytes() == whole.read_bytes()

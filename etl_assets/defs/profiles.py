@@ -3,9 +3,11 @@ its export): thin bodies around the library's `build_shard` and `publish_profile
 
 
 import time
+from collections.abc import Iterator
 
 import dagster as dg
 
+from etl_assets.defs.checks import check_results, profile_check_specs
 from etl_assets.defs.contracts import (
     COLUMN_SCHEMA,
     CUSTOMER_PROFILES,
@@ -23,6 +25,7 @@ from etl_assets.defs.resources import (
     step_settings,
 )
 from etl_assets.lib import errors, freshness
+from etl_assets.lib.checks import AuditFailedError
 from etl_assets.lib.freshness import CODE_VERSION, PROFILES_SKIP_REASON
 from etl_assets.lib.profiles import (
     ChaosFailure,
@@ -149,6 +152,9 @@ def build_profile_assets(
             "and copied with rejected_rows into the read-only warehouse.snapshot.duckdb."
         ),
         metadata={COLUMN_SCHEMA: _profile_column_schema()},
+        # Evaluated on the staged table and export before anything is published: a failed
+        # check fails the step and leaves the previous table, export and snapshot.
+        check_specs=profile_check_specs(),
         # Follows its shards by itself, once none is in progress and blocking checks passed.
         automation_condition=(
             dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
@@ -157,24 +163,29 @@ def build_profile_assets(
     def customer_profiles(
         context: dg.AssetExecutionContext, warehouse: WarehouseResource,
         staging: StagingResource, faults: FaultInjectionResource,
-    ) -> dg.MaterializeResult:
+    ) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
         settings = step_settings(context, shard_count, warehouse, staging, faults)
         try:
-            count, skipped, summary = publish_profiles(settings)
+            published = publish_profiles(settings)
+        except AuditFailedError as exc:
+            # Reported first, so the UI shows which check failed; nothing was published.
+            yield from check_results(exc.outcomes)
+            raise not_retryable(exc) from exc
         except (errors.PathError, ShardsNotCurrentError) as exc:
             # A path to fix, a disk to free or shards to build first: waiting would not help.
             raise not_retryable(exc) from exc
-        if skipped:
+        if published.skipped:
             context.log.info(f"customer_profiles: {PROFILES_SKIP_REASON}")
-        return dg.MaterializeResult(
+        yield dg.MaterializeResult(
             metadata={
-                ROW_COUNT: count,
+                ROW_COUNT: published.rows,
                 "export_path": dg.MetadataValue.path(settings.export_path),
                 "snapshot_path": dg.MetadataValue.path(settings.snapshot_path),
-                "summary": dg.MetadataValue.md(summary),
-                "skipped": skipped,
-                "skip_reason": PROFILES_SKIP_REASON if skipped else "",
-            }
+                "summary": dg.MetadataValue.md(published.summary),
+                "skipped": published.skipped,
+                "skip_reason": PROFILES_SKIP_REASON if published.skipped else "",
+            },
+            check_results=check_results(published.checks),
         )
 
     return shard_profiles, customer_profiles

@@ -1,20 +1,55 @@
-"""What the blocking checks on `customer_profiles` compare: the table and the export against the
-staged sources themselves, read-only."""
+"""The blocking checks on `customer_profiles`, defined once: what they compare (the table and
+the export against the staged sources themselves) and when each passes.
+
+Two callers, one verdict: the publish audits the table and export it has staged, inside its
+transaction, and publishes nothing unless every check passed (`audit`); an unchanged re-run
+checks what is published, read-only (`profile_facts`). Both report the same outcomes to Dagster.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
 
 from etl_assets.lib import freshness, staging, warehouse
+from etl_assets.lib.events import report_progress
 from etl_assets.lib.paths import duckdb_literal, duckdb_literals
 from etl_assets.lib.schema import MAX_LINE_BYTES
 from etl_assets.lib.settings import EtlSettings
+from etl_assets.lib.validation import CheckOutcome
 
 WH = warehouse.ALIAS
+
+# name -> description, in the order the checks are reported (the Dagster specs read this).
+PROFILE_CHECKS: dict[str, str] = {
+    "row_count_matches_sources":
+        "profiles (table and export) = distinct accepted customer_ids across sources",
+    "no_duplicate_customer_id": "each customer_id appears once",
+    "idempotency_keys_unique": "each idempotency_key appears once",
+    "shards_current": "every shard partition was written from the current source data and code",
+}
 
 
 class NoWarehouseError(RuntimeError):
     """There is no warehouse file to check yet."""
+
+
+class AuditFailedError(RuntimeError):
+    """A blocking check failed on the staged customer_profiles: nothing was published.
+
+    `outcomes` holds every check's verdict, for Dagster to report.
+    """
+
+    def __init__(self, outcomes: list[CheckOutcome]) -> None:
+        self.outcomes = outcomes
+        failed = [o for o in outcomes if not o.passed]
+        super().__init__(
+            "customer_profiles failed its checks: "
+            + "; ".join(f"{o.name} ({o.description})" for o in failed)
+            + " (table, export and snapshot left as they were)")
 
 
 @dataclass(frozen=True)
@@ -29,29 +64,83 @@ class ProfileFacts:
     stale_shards: list[int]
 
 
+def read_facts(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
+               export_path: str | Path) -> ProfileFacts:
+    """What the checks compare, as `con` sees the warehouse (attached as `wh`; inside the
+    publish's transaction that is the staged, uncommitted table) and the export at `export_path`."""
+    report_progress("checks")
+    staged = staging.current_sources(settings)
+    slice_paths = duckdb_literals(staging.all_slice_files(staged, settings.shard_ids))
+    expected = con.execute(
+        "SELECT count(DISTINCT customer_id) FROM read_parquet($paths)", {"paths": slice_paths}
+    ).fetchone()[0]
+    rows, ids, keys = con.execute(
+        f"SELECT count(*), count(DISTINCT customer_id), count(DISTINCT idempotency_key) "
+        f"FROM {WH}.customer_profiles"
+    ).fetchone()
+    export_rows = con.execute(
+        "SELECT count(*) FROM read_csv($path, header = true, all_varchar = true, "
+        "max_line_size = $max_line)",
+        {"path": duckdb_literal(str(export_path)), "max_line": MAX_LINE_BYTES},
+    ).fetchone()[0]
+    stale = freshness.stale_shards(settings, con)
+    return ProfileFacts(int(expected), int(rows), int(ids), int(keys), int(export_rows), stale)
+
+
 def profile_facts(settings: EtlSettings) -> ProfileFacts:
-    """Read everything the four checks compare, in one read-only pass over the warehouse.
+    """The facts of what is published, in one read-only pass over the warehouse.
 
     Read-only: a user's read-only connection to the warehouse does not block the checks.
     """
-    staged = staging.current_sources(settings)
-    slice_paths = duckdb_literals(staging.all_slice_files(staged, settings.shard_ids))
     with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
                              settings.duckdb_limits) as con:
         if con is None:
             raise NoWarehouseError(f"{settings.duckdb_path}: no warehouse yet; "
                                    "materialize customer_profiles first")
-        expected = con.execute(
-            "SELECT count(DISTINCT customer_id) FROM read_parquet($paths)", {"paths": slice_paths}
-        ).fetchone()[0]
-        rows, ids, keys = con.execute(
-            f"SELECT count(*), count(DISTINCT customer_id), count(DISTINCT idempotency_key) "
-            f"FROM {WH}.customer_profiles"
-        ).fetchone()
-        export_rows = con.execute(
-            "SELECT count(*) FROM read_csv($path, header = true, all_varchar = true, "
-            "max_line_size = $max_line)",
-            {"path": duckdb_literal(settings.export_path), "max_line": MAX_LINE_BYTES},
-        ).fetchone()[0]
-        stale = freshness.stale_shards(settings, con)
-    return ProfileFacts(int(expected), int(rows), int(ids), int(keys), int(export_rows), stale)
+        return read_facts(settings, con, settings.export_path)
+
+
+def profile_checks(facts: ProfileFacts, shard_count: int) -> list[CheckOutcome]:
+    """The verdict of each check on `facts`: the one definition of when each passes."""
+    rows, expected, export_rows = facts.table_rows, facts.distinct_source_customers, facts.export_rows
+    stale = facts.stale_shards
+    duplicates = rows - facts.distinct_ids
+    return [
+        CheckOutcome(
+            "row_count_matches_sources", rows == expected == export_rows,
+            {"table_rows": rows, "export_rows": export_rows, "distinct_source_customers": expected},
+            f"table {rows}, export {export_rows}, distinct source customers {expected}"),
+        CheckOutcome(
+            "no_duplicate_customer_id", duplicates == 0,
+            {"rows": rows, "distinct_customer_ids": facts.distinct_ids, "duplicates": duplicates},
+            f"{duplicates} duplicate customer_id row(s)"),
+        CheckOutcome(
+            "idempotency_keys_unique", rows == facts.distinct_keys,
+            {"rows": rows, "distinct_keys": facts.distinct_keys},
+            f"{rows} rows, {facts.distinct_keys} distinct idempotency keys"),
+        CheckOutcome(
+            "shards_current", not stale,
+            {"shards": shard_count, "stale_or_missing": ", ".join(map(str, stale))},
+            f"stale or missing shards: {stale}" if stale else "all shards current"),
+    ]
+
+
+def raise_if_failed(outcomes: list[CheckOutcome]) -> list[CheckOutcome]:
+    """`outcomes`, or AuditFailedError if any check failed."""
+    if not all(o.passed for o in outcomes):
+        raise AuditFailedError(outcomes)
+    return outcomes
+
+
+def auditor(settings: EtlSettings) -> tuple[list[CheckOutcome], Callable[
+        [duckdb.DuckDBPyConnection, Path], None]]:
+    """(outcomes, audit): `audit(con, export_tmp)` runs the checks on the staged table and
+    export inside the publish's transaction, records their outcomes in `outcomes` and raises
+    AuditFailedError if any failed (the publish then rolls back)."""
+    outcomes: list[CheckOutcome] = []
+
+    def audit(con: duckdb.DuckDBPyConnection, export_tmp: Path) -> None:
+        outcomes[:] = profile_checks(read_facts(settings, con, export_tmp), settings.shard_count)
+        raise_if_failed(outcomes)
+
+    return outcomes, audit

@@ -48,13 +48,32 @@ INTERLEAVE_POINTS: tuple[str, ...] = (
     "shard_before_write",  # a shard's rows computed from its slices, warehouse not yet attached
 )
 
+# Where a test makes the data itself wrong, so that a check has to catch it: at these points
+# ETL_CRASH_AT makes the code there produce the fault named (ETL_CRASH_MODE does not apply).
+DATA_FAULT_POINTS: tuple[str, ...] = (
+    "merge_duplicate",  # customer_profiles' merge writes one customer's row twice
+)
+
 FAULT_POINTS: tuple[str, ...] = CRASH_POINTS + tuple(
-    p for p in ENOSPC_POINTS + INTERLEAVE_POINTS if p not in CRASH_POINTS)
+    p for p in ENOSPC_POINTS + INTERLEAVE_POINTS if p not in CRASH_POINTS) + DATA_FAULT_POINTS
 CRASH_MODES: tuple[str, ...] = ("kill", "enospc", "stop")
+
+
+class InjectedFault(Exception):  # noqa: N818 - a signal to the code at the point, not an error
+    """Raised by a hook at a data fault point: the code there is to produce its fault."""
 
 
 def no_hook(point: str) -> None:
     """The default hook: do nothing."""
+
+
+def injected(hook: Hook, point: str) -> bool:
+    """Call `hook` at the data fault `point`; True if it asks for the fault to be produced."""
+    try:
+        hook(point)
+    except InjectedFault:
+        return True
+    return False
 
 
 def crash_hook(crash_at: str, mode: str = "kill") -> Hook:
@@ -65,6 +84,8 @@ def crash_hook(crash_at: str, mode: str = "kill") -> Hook:
     def hook(point: str) -> None:
         if point != crash_at:
             return
+        if point in DATA_FAULT_POINTS:
+            raise InjectedFault(point)
         if mode == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.kill(os.getpid(), signal.SIGSTOP if mode == "stop" else signal.SIGKILL)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
-from etl_assets.lib import ducklake, freshness, staging, warehouse
+from etl_assets.lib import checks, ducklake, freshness, staging, warehouse
 from etl_assets.lib.faults import Hook
 from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import install_rules, merge_sql
 from etl_assets.lib.settings import EtlSettings
+from etl_assets.lib.validation import CheckOutcome
 
 
 class ChaosFailure(RuntimeError):
@@ -94,9 +96,24 @@ def build_shard(
     return ShardResult(shard_id, written, source_hash, preview)
 
 
-def publish_profiles(settings: EtlSettings) -> tuple[int, bool, str]:
-    """Rebuild, export and snapshot customer_profiles unless `freshness` finds it current:
-    (rows, skipped, summary)."""
+@dataclass(frozen=True)
+class Published:
+    """What publish_profiles left published: its rows, whether it was already current, a
+    summary, and the blocking checks' outcomes on it."""
+
+    rows: int
+    skipped: bool
+    summary: str
+    checks: list[CheckOutcome]
+
+
+def publish_profiles(settings: EtlSettings) -> Published:
+    """Rebuild, export and snapshot customer_profiles unless `freshness` finds it current,
+    publishing them only if the blocking checks pass on what was staged.
+
+    A failed check raises checks.AuditFailedError (its `outcomes` say which): the previous
+    table, export and snapshot stay byte-identical.
+    """
     # Decided read-only first: an unchanged re-run takes no write lock at all, so a user's
     # read-only connection to the warehouse (a notebook, the DuckDB CLI) does not block it.
     with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
@@ -106,12 +123,18 @@ def publish_profiles(settings: EtlSettings) -> tuple[int, bool, str]:
             if state.stale_shards:
                 raise _not_current(state.stale_shards)
             if state.current:
-                return int(state.entry["row_count"]), True, profile_summary(con)
+                # Published after passing them; checked again as it is now (it may have been
+                # changed by hand since), with the same checks.
+                outcomes = checks.raise_if_failed(checks.profile_checks(
+                    checks.read_facts(settings, con, settings.export_path),
+                    settings.shard_count))
+                return Published(int(state.entry["row_count"]), True, profile_summary(con),
+                                 outcomes)
     # On DuckLake another publisher can commit first: the whole publish runs again.
     return ducklake.retry_conflicts(lambda: _publish(settings), "customer_profiles")
 
 
-def _publish(settings: EtlSettings) -> tuple[int, bool, str]:
+def _publish(settings: EtlSettings) -> Published:
     with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s,
                           settings.duckdb_limits, settings.ducklake_data_path) as con:
         # Judged again under the write lock: a shard may have moved since. Never merge a partly
@@ -128,12 +151,15 @@ def _publish(settings: EtlSettings) -> tuple[int, bool, str]:
             if manifest != judged:
                 raise ducklake.ChangedMeanwhile("shards changed while customer_profiles was built")
 
-        # Table, manifest, export and snapshot change together or not at all (see the function).
+        # Table, manifest, export and snapshot change together or not at all, and only once
+        # the checks passed on the staged table and export (see the function).
+        outcomes, audit = checks.auditor(settings)
         count = warehouse.publish_customer_profiles(
             con, settings.shard_count, settings.export_path, settings.snapshot_path,
             {"shards_hash": freshness.shards_hash(shards),
-             "code_version": freshness.profiles_code()}, settings.hook, built_from)
-        return count, False, profile_summary(con)
+             "code_version": freshness.profiles_code()}, settings.hook, built_from, audit=audit,
+            parts_dir=str(Path(settings.home_dir) / "export_parts"), rebuild=settings.force)
+        return Published(count, False, profile_summary(con), outcomes)
 
 
 def _not_current(stale: Iterable[int]) -> ShardsNotCurrentError:

@@ -484,7 +484,8 @@ def _run_all(
     for evaluation in result.get_asset_check_evaluations():
         outcome.checks.append((evaluation.check_name, evaluation.passed, _metadata(evaluation)))
     failed_checks = [name for name, passed, _ in outcome.checks if not passed]
-    if failed_checks:
-        outcome.reason = f"check(s) failed: {', '.join(failed_checks)}"
-    elif not result.success:
+    if not result.success:
+        # A failed check fails the step before anything is published; its line names them.
         outcome.reason = first_failure(result)
+    elif failed_checks:
+        outcome.reason = f"check(s) failed: {', '.join(failed_checks)}"

@@ -1,0 +1,116 @@
+"""The export assembled from per-shard sorted parts: a one-row change rewrites one part.
+
+Each shard's rows are written once, sorted by customer_id, as a header-less CSV part by
+DuckDB's own CSV writer (the same writer, options and column order as a whole-table COPY, so
+every row's bytes are the same). A part is named by the shard's version (its manifest entry),
+so an unchanged shard's part is reused; the export is the header followed by a k-way merge of
+the parts on customer_id. Shards route customers by hash, so every part spans the whole id
+range and the merge interleaves them all; it is a streaming merge of sorted files, not a sort.
+
+The order is DuckDB's `ORDER BY customer_id` (VARCHAR: byte order of the UTF-8 text). A part
+is *plain* when no value holds a line break (one record per line) and no customer_id holds a
+byte at or below the comma (so it is never quoted, and its line sorts as its id: the comma
+that ends it is below every byte an id may continue with). Plain parts are merged as whole
+lines, the fast path (about 0.4 s of CPU per 1M rows). Otherwise the merge reads records and
+compares the decoded first field: DuckDB doubles quotes inside quoted values, so a record ends
+at the first line break after an even number of quote characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import duckdb
+
+_BUFFER = 1 << 20
+
+
+PLAIN, RECORDS = "plain", "records"  # the part file's last name component: how to merge it
+# An id byte that could be quoted or sort below the comma ending it; a line break in a value.
+_ID_NOT_PLAIN = r"[\x00-\x2c]"
+
+
+def part_prefix(shard_count: int, shard_id: int, version: str) -> str:
+    """The start of the part file's name for one shard version (`<count>-<shard>-<hash>.`);
+    the name ends in `plain.csv` or `records.csv`."""
+    digest = hashlib.sha256(version.encode("utf-8")).hexdigest()[:20]
+    return f"{shard_count}-{shard_id}-{digest}."
+
+
+def write_part(con: duckdb.DuckDBPyConnection, rows_sql: str, text_columns: list[str],
+               folder: Path, prefix: str, params: list | None = None) -> Path:
+    """Write `rows_sql` (sorted by customer_id; bound `params`) as a header-less CSV part in
+    `folder`, through a temp name and a rename (a part on disk is always complete); return it.
+    `text_columns` are the VARCHAR columns, where a line break could be."""
+    # contains() rather than a regex per value: a third of the cost.
+    breaks = " OR ".join(f"contains({c}, chr(10)) OR contains({c}, chr(13))"
+                         for c in text_columns)
+    not_plain = con.execute(
+        f"SELECT coalesce(bool_or(regexp_matches(customer_id, ?) OR {breaks}), false) "
+        f"FROM ({rows_sql})",
+        [_ID_NOT_PLAIN, *(params or [])],
+    ).fetchone()[0]
+    target = folder / f"{prefix}{RECORDS if not_plain else PLAIN}.csv"
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        # A relation's write_csv is DuckDB's COPY ... (FORMAT csv) and keeps the query's order;
+        # unlike COPY's own statement it takes the query's bound parameters.
+        con.sql(rows_sql, params=params or []).write_csv(str(tmp), sep=",", header=False)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def header(con: duckdb.DuckDBPyConnection, columns_sql: str, scratch: Path) -> bytes:
+    """The header line DuckDB writes for `columns_sql` (a query returning no rows is enough)."""
+    try:
+        con.sql(columns_sql).write_csv(str(scratch), sep=",", header=True)
+        return scratch.read_bytes()
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _records(fh: BinaryIO) -> Iterator[bytes]:
+    """The CSV records of a part, each with its line break(s)."""
+    for line in fh:
+        while line.count(b'"') % 2:  # a quoted value spans a line break: take the next line
+            more = fh.readline()
+            if not more:
+                break
+            line += more
+        yield line
+
+
+def _key(record: bytes) -> bytes:
+    """The record's first field (customer_id) as the text DuckDB sorted (quotes removed)."""
+    if not record.startswith(b'"'):
+        end = record.find(b",")
+        return record if end < 0 else record[:end]
+    i = 1
+    while True:
+        j = record.index(b'"', i)
+        if record[j + 1:j + 2] == b'"':  # a doubled quote inside the value
+            i = j + 2
+            continue
+        return record[1:j].replace(b'""', b'"')
+
+
+def merge(head: bytes, parts: list[Path], out: BinaryIO) -> None:
+    """Write `head`, then the records of the sorted `parts` merged on customer_id: as whole
+    lines when every part is plain, else record by record on the decoded id."""
+    files = [open(p, "rb", buffering=_BUFFER) for p in parts]  # noqa: SIM115 - closed below
+    try:
+        out.write(head)
+        if all(p.name.endswith(f".{PLAIN}.csv") for p in parts):
+            out.writelines(heapq.merge(*files))
+        else:
+            out.writelines(heapq.merge(*map(_records, files), key=_key))
+    finally:
+        for fh in files:
+            fh.close()
