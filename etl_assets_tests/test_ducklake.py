@@ -192,7 +192,8 @@ def test_a_shard_written_while_customer_profiles_is_published_makes_it_start_aga
 
     monkeypatch.setattr(warehouse, "check_export_target", a_shard_commits_meanwhile)
     with caplog.at_level("WARNING", logger=ducklake.__name__):
-        count, skipped, _ = publish_profiles(settings)
+        published = publish_profiles(settings)
+        count, skipped = published.rows, published.skipped
     assert (count, skipped) == (1000, False)
     assert any('"what": "customer_profiles"' in r.getMessage() for r in caplog.records)
     with warehouse.read_only(settings.duckdb_path, 5) as con:
