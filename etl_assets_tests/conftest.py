@@ -380,16 +380,26 @@ def pg_cluster() -> Iterator[PgCluster]:
 def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
     """A fresh, empty database of its own for this test, dropped afterwards: its DAGSTER_PG_URL
     (the psycopg2 driver named, as etl-assets requires)."""
+    name = new_database(pg_cluster, "t")
+    yield pg_cluster.url(name, scheme="postgresql+psycopg2")
+    _admin(pg_cluster, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def _admin(cluster: PgCluster, statement: str) -> None:
+    """One statement as the cluster's superuser, outside a transaction (CREATE/DROP DATABASE)."""
     import psycopg2
 
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    admin = psycopg2.connect(pg_cluster.url(), connect_timeout=10)
+    admin = psycopg2.connect(cluster.url(), connect_timeout=10)
     admin.autocommit = True
     try:
         with admin.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {name}")  # a name made here, not input
-        yield pg_cluster.url(name, scheme="postgresql+psycopg2")
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE {name} WITH (FORCE)")
+            cur.execute(statement)
     finally:
         admin.close()
+
+
+def new_database(cluster: PgCluster, prefix: str) -> str:
+    """Create an empty database with a fresh name starting with `prefix`; its name."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    _admin(cluster, f"CREATE DATABASE {name}")  # a name made here, not input
+    return name

@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import psycopg2
@@ -26,28 +25,16 @@ from etl_assets.lib.settings import EtlSettings, SettingsError
 from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
 from etl_assets.tools.instance import PG_URL_VAR
-from etl_assets_tests.conftest import PgCluster, edit_crm, make_settings
+from etl_assets_tests.conftest import edit_crm, make_settings, new_database
 
 BIN = Path(sys.executable).parent
 SHARDS = 10
 
 
-def _new_database(cluster: PgCluster) -> str:
-    name = f"lake_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(cluster.url(), connect_timeout=10)
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {name}")  # a name made here, not input
-    finally:
-        admin.close()
-    return name
-
-
 @pytest.fixture
 def lake(pg_cluster, tmp_path) -> dict[str, str]:
     """DUCKDB_PATH and DUCKLAKE_DATA_PATH of a new, empty DuckLake (its own database)."""
-    name = _new_database(pg_cluster)
+    name = new_database(pg_cluster, "lake")
     return {"DUCKDB_PATH": f"ducklake:postgres:dbname={name} host=127.0.0.1 "
                            f"port={pg_cluster.port} user=postgres",
             "DUCKLAKE_DATA_PATH": str(tmp_path / "lake-data")}
@@ -276,7 +263,7 @@ def test_etl_assets_run_on_postgres_and_ducklake_matches_the_embedded_run(
                                "--seed", "7", "--out", str(data)],
                               capture_output=True, text=True, timeout=120)
     assert generate.returncode == 0, generate.stdout + generate.stderr
-    dagster_db = _new_database(pg_cluster)
+    dagster_db = new_database(pg_cluster, "dagster")
     pg_url = pg_cluster.url(dagster_db, scheme="postgresql+psycopg2")
     embedded_env = _env(tmp_path / "embedded", DATA_DIR=str(data))
     shared_env = _env(tmp_path / "shared", DATA_DIR=str(data), DAGSTER_PG_URL=pg_url, **lake)
