@@ -27,8 +27,9 @@ from unittest import mock
 import pytest
 
 from etl_assets.defs.executor import QUEUE
+from etl_assets.lib import warehouse
 from etl_assets.lib.sharding import shard_of
-from etl_assets_tests.conftest import SAMPLE, PgCluster, edit_crm, shard_rows, unavailable
+from etl_assets_tests.conftest import SAMPLE, PgCluster, edit_crm, new_database, shard_rows, unavailable
 
 pytestmark = pytest.mark.daemon
 
@@ -41,10 +42,14 @@ DROP = ("SHARD_COUNT", "CHAOS_", "ETL_", "DAGSTER_", "DUCKDB_", "STAGING_DIR", "
         "DATA_DIR", "CELERY_")
 
 
-def warehouse_env(shared: Path) -> dict[str, str]:
-    """The warehouse every process of the deployment uses. One line to change for another
-    backend (DuckLake: DUCKDB_PATH=ducklake:postgres:..., DUCKLAKE_DATA_PATH=<shared>/lake/)."""
-    return {"DUCKDB_PATH": str(shared / "warehouse.duckdb")}
+def warehouse_env(shared: Path, cluster: PgCluster) -> dict[str, str]:
+    """The warehouse every process of the deployment shares: a DuckLake (its catalog a database
+    of its own on the test's Postgres, its Parquet data in the shared folder), as a deployment
+    on several machines would have, not a DuckDB file only one host can lock."""
+    lake = new_database(cluster, "lake")
+    return {"DUCKDB_PATH": f"ducklake:postgres:dbname={lake} host=127.0.0.1 port={cluster.port} "
+                           "user=postgres",
+            "DUCKLAKE_DATA_PATH": str(shared / "lake") + "/"}
 
 
 def _free_port() -> int:
@@ -194,7 +199,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, pg_cluster: PgCluster,
         DAGSTER_PG_URL=pg_cluster.url(database, scheme="postgresql+psycopg2"),
         CELERY_BROKER_URL=redis_url,
         DATA_DIR=str(shared / "data"), STAGING_DIR=str(shared / "staging"),
-        EXPORT_PATH=str(shared / "merged_output.csv"), **warehouse_env(shared),
+        EXPORT_PATH=str(shared / "merged_output.csv"), **warehouse_env(shared, pg_cluster),
         ETL_AUTOMATION="off",  # only the runs the tests submit
         SHARD_RETRY_DELAY_S="0.5",
     )
@@ -340,7 +345,14 @@ def test_sigkilled_worker_mid_write_is_retried_elsewhere(deployment: Deployment)
 
 
 def shard_rows_of(dep: Deployment) -> dict[int, list[tuple]]:
-    return shard_rows(dep.shared)
+    """Every shard_profiles row of the deployment's warehouse, by shard_id (as shard_rows)."""
+    with warehouse.read_only(dep.env["DUCKDB_PATH"], 30) as con:
+        rows = con.execute(
+            "SELECT * FROM wh.shard_profiles ORDER BY shard_id, customer_id").fetchall()
+    by_shard: dict[int, list[tuple]] = {}
+    for row in rows:
+        by_shard.setdefault(row[-3], []).append(row)  # shard_id precedes key, shard_count
+    return by_shard
 
 
 def test_chaos_drill_passes_on_the_workers(deployment: Deployment):

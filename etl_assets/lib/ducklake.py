@@ -107,6 +107,15 @@ def is_missing_catalog(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.Error) and _NO_CATALOG in str(exc)
 
 
+def is_creation_race(exc: BaseException) -> bool:
+    """True if a read-write ATTACH failed because another process was creating the same new
+    catalog's tables in Postgres at that moment (its CREATE TABLEs won): attaching again finds
+    the catalog made."""
+    text = str(exc)
+    return isinstance(exc, duckdb.Error) and (
+        "violates unique constraint" in text or "already exists" in text)
+
+
 class ChangedMeanwhile(RuntimeError):
     """Raised by our own code inside a write that finds another writer changed what it was
     judged from (a conflict DuckLake cannot see: it validates writes, not reads)."""

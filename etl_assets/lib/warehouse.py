@@ -151,15 +151,25 @@ def _attach_ducklake(con: duckdb.DuckDBPyConnection, path: str, data_path: str,
                      read_only: bool) -> None:
     """ATTACH a DuckLake catalog as `wh`; an unreachable one is one line without a password."""
     ducklake.load_extensions(con)
-    try:
-        con.execute(ducklake.attach_sql(path, ALIAS, data_path, read_only))
-    except duckdb.Error as exc:
-        if read_only and ducklake.is_missing_catalog(exc):
-            raise
-        lines = str(exc).strip().splitlines()
-        raise WarehouseUnreachableError(
-            f"{ducklake.redact(path)}: cannot attach the DuckLake catalog: "
-            f"{ducklake.redact(lines[0] if lines else type(exc).__name__)}") from None
+    failures = 0
+    while True:
+        try:
+            con.execute(ducklake.attach_sql(path, ALIAS, data_path, read_only))
+            return
+        except duckdb.Error as exc:
+            if read_only and ducklake.is_missing_catalog(exc):
+                raise
+            failures += 1
+            # The first writers of a new lake (e.g. source steps on separate workers) race to
+            # create its catalog; the losers attach again and find it made.
+            if (not read_only and ducklake.is_creation_race(exc)
+                    and failures < ducklake.RETRY.attempts):
+                time.sleep(ducklake.RETRY.wait_s(failures))
+                continue
+            lines = str(exc).strip().splitlines()
+            raise WarehouseUnreachableError(
+                f"{ducklake.redact(path)}: cannot attach the DuckLake catalog: "
+                f"{ducklake.redact(lines[0] if lines else type(exc).__name__)}") from None
 
 
 def _attach(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float, data_path: str) -> str:
