@@ -297,13 +297,6 @@ def read_only(
             con.execute(f"DETACH {ALIAS}")
 
 
-def on_ducklake(con: duckdb.DuckDBPyConnection) -> bool:
-    """True if the warehouse attached to `con` is a DuckLake catalog."""
-    row = con.execute("SELECT type FROM duckdb_databases() WHERE database_name = ?",
-                      [ALIAS]).fetchone()
-    return row is not None and row[0] == "ducklake"
-
-
 def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
     return con.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = ?",
