@@ -217,6 +217,35 @@ def tmpfs(path: Path, size: str, options: str = "") -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def outdated_by_a_newer_run(settings: EtlSettings, data_dir: Path, point: str) -> None:
+    """Build cust_00000007's shard as an "older" run while, at hook `point`, a "newer" run
+    stages a changed CRM value and writes that shard: the older must raise InputsMovedError
+    and write nothing, so the warehouse keeps the newer run's manifest entry and rows."""
+    from etl_assets.lib import warehouse
+    from etl_assets.lib.profiles import InputsMovedError, build_shard
+    from etl_assets.lib.sharding import shard_of
+    from etl_assets.lib.sources import stage_source
+
+    shard = shard_of("cust_00000007", settings.shard_count)
+    newer = []
+
+    def newer_run_meanwhile(at: str) -> None:
+        if at == point and not newer:
+            edit_crm(data_dir, {"cust_00000007": 4321})
+            stage_source(SOURCES["crm"], settings)
+            newer.append(build_shard(settings, shard, run_id="newer"))
+
+    with pytest.raises(InputsMovedError):
+        build_shard(settings, shard, run_id="older", hook=newer_run_meanwhile)
+    with warehouse.read_only(settings.duckdb_path, 5) as con:
+        entry = warehouse.read_manifest(con, settings.shard_count)[shard]
+        employees = con.execute(
+            "SELECT employee_count FROM wh.shard_profiles WHERE customer_id = ?",
+            ["cust_00000007"]).fetchall()
+    assert (entry["run_id"], entry["source_data_hash"]) == ("newer", newer[0].source_data_hash)
+    assert employees == [(4321,)]
+
+
 def shard_rows(home: Path) -> dict[int, list[tuple]]:
     """Every shard_profiles row of a home's warehouse, by shard_id."""
     import duckdb

@@ -11,8 +11,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from etl_assets.lib import warehouse
-from etl_assets.lib.profiles import InputsMovedError, build_shard
+from etl_assets.lib.profiles import build_shard
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
@@ -22,6 +21,7 @@ from etl_assets_tests.conftest import (
     build_profiles,
     edit_crm,
     make_settings,
+    outdated_by_a_newer_run,
     shard_rows,
     user_tables,
 )
@@ -225,24 +225,7 @@ def test_a_shard_built_from_slices_restaged_meanwhile_is_not_written(tmp_path, s
     data and wrote the shard. The older must not put its rows back over the newer ones (the
     shard would silently go stale); it fails retryably, and the newer rows stay."""
     settings = _staged(tmp_path, sample_dir)
-    shard = shard_of("cust_00000007", settings.shard_count)
-    newer = []
-
-    def newer_run_in_between(point: str) -> None:
-        if point == "shard_before_write" and not newer:
-            edit_crm(sample_dir, CHANGE)
-            stage_source(SOURCES["crm"], settings)
-            newer.append(build_shard(settings, shard, run_id="newer"))
-
-    with pytest.raises(InputsMovedError):
-        build_shard(settings, shard, run_id="older", hook=newer_run_in_between)
-    with warehouse.reader(settings.duckdb_path, 5) as con:
-        entry = warehouse.read_manifest(con, settings.shard_count)[shard]
-        employees = con.execute(
-            "SELECT employee_count FROM wh.shard_profiles WHERE customer_id = ?",
-            ["cust_00000007"]).fetchone()[0]
-    assert (entry["run_id"], entry["source_data_hash"]) == ("newer", newer[0].source_data_hash)
-    assert employees == 4321
+    outdated_by_a_newer_run(settings, sample_dir, "shard_before_write")
 
 
 def _launch(env: dict[str, str], cwd: Path, *args: str, **extra: str) -> subprocess.Popen:

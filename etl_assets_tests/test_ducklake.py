@@ -19,13 +19,13 @@ import psycopg2
 import pytest
 
 from etl_assets.lib import ducklake, freshness, warehouse
-from etl_assets.lib.profiles import InputsMovedError, build_shard, publish_profiles
+from etl_assets.lib.profiles import build_shard, publish_profiles
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings, SettingsError
 from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
 from etl_assets.tools.instance import PG_URL_VAR
-from etl_assets_tests.conftest import edit_crm, make_settings, new_database
+from etl_assets_tests.conftest import edit_crm, make_settings, new_database, outdated_by_a_newer_run
 
 BIN = Path(sys.executable).parent
 SHARDS = 10
@@ -136,24 +136,7 @@ def test_a_shard_built_from_slices_restaged_meanwhile_is_not_written(tmp_path, s
     settings = _on_lake(tmp_path, sample_dir, lake, shard_count=2)
     for schema in SOURCES.values():
         stage_source(schema, settings)
-    shard = shard_of("cust_00000007", settings.shard_count)
-    newer = []
-
-    def newer_run_commits_meanwhile(point: str) -> None:
-        if point == "shard_after_delete" and not newer:
-            edit_crm(sample_dir, {"cust_00000007": 4321})
-            stage_source(SOURCES["crm"], settings)
-            newer.append(build_shard(settings, shard, run_id="newer"))
-
-    with pytest.raises(InputsMovedError):
-        build_shard(settings, shard, run_id="older", hook=newer_run_commits_meanwhile)
-    with warehouse.read_only(settings.duckdb_path, 5) as con:
-        entry = warehouse.read_manifest(con, settings.shard_count)[shard]
-        employees = con.execute(
-            "SELECT employee_count FROM wh.shard_profiles WHERE customer_id = ?",
-            ["cust_00000007"]).fetchall()
-    assert (entry["run_id"], entry["source_data_hash"]) == ("newer", newer[0].source_data_hash)
-    assert employees == [(4321,)]
+    outdated_by_a_newer_run(settings, sample_dir, "shard_after_delete")
 
 
 def test_a_shard_written_while_customer_profiles_is_published_makes_it_start_again(
