@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -101,16 +103,29 @@ def _key(record: bytes) -> bytes:
         return record[1:j].replace(b'""', b'"')
 
 
-def merge(head: bytes, parts: list[Path], out: BinaryIO) -> None:
+class MergeStopped(RuntimeError):
+    """The merge was asked to stop (its caller failed or was interrupted meanwhile)."""
+
+
+_BATCH = 1 << 16  # records written between two looks at `stop`
+
+
+def merge(head: bytes, parts: list[Path], out: BinaryIO,
+          stop: threading.Event | None = None) -> None:
     """Write `head`, then the records of the sorted `parts` merged on customer_id: as whole
-    lines when every part is plain, else record by record on the decoded id."""
+    lines when every part is plain, else record by record on the decoded id. MergeStopped
+    as soon as `stop` is set (looked at every _BATCH records)."""
     files = [open(p, "rb", buffering=_BUFFER) for p in parts]  # noqa: SIM115 - closed below
     try:
         out.write(head)
         if all(p.name.endswith(f".{PLAIN}.csv") for p in parts):
-            out.writelines(heapq.merge(*files))
+            merged = heapq.merge(*files)
         else:
-            out.writelines(heapq.merge(*map(_records, files), key=_key))
+            merged = heapq.merge(*map(_records, files), key=_key)
+        while batch := list(itertools.islice(merged, _BATCH)):
+            if stop is not None and stop.is_set():
+                raise MergeStopped("export merge stopped")
+            out.writelines(batch)
     finally:
         for fh in files:
             fh.close()

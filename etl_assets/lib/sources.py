@@ -10,6 +10,7 @@ first.
 import json
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +24,13 @@ from etl_assets.lib.rules import install_rules
 from etl_assets.lib.schema import SourceSchema
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.validation import (
+    READ_CSV,
     ReadReport,
     SourceFileError,
+    checked_select,
     file_sha256,
+    read_csv_params,
+    read_header,
     read_source,
     snapshot_file,
 )
@@ -73,13 +78,17 @@ def stage_source(
         with warehouse.scratch(settings.duckdb_limits) as con:
             install_rules(con)
             report_progress("source_validate", source=schema.name)
-            try:
-                report = read_source(con, snapshot, schema)
-            except SourceFileError as exc:
-                raise SourceFileError(path, exc.problem) from None  # name the user's file
-            report_progress("source_stage", source=schema.name, rows=report.accepted,
-                            shards=settings.shard_count)
-            staged = _write_slices(con, schema, settings, sha, hook)
+            clean = _stage_clean(con, snapshot, schema, settings, sha, hook)
+            if clean is not None:
+                report, staged = clean
+            else:
+                try:
+                    report = read_source(con, snapshot, schema)
+                except SourceFileError as exc:
+                    raise SourceFileError(path, exc.problem) from None  # name the user's file
+                report_progress("source_stage", source=schema.name, rows=report.accepted,
+                                shards=settings.shard_count)
+                staged = _write_slices(con, schema, settings, sha, hook)
             report_progress("source_rejected", source=schema.name, rows=report.rejected)
             hook("source_before_rejected")
             with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s,
@@ -196,26 +205,106 @@ def _stage_into(
 ) -> staging.StagedSource:
     """Write every slice into `tmp`, then publish it as `version_dir`."""
     n = settings.shard_count
-    routed = _routed_sql(schema)
     # One pass routes and writes every shard's slice (shard_id=<k>/ folders); the stats are then
     # read back from the files' row_hash column, which is cheaper than routing every row again.
     con.execute(
-        f"COPY ({routed}) TO $path (FORMAT parquet, PARTITION_BY (shard_id))",
+        f"COPY ({_routed_sql(schema)}) TO $path (FORMAT parquet, PARTITION_BY (shard_id))",
         {"path": str(tmp), "n": n},
     )
     slice_hashes, slice_rows = _staged_stats(con, tmp, n)
+    return _publish_slices(con, schema, settings, sha, tmp, version_dir, hook, replace,
+                           slice_hashes, slice_rows,
+                           (f"SELECT * EXCLUDE (shard_id) FROM ({_routed_sql(schema)})", {"n": n}))
+
+
+def _publish_slices(
+    con: duckdb.DuckDBPyConnection, schema: SourceSchema, settings: EtlSettings, sha: str,
+    tmp: Path, version_dir: Path, hook: Hook, replace: bool, slice_hashes: dict[int, str],
+    slice_rows: dict[int, int], rows_like: tuple[str, dict[str, object]],
+) -> staging.StagedSource:
+    """Give every empty shard an empty slice in `tmp` (with the columns of the query
+    `rows_like`, and its parameters), then publish `tmp` as `version_dir`."""
+    n = settings.shard_count
     # Empty shards get an empty file with the schema so every shard can read its slice.
+    rows_sql, params = rows_like
     for k in range(n):
         if slice_rows[k] == 0:
             folder = tmp / f"shard_id={k}"
             folder.mkdir()
-            con.execute(
-                f"COPY (SELECT * EXCLUDE (shard_id) FROM ({routed}) LIMIT 0) TO $path "
-                "(FORMAT parquet)",
-                {"path": str(folder / "empty.parquet"), "n": n},
-            )
+            con.execute(f"COPY (SELECT * FROM ({rows_sql}) LIMIT 0) TO $path (FORMAT parquet)",
+                        {**params, "path": str(folder / "empty.parquet")})
     staged = staging.StagedSource(schema.name, sha, n, str(version_dir), slice_hashes, slice_rows)
     return staging.publish(settings.staging_dir, tmp, staged, hook, replace=replace)
+
+
+# The partition a row that is not clean goes to (see _stage_clean): never a shard.
+_NOT_CLEAN = -1
+
+
+def _stage_clean(
+    con: duckdb.DuckDBPyConnection, path: Path, schema: SourceSchema, settings: EtlSettings,
+    sha: str, hook: Hook,
+) -> tuple[ReadReport, staging.StagedSource] | None:
+    """Validate, route and stage the file at `path` in one streaming pass, if it turns out to
+    have nothing to quarantine; else None, with nothing staged.
+
+    The pass runs the one validation query (`checked_select`) straight from the CSV reader into
+    the slices, without the two in-memory copies of the file (raw text, then checked rows) that
+    quarantining needs: at 10M rows those copies outgrow the memory limit and spill. A row with
+    a reason goes to a partition no shard reads; the file is clean when that partition is
+    empty, the reader refused no record and no customer_id repeats. Otherwise (and when the
+    version folder already exists: its reuse is proven row by row) the caller takes the full
+    path, which quarantines exactly as always: the same rows, slices and reasons either way.
+    """
+    n = settings.shard_count
+    version_dir = (Path(settings.staging_dir) / schema.name
+                   / f"{sha[:20]}-{freshness.staging_key(settings)}")
+    if version_dir.is_dir():
+        return None
+    try:
+        columns, extra = read_header(path, schema)
+    except SourceFileError:
+        return None  # the full path says what is wrong, naming the user's file
+    select, params = checked_select(con, schema, f"SELECT 0 AS rec, * FROM {READ_CSV}")
+    with errors.naming(Path(settings.staging_dir) / schema.name):
+        tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
+        try:
+            try:
+                con.execute(
+                    f"""COPY (SELECT {', '.join(schema.column_names)}, row_hash,
+                                     CASE WHEN reason IS NULL THEN etl_shard(customer_id, $n)
+                                          ELSE $not_clean END AS shard_id
+                              FROM ({select}))
+                        TO $out (FORMAT parquet, PARTITION_BY (shard_id))""",
+                    {**params, **read_csv_params(path, columns), "n": n,
+                     "not_clean": _NOT_CLEAN, "out": str(tmp)})
+            except duckdb.Error:
+                # Not a CSV it can read: the full path says why, in one line.
+                shutil.rmtree(tmp, ignore_errors=True)
+                return None
+            refused = con.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
+            files = sorted(str(p) for p in tmp.glob("shard_id=*/*.parquet"))
+            clean = not refused and files and not (tmp / f"shard_id={_NOT_CLEAN}").exists()
+            rows = distinct = 0
+            if clean:
+                rows, distinct = con.execute(
+                    "SELECT count(*), count(DISTINCT customer_id) FROM read_parquet($files, "
+                    "hive_partitioning = false)", {"files": duckdb_literals(files)}).fetchone()
+            if not clean or rows != distinct:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return None
+            report_progress("source_stage", source=schema.name, rows=int(rows), shards=n)
+            slice_hashes, slice_rows = _staged_stats(con, tmp, n)
+            con.execute("CREATE OR REPLACE TEMP TABLE rejected (line_number BIGINT, "
+                        "customer_id VARCHAR, reason VARCHAR, raw VARCHAR)")
+            staged = _publish_slices(
+                con, schema, settings, sha, tmp, version_dir, hook, False, slice_hashes,
+                slice_rows, ("SELECT * FROM read_parquet($files, hive_partitioning = false)",
+                             {"files": duckdb_literals(files)}))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return ReadReport(int(rows), int(rows), 0, Counter(), extra), staged
 
 
 def _staged_stats(

@@ -301,6 +301,15 @@ def validation_sql(
     `checked` has rec (0-based record index = raw_rows.rowid), the typed columns, reason (NULL
     when valid) and row_hash (md5 of the raw values).
     """
+    select, params = checked_select(con, schema, "SELECT rowid AS rec, * FROM raw_rows")
+    return f"CREATE OR REPLACE TEMP TABLE checked AS {select}", params
+
+
+def checked_select(
+    con: duckdb.DuckDBPyConnection, schema: SourceSchema, rows_sql: str
+) -> tuple[str, dict[str, object]]:
+    """The one validation query: rec, the typed columns, row_hash and reason (NULL when
+    valid) of each row of `rows_sql` (raw text columns plus `rec`), and its bound parameters."""
     params: dict[str, object] = {}
     # The id goes through the one id rule (rules.etl_customer_id); other values are trimmed.
     trimmed = ", ".join(
@@ -335,8 +344,7 @@ def validation_sql(
     shapes = "".join(f", {expr} AS m_{name}" for name, expr in shaped)
     shape_columns = "".join(f"m_{name}, " for name, _ in shaped)
     sql = f"""
-        CREATE OR REPLACE TEMP TABLE checked AS
-        WITH src AS (SELECT rowid AS rec, * FROM raw_rows),
+        WITH src AS ({rows_sql}),
         trimmed AS (SELECT *, {trimmed},
                            md5(to_json(list_value({raw_values}))) AS row_hash
                     FROM src),
@@ -350,6 +358,19 @@ def validation_sql(
     return sql, params
 
 
+# How every source file is read: all text, the header's columns, malformed records kept aside
+# in `csv_rejects` (bound parameters: see read_csv_params).
+READ_CSV = """read_csv($path, header = true, auto_detect = false, columns = $columns,
+    delim = ',', quote = '"', escape = '"', encoding = 'utf-8', store_rejects = true,
+    rejects_table = 'csv_rejects', rejects_scan = 'csv_reject_scans', max_line_size = $max_line)"""
+
+
+def read_csv_params(path: Path, columns: list[str]) -> dict[str, object]:
+    """READ_CSV's parameters for the file at `path` with header `columns`."""
+    return {"path": duckdb_literal(path), "columns": {c: "VARCHAR" for c in columns},
+            "max_line": MAX_LINE_BYTES}
+
+
 def read_source(
     con: duckdb.DuckDBPyConnection, path: Path, schema: SourceSchema
 ) -> ReadReport:
@@ -360,15 +381,8 @@ def read_source(
     """
     columns, extra = read_header(path, schema)
     try:
-        con.execute(
-            """CREATE OR REPLACE TEMP TABLE raw_rows AS SELECT * FROM read_csv(
-                   $path, header = true, auto_detect = false, columns = $columns,
-                   delim = ',', quote = '"', escape = '"', encoding = 'utf-8',
-                   store_rejects = true, rejects_table = 'csv_rejects',
-                   rejects_scan = 'csv_reject_scans', max_line_size = $max_line)""",
-            {"path": duckdb_literal(path), "columns": {c: "VARCHAR" for c in columns},
-             "max_line": MAX_LINE_BYTES},
-        )
+        con.execute(f"CREATE OR REPLACE TEMP TABLE raw_rows AS SELECT * FROM {READ_CSV}",
+                    read_csv_params(path, columns))
     except duckdb.Error as exc:
         raise SourceFileError(path, f"cannot be parsed as CSV: {_first_line(exc)}") from exc
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
+import queue
 import random
 import re
 import shutil
@@ -22,19 +24,22 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import duckdb
 
 from etl_assets.lib import ducklake, errors, export_parts
 from etl_assets.lib.faults import Hook, injected, no_hook
-from etl_assets.lib.limits import DuckDBLimits
+from etl_assets.lib.limits import DuckDBLimits, cores
 from etl_assets.lib.schema import profile_columns
 from etl_assets.lib.validation import file_sha256
 
 ALIAS = "wh"
+T = TypeVar("T")
 _LOCK_HOLDER = re.compile(r"PID (\d+)")
 
 
@@ -524,14 +529,8 @@ def _replace_shards(
     At the `merge_duplicate` fault (the warehouse's table only) shard 0's first row is written
     twice, for the test that the audit stops it.
     """
-    for shard_id in range(shard_count) if shards is None else shards:
-        table = PROFILES_SHARD_TABLE.format(shard_id)
-        if copy_from:
-            con.execute(f"CREATE OR REPLACE TABLE {db}.{table} AS "
-                        f"SELECT * FROM {copy_from}.{table}")
-        else:
-            con.execute(f"CREATE OR REPLACE TABLE {db}.{table} AS "
-                        f"{_shard_rows_sql(one_per_key)}", [shard_count, shard_id])
+    _write_shard_tables(con, shard_count, db, one_per_key,
+                        range(shard_count) if shards is None else shards, copy_from)
     tables = {row[0]: row[1] for row in con.execute(
         """SELECT table_name, 'TABLE' FROM duckdb_tables() WHERE database_name = ?
            UNION ALL SELECT view_name, 'VIEW' FROM duckdb_views() WHERE database_name = ?""",
@@ -548,6 +547,77 @@ def _replace_shards(
     if injected(hook, "merge_duplicate"):
         first = f"{db}.{current[0]}"
         con.execute(f"INSERT INTO {first} SELECT * FROM {first} ORDER BY customer_id LIMIT 1")
+
+
+def _write_shard_tables(
+    con: duckdb.DuckDBPyConnection, shard_count: int, db: str, one_per_key: str,
+    shards: Iterable[int], copy_from: str | None = None, parallel: bool = False,
+) -> None:
+    """(Re)write `db`'s table of each of `shards` (see _replace_shards). `parallel`: each table
+    in its own transaction, on its own cursor, up to one per core (only where no transaction
+    must hold them all: the snapshot's temp file)."""
+    def task(shard_id: int) -> Callable[[duckdb.DuckDBPyConnection], None]:
+        table = PROFILES_SHARD_TABLE.format(shard_id)
+
+        def write(cur: duckdb.DuckDBPyConnection) -> None:
+            if copy_from:
+                cur.execute(f"CREATE OR REPLACE TABLE {db}.{table} AS "
+                            f"SELECT * FROM {copy_from}.{table}")
+            else:
+                cur.execute(f"CREATE OR REPLACE TABLE {db}.{table} AS "
+                            f"{_shard_rows_sql(one_per_key)}", [shard_count, shard_id])
+        return write
+
+    tasks = [task(k) for k in shards]
+    if parallel:
+        in_parallel(con, tasks)
+    else:
+        for write in tasks:
+            write(con)
+
+
+def in_parallel(con: duckdb.DuckDBPyConnection,
+                tasks: list[Callable[[duckdb.DuckDBPyConnection], T]]) -> list[T]:
+    """Each task run on a cursor of `con`, up to one task per core at a time; their results in
+    task order.
+
+    A cursor shares `con`'s database instance and attached files but has its own transaction,
+    and DuckDB releases the GIL while a query runs: per-shard statements smaller than two row
+    groups use one DuckDB thread each (see _per_shard_threads), so running them side by side
+    is what keeps every core busy. On any error or interrupt the other cursors' queries are
+    interrupted and waited for before it is raised.
+    """
+    workers = min(cores(), len(tasks))
+    if workers <= 1:
+        return [task(con) for task in tasks]
+    cursors: queue.SimpleQueue = queue.SimpleQueue()
+    opened = [con.cursor() for _ in range(workers)]
+    for cur in opened:
+        cursors.put(cur)
+
+    def run(task: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        cur = cursors.get()
+        try:
+            return task(cur)
+        finally:
+            cursors.put(cur)
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="etl-shard-table")
+    futures = [pool.submit(run, task) for task in tasks]
+    try:
+        return [future.result() for future in futures]
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        for cur in opened:
+            with suppress(duckdb.Error):
+                cur.interrupt()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        for cur in opened:
+            with suppress(duckdb.Error):
+                cur.close()
 
 
 def _rebuild_table(con: duckdb.DuckDBPyConnection, shard_count: int) -> int:
@@ -689,9 +759,14 @@ def _write_snapshot(
             shutil.copyfile(target, tmp)
         con.execute(f"ATTACH {_sql_string(str(tmp))} AS {SNAPSHOT}")
         try:
+            # A temp file nobody reads until it is renamed into place: its shard tables need
+            # no common transaction, so they are written side by side.
+            _write_shard_tables(con, shard_count, SNAPSHOT, one_per_key,
+                                range(shard_count) if changed is None else changed,
+                                parallel=True)
             with transaction(con):
                 # No fault hook: the export's parts are read from here and kept.
-                _replace_shards(con, shard_count, SNAPSHOT, one_per_key, changed)
+                _replace_shards(con, shard_count, SNAPSHOT, one_per_key, [])
                 for table, order in SNAPSHOT_TABLES.items():
                     con.execute(f"CREATE OR REPLACE TABLE {SNAPSHOT}.{table} AS "
                                 f"SELECT * FROM {ALIAS}.{table} ORDER BY {order}")
@@ -718,14 +793,17 @@ def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dic
     con.execute("SET preserve_insertion_order = true")
     with errors.naming(parts_dir):
         parts_dir.mkdir(parents=True, exist_ok=True)
-        parts = []
         text = [name for name, sql_type in profile_columns() if sql_type == "VARCHAR"]
-        for shard_id, version in sorted(versions.items()):
+
+        def part(shard_id: int, version: str) -> Callable[[duckdb.DuckDBPyConnection], Path]:
             prefix = export_parts.part_prefix(shard_count, shard_id, version)
             found = sorted(parts_dir.glob(f"{glob.escape(prefix)}*.csv"))
-            parts.append(found[0] if found else export_parts.write_part(
-                con, f"SELECT * FROM {SNAPSHOT}.{PROFILES_SHARD_TABLE.format(shard_id)}", text,
-                parts_dir, prefix))
+            return lambda cur: found[0] if found else export_parts.write_part(
+                cur, f"SELECT * FROM {SNAPSHOT}.{PROFILES_SHARD_TABLE.format(shard_id)}", text,
+                parts_dir, prefix)
+
+        # Each part read and written on its own cursor, side by side (see in_parallel).
+        parts = in_parallel(con, [part(k, v) for k, v in sorted(versions.items())])
         keep = {p.name for p in parts}
         for old in parts_dir.glob(f"{shard_count}-*.csv"):
             if old.name not in keep:
@@ -743,28 +821,80 @@ def _stale_temps_in(folder: Path) -> Iterator[Path]:
             yield tmp
 
 
-def _write_export(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path, parts: list[Path],
-                  hook: Hook) -> str:
-    """Write the export to `tmp`, durably: the header, then the shards' sorted parts merged
-    on customer_id (export_parts); return its sha256.
-
-    Errors name `target`: that is the path a user gave and has to fix or free space for.
-    """
+def _export_header(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path) -> bytes:
+    """The export's header line, as DuckDB writes it for customer_profiles' columns (read from
+    the snapshot being published: the same view as the warehouse's). Creates `tmp` empty first,
+    so that a missing permission is an OSError naming the problem rather than DuckDB's wording
+    of it. Errors name `target`: the path a user gave and has to fix or free space for."""
     cols = ", ".join(name for name, _ in profile_columns())
     with errors.naming(target):
-        # Created here first, so a missing permission is an OSError naming the problem rather
-        # than DuckDB's wording of it.
-        with open(tmp, "xb") as out:
-            head = export_parts.header(
-                con, f"SELECT {cols} FROM {ALIAS}.customer_profiles LIMIT 0",
-                tmp.with_name(tmp.name + ".head"))
-            export_parts.merge(head, parts, out)
+        with open(tmp, "xb"):
+            pass
+        return export_parts.header(con, f"SELECT {cols} FROM {SNAPSHOT}.customer_profiles LIMIT 0",
+                                   tmp.with_name(tmp.name + ".head"))
+
+
+class _HashingWriter:
+    """A binary file that also hashes what is written to it (so the export is not read back)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out, self.digest = out, hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.out.write(data)
+
+    def writelines(self, lines: Iterable[bytes]) -> None:
+        data = b"".join(lines)
+        self.digest.update(data)
+        self.out.write(data)
+
+
+def _write_export(tmp: Path, target: Path, head: bytes, parts: list[Path], hook: Hook,
+                  stop: threading.Event | None = None) -> str:
+    """Write the export to `tmp` (made by _export_header), durably: `head`, then the shards'
+    sorted parts merged on customer_id (export_parts); return its sha256. Stops (MergeStopped)
+    once `stop` is set. Errors name `target`."""
+    with errors.naming(target):
+        with open(tmp, "wb") as out:
+            writer = _HashingWriter(out)
+            export_parts.merge(head, parts, writer, stop)  # type: ignore[arg-type]
+            # On disk before the manifest that names its hash commits (a full disk can also
+            # show up only here, when delayed writes are flushed).
+            out.flush()
+            os.fsync(out.fileno())
         hook("export_write")
-        # On disk before the manifest that names its hash commits (a full disk can also show
-        # up only here, when delayed writes are flushed).
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-    return file_sha256(tmp)
+    return writer.digest.hexdigest()
+
+
+class _Background:
+    """A function run in a thread beside the caller's work; `result()` waits for it and returns
+    its value or raises its exception. `stop` is set when the caller gives up on it."""
+
+    def __init__(self, work: Callable[[threading.Event], str]) -> None:
+        self.stop = threading.Event()
+        self._value: str | None = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value = work(self.stop)
+            except BaseException as exc:  # handed to the caller in result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="etl-export-merge", daemon=True)
+        self._thread.start()
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def cancel(self) -> None:
+        """Ask it to stop and wait until it has (it writes only its own temp file)."""
+        self.stop.set()
+        self._thread.join()
 
 
 @contextmanager
@@ -872,34 +1002,28 @@ def publish_customer_profiles(
                     snapshot.with_name(snapshot.name + ".wal").unlink(missing_ok=True)
                     os.replace(snapshot_tmp, snapshot)
 
-            with transaction(con, after_commit=publish_files):
-                if built_from is not None:
-                    built_from(_manifest_in(con, SNAPSHOT, shard_count))
-                # The snapshot's tables: the same rows by construction, already sorted.
-                con.execute("SET preserve_insertion_order = true")
-                with _per_shard_threads(con, rows_per_shard):
-                    _replace_shards(con, shard_count, ALIAS, one_per_key, changed, hook,
-                                    copy_from=SNAPSHOT)
-                count = int(con.execute(
-                    f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
-                sha = _write_export(con, tmp, target, part_files, hook)
-                if audit is not None:
-                    audit(con, tmp)
-                # DuckLake has no INSERT OR REPLACE (no primary keys): delete, then insert.
-                con.execute(f"DELETE FROM {ALIAS}.profiles_manifest WHERE shard_count = ?",
-                            [shard_count])
-                con.execute(
-                    f"""INSERT INTO {ALIAS}.profiles_manifest (shard_count,
-                        shards_hash, code_version, row_count, export_path, export_sha256,
-                        snapshot_sha256, shard_versions) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                    [shard_count, manifest["shards_hash"], manifest["code_version"], count,
-                     export_path, sha, snapshot_sha,
-                     json.dumps({str(k): v for k, v in sorted(versions.items())})],
-                )
-                # The table now holds this layout: another layout's next publish rebuilds it.
-                con.execute(f"UPDATE {ALIAS}.profiles_manifest SET shard_versions = NULL "
-                            "WHERE shard_count <> ?", [shard_count])
-                hook("profiles_before_commit")
+            head = _export_header(con, tmp, target)
+            # The merge is Python and DuckDB's copy of the shard tables below releases the
+            # GIL: the export is written beside it, not after it.
+            export = _Background(lambda stop: _write_export(tmp, target, head, part_files,
+                                                            hook, stop))
+            try:
+                with transaction(con, after_commit=publish_files):
+                    if built_from is not None:
+                        built_from(_manifest_in(con, SNAPSHOT, shard_count))
+                    # The snapshot's tables: the same rows by construction, already sorted.
+                    con.execute("SET preserve_insertion_order = true")
+                    with _per_shard_threads(con, rows_per_shard):
+                        _replace_shards(con, shard_count, ALIAS, one_per_key, changed, hook,
+                                        copy_from=SNAPSHOT)
+                    count = int(con.execute(
+                        f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
+                    sha = export.result()
+                    _record(con, audit, tmp, shard_count, manifest, count, export_path, sha,
+                            snapshot_sha, versions, hook)
+            except BaseException:
+                export.cancel()
+                raise
         except BaseException:
             _detach_quietly(con, SNAPSHOT)
             raise
@@ -907,3 +1031,28 @@ def publish_customer_profiles(
         tmp.unlink(missing_ok=True)
         _remove_temp(snapshot_tmp)
     return count
+
+
+def _record(con: duckdb.DuckDBPyConnection,
+            audit: Callable[[duckdb.DuckDBPyConnection, Path], None] | None, tmp: Path,
+            shard_count: int, manifest: dict[str, object], count: int, export_path: str,
+            sha: str, snapshot_sha: str, versions: dict[int, str], hook: Hook) -> None:
+    """Inside the publish's transaction: audit the staged table and export, then record the
+    manifest naming both files' sha256 and the shard versions."""
+    if audit is not None:
+        audit(con, tmp)
+    # DuckLake has no INSERT OR REPLACE (no primary keys): delete, then insert.
+    con.execute(f"DELETE FROM {ALIAS}.profiles_manifest WHERE shard_count = ?",
+                [shard_count])
+    con.execute(
+        f"""INSERT INTO {ALIAS}.profiles_manifest (shard_count,
+            shards_hash, code_version, row_count, export_path, export_sha256,
+            snapshot_sha256, shard_versions) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+        [shard_count, manifest["shards_hash"], manifest["code_version"], count,
+         export_path, sha, snapshot_sha,
+         json.dumps({str(k): v for k, v in sorted(versions.items())})],
+    )
+    # The table now holds this layout: another layout's next publish rebuilds it.
+    con.execute(f"UPDATE {ALIAS}.profiles_manifest SET shard_versions = NULL "
+                "WHERE shard_count <> ?", [shard_count])
+    hook("profiles_before_commit")
