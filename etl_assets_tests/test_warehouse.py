@@ -75,6 +75,8 @@ def test_export_merged_from_parts_is_the_whole_table_copy(tmp_path):
         assert all(p.name.endswith(".plain.csv") for p in parts) is plain
         head = export_parts.header(con, "SELECT * FROM t LIMIT 0", tmp_path / "head.csv")
         merged = tmp_path / f"{case}_merged.csv"
-        with open(merged, "wb") as out:
-            export_parts.merge(head, parts, out)
-        assert merged.read_bytes() == whole.read_bytes()
+        # One round of chunks, and a round per few lines (every cut-off between parts).
+        for chunk_bytes in (1 << 17, 40):
+            with open(merged, "wb") as out:
+                export_parts.merge(head, parts, out, chunk_bytes=chunk_bytes)
+            assert merged.read_bytes() == whole.read_bytes()

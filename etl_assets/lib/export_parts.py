@@ -11,13 +11,16 @@ The order is DuckDB's `ORDER BY customer_id` (VARCHAR: byte order of the UTF-8 t
 is *plain* when no value holds a line break (one record per line) and no customer_id holds a
 byte at or below the comma (so it is never quoted, and its line sorts as its id: the comma
 that ends it is below every byte an id may continue with). Plain parts are merged as whole
-lines, the fast path (about 0.4 s of CPU per 1M rows). Otherwise the merge reads records and
+lines, the fast path: in rounds of a chunk of lines per part, where every line up to the
+smallest chunk's last line is sorted at once by `list.sort` (C, where `heapq.merge` is a Python
+generator: 0.3 s against 0.7 s of CPU per 1M rows of 280 bytes). Otherwise the merge reads records and
 compares the decoded first field: DuckDB doubles quotes inside quoted values, so a record ends
 at the first line break after an even number of quote characters.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import itertools
@@ -108,21 +111,45 @@ class MergeStopped(RuntimeError):
 
 
 _BATCH = 1 << 16  # records written between two looks at `stop`
+# Bytes of lines read from each plain part per round: 64-256 KiB measured alike, 1 MiB and up
+# slower (the sort's working set leaves the CPU cache).
+_CHUNK = 1 << 17
+
+
+def _plain_batches(files: list[BinaryIO], chunk_bytes: int) -> Iterator[list[bytes]]:
+    """The lines of sorted `files`, merged, in sorted batches: each round takes every line up
+    to the smallest of the parts' last lines read. No line yet unread can sort before it (each
+    part is sorted), so the batch is the next stretch of the merge, in the order
+    `heapq.merge` gives (equal lines are the same bytes)."""
+    chunks = [fh.readlines(chunk_bytes) for fh in files]
+    live = [i for i, chunk in enumerate(chunks) if chunk]
+    while live:
+        cutoff = min(chunks[i][-1] for i in live)
+        batch: list[bytes] = []
+        for i in live:
+            chunk = chunks[i]
+            taken = bisect.bisect_right(chunk, cutoff)
+            batch += chunk[:taken]
+            chunks[i] = chunk[taken:] or files[i].readlines(chunk_bytes)
+        batch.sort()
+        yield batch
+        live = [i for i in live if chunks[i]]
 
 
 def merge(head: bytes, parts: list[Path], out: BinaryIO,
-          stop: threading.Event | None = None) -> None:
+          stop: threading.Event | None = None, chunk_bytes: int = _CHUNK) -> None:
     """Write `head`, then the records of the sorted `parts` merged on customer_id: as whole
-    lines when every part is plain, else record by record on the decoded id. MergeStopped
-    as soon as `stop` is set (looked at every _BATCH records)."""
+    lines when every part is plain (`chunk_bytes` of each per round), else record by record on
+    the decoded id. MergeStopped as soon as `stop` is set (looked at between batches)."""
     files = [open(p, "rb", buffering=_BUFFER) for p in parts]  # noqa: SIM115 - closed below
     try:
         out.write(head)
         if all(p.name.endswith(f".{PLAIN}.csv") for p in parts):
-            merged = heapq.merge(*files)
+            batches = _plain_batches(files, chunk_bytes)
         else:
             merged = heapq.merge(*map(_records, files), key=_key)
-        while batch := list(itertools.islice(merged, _BATCH)):
+            batches = iter(lambda: list(itertools.islice(merged, _BATCH)), [])
+        for batch in batches:
             if stop is not None and stop.is_set():
                 raise MergeStopped("export merge stopped")
             out.writelines(batch)
