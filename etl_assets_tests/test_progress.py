@@ -56,6 +56,14 @@ def test_a_run_names_each_phase_in_order_with_timestamps(tmp_path):
     # Shards done of total, each shard once.
     built = [s for s in said if s.startswith("shards: shard ")]
     assert [line[-8:] for line in built] == [f"[{i} of 3]" for i in (1, 2, 3)], built
+    # The publish's own steps, then the checks waiting for the export written beside them.
+    publish = [s for s in said if s.startswith("customer_profiles: ") and "still" not in s]
+    assert publish[1:] == [
+        "customer_profiles: snapshot: writing 3 of 3 shards",
+        "customer_profiles: export: writing the sorted part of each changed shard",
+        "customer_profiles: table: replacing 3 of 3 shards, while the export is merged from "
+        "3 parts"], publish
+    assert "checks: waiting for the export's merge" in said
     assert said[-1] == "done: every step and check passed"
 
     # The unchanged re-run still names every phase, and says what it skipped.

@@ -65,9 +65,10 @@ class ProfileFacts:
 
 
 def read_facts(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
-               export_path: str | Path) -> ProfileFacts:
+               export_rows: Callable[[], int]) -> ProfileFacts:
     """What the checks compare, as `con` sees the warehouse (attached as `wh`; inside the
-    publish's transaction that is the staged, uncommitted table) and the export at `export_path`."""
+    publish's transaction that is the staged, uncommitted table), and the export's record count
+    from `export_rows`, asked last (in a publish it waits for the export being written)."""
     report_progress("checks")
     staged = staging.current_sources(settings)
     slice_paths = duckdb_literals(staging.all_slice_files(staged, settings.shard_ids))
@@ -78,13 +79,17 @@ def read_facts(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
         f"SELECT count(*), count(DISTINCT customer_id), count(DISTINCT idempotency_key) "
         f"FROM {WH}.customer_profiles"
     ).fetchone()
-    export_rows = con.execute(
+    stale = freshness.stale_shards(settings, con)
+    return ProfileFacts(int(expected), int(rows), int(ids), int(keys), int(export_rows()), stale)
+
+
+def csv_rows(con: duckdb.DuckDBPyConnection, path: str | Path) -> Callable[[], int]:
+    """The records of the published CSV at `path`, counted by DuckDB's reader when called."""
+    return lambda: int(con.execute(
         "SELECT count(*) FROM read_csv($path, header = true, all_varchar = true, "
         "max_line_size = $max_line)",
-        {"path": duckdb_literal(str(export_path)), "max_line": MAX_LINE_BYTES},
-    ).fetchone()[0]
-    stale = freshness.stale_shards(settings, con)
-    return ProfileFacts(int(expected), int(rows), int(ids), int(keys), int(export_rows), stale)
+        {"path": duckdb_literal(str(path)), "max_line": MAX_LINE_BYTES},
+    ).fetchone()[0])
 
 
 def profile_facts(settings: EtlSettings) -> ProfileFacts:
@@ -97,7 +102,7 @@ def profile_facts(settings: EtlSettings) -> ProfileFacts:
         if con is None:
             raise NoWarehouseError(f"{settings.duckdb_path}: no warehouse yet; "
                                    "materialize customer_profiles first")
-        return read_facts(settings, con, settings.export_path)
+        return read_facts(settings, con, csv_rows(con, settings.export_path))
 
 
 def profile_checks(facts: ProfileFacts, shard_count: int) -> list[CheckOutcome]:
@@ -133,14 +138,15 @@ def raise_if_failed(outcomes: list[CheckOutcome]) -> list[CheckOutcome]:
 
 
 def auditor(settings: EtlSettings) -> tuple[list[CheckOutcome], Callable[
-        [duckdb.DuckDBPyConnection, Path], None]]:
-    """(outcomes, audit): `audit(con, export_tmp)` runs the checks on the staged table and
+        [duckdb.DuckDBPyConnection, Callable[[], int]], None]]:
+    """(outcomes, audit): `audit(con, export_rows)` runs the checks on the staged table and
     export inside the publish's transaction, records their outcomes in `outcomes` and raises
-    AuditFailedError if any failed (the publish then rolls back)."""
+    AuditFailedError if any failed (the publish then rolls back). `export_rows` gives the
+    staged export's record count as its writer counted them."""
     outcomes: list[CheckOutcome] = []
 
-    def audit(con: duckdb.DuckDBPyConnection, export_tmp: Path) -> None:
-        outcomes[:] = profile_checks(read_facts(settings, con, export_tmp), settings.shard_count)
+    def audit(con: duckdb.DuckDBPyConnection, export_rows: Callable[[], int]) -> None:
+        outcomes[:] = profile_checks(read_facts(settings, con, export_rows), settings.shard_count)
         raise_if_failed(outcomes)
 
     return outcomes, audit

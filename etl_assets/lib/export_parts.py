@@ -137,10 +137,11 @@ def _plain_batches(files: list[BinaryIO], chunk_bytes: int) -> Iterator[list[byt
 
 
 def merge(head: bytes, parts: list[Path], out: BinaryIO,
-          stop: threading.Event | None = None, chunk_bytes: int = _CHUNK) -> None:
+          stop: threading.Event | None = None, chunk_bytes: int = _CHUNK) -> int:
     """Write `head`, then the records of the sorted `parts` merged on customer_id: as whole
     lines when every part is plain (`chunk_bytes` of each per round), else record by record on
-    the decoded id. MergeStopped as soon as `stop` is set (looked at between batches)."""
+    the decoded id; return how many records were written. MergeStopped as soon as `stop` is
+    set (looked at between batches)."""
     files = [open(p, "rb", buffering=_BUFFER) for p in parts]  # noqa: SIM115 - closed below
     try:
         out.write(head)
@@ -149,10 +150,13 @@ def merge(head: bytes, parts: list[Path], out: BinaryIO,
         else:
             merged = heapq.merge(*map(_records, files), key=_key)
             batches = iter(lambda: list(itertools.islice(merged, _BATCH)), [])
+        records = 0
         for batch in batches:
             if stop is not None and stop.is_set():
                 raise MergeStopped("export merge stopped")
             out.writelines(batch)
+            records += len(batch)
+        return records
     finally:
         for fh in files:
             fh.close()

@@ -33,6 +33,7 @@ from typing import BinaryIO, TypeVar
 import duckdb
 
 from etl_assets.lib import ducklake, errors, export_parts
+from etl_assets.lib.events import report_progress
 from etl_assets.lib.faults import Hook, injected, no_hook
 from etl_assets.lib.limits import DuckDBLimits, cores
 from etl_assets.lib.schema import profile_columns
@@ -851,29 +852,30 @@ class _HashingWriter:
 
 
 def _write_export(tmp: Path, target: Path, head: bytes, parts: list[Path], hook: Hook,
-                  stop: threading.Event | None = None) -> str:
+                  stop: threading.Event | None = None) -> tuple[str, int]:
     """Write the export to `tmp` (made by _export_header), durably: `head`, then the shards'
-    sorted parts merged on customer_id (export_parts); return its sha256. Stops (MergeStopped)
-    once `stop` is set. Errors name `target`."""
+    sorted parts merged on customer_id (export_parts); return its sha256 and how many records
+    it holds (both taken from the bytes as they are written). Stops (MergeStopped) once `stop`
+    is set. Errors name `target`."""
     with errors.naming(target):
         with open(tmp, "wb") as out:
             writer = _HashingWriter(out)
-            export_parts.merge(head, parts, writer, stop)  # type: ignore[arg-type]
+            records = export_parts.merge(head, parts, writer, stop)  # type: ignore[arg-type]
             # On disk before the manifest that names its hash commits (a full disk can also
             # show up only here, when delayed writes are flushed).
             out.flush()
             os.fsync(out.fileno())
         hook("export_write")
-    return writer.digest.hexdigest()
+    return writer.digest.hexdigest(), records
 
 
 class _Background:
     """A function run in a thread beside the caller's work; `result()` waits for it and returns
     its value or raises its exception. `stop` is set when the caller gives up on it."""
 
-    def __init__(self, work: Callable[[threading.Event], str]) -> None:
+    def __init__(self, work: Callable[[threading.Event], tuple[str, int]]) -> None:
         self.stop = threading.Event()
-        self._value: str | None = None
+        self._value: tuple[str, int] | None = None
         self._error: BaseException | None = None
 
         def run() -> None:
@@ -885,7 +887,7 @@ class _Background:
         self._thread = threading.Thread(target=run, name="etl-export-merge", daemon=True)
         self._thread.start()
 
-    def result(self) -> str:
+    def result(self) -> tuple[str, int]:
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -929,7 +931,7 @@ def publish_customer_profiles(
     manifest: dict[str, object],
     hook: Hook = no_hook,
     built_from: Callable[[dict[int, dict]], None] | None = None,
-    audit: Callable[[duckdb.DuckDBPyConnection, Path], None] | None = None,
+    audit: Callable[[duckdb.DuckDBPyConnection, Callable[[], int]], None] | None = None,
     parts_dir: str | None = None,
     rebuild: bool = False,
 ) -> int:
@@ -949,10 +951,11 @@ def publish_customer_profiles(
       1. check both targets (not a directory, their folder can exist), before any change;
       2. build the snapshot in a temp file next to its target (fsynced; see _write_snapshot);
       3. BEGIN; replace the changed shards' rows of customer_profiles in the warehouse (the
-         same rows as the snapshot's, by construction); write the export from the parts to a
-         temp file next to its target (fsynced); `audit(con, export_tmp)` checks the table
-         (as this transaction sees it) and the temp export, and raises if a check failed;
-         record the manifest with both files' sha256 and the shard versions;
+         same rows as the snapshot's, by construction), while a thread writes the export
+         from the parts to a temp file next to its target (fsynced); `audit(con,
+         export_rows)` checks the table (as this transaction sees it) meanwhile, then the
+         export's record count (`export_rows()` waits for the thread), and raises if a check
+         failed; record the manifest with both files' sha256 and the shard versions;
       4. COMMIT (table + manifest change together);
       5. rename the temp files onto the export and the snapshot (each atomic).
     Any failure up to 4 rolls back and removes the temp files: table, manifest, export and
@@ -981,13 +984,18 @@ def publish_customer_profiles(
     rows_per_shard = sum(int(e["record_count"]) for e in read_manifest(con, shard_count).values()) \
         / max(1, shard_count)
     tmp, snapshot_tmp = _temp_path(target), _temp_path(snapshot)
+    table_shards = shard_count if changed is None else len(changed)
     try:
+        written = shard_count if snapshot_base is None else len(snapshot_base)
+        report_progress("publish", step=f"snapshot: writing {written} of {shard_count} shards")
         with _per_shard_threads(con, rows_per_shard):
             snapshot_sha = _write_snapshot(con, snapshot_tmp, snapshot, shard_count,
                                            one_per_key, snapshot_base, hook)
         try:
             # Read-only: attaching never changes the file, so its sha256 stands.
             con.execute(f"ATTACH {_sql_string(str(snapshot_tmp))} AS {SNAPSHOT} (READ_ONLY)")
+            report_progress("publish", step="export: writing the sorted part of each "
+                            "changed shard")
             with _per_shard_threads(con, rows_per_shard):
                 part_files = _write_parts(con, shard_count, versions, parts)
 
@@ -1007,6 +1015,12 @@ def publish_customer_profiles(
             # GIL: the export is written beside it, not after it.
             export = _Background(lambda stop: _write_export(tmp, target, head, part_files,
                                                             hook, stop))
+            report_progress("publish", step=f"table: replacing {table_shards} of {shard_count} "
+                            f"shards, while the export is merged from {len(part_files)} parts")
+
+            def export_rows() -> int:
+                report_progress("publish", step="waiting for the export's merge")
+                return export.result()[1]
             try:
                 with transaction(con, after_commit=publish_files):
                     if built_from is not None:
@@ -1018,9 +1032,13 @@ def publish_customer_profiles(
                                         copy_from=SNAPSHOT)
                     count = int(con.execute(
                         f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
-                    sha = export.result()
-                    _record(con, audit, tmp, shard_count, manifest, count, export_path, sha,
-                            snapshot_sha, versions, hook)
+                    if audit is not None:
+                        # The table's checks run while the merge still writes the export; the
+                        # export's row count is the last fact they wait for.
+                        audit(con, export_rows)
+                    sha, _ = export.result()
+                    _record(con, shard_count, manifest, count, export_path, sha, snapshot_sha,
+                            versions, hook)
             except BaseException:
                 export.cancel()
                 raise
@@ -1033,14 +1051,11 @@ def publish_customer_profiles(
     return count
 
 
-def _record(con: duckdb.DuckDBPyConnection,
-            audit: Callable[[duckdb.DuckDBPyConnection, Path], None] | None, tmp: Path,
-            shard_count: int, manifest: dict[str, object], count: int, export_path: str,
-            sha: str, snapshot_sha: str, versions: dict[int, str], hook: Hook) -> None:
-    """Inside the publish's transaction: audit the staged table and export, then record the
-    manifest naming both files' sha256 and the shard versions."""
-    if audit is not None:
-        audit(con, tmp)
+def _record(con: duckdb.DuckDBPyConnection, shard_count: int, manifest: dict[str, object],
+            count: int, export_path: str, sha: str, snapshot_sha: str,
+            versions: dict[int, str], hook: Hook) -> None:
+    """Inside the publish's transaction, once audited: record the manifest naming both files'
+    sha256 and the shard versions."""
     # DuckLake has no INSERT OR REPLACE (no primary keys): delete, then insert.
     con.execute(f"DELETE FROM {ALIAS}.profiles_manifest WHERE shard_count = ?",
                 [shard_count])

@@ -111,8 +111,8 @@ class Progress:
             self.step(f"{fields['source']}: {fields['rows']:,} rows staged, "
                       f"{fields['rejected']:,} rejected ({fields['elapsed_ms'] / 1000:.1f} s)",
                       advance=1)
-        elif stage == "merge":
-            self.step(f"merging {fields['shards']} shards into the table and the export")
+        elif stage == "publish":
+            self.step(fields["step"])
         elif stage == "checks":
             self.start_phase("checks", "checking the table and the export (row counts, "
                              "duplicates, keys, shards current)")
