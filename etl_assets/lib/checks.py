@@ -71,14 +71,33 @@ def read_facts(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
     from `export_rows`, asked last (in a publish it waits for the export being written)."""
     report_progress("checks")
     staged = staging.current_sources(settings)
-    slice_paths = duckdb_literals(staging.all_slice_files(staged, settings.shard_ids))
-    expected = con.execute(
-        "SELECT count(DISTINCT customer_id) FROM read_parquet($paths)", {"paths": slice_paths}
-    ).fetchone()[0]
+    # Shard by shard: every source routes a customer_id to one shard (etl_shard), so the
+    # distinct customers of all sources are the sum of each shard's. (Were one routed to two
+    # shards, it would count twice and the row count check fail.) A tenth of the ids at a time:
+    # at 10M, 0.3 GB instead of 1.9 GB of hash table, 3.3 s instead of 5.2 s.
+    expected = 0
+    for shard_id in settings.shard_ids:
+        slice_paths = duckdb_literals(staging.all_slice_files(staged, [shard_id]))
+        if slice_paths:
+            expected += con.execute(
+                "SELECT count(DISTINCT customer_id) FROM read_parquet($paths)",
+                {"paths": slice_paths}).fetchone()[0]
+    # Over the whole table (a duplicate may sit in two shards), counting distinct hashes
+    # first: equal values hash alike, so as many distinct hashes as rows proves the values
+    # distinct, with sets of 8-byte hashes instead of the text (at 10M: 0.9 GB, not 1.8 GB).
+    # Fewer (a duplicate, or two values sharing a hash) is settled by counting the text.
     rows, ids, keys = con.execute(
-        f"SELECT count(*), count(DISTINCT customer_id), count(DISTINCT idempotency_key) "
-        f"FROM {WH}.customer_profiles"
-    ).fetchone()
+        f"""SELECT count(*),
+                   count(DISTINCT hash(customer_id)) FILTER (WHERE customer_id IS NOT NULL),
+                   count(DISTINCT hash(idempotency_key))
+                       FILTER (WHERE idempotency_key IS NOT NULL)
+            FROM {WH}.customer_profiles""").fetchone()
+    if ids < rows:
+        ids = con.execute(
+            f"SELECT count(DISTINCT customer_id) FROM {WH}.customer_profiles").fetchone()[0]
+    if keys < rows:
+        keys = con.execute(
+            f"SELECT count(DISTINCT idempotency_key) FROM {WH}.customer_profiles").fetchone()[0]
     stale = freshness.stale_shards(settings, con)
     return ProfileFacts(int(expected), int(rows), int(ids), int(keys), int(export_rows()), stale)
 
