@@ -373,3 +373,18 @@ def test_a_field_at_the_limit_goes_through_and_past_it_is_quarantined(
         assert export["c1"]["company_name"] == name and rejected == []
     else:
         assert export["c1"]["company_name"] == "" and rejected == [("c1", reason)]
+
+
+def test_a_bad_byte_in_an_extra_column_is_quarantined(tmp_path):
+    """A column the schema does not know is kept out of the profiles, but its bytes are still
+    the row's: invalid UTF-8 there rejects the row, as anywhere else in it."""
+    header = ",".join([*SOURCES["billing"].column_names, "note"]).encode()
+    good = b"c00001,a@x.com,Professional,10.00,Active,2024-01-01,2024-02-01,fine"
+    bad = b"c00002,b@x.com,Professional,10.00,Active,2024-01-01,2024-02-01,bad \xff"
+    data = tmp_path / "data"
+    write_sources(data, {})
+    (data / "billing.csv").write_bytes(b"\n".join([header, good, bad]) + b"\n")
+    settings = make_settings(tmp_path, data)
+    result = stage_source(SOURCES["billing"], settings)
+    assert (result.report.accepted, result.report.rejected) == (1, 1)
+    assert result.report.reasons == {"invalid_utf8": 1}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from etl_assets.lib import warehouse
 from etl_assets_tests.conftest import build_profiles, make_settings
 
@@ -80,3 +84,34 @@ def test_export_merged_from_parts_is_the_whole_table_copy(tmp_path):
             with open(merged, "wb") as out:
                 export_parts.merge(head, parts, out, chunk_bytes=chunk_bytes)
             assert merged.read_bytes() == whole.read_bytes()
+
+
+def test_a_damaged_part_fails_the_merge_and_is_removed(tmp_path):
+    """A reused part cut short, or out of order, never goes into an export (glued lines would
+    count right and read wrong; out of order would never end): the merge fails and removes
+    it, so the next run writes it again. A part with a repeated id is merged by id."""
+    import io
+
+    import duckdb
+
+    from etl_assets.lib import export_parts
+
+    def part(name: str, data: bytes) -> Path:
+        path = tmp_path / name
+        path.write_bytes(data)
+        return path
+
+    good = part("4-0-a.plain.csv", b"a1,x\nc1,x\n")
+    for name, data, problem in [("4-1-b.plain.csv", b"b1,x\nb2,x", "no line break"),
+                                ("4-2-c.plain.csv", b"b1,b\nb1,c\nb1,a\n", "out of order"),
+                                ("4-3-d.records.csv", b"b1,x\nb2,x", "no line break")]:
+        damaged = part(name, data)
+        with pytest.raises(export_parts.PartDamagedError, match=problem):
+            export_parts.merge(b"h\n", [good, damaged], io.BytesIO())
+        assert not damaged.exists() and good.exists()
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t AS SELECT * FROM (VALUES ('b1', 'z'), ('b1', 'y')) v(customer_id, n)")
+    written = export_parts.write_part(con, "SELECT * FROM t ORDER BY customer_id", ["n"],
+                                      tmp_path, "4-2-e.")
+    assert written.name.endswith(".records.csv")

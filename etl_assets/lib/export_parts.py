@@ -50,14 +50,16 @@ def part_prefix(shard_count: int, shard_id: int, version: str) -> str:
 def write_part(con: duckdb.DuckDBPyConnection, rows_sql: str, text_columns: list[str],
                folder: Path, prefix: str, params: list | None = None) -> Path:
     """Write `rows_sql` (sorted by customer_id; bound `params`) as a header-less CSV part in
-    `folder`, through a temp name and a rename (a part on disk is always complete); return it.
-    `text_columns` are the VARCHAR columns, where a line break could be."""
-    # contains() rather than a regex per value: a third of the cost.
+    `folder`, through a temp name, an fsync and a rename (a part on disk is always complete,
+    also after a power cut: it is reused by later runs); return it. `text_columns` are the
+    VARCHAR columns, where a line break could be."""
+    # contains() rather than a regex per value: a third of the cost. A repeated id (which the
+    # audit rejects) would leave lines of one id in any order: such a part is merged by id.
     breaks = " OR ".join(f"contains({c}, chr(10)) OR contains({c}, chr(13))"
                          for c in text_columns)
     not_plain = con.execute(
         f"SELECT coalesce(bool_or(regexp_matches(customer_id, ?) OR {breaks}), false) "
-        f"FROM ({rows_sql})",
+        f"OR count(*) <> count(DISTINCT hash(customer_id)) FROM ({rows_sql})",
         [_ID_NOT_PLAIN, *(params or [])],
     ).fetchone()[0]
     target = folder / f"{prefix}{RECORDS if not_plain else PLAIN}.csv"
@@ -66,6 +68,8 @@ def write_part(con: duckdb.DuckDBPyConnection, rows_sql: str, text_columns: list
         # A relation's write_csv is DuckDB's COPY ... (FORMAT csv) and keeps the query's order;
         # unlike COPY's own statement it takes the query's bound parameters.
         con.sql(rows_sql, params=params or []).write_csv(str(tmp), sep=",", header=False)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -89,6 +93,8 @@ def _records(fh: BinaryIO) -> Iterator[bytes]:
             if not more:
                 break
             line += more
+        if not line.endswith(b"\n"):
+            raise PartDamagedError(fh.name, "its last record has no line break")
         yield line
 
 
@@ -110,6 +116,16 @@ class MergeStopped(RuntimeError):
     """The merge was asked to stop (its caller failed or was interrupted meanwhile)."""
 
 
+class PartDamagedError(RuntimeError):
+    """A part is not what write_part wrote (cut short, or its lines out of order). The merge
+    removes it, so the next run writes it again."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{path}: damaged export part ({problem}); removed, the next run "
+                         "writes it again")
+
+
 _BATCH = 1 << 16  # records written between two looks at `stop`
 # Bytes of lines read from each plain part per round: 64-256 KiB measured alike, 1 MiB and up
 # slower (the sort's working set leaves the CPU cache).
@@ -121,16 +137,27 @@ def _plain_batches(files: list[BinaryIO], chunk_bytes: int) -> Iterator[list[byt
     to the smallest of the parts' last lines read. No line yet unread can sort before it (each
     part is sorted), so the batch is the next stretch of the merge, in the order
     `heapq.merge` gives (equal lines are the same bytes)."""
-    chunks = [fh.readlines(chunk_bytes) for fh in files]
+    def read(i: int) -> list[bytes]:
+        chunk = files[i].readlines(chunk_bytes)
+        if chunk and not chunk[-1].endswith(b"\n"):
+            # A part cut short would glue its last line to the next one written.
+            raise PartDamagedError(files[i].name, "its last line has no line break")
+        return chunk
+
+    chunks = [read(i) for i in range(len(files))]
     live = [i for i, chunk in enumerate(chunks) if chunk]
     while live:
-        cutoff = min(chunks[i][-1] for i in live)
+        owner = min(live, key=lambda i: chunks[i][-1])
+        cutoff = chunks[owner][-1]
         batch: list[bytes] = []
         for i in live:
             chunk = chunks[i]
             taken = bisect.bisect_right(chunk, cutoff)
+            if i == owner and taken < len(chunk):
+                # Only a part whose lines are out of order stops short of its own last line.
+                raise PartDamagedError(files[i].name, "lines out of order")
             batch += chunk[:taken]
-            chunks[i] = chunk[taken:] or files[i].readlines(chunk_bytes)
+            chunks[i] = chunk[taken:] or read(i)
         batch.sort()
         yield batch
         live = [i for i in live if chunks[i]]
@@ -157,6 +184,9 @@ def merge(head: bytes, parts: list[Path], out: BinaryIO,
             out.writelines(batch)
             records += len(batch)
         return records
+    except PartDamagedError as exc:
+        exc.path.unlink(missing_ok=True)
+        raise
     finally:
         for fh in files:
             fh.close()

@@ -241,6 +241,14 @@ def _publish_slices(
 _NOT_CLEAN = -1
 
 
+def _give_up(con: duckdb.DuckDBPyConnection, tmp: Path) -> None:
+    """Leave nothing of a streaming pass for the full path: its slices, and the reader's
+    refused records (the full path reads the file again and records its own)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    con.execute("DROP TABLE IF EXISTS csv_rejects")
+    con.execute("DROP TABLE IF EXISTS csv_reject_scans")
+
+
 def _stage_clean(
     con: duckdb.DuckDBPyConnection, path: Path, schema: SourceSchema, settings: EtlSettings,
     sha: str, hook: Hook,
@@ -265,6 +273,10 @@ def _stage_clean(
         columns, extra = read_header(path, schema)
     except SourceFileError:
         return None  # the full path says what is wrong, naming the user's file
+    if extra:
+        # Columns no query reads are not decoded, so a bad byte there would go unseen: only
+        # the full path, which keeps each row's raw text, quarantines it.
+        return None
     select, params = checked_select(con, schema, f"SELECT 0 AS rec, * FROM {READ_CSV}")
     with errors.naming(Path(settings.staging_dir) / schema.name):
         tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
@@ -280,7 +292,7 @@ def _stage_clean(
                      "not_clean": _NOT_CLEAN, "out": str(tmp)})
             except duckdb.Error:
                 # Not a CSV it can read: the full path says why, in one line.
-                shutil.rmtree(tmp, ignore_errors=True)
+                _give_up(con, tmp)
                 return None
             refused = con.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
             files = sorted(str(p) for p in tmp.glob("shard_id=*/*.parquet"))
@@ -291,7 +303,7 @@ def _stage_clean(
                     "SELECT count(*), count(DISTINCT customer_id) FROM read_parquet($files, "
                     "hive_partitioning = false)", {"files": duckdb_literals(files)}).fetchone()
             if not clean or rows != distinct:
-                shutil.rmtree(tmp, ignore_errors=True)
+                _give_up(con, tmp)
                 return None
             report_progress("source_stage", source=schema.name, rows=int(rows), shards=n)
             slice_hashes, slice_rows = _staged_stats(con, tmp, n)

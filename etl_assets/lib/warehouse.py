@@ -1015,13 +1015,14 @@ def publish_customer_profiles(
             # GIL: the export is written beside it, not after it.
             export = _Background(lambda stop: _write_export(tmp, target, head, part_files,
                                                             hook, stop))
-            report_progress("publish", step=f"table: replacing {table_shards} of {shard_count} "
-                            f"shards, while the export is merged from {len(part_files)} parts")
 
             def export_rows() -> int:
                 report_progress("publish", step="waiting for the export's merge")
                 return export.result()[1]
             try:
+                report_progress("publish", step=f"table: replacing {table_shards} of "
+                                f"{shard_count} shards, while the export is merged from "
+                                f"{len(part_files)} parts")
                 with transaction(con, after_commit=publish_files):
                     if built_from is not None:
                         built_from(_manifest_in(con, SNAPSHOT, shard_count))
