@@ -357,32 +357,34 @@ def _beside_floor(r: Measurement, key: str, floor: dict) -> str:
 
 
 def _chart(results: list[Measurement], path: Path) -> None:
+    """One bar per measured row, split into its phases (sources, shards, customer_profiles +
+    checks, outside runs), the phase floors' bar first; the floors as vertical lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    runs = [r for r in results if r.shards is not None and r.label.startswith("etl-assets run")]
-    for workers in sorted({r.workers for r in runs}):
-        points = sorted((r.shards, r.wall_s) for r in runs if r.workers == workers)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                label=f"{workers} worker{'s' if workers > 1 else ''}")
-    ax.axhline(results[0].wall_s, color="grey", linestyle="--", label="floor (one query)")
+    phases = [("sources_s", "sources"), ("shards_s", "shards"),
+              ("profiles_s", "customer_profiles + checks"), ("outside_runs_s", "outside runs")]
+    rows = [r for r in results if r.phases][::-1]  # top to bottom in the table's order
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.55 * len(rows)), dpi=100)
+    labels = [r.label.replace(" --shards", "\n--shards") if len(r.label) > 45 else r.label
+              for r in rows]
+    left = [0.0] * len(rows)
+    for (key, name), colour in zip(phases, ("tab:blue", "tab:orange", "tab:green", "tab:grey"),
+                                   strict=True):
+        widths = [float(r.phases.get(key) or 0) for r in rows]
+        ax.barh(labels, widths, left=left, color=colour, label=name)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.axvline(results[0].wall_s, color="black", linestyle="--", label="floor (one query)")
     full = [r for r in results if r.label == FULL_FLOOR_LABEL]
     if full:
-        ax.axhline(full[0].wall_s, color="grey", linestyle=":",
+        ax.axvline(full[0].wall_s, color="black", linestyle=":",
                    label="full-width floor (all columns + CSV export)")
-    fixed = [r for r in results if r.label.startswith("fixed cost")]
-    if fixed:
-        ax.axhline(fixed[0].wall_s, color="tab:red", linestyle="-.",
-                   label=f"fixed cost ({FIXED_ROWS:,} customers, {fixed[0].shards} shards, "
-                   f"{fixed[0].workers} workers)")
-    ax.set_xlabel("shards")
-    ax.set_ylabel("wall time (s)")
-    ax.set_title("etl-assets run: time against shards and workers")
-    ax.set_ylim(bottom=0)
-    ax.legend()
+    ax.set_xlabel("wall time (s)")
+    ax.set_title("etl-assets run by phase, beside the floors")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
