@@ -92,12 +92,9 @@ def read_facts(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
                    count(DISTINCT hash(idempotency_key))
                        FILTER (WHERE idempotency_key IS NOT NULL)
             FROM {WH}.customer_profiles""").fetchone()
-    if ids < rows:
-        ids = con.execute(
-            f"SELECT count(DISTINCT customer_id) FROM {WH}.customer_profiles").fetchone()[0]
-    if keys < rows:
-        keys = con.execute(
-            f"SELECT count(DISTINCT idempotency_key) FROM {WH}.customer_profiles").fetchone()[0]
+    ids, keys = (hashed if hashed == rows else con.execute(
+        f"SELECT count(DISTINCT {column}) FROM {WH}.customer_profiles").fetchone()[0]
+        for column, hashed in (("customer_id", ids), ("idempotency_key", keys)))
     stale = freshness.stale_shards(settings, con)
     return ProfileFacts(int(expected), int(rows), int(ids), int(keys), int(export_rows()), stale)
 
@@ -111,6 +108,11 @@ def csv_rows(con: duckdb.DuckDBPyConnection, path: str | Path) -> Callable[[], i
     ).fetchone()[0])
 
 
+def published_facts(settings: EtlSettings, con: duckdb.DuckDBPyConnection) -> ProfileFacts:
+    """The facts of the published table and export, as `con` sees them."""
+    return read_facts(settings, con, csv_rows(con, settings.export_path))
+
+
 def profile_facts(settings: EtlSettings) -> ProfileFacts:
     """The facts of what is published, in one read-only pass over the warehouse.
 
@@ -121,7 +123,7 @@ def profile_facts(settings: EtlSettings) -> ProfileFacts:
         if con is None:
             raise NoWarehouseError(f"{settings.duckdb_path}: no warehouse yet; "
                                    "materialize customer_profiles first")
-        return read_facts(settings, con, csv_rows(con, settings.export_path))
+        return published_facts(settings, con)
 
 
 def profile_checks(facts: ProfileFacts, shard_count: int) -> list[CheckOutcome]:

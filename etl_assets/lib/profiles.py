@@ -126,7 +126,7 @@ def publish_profiles(settings: EtlSettings) -> Published:
                 # Published after passing them; checked again as it is now (it may have been
                 # changed by hand since), with the same checks.
                 outcomes = checks.raise_if_failed(checks.profile_checks(
-                    checks.read_facts(settings, con, checks.csv_rows(con, settings.export_path)),
+                    checks.published_facts(settings, con),
                     settings.shard_count))
                 return Published(int(state.entry["row_count"]), True, profile_summary(con),
                                  outcomes)
