@@ -5,6 +5,7 @@ The PostgreSQL tests use a real server of their own (conftest.pg_cluster), a fre
 each."""
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import psycopg2
 import pytest
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
 from etl_assets.definitions import build_defs
 from etl_assets.defs.contracts import (
@@ -26,6 +28,7 @@ from etl_assets.defs.resources import resources_for
 from etl_assets.lib import limits
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.tools.cli import main
+from etl_assets.tools.event_log import TemplatedSqliteEventLogStorage
 from etl_assets.tools.instance import (
     LEGACY_YAML,
     MARKER,
@@ -70,8 +73,50 @@ def test_home_without_pg_url_is_sqlite_with_the_run_queue(home_env):
     with dg.DagsterInstance.get() as instance:
         _assert_machine_limits(instance)
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
+        assert type(instance.event_log_storage) is TemplatedSqliteEventLogStorage
     assert (home_env / "history" / "runs.db").is_file()
     assert (home_env / "dagster.yaml").read_text().startswith(MARKER)
+
+
+def _schema(db: Path) -> tuple:
+    con = sqlite3.connect(db)
+    try:
+        return (con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name")
+                .fetchall(), con.execute("SELECT version_num FROM alembic_version").fetchall(),
+                con.execute("PRAGMA journal_mode").fetchall())
+    finally:
+        con.close()
+
+
+def test_run_event_logs_are_copies_of_one_template_with_dagsters_own_schema(home_env, tmp_path):
+    @dg.asset
+    def tiny() -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"n": 1})
+
+    assert main(["home"]) == 0
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        first = dg.materialize([tiny], instance=instance)
+        template = Path(storage.template_path())
+        made = template.stat().st_mtime_ns
+        second = dg.materialize([tiny], instance=instance)
+        assert first.success and second.success
+        assert template.stat().st_mtime_ns == made  # made once, copied for the second run
+        for result in (first, second):
+            types = [e.dagster_event_type for e in instance.all_logs(result.run_id)
+                     if e.is_dagster_event]
+            assert dg.DagsterEventType.ASSET_MATERIALIZATION in types
+            assert types[-1] == dg.DagsterEventType.RUN_SUCCESS
+        assert instance.get_latest_materialization_event(dg.AssetKey("tiny")).run_id \
+            == second.run_id
+    # The database Dagster's own storage creates for a run, table by table.
+    plain = SqliteEventLogStorage(str(tmp_path / "plain"))
+    with plain.run_connection("some-run"):
+        pass
+    copied = home_env / "history" / "runs" / f"{second.run_id}.db"
+    assert _schema(copied)[0] and _schema(copied) == _schema(tmp_path / "plain" / "some-run.db")
+    assert template.name not in plain.get_all_run_ids() + storage.get_all_run_ids()
+    assert sorted(storage.get_all_run_ids()) == sorted([first.run_id, second.run_id])
 
 
 def test_the_queue_follows_cores_and_memory():
@@ -90,7 +135,8 @@ def test_own_files_are_rewritten_a_users_file_is_kept(tmp_path):
     config = tmp_path / "dagster.yaml"
     config.write_text(LEGACY_YAML)  # what etl-assets wrote before
     assert write_instance_config(tmp_path, settings, None)
-    assert config.read_text() == instance_yaml(settings, False, limits.cores(), limits.ram_bytes())
+    assert config.read_text() == instance_yaml(settings, False, limits.cores(), limits.ram_bytes(),
+                                               home=tmp_path)
     assert not write_instance_config(tmp_path, settings, None)  # current: left as it is
 
     url = "postgresql+psycopg2://etl@db.example:5432/dagster"
