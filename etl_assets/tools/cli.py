@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import functools
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -333,5 +336,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def console_main() -> None:
+    """The `etl-assets` command: `main`, then exit without tearing the interpreter down.
+
+    Everything an exit must do is done first: other threads joined, the atexit handlers
+    (logging, multiprocessing, weakref finalizers) run, stdout and stderr flushed. What is left
+    is Python freeing Dagster's module graph object by object: 0.45 s of every command here,
+    a tenth of the default run on the sample.
+    """
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed or gone: nothing left to flush
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
