@@ -98,3 +98,34 @@ def test_drill_prints_the_retry_timeline_and_passes(tmp_path, sample_dir):
     assert 0.0 <= float(second[3]) <= 2.5  # 1 s base delay, +/- 1 s jitter, plus bookkeeping
     assert "PASS  export rows 1000 = distinct input customers 1000" in proc.stdout
     assert "PASS  duplicate customer_id in export: 0" in proc.stdout
+
+
+def _console(body: str, **kwargs) -> subprocess.CompletedProcess:
+    """`console_main` in a fresh interpreter, with `main` replaced by `body` (a statement list)."""
+    code = ("import concurrent.futures, etl_assets.tools.cli as cli\n"
+            f"def main():\n    {body}\n"
+            "cli.main = main\ncli.console_main()\n")
+    # Buffered output, as a user's shell gives it: what is left to flush at exit is the case.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run([sys.executable, "-c", code], env=env, timeout=60, **kwargs)
+
+
+def test_console_exit_waits_for_pools_and_runs_atexit_like_python():
+    # A thread pool left open (and referenced): its workers are non-daemon and stop only once
+    # Python's thread-shutdown hooks ran, so joining them first would hang forever.
+    done = _console("import atexit; global pool; pool = concurrent.futures.ThreadPoolExecutor(1); "
+                    "pool.submit(int); "
+                    "atexit.register(print, 'atexit ran'); return 3",
+                    capture_output=True, text=True)
+    assert done.returncode == 3
+    assert done.stdout == "atexit ran\n"
+
+
+def test_console_exit_fails_when_its_output_cannot_be_written():
+    # Python's own exit gives 120 when stdout cannot be flushed; a silent 0 would say the
+    # command's output reached its file.
+    with open("/dev/full", "w") as full:
+        done = _console("print('profiles written'); return 0", stdout=full)
+    assert done.returncode == 120
+    ok = _console("print('profiles written'); return 0", capture_output=True, text=True)
+    assert (ok.returncode, ok.stdout) == (0, "profiles written\n")

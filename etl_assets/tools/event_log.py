@@ -57,11 +57,15 @@ class TemplatedSqliteEventLogStorage(SqliteEventLogStorage):
         temp = f"{path}.{uuid.uuid4().hex}.tmp"
         try:
             shutil.copyfile(self._template(), temp)
+            # On disk before it has the run's name: SQLite trusts a file it finds to be whole.
+            with open(temp, "rb+") as fh:
+                os.fsync(fh.fileno())
             try:
                 # A hard link never replaces: if another process created this run's file
                 # meanwhile, that file stands and Dagster checks it as usual.
                 os.link(temp, path)
-            except FileExistsError:
+            except OSError:
+                # Taken meanwhile, or a file system without hard links: Dagster's own way.
                 super()._initdb(engine, for_index_shard)
         finally:
             with contextlib.suppress(FileNotFoundError):
