@@ -5,9 +5,12 @@ The PostgreSQL tests use a real server of their own (conftest.pg_cluster), a fre
 each."""
 
 import os
+import queue
 import sqlite3
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -117,6 +120,25 @@ def test_run_event_logs_are_copies_of_one_template_with_dagsters_own_schema(home
     assert _schema(copied)[0] and _schema(copied) == _schema(tmp_path / "plain" / "some-run.db")
     assert template.name not in plain.get_all_run_ids() + storage.get_all_run_ids()
     assert sorted(storage.get_all_run_ids()) == sorted([first.run_id, second.run_id])
+
+
+def test_each_stored_event_reaches_dagsters_file_watcher(home_env):
+    """The UI streams a run's events through Dagster's watcher on the run's file: each event is
+    in that file once stored (the WAL folded in, its last connection closed), not at the end."""
+    assert main(["home"]) == 0
+    seen: queue.Queue = queue.Queue()
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        assert isinstance(storage, TemplatedSqliteEventLogStorage)
+        run_id = str(uuid.uuid4())
+        storage.watch(run_id, None, lambda entry, cursor: seen.put(entry.user_message))
+        for n in range(3):
+            storage.store_event(dg.EventLogEntry(
+                error_info=None, level="INFO", user_message=f"event {n}", run_id=run_id,
+                timestamp=time.time()))
+            assert seen.get(timeout=10) == f"event {n}"
+            assert not Path(storage.path_for_shard(run_id) + "-wal").exists()
+        assert [e.user_message for e in instance.all_logs(run_id)] == [f"event {n}" for n in range(3)]
 
 
 def test_the_queue_follows_cores_and_memory():
