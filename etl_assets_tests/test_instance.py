@@ -141,6 +141,20 @@ def test_each_stored_event_reaches_dagsters_file_watcher(home_env):
         assert [e.user_message for e in instance.all_logs(run_id)] == [f"event {n}" for n in range(3)]
 
 
+def test_a_run_database_dagster_did_not_stamp_gets_dagsters_own_set_up(home_env):
+    """An existing run file without Dagster's schema (left empty, say) is set up by Dagster's
+    own code, not taken as ready because it exists."""
+    assert main(["home"]) == 0
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        run_id = str(uuid.uuid4())
+        Path(storage.path_for_shard(run_id)).touch()
+        storage.store_event(dg.EventLogEntry(error_info=None, level="INFO", user_message="kept",
+                                             run_id=run_id, timestamp=time.time()))
+        assert [e.user_message for e in instance.all_logs(run_id)] == ["kept"]
+    assert _schema(Path(storage.path_for_shard(run_id)))[1]  # stamped with Dagster's revision
+
+
 def test_the_queue_follows_cores_and_memory():
     gb = 1000 ** 3
     assert limits.run_slots(2, 24 * gb, "2GB") == 2
