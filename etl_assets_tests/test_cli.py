@@ -129,3 +129,7 @@ def test_console_exit_fails_when_its_output_cannot_be_written():
     assert done.returncode == 120
     ok = _console("print('profiles written'); return 0", capture_output=True, text=True)
     assert (ok.returncode, ok.stdout) == (0, "profiles written\n")
+    # Started with no stdout at all (`>&-`): Python has none to flush, and neither do we.
+    closed = _console("print('profiles written'); return 0", stderr=subprocess.PIPE,
+                      preexec_fn=lambda: os.close(1))
+    assert (closed.returncode, closed.stderr) == (0, b"")

@@ -30,6 +30,7 @@ from etl_assets.defs.contracts import (
 from etl_assets.defs.resources import resources_for
 from etl_assets.lib import limits
 from etl_assets.lib.settings import EtlSettings
+from etl_assets.tools import event_log
 from etl_assets.tools.cli import main
 from etl_assets.tools.event_log import TemplatedSqliteEventLogStorage
 from etl_assets.tools.instance import (
@@ -153,6 +154,38 @@ def test_a_run_database_dagster_did_not_stamp_gets_dagsters_own_set_up(home_env)
                                              run_id=run_id, timestamp=time.time()))
         assert [e.user_message for e in instance.all_logs(run_id)] == ["kept"]
     assert _schema(Path(storage.path_for_shard(run_id)))[1]  # stamped with Dagster's revision
+
+
+def _store_and_read(instance: dg.DagsterInstance, message: str) -> list[str]:
+    run_id = str(uuid.uuid4())
+    instance.event_log_storage.store_event(dg.EventLogEntry(
+        error_info=None, level="INFO", user_message=message, run_id=run_id,
+        timestamp=time.time()))
+    return [e.user_message for e in instance.all_logs(run_id)]
+
+
+def test_a_home_path_with_any_character_reaches_dagster_whole(tmp_path, monkeypatch, home_env):
+    # Quotes, a YAML comment sign and a character past U+FFFF (JSON writes that one as two
+    # surrogates, which YAML reads back as two broken characters).
+    home = tmp_path / 'home "q" #: 😀'
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    assert main(["home"]) == 0
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        assert Path(storage._base_dir) == home.resolve() / "history" / "runs"
+        assert _store_and_read(instance, "kept") == ["kept"]
+
+
+def test_a_damaged_template_is_made_again_not_copied(home_env):
+    assert main(["home"]) == 0
+    with dg.DagsterInstance.get() as instance:
+        assert _store_and_read(instance, "first") == ["first"]
+        template = Path(instance.event_log_storage.template_path())
+        template.write_bytes(template.read_bytes()[:1000])  # cut short, as a bad restore would
+        event_log._checked_templates.clear()  # as a new process finds it
+        assert _store_and_read(instance, "second") == ["second"]
+        assert _schema(template)[1]  # whole again, with Dagster's stamp
+    assert not [p.name for p in template.parent.iterdir() if ".tmp" in p.name]
 
 
 def test_the_queue_follows_cores_and_memory():

@@ -349,6 +349,8 @@ def console_main() -> None:
     threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # its file descriptor was closed at start: nothing to flush
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # a full disk, a closed pipe: the output is not whole

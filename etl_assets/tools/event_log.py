@@ -31,7 +31,7 @@ from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
 )
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.pool import NullPool
 
 
@@ -74,16 +74,28 @@ class TemplatedSqliteEventLogStorage(SqliteEventLogStorage):
 
     def _template(self) -> str:
         path = self.template_path()
+        if path in _checked_templates:
+            return path
+        if os.path.exists(path) and not _stamped(_file_engine(path), with_events=True):
+            # Damaged (cut short, restored in part): remade below rather than copied to every
+            # new run, which would then fail on a missing table, run after run.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         if not os.path.exists(path):
             # Made aside and renamed into place, so processes starting together each see a
             # whole template (both may make one; the last rename wins, they are the same).
             temp = f"{path}.{uuid.uuid4().hex}.tmp"
-            engine = create_engine(f"sqlite:///{temp}", poolclass=NullPool)
+            engine = _file_engine(temp)
             try:
                 super()._initdb(engine)
-            finally:
                 engine.dispose()  # the last connection closed: the WAL is folded into the file
-            os.replace(temp, path)
+                os.replace(temp, path)
+            finally:
+                engine.dispose()
+                for leftover in (temp, f"{temp}-wal", f"{temp}-shm", f"{temp}-journal"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
+        _checked_templates.add(path)  # once per process: it is not rewritten in place
         return path
 
     def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
@@ -111,14 +123,29 @@ class TemplatedSqliteEventLogStorage(SqliteEventLogStorage):
                 os.unlink(temp)
 
 
-def _stamped(engine: Engine) -> bool:
-    """Whether the database has an Alembic revision: Dagster's `_initdb` leaves such a database
-    as it is (it creates and stamps only one without), but loads every migration script to
-    read the head revision first, about 0.1 s in a new process and 10 ms after. Reading a
-    run's events from another process (the CLI, the webserver) checks each run's database."""
-    with engine.connect() as conn:
-        try:
+# The templates this process has found whole (or made).
+_checked_templates: set[str] = set()
+
+
+def _file_engine(path: str) -> Engine:
+    return create_engine(f"sqlite:///{path}", poolclass=NullPool)
+
+
+def _stamped(engine: Engine, with_events: bool = False) -> bool:
+    """Whether the database has an Alembic revision (and, `with_events`, the events table).
+
+    Dagster's `_initdb` leaves such a database as it is (it creates and stamps only one
+    without), but loads every migration script to read the head revision first, about 0.1 s in
+    a new process and 10 ms after. Reading a run's events from another process (the CLI, the
+    webserver) checks each run's database.
+    """
+    try:
+        with engine.connect() as conn:
             row = conn.exec_driver_sql("SELECT version_num FROM alembic_version").first()
-        except OperationalError:  # no such table: not made by Dagster (yet)
-            return False
+            if with_events:
+                conn.exec_driver_sql("SELECT 1 FROM event_logs LIMIT 0")
+    except DatabaseError:  # no such table, not a database: not made whole by Dagster (yet)
+        return False
+    finally:
+        engine.dispose()
     return bool(row and row[0])

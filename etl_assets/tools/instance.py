@@ -12,13 +12,13 @@ run's DuckDB connections then get `cores / slots` threads (`defs.resources.for_t
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
+import yaml
 
 from etl_assets.defs.contracts import LAUNCHED_BY_TAG, PARTITION_TAG, launched_by
 from etl_assets.defs.executor import BROKER_VAR, broker_url
@@ -108,8 +108,11 @@ storage:
       env: {PG_URL_VAR}
 """ if postgres else ""
     if not postgres and home is not None:
-        # JSON quoting is YAML quoting for a path; Dagster's other storages keep their defaults.
-        runs_dir = json.dumps(str(Path(home).resolve() / "history" / "runs"))
+        # Double-quoted on one line, any character escaped as YAML reads it back (JSON writes
+        # a character past U+FFFF as two surrogates, which YAML reads as two broken ones).
+        # Dagster's other storages keep their defaults.
+        runs_dir = yaml.safe_dump(str(Path(home).resolve() / "history" / "runs"),
+                                  default_style='"', width=float("inf")).strip()
         storage = f"""\
 # Events as Dagster's SQLite default stores them, but each new run's database is copied from
 # a template instead of created table by table (about 0.1 s of CPU and 125 fsyncs a run).
