@@ -123,6 +123,16 @@ def test_run_event_logs_are_copies_of_one_template_with_dagsters_own_schema(home
     assert sorted(storage.get_all_run_ids()) == sorted([first.run_id, second.run_id])
 
 
+def _store_and_read(instance: dg.DagsterInstance, message: str,
+                    run_id: str | None = None) -> list[str]:
+    """Store one event of `run_id` (a new run by default); that run's messages, read back."""
+    run_id = run_id or str(uuid.uuid4())
+    instance.event_log_storage.store_event(dg.EventLogEntry(
+        error_info=None, level="INFO", user_message=message, run_id=run_id,
+        timestamp=time.time()))
+    return [e.user_message for e in instance.all_logs(run_id)]
+
+
 def test_each_stored_event_reaches_dagsters_file_watcher(home_env):
     """The UI streams a run's events through Dagster's watcher on the run's file: each event is
     in that file once stored (the WAL folded in, its last connection closed), not at the end."""
@@ -134,12 +144,10 @@ def test_each_stored_event_reaches_dagsters_file_watcher(home_env):
         run_id = str(uuid.uuid4())
         storage.watch(run_id, None, lambda entry, cursor: seen.put(entry.user_message))
         for n in range(3):
-            storage.store_event(dg.EventLogEntry(
-                error_info=None, level="INFO", user_message=f"event {n}", run_id=run_id,
-                timestamp=time.time()))
+            read = _store_and_read(instance, f"event {n}", run_id)
             assert seen.get(timeout=10) == f"event {n}"
             assert not Path(storage.path_for_shard(run_id) + "-wal").exists()
-        assert [e.user_message for e in instance.all_logs(run_id)] == [f"event {n}" for n in range(3)]
+        assert read == [f"event {n}" for n in range(3)]
 
 
 def test_a_run_database_dagster_did_not_stamp_gets_dagsters_own_set_up(home_env):
@@ -150,18 +158,8 @@ def test_a_run_database_dagster_did_not_stamp_gets_dagsters_own_set_up(home_env)
         storage = instance.event_log_storage
         run_id = str(uuid.uuid4())
         Path(storage.path_for_shard(run_id)).touch()
-        storage.store_event(dg.EventLogEntry(error_info=None, level="INFO", user_message="kept",
-                                             run_id=run_id, timestamp=time.time()))
-        assert [e.user_message for e in instance.all_logs(run_id)] == ["kept"]
+        assert _store_and_read(instance, "kept", run_id) == ["kept"]
     assert _schema(Path(storage.path_for_shard(run_id)))[1]  # stamped with Dagster's revision
-
-
-def _store_and_read(instance: dg.DagsterInstance, message: str) -> list[str]:
-    run_id = str(uuid.uuid4())
-    instance.event_log_storage.store_event(dg.EventLogEntry(
-        error_info=None, level="INFO", user_message=message, run_id=run_id,
-        timestamp=time.time()))
-    return [e.user_message for e in instance.all_logs(run_id)]
 
 
 def test_a_home_path_with_any_character_reaches_dagster_whole(tmp_path, monkeypatch, home_env):

@@ -76,7 +76,7 @@ class TemplatedSqliteEventLogStorage(SqliteEventLogStorage):
         path = self.template_path()
         if path in _checked_templates:
             return path
-        if os.path.exists(path) and not _stamped(_file_engine(path), with_events=True):
+        if os.path.exists(path) and not _stamped(path, with_events=True):
             # Damaged (cut short, restored in part): remade below rather than copied to every
             # new run, which would then fail on a missing table, run after run.
             with contextlib.suppress(FileNotFoundError):
@@ -85,13 +85,14 @@ class TemplatedSqliteEventLogStorage(SqliteEventLogStorage):
             # Made aside and renamed into place, so processes starting together each see a
             # whole template (both may make one; the last rename wins, they are the same).
             temp = f"{path}.{uuid.uuid4().hex}.tmp"
-            engine = _file_engine(temp)
             try:
-                super()._initdb(engine)
-                engine.dispose()  # the last connection closed: the WAL is folded into the file
+                engine = _file_engine(temp)
+                try:
+                    super()._initdb(engine)
+                finally:
+                    engine.dispose()  # the last connection closed: the WAL is in the file
                 os.replace(temp, path)
             finally:
-                engine.dispose()
                 for leftover in (temp, f"{temp}-wal", f"{temp}-shm", f"{temp}-journal"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(leftover)
@@ -100,10 +101,13 @@ class TemplatedSqliteEventLogStorage(SqliteEventLogStorage):
 
     def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
         path = engine.url.database
-        if for_index_shard or not path or os.path.exists(path):
-            if not for_index_shard and path and _stamped(engine):
-                return  # what Dagster's own check concludes, without loading its migrations
+        if for_index_shard or not path:
             super()._initdb(engine, for_index_shard)
+            return
+        if os.path.exists(path):
+            # Stamped: what Dagster's own check concludes too, without loading its migrations.
+            if not _stamped(path):
+                super()._initdb(engine)
             return
         temp = f"{path}.{uuid.uuid4().hex}.tmp"
         try:
@@ -131,14 +135,16 @@ def _file_engine(path: str) -> Engine:
     return create_engine(f"sqlite:///{path}", poolclass=NullPool)
 
 
-def _stamped(engine: Engine, with_events: bool = False) -> bool:
-    """Whether the database has an Alembic revision (and, `with_events`, the events table).
+def _stamped(path: str, with_events: bool = False) -> bool:
+    """Whether the database at `path` has an Alembic revision (and, `with_events`, the events
+    table).
 
     Dagster's `_initdb` leaves such a database as it is (it creates and stamps only one
     without), but loads every migration script to read the head revision first, about 0.1 s in
     a new process and 10 ms after. Reading a run's events from another process (the CLI, the
     webserver) checks each run's database.
     """
+    engine = _file_engine(path)
     try:
         with engine.connect() as conn:
             row = conn.exec_driver_sql("SELECT version_num FROM alembic_version").first()
