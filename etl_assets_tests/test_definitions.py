@@ -146,7 +146,7 @@ def test_library_imports_neither_dagster_nor_defs_nor_tools():
 
 
 def test_the_executor_is_chosen_by_the_broker_setting(tmp_path):
-    """Without CELERY_BROKER_URL launched runs use Dagster's default executor; with one, every
+    """Without CELERY_BROKER_URL launched runs execute their steps in process; with one, every
     job sends its steps to Celery; a URL that is no broker's is refused, naming the variable."""
     from etl_assets.defs.executor import broker_url
     from etl_assets.lib.settings import SettingsError
@@ -155,7 +155,7 @@ def test_the_executor_is_chosen_by_the_broker_setting(tmp_path):
     default = build_defs(settings)
     celery = build_defs(settings, broker="redis://127.0.0.1:6379/0")
     for job in ("sources_job", "shards_job", "profiles_job"):
-        assert default.resolve_job_def(job).executor_def.name != "celery"
+        assert default.resolve_job_def(job).executor_def.name == "in_process"
         assert celery.resolve_job_def(job).executor_def.name == "celery"
     assert broker_url({}) is None
     with pytest.raises(SettingsError, match="^CELERY_BROKER_URL must be a broker URL"):
