@@ -37,8 +37,9 @@ def examples(full: int) -> int:
 
 # Modules whose tests take longest start first, so that under xdist the long, mostly waiting
 # ones (a daemon's 30 s backfill ticks) overlap everything else instead of trailing at the end.
-SLOWEST_FIRST = ("test_distributed.py", "test_ui.py", "test_daemon.py", "test_crash.py",
-                 "test_interrupt.py", "test_bench.py", "test_failures.py")
+SLOWEST_FIRST = ("test_distributed.py", "test_ui.py", "test_crash.py", "test_daemon.py",
+                 "test_ducklake.py", "test_failures.py", "test_interrupt.py", "test_bench.py",
+                 "test_hostile.py", "test_properties.py")
 # Modules whose tests share one expensive module fixture (a `dagster dev`, homes built by real
 # runs) and, for test_ui and test_failures, use it in file order or in place: each goes to one
 # xdist worker as a whole.
@@ -61,6 +62,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     reads, so the grouping is done here.)
     """
     from xdist.scheduler import LoadScopeScheduling
+
+    # xdist would otherwise hand out the groups with the most tests first (its default
+    # --loadscope-reorder), which put the long, few-test modules last, in the suite's tail.
+    config.option.loadscopereorder = False
 
     class Scheduler(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
