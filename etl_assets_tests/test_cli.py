@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pytest
 
@@ -83,14 +84,13 @@ def test_dagster_cli_materializes_one_shard(tmp_path, sample_dir):
     assert shards == [(3,)] and count > 50
     # A launched run executes its steps in its own process (defs/executor.py), not one
     # process per step: every event of the four sources' run came from one process.
-    import dagster as dg
-
     with dg.DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
         [sources] = [r for r in instance.get_runs() if "dagster/partition" not in r.tags]
-        steps = {e.step_key for e in instance.all_logs(sources.run_id) if e.step_key}
-        # (Events the instance records about the run itself carry no pid.)
-        pids = {e.dagster_event.pid for e in instance.all_logs(sources.run_id)
-                if e.dagster_event and e.dagster_event.pid is not None}
+        events = instance.all_logs(sources.run_id)
+    steps = {e.step_key for e in events if e.step_key}
+    # (Events the instance records about the run itself carry no pid.)
+    pids = {e.dagster_event.pid for e in events
+            if e.dagster_event and e.dagster_event.pid is not None}
     assert steps == {"crm", "billing", "product", "support"} and len(pids) == 1, pids
 
 
