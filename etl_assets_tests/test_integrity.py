@@ -8,9 +8,11 @@ import os
 import shutil
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from etl_assets.lib import staging, warehouse
+from etl_assets.lib.checks import profile_checks, profile_facts
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings, SettingsError
 from etl_assets.lib.sources import stage_source
@@ -168,3 +170,45 @@ def test_a_version_that_does_not_hold_what_its_name_says_is_rebuilt(ran_sample):
     shutil.rmtree(pointer.version_dir)
     shutil.copytree(other.version_dir, pointer.version_dir)
     assert _export(settings.replace(force=True)) == expected
+
+
+# How a shard's table can hold a row that the per-shard counts alone would miss, each made by
+# hand in the published table: a customer of shard 0 copied into shard 1's table (labelled
+# shard 1, or still labelled shard 0), its key given to a shard 1 customer, or a row no shard
+# holds (shard_id outside the layout).
+TAMPERED = {
+    "id_in_two_shards": ("INSERT INTO customer_profiles_shard_1 SELECT * REPLACE (1 AS shard_id) "
+                         "FROM customer_profiles_shard_0 ORDER BY customer_id LIMIT 1"),
+    "row_labelled_with_its_own_shard": ("INSERT INTO customer_profiles_shard_1 SELECT * FROM "
+                                        "customer_profiles_shard_0 ORDER BY customer_id LIMIT 1"),
+    "key_in_two_shards": (
+        "UPDATE customer_profiles_shard_1 SET idempotency_key = (SELECT min(idempotency_key) "
+        "FROM customer_profiles_shard_0) WHERE customer_id = (SELECT min(customer_id) "
+        "FROM customer_profiles_shard_1)"),
+    "row_outside_every_shard": ("INSERT INTO customer_profiles_shard_1 SELECT * REPLACE "
+                                "(7 AS shard_id) FROM customer_profiles_shard_0 "
+                                "ORDER BY customer_id LIMIT 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED))
+def test_the_checks_count_a_value_repeated_across_shards(ran_sample, case):
+    """The checks count distinct ids and keys shard by shard (a tenth of the memory), which
+    is exact only while no value can sit in two shards: a row routed elsewhere, or a key that
+    is not its customer's, makes them count the whole table, and the repeat is found."""
+    settings = ran_sample(SHARDS)
+    before = profile_facts(settings)
+    assert before.table_rows == before.distinct_ids == before.distinct_keys > 0
+    con = duckdb.connect(settings.duckdb_path)
+    try:
+        con.execute(TAMPERED[case])
+    finally:
+        con.close()
+    facts = profile_facts(settings)
+    repeated = "distinct_keys" if case == "key_in_two_shards" else "distinct_ids"
+    grown = 0 if case == "key_in_two_shards" else 1
+    assert facts.table_rows == before.table_rows + grown
+    assert getattr(facts, repeated) == facts.table_rows - 1
+    failed = {o.name for o in profile_checks(facts, SHARDS) if not o.passed}
+    assert failed >= {"no_duplicate_customer_id" if repeated == "distinct_ids"
+                      else "idempotency_keys_unique"}
