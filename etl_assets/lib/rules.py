@@ -10,15 +10,6 @@ import duckdb
 
 from etl_assets.lib.schema import SOURCES
 
-
-def shard_sql(customer_id: str, shard_count: str) -> str:
-    """Routing as SQL over two expressions (column names or `?`): the first 4 bytes of
-    md5(customer_id), big-endian, modulo the shard count. The `etl_shard` macro's body, and
-    usable where no macro can be created (inside a transaction that wrote the warehouse)."""
-    return (f"CAST(CAST('0x' || substr(md5({customer_id}), 1, 8) AS UBIGINT) % {shard_count} "
-            "AS INTEGER)")
-
-
 # Thresholds are part of the rule text on purpose: a rule change is a code change (and bumps
 # CODE_VERSION in freshness.py so every shard is recomputed).
 RULE_MACROS: tuple[str, ...] = (
@@ -71,8 +62,9 @@ RULE_MACROS: tuple[str, ...] = (
         etl_level(etl_churn_points(usage_pct, payment_status, nps_score, open_tickets))""",
     """CREATE OR REPLACE TEMP MACRO etl_expansion_potential(usage_pct, plan, nps_score, deal_stage) AS
         etl_level(etl_expansion_points(usage_pct, plan, nps_score, deal_stage))""",
-    "CREATE OR REPLACE TEMP MACRO etl_shard(customer_id, shard_count) AS "
-    + shard_sql("customer_id", "shard_count"),
+    # Routing: the first 4 bytes of md5(customer_id), big-endian, modulo the shard count.
+    """CREATE OR REPLACE TEMP MACRO etl_shard(customer_id, shard_count) AS
+        CAST(CAST('0x' || substr(md5(customer_id), 1, 8) AS UBIGINT) % shard_count AS INTEGER)""",
 )
 
 
