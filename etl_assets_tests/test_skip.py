@@ -11,6 +11,7 @@ import pytest
 from etl_assets.definitions import build_defs
 from etl_assets.defs.contracts import SHARD_INPUTS, SOURCES_JOB
 from etl_assets.lib import warehouse
+from etl_assets.lib.events import progress_listener
 from etl_assets.lib.freshness import guess_shards_needed
 from etl_assets.lib.sharding import shard_of
 from etl_assets.tools.runner import run_pipeline
@@ -75,8 +76,19 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(ran, sample_dir, 
     fields = line.split(",")
     fields[3] = "12345.67"  # mrr
     (sample_dir / "billing.csv").write_text(text.replace(line, ",".join(fields)), encoding="utf-8")
-    changed = run_pipeline(settings, echo=lambda line: None)
+    steps: list[str] = []
+    with progress_listener(lambda stage, fields: steps.append(str(fields.get("step")))):
+        changed = run_pipeline(settings, echo=lambda line: None)
     assert changed.ok, changed.reason
+    # The export is the published one with that shard's changed line replaced, not a merge
+    # of every part, and holds the bytes of one sorted copy of the table.
+    assert "export: patched: the published export with the changed lines of 1 shard(s)" \
+        in steps, steps
+    whole = Path(settings.home_dir) / "whole.csv"
+    with warehouse.reader(settings.duckdb_path, 5) as con:
+        con.sql("SELECT * FROM wh.customer_profiles ORDER BY customer_id").write_csv(
+            str(whole), sep=",", header=True)
+    assert Path(settings.export_path).read_bytes() == whole.read_bytes() != first_export
     rebuilt = [r.shard_id for r in changed.shards if not r.skipped]
     assert rebuilt == [shard_of("cust_00000077", SHARDS)]
     assert _latest_metadata(instance, "billing")["skipped"] is False

@@ -115,3 +115,65 @@ def test_a_damaged_part_fails_the_merge_and_is_removed(tmp_path):
     written = export_parts.write_part(con, "SELECT * FROM t ORDER BY customer_id", ["n"],
                                       tmp_path, "4-2-e.")
     assert written.name.endswith(".records.csv")
+
+
+def test_a_patched_export_has_the_bytes_of_a_merge(tmp_path, monkeypatch):
+    """Patching the published export with the lines that differ between a shard's published
+    part and its new one gives the bytes the merge of the new parts gives: a changed value, a
+    removed and an added customer, ids that sort first and last; and it refuses (NotPatchable,
+    the caller then merges) an export whose sha256 is not the recorded one, a published part
+    that no longer holds what the export was merged from, and too many changed lines."""
+    import hashlib
+    import random
+
+    import duckdb
+
+    from etl_assets.lib import export_parts
+
+    rng = random.Random(11)
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t AS SELECT 'c' || lpad(CAST(i * 7 AS VARCHAR), 6, '0') AS "
+                "customer_id, i % 13 AS n, CAST(i % 4 AS INTEGER) AS shard_id FROM range(4000) r(i)")
+    head = export_parts.header(con, "SELECT * FROM t LIMIT 0", tmp_path / "head.csv")
+
+    def parts(folder: str) -> list[Path]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        return [export_parts.write_part(con, "SELECT * FROM t WHERE shard_id = ? ORDER BY "
+                                        "customer_id", ["customer_id"], tmp_path / folder,
+                                        f"4-{k}-x.", params=[k]) for k in range(4)]
+
+    def merged(files: list[Path], name: str) -> Path:
+        path = tmp_path / name
+        with open(path, "wb") as out:
+            export_parts.merge(head, files, out)
+        return path
+
+    published = parts("v1")
+    export = merged(published, "export_v1.csv")
+    sha = hashlib.sha256(export.read_bytes()).hexdigest()
+    ids = [row[0] for row in con.execute(
+        "SELECT customer_id FROM t WHERE shard_id = 1 ORDER BY customer_id").fetchall()]
+    con.execute("UPDATE t SET n = 99 WHERE customer_id = ?", [rng.choice(ids)])
+    con.execute("DELETE FROM t WHERE customer_id IN (?, ?)", [ids[0], rng.choice(ids[1:])])
+    # New customers of shard 1: before every id, after every id, and between two.
+    con.execute("INSERT INTO t VALUES ('a', 1, 1), ('d', 2, 1), ('c0000070x', 3, 1)")
+    new = parts("v2")
+    want = merged(new, "export_v2.csv").read_bytes()
+    assert want != export.read_bytes()
+
+    out = tmp_path / "patched.csv"
+    with open(out, "wb") as fh:
+        records = export_parts.patch(head, export, sha, [(published[1], new[1])], fh)
+    assert out.read_bytes() == want
+    assert records == want.count(b"\n") - 1
+
+    def refused(match: str, *args) -> None:
+        with open(out, "wb") as fh, pytest.raises(export_parts.NotPatchable, match=match):
+            export_parts.patch(head, *args, fh)
+
+    refused("not the one its manifest names", export, "0" * 64, [(published[1], new[1])])
+    # The published part of shard 2 paired with shard 1's new part: its lines are not there.
+    refused("a removed line is not in|an inserted line is already", export, sha,
+            [(published[2], new[1])])
+    monkeypatch.setattr(export_parts, "PATCH_MAX_LINES", 3)
+    refused("too many changed lines", export, sha, [(published[1], new[1])])

@@ -47,6 +47,11 @@ def part_prefix(shard_count: int, shard_id: int, version: str) -> str:
     return f"{shard_count}-{shard_id}-{digest}."
 
 
+def is_plain(part: Path) -> bool:
+    """Whether write_part found the part plain (its name says so)."""
+    return part.name.endswith(f".{PLAIN}.csv")
+
+
 def write_part(con: duckdb.DuckDBPyConnection, rows_sql: str, text_columns: list[str],
                folder: Path, prefix: str, params: list | None = None) -> Path:
     """Write `rows_sql` (sorted by customer_id; bound `params`) as a header-less CSV part in
@@ -172,7 +177,7 @@ def merge(head: bytes, parts: list[Path], out: BinaryIO,
     files = [open(p, "rb", buffering=_BUFFER) for p in parts]  # noqa: SIM115 - closed below
     try:
         out.write(head)
-        if all(p.name.endswith(f".{PLAIN}.csv") for p in parts):
+        if all(map(is_plain, parts)):
             batches = _plain_batches(files, chunk_bytes)
         else:
             merged = heapq.merge(*map(_records, files), key=_key)
@@ -190,3 +195,142 @@ def merge(head: bytes, parts: list[Path], out: BinaryIO,
     finally:
         for fh in files:
             fh.close()
+
+
+class NotPatchable(RuntimeError):
+    """The published export cannot be patched into the new one (see `patch`): merge instead."""
+
+
+# Changed lines up to which patching is tried: each is two binary searches over the export.
+PATCH_MAX_LINES = 10_000
+
+
+def _part_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a plain part, refusing one that is cut short or out of order."""
+    previous = b""
+    with open(path, "rb", buffering=_BUFFER) as fh:
+        for line in fh:
+            if not line.endswith(b"\n") or line <= previous:
+                raise NotPatchable(f"{path}: cut short or out of order")
+            previous = line
+            yield line
+
+
+def _diff(old: Path, new: Path, removed: list[bytes], added: list[bytes]) -> None:
+    """Append the lines only `old` holds to `removed` and those only `new` holds to `added`
+    (both parts sorted: one pass over each, like a merge)."""
+    olds, news = _part_lines(old), _part_lines(new)
+    a, b = next(olds, None), next(news, None)
+    while a is not None or b is not None:
+        if a == b:
+            a, b = next(olds, None), next(news, None)
+        elif b is None or (a is not None and a < b):
+            removed.append(a)  # type: ignore[arg-type]
+            a = next(olds, None)
+        else:
+            added.append(b)
+            b = next(news, None)
+        if len(removed) + len(added) > PATCH_MAX_LINES:
+            raise NotPatchable("too many changed lines")
+
+
+def _first_line_from(fh: BinaryIO, lo: int, hi: int, target: bytes) -> int:
+    """The offset of the first line >= `target` in the sorted lines that start at `lo` and
+    end at `hi` (or `hi` if none is): a binary search on byte offsets, each probe reading the
+    first line that starts at or after the middle."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = lo
+        if mid > lo:
+            fh.seek(mid - 1)
+            fh.readline()  # to the end of the line holding byte mid - 1
+            start = fh.tell()
+        if start >= hi:  # no line starts in [mid, hi): look at the one at lo
+            start = lo
+        fh.seek(start)
+        line = fh.readline()
+        if line < target:
+            lo = start + len(line)
+        elif start == lo:
+            return lo
+        else:
+            hi = start
+    return hi
+
+
+def patch(head: bytes, published: Path, published_sha256: str,
+          replaced: list[tuple[Path, Path]], out: BinaryIO,
+          stop: threading.Event | None = None) -> int:
+    """Write to `out` what `merge` would write from the new parts, by editing the published
+    export instead of merging every part again: `replaced` pairs each changed shard's
+    published part with its new one, and only the lines that differ between them are removed
+    from and inserted into the published export's bytes, which are otherwise copied as they
+    are. Return the records written.
+
+    Exact only if the published export is `head` and the merge of the published parts, all
+    plain (one record per line, lines sorted as their ids, no line twice): the caller passes
+    plain parts and the sha256 its manifest recorded for the export, which the copy checks as
+    it reads. Each removed line must be found where the sort puts it and each inserted line
+    must not be there already. NotPatchable if any of that fails (nothing is then valid in
+    `out`) or more than PATCH_MAX_LINES lines changed; MergeStopped as `merge`.
+    """
+    removed: list[bytes] = []
+    added: list[bytes] = []
+    for old, new in replaced:
+        _diff(old, new, removed, added)
+    size = published.stat().st_size
+    # Buffered small (8 KiB): each probe of the searches reads one line near where it seeks.
+    with open(published, "rb") as fh:
+        if fh.read(len(head)) != head:
+            raise NotPatchable("the published export has another header")
+        edits: list[tuple[int, int, bytes]] = []  # (offset, 0 insert / 1 remove, line)
+        for line in removed:
+            at = _first_line_from(fh, len(head), size, line)
+            fh.seek(at)
+            if fh.readline() != line:
+                raise NotPatchable("a removed line is not in the published export")
+            edits.append((at, 1, line))
+        for line in added:
+            at = _first_line_from(fh, len(head), size, line)
+            fh.seek(at)
+            if fh.readline() == line:
+                raise NotPatchable("an inserted line is already in the published export")
+            edits.append((at, 0, line))
+        # At one offset the inserts come first (in order) and then the line there is removed:
+        # an insert goes before the first line that sorts after it.
+        edits.sort()
+        digest = hashlib.sha256()
+        lines = 0
+        fh.seek(0)
+        pos = 0
+
+        def copy_to(end: int) -> None:
+            nonlocal pos, lines
+            while pos < end:
+                if stop is not None and stop.is_set():
+                    raise MergeStopped("export merge stopped")
+                data = fh.read(min(_BUFFER, end - pos))
+                if not data:
+                    raise NotPatchable("the published export is shorter than it was")
+                digest.update(data)
+                lines += data.count(b"\n")
+                out.write(data)
+                pos += len(data)
+
+        for at, remove, line in edits:
+            copy_to(at)
+            if remove:
+                data = fh.read(len(line))
+                digest.update(data)
+                pos += len(data)
+                if data != line:
+                    raise NotPatchable("the published export changed while it was read")
+            else:
+                out.write(line)
+                lines += 1
+        copy_to(size)
+        if fh.read(1):
+            raise NotPatchable("the published export grew while it was read")
+    if digest.hexdigest() != published_sha256:
+        raise NotPatchable("the published export is not the one its manifest names")
+    return lines - head.count(b"\n")

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -783,9 +784,10 @@ def _write_snapshot(
 
 
 def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dict[int, str],
-                 parts_dir: Path) -> list[Path]:
+                 parts_dir: Path, kept: dict[int, str]) -> list[Path]:
     """Each shard's sorted CSV part, written only where its version has none yet (see
-    export_parts); older parts of this layout and dead processes' temp files are removed.
+    export_parts); older parts of this layout (but the `kept` versions': shard -> version)
+    and dead processes' temp files are removed.
 
     Read from the snapshot being published (attached as `snap`): its shard tables hold these
     versions, already sorted by customer_id, and a scan keeps that order
@@ -798,20 +800,67 @@ def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dic
 
         def part(shard_id: int, version: str) -> Callable[[duckdb.DuckDBPyConnection], Path]:
             prefix = export_parts.part_prefix(shard_count, shard_id, version)
-            found = sorted(parts_dir.glob(f"{glob.escape(prefix)}*.csv"))
+            found = _parts_of(parts_dir, shard_count, shard_id, version)
             return lambda cur: found[0] if found else export_parts.write_part(
                 cur, f"SELECT * FROM {SNAPSHOT}.{PROFILES_SHARD_TABLE.format(shard_id)}", text,
                 parts_dir, prefix)
 
         # Each part read and written on its own cursor, side by side (see in_parallel).
         parts = in_parallel(con, [part(k, v) for k, v in sorted(versions.items())])
-        keep = {p.name for p in parts}
+        keep = {p.name for p in parts} | {p.name for k, v in kept.items()
+                                          for p in _parts_of(parts_dir, shard_count, k, v)}
         for old in parts_dir.glob(f"{shard_count}-*.csv"):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
         for stale in _stale_temps_in(parts_dir):
             stale.unlink(missing_ok=True)
     return parts
+
+
+def _parts_of(parts_dir: Path, shard_count: int, shard_id: int, version: str) -> list[Path]:
+    """The part files written for one shard version (one, or none yet)."""
+    prefix = export_parts.part_prefix(shard_count, shard_id, version)
+    return sorted(parts_dir.glob(f"{glob.escape(prefix)}*.csv"))
+
+
+def _kept_parts(entry: dict | None, changed: list[int] | None, shard_count: int,
+                export_path: str) -> dict[int, str]:
+    """Changed shard -> the version of it the published export holds, for the shards whose
+    published part is kept so that the export can be patched rather than merged whole
+    (export_parts.patch): only when at most a quarter of the shards changed (beyond that, most
+    of the export changes) and the export is where it was published."""
+    if not changed or entry is None or not entry.get("export_sha256") \
+            or entry.get("export_path") != export_path \
+            or len(changed) > max(1, shard_count // 4):
+        return {}
+    published = json.loads(entry["shard_versions"])
+    return {k: published[str(k)] for k in changed}
+
+
+@dataclass(frozen=True)
+class _PatchBase:
+    """What the export can be patched from: the published export, its recorded sha256, and
+    each changed shard's (published part, new part)."""
+
+    export: Path
+    sha256: str
+    replaced: list[tuple[Path, Path]]
+
+
+def _patch_base(target: Path, entry: dict | None, kept: dict[int, str], parts: list[Path],
+                parts_dir: Path, shard_count: int) -> _PatchBase | None:
+    """The base to patch the export from, or None when it must be merged whole: no part kept,
+    no export where it was published, or a part that is not plain (patching edits lines)."""
+    if entry is None or not kept or not target.is_file() \
+            or not all(map(export_parts.is_plain, parts)):
+        return None
+    replaced = []
+    for shard_id, version in sorted(kept.items()):
+        found = _parts_of(parts_dir, shard_count, shard_id, version)
+        if not found or not export_parts.is_plain(found[0]):
+            return None
+        replaced.append((found[0], parts[shard_id]))
+    return _PatchBase(target, entry["export_sha256"], replaced)
 
 
 def _stale_temps_in(folder: Path) -> Iterator[Path]:
@@ -852,20 +901,39 @@ class _HashingWriter:
 
 
 def _write_export(tmp: Path, target: Path, head: bytes, parts: list[Path], hook: Hook,
-                  stop: threading.Event | None = None) -> tuple[str, int]:
+                  stop: threading.Event | None = None,
+                  base: _PatchBase | None = None) -> tuple[str, int, str]:
     """Write the export to `tmp` (made by _export_header), durably: `head`, then the shards'
-    sorted parts merged on customer_id (export_parts); return its sha256 and how many records
-    it holds (both taken from the bytes as they are written). Stops (MergeStopped) once `stop`
-    is set. Errors name `target`."""
+    sorted parts merged on customer_id (export_parts), or the same bytes patched from `base`
+    when it can be; return its sha256, how many records it holds (both taken from the bytes as
+    they are written) and how it was written. Stops (MergeStopped) once `stop` is set. Errors
+    name `target`."""
     with errors.naming(target):
-        with open(tmp, "wb") as out:
-            writer = _HashingWriter(out)
-            records = export_parts.merge(head, parts, writer, stop)  # type: ignore[arg-type]
-            # On disk before the manifest that names its hash commits (a full disk can also
-            # show up only here, when delayed writes are flushed).
-            out.flush()
-            os.fsync(out.fileno())
+        written = None
+        how = f"merged from {len(parts)} parts"
+        if base is not None:
+            try:
+                written = _write_durably(tmp, lambda out: export_parts.patch(
+                    head, base.export, base.sha256, base.replaced, out, stop))
+                how = (f"patched: the published export with the changed lines of "
+                       f"{len(base.replaced)} shard(s)")
+            except export_parts.NotPatchable as exc:
+                how += f" (not patched: {exc})"
+        if written is None:
+            written = _write_durably(tmp, lambda out: export_parts.merge(head, parts, out, stop))
         hook("export_write")
+    return (*written, how)
+
+
+def _write_durably(tmp: Path, fill: Callable[[BinaryIO], int]) -> tuple[str, int]:
+    """`fill(out)` writes `tmp` over (returning its record count); then it is fsynced (on disk
+    before the manifest that names its hash commits; a full disk can also show up only here,
+    when delayed writes are flushed). Its sha256, taken as it is written, and the count."""
+    with open(tmp, "wb") as out:
+        writer = _HashingWriter(out)
+        records = fill(writer)  # type: ignore[arg-type]
+        out.flush()
+        os.fsync(out.fileno())
     return writer.digest.hexdigest(), records
 
 
@@ -873,9 +941,9 @@ class _Background:
     """A function run in a thread beside the caller's work; `result()` waits for it and returns
     its value or raises its exception. `stop` is set when the caller gives up on it."""
 
-    def __init__(self, work: Callable[[threading.Event], tuple[str, int]]) -> None:
+    def __init__(self, work: Callable[[threading.Event], tuple[str, int, str]]) -> None:
         self.stop = threading.Event()
-        self._value: tuple[str, int] | None = None
+        self._value: tuple[str, int, str] | None = None
         self._error: BaseException | None = None
 
         def run() -> None:
@@ -887,7 +955,7 @@ class _Background:
         self._thread = threading.Thread(target=run, name="etl-export-merge", daemon=True)
         self._thread.start()
 
-    def result(self) -> tuple[str, int]:
+    def result(self) -> tuple[str, int, str]:
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -996,8 +1064,10 @@ def publish_customer_profiles(
             con.execute(f"ATTACH {_sql_string(str(snapshot_tmp))} AS {SNAPSHOT} (READ_ONLY)")
             report_progress("publish", step="export: writing the sorted part of each "
                             "changed shard")
+            kept = _kept_parts(entry, changed, shard_count, export_path)
             with _per_shard_threads(con, rows_per_shard):
-                part_files = _write_parts(con, shard_count, versions, parts)
+                part_files = _write_parts(con, shard_count, versions, parts, kept)
+            base = _patch_base(target, entry, kept, part_files, parts, shard_count)
 
             def publish_files() -> None:
                 con.execute(f"DETACH {SNAPSHOT}")
@@ -1014,15 +1084,15 @@ def publish_customer_profiles(
             # The merge is Python and DuckDB's copy of the shard tables below releases the
             # GIL: the export is written beside it, not after it.
             export = _Background(lambda stop: _write_export(tmp, target, head, part_files,
-                                                            hook, stop))
+                                                            hook, stop, base))
 
             def export_rows() -> int:
                 report_progress("publish", step="waiting for the export's merge")
                 return export.result()[1]
             try:
                 report_progress("publish", step=f"table: replacing {table_shards} of "
-                                f"{shard_count} shards, while the export is merged from "
-                                f"{len(part_files)} parts")
+                                f"{shard_count} shards, while the export is "
+                                + ("patched" if base else f"merged from {len(part_files)} parts"))
                 with transaction(con, after_commit=publish_files):
                     if built_from is not None:
                         built_from(_manifest_in(con, SNAPSHOT, shard_count))
@@ -1037,7 +1107,8 @@ def publish_customer_profiles(
                         # The table's checks run while the merge still writes the export; the
                         # export's row count is the last fact they wait for.
                         audit(con, export_rows)
-                    sha, _ = export.result()
+                    sha, _, how = export.result()
+                    report_progress("publish", step=f"export: {how}")
                     _record(con, shard_count, manifest, count, export_path, sha, snapshot_sha,
                             versions, hook)
             except BaseException:
