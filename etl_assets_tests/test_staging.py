@@ -76,3 +76,77 @@ def test_staging_read_from_another_mount_point_finds_its_own_files(tmp_path: Pat
     assert Path(staged.version_dir).parent == elsewhere / "crm"
     files = [f for k in range(3) for f in staged.slice_files(k)]
     assert files and all(f.startswith(str(elsewhere)) for f in files)
+
+
+def _billing_line(customer_id: str, mrr: str = "12.50", plan: str = "Starter") -> str:
+    return f"{customer_id},{customer_id}@x.example,{plan},{mrr},Active,2024-01-01,2025-01-01"
+
+
+def _change(lines: list[str], index: int, mrr: str) -> None:
+    fields = lines[index].split(",")
+    fields[3] = mrr
+    lines[index] = ",".join(fields)
+
+
+# Edits of a clean billing.csv (lines[0] is the header), each staged from the changed records
+# alone, and edits that need the whole file (the change is refused, or not one stretch).
+EDITS = {
+    "value_changed": lambda lines: _change(lines, 40, "777.77"),
+    "record_added": lambda lines: lines.insert(60, _billing_line("cust_new_1")),
+    "record_removed": lambda lines: lines.pop(70),
+    "first_record_changed": lambda lines: _change(lines, 1, "1.00"),
+    "last_record_removed": lambda lines: lines.pop(),
+    "record_added_at_the_end": lambda lines: lines.append(_billing_line("cust_new_2")),
+    "quoted_value": lambda lines: lines.insert(20, _billing_line("cust_new_3", plan='"Starter"')),
+    "two_neighbours_changed": lambda lines: (_change(lines, 30, "5.00"), _change(lines, 31, "6.00")),
+}
+WHOLE_FILE = {
+    "id_of_another_record": lambda lines: lines.insert(50, _billing_line(lines[9].split(",")[0])),
+    "invalid_value": lambda lines: _change(lines, 45, "lots"),
+    "changes_far_apart": lambda lines: (_change(lines, 5, "5.00"), _change(lines, 290, "6.00")),
+    "header_changed": lambda lines: lines.__setitem__(0, lines[0].replace("plan", "plan ")),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS) + sorted(WHOLE_FILE))
+def test_an_edited_source_is_staged_as_the_whole_file_would_be(tmp_path: Path, edit):
+    """An edit of a clean file is staged from its current version and the changed records
+    alone when they are one stretch that validates clean; either way the slices hold exactly
+    the rows, hashes and counts that staging the whole file gives, and the report is the
+    same."""
+    from etl_assets.tools.generate import generate
+
+    schema = SOURCES["billing"]
+    data = tmp_path / "data"
+    generate(300, seed=5, out_dir=data)
+    settings = make_settings(tmp_path / "home", data, shard_count=4)
+    first = stage_source(schema, settings)
+    assert first.report.rejected == 0
+    assert (Path(first.staged.version_dir) / staging.RAW).is_file()
+
+    path = data / schema.filename
+    lines = path.read_text(encoding="utf-8").splitlines()
+    {**EDITS, **WHOLE_FILE}[edit](lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = stage_source(schema, settings)
+    # Staged from the changed records: the untouched shards' slices are the current
+    # version's own files (hard links), and at least one shard got a new one.
+    linked = {k for k in range(4) if {Path(f).stat().st_ino for f in first.staged.slice_files(k)}
+              == {Path(f).stat().st_ino for f in result.staged.slice_files(k)}}
+    assert (0 < len(linked) < 4) is (edit in EDITS), linked
+
+    whole = stage_source(schema, make_settings(tmp_path / "fresh", data, shard_count=4))
+    assert result.report == whole.report
+    assert (result.staged.slice_hashes, result.staged.slice_rows) == \
+        (whole.staged.slice_hashes, whole.staged.slice_rows)
+    con = duckdb.connect()
+
+    def rows(staged: staging.StagedSource, k: int) -> list[tuple]:
+        return con.execute("SELECT * FROM read_parquet(?) ORDER BY customer_id",
+                           [staged.slice_files(k)]).fetchall()
+    for k in range(4):
+        assert rows(result.staged, k) == rows(whole.staged, k)
+    # The file is kept with the current version only (the next edit is diffed against it).
+    kept = sorted(p.parent.name for p in (Path(settings.staging_dir) / "billing").glob(
+        f"*/{staging.RAW}"))
+    assert kept == ([Path(result.staged.version_dir).name] if whole.report.rejected == 0 else [])

@@ -8,6 +8,7 @@ first.
 
 
 import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import duckdb
 
-from etl_assets.lib import errors, freshness, staging, warehouse
+from etl_assets.lib import errors, file_diff, freshness, staging, warehouse
 from etl_assets.lib.events import report_progress
 from etl_assets.lib.faults import Hook
 from etl_assets.lib.paths import duckdb_literals
@@ -78,7 +79,8 @@ def stage_source(
         with warehouse.scratch(settings.duckdb_limits) as con:
             install_rules(con)
             report_progress("source_validate", source=schema.name)
-            clean = _stage_clean(con, snapshot, schema, settings, sha, hook)
+            clean = _stage_changed(con, snapshot, schema, settings, sha, hook) \
+                or _stage_clean(con, snapshot, schema, settings, sha, hook)
             if clean is not None:
                 report, staged = clean
             else:
@@ -221,10 +223,14 @@ def _publish_slices(
     con: duckdb.DuckDBPyConnection, schema: SourceSchema, settings: EtlSettings, sha: str,
     tmp: Path, version_dir: Path, hook: Hook, replace: bool, slice_hashes: dict[int, str],
     slice_rows: dict[int, int], rows_like: tuple[str, dict[str, object]],
+    raw: Path | None = None,
 ) -> staging.StagedSource:
     """Give every empty shard an empty slice in `tmp` (with the columns of the query
-    `rows_like`, and its parameters), then publish `tmp` as `version_dir`."""
+    `rows_like`, and its parameters), then publish `tmp` as `version_dir`, with `raw` (the
+    file it was staged from, when clean) moved in beside the slices."""
     n = settings.shard_count
+    if raw is not None:
+        os.replace(raw, tmp / staging.RAW)
     # Empty shards get an empty file with the schema so every shard can read its slice.
     rows_sql, params = rows_like
     for k in range(n):
@@ -312,18 +318,157 @@ def _stage_clean(
             staged = _publish_slices(
                 con, schema, settings, sha, tmp, version_dir, hook, False, slice_hashes,
                 slice_rows, ("SELECT * FROM read_parquet($files, hive_partitioning = false)",
-                             {"files": duckdb_literals(files)}))
+                             {"files": duckdb_literals(files)}), raw=path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return ReadReport(int(rows), int(rows), 0, Counter(), extra), staged
 
 
+# The changed stretch of an edited file up to which only it is staged again (a larger edit
+# costs about as much as reading the whole file).
+MAX_CHANGED_FRACTION = 0.05
+
+
+def _stage_changed(
+    con: duckdb.DuckDBPyConnection, path: Path, schema: SourceSchema, settings: EtlSettings,
+    sha: str, hook: Hook,
+) -> tuple[ReadReport, staging.StagedSource] | None:
+    """Stage the file at `path` from the source's current version and the records that
+    changed, if it is an edit of the file that version was staged from; else None, with
+    nothing staged (the caller reads the whole file).
+
+    The current version must be clean and keep its file (staging.RAW); the two files must
+    differ in one stretch of records (file_diff), whose new records validate clean with the
+    one validation query and whose ids repeat no other id of the file. Then only the shards
+    that the stretch's old or new ids route to get a new slice (the old slice without the
+    stretch's old ids, plus the new rows routed there); the other shards' slices are the
+    current version's files, hard-linked. The rows, slice hashes and counts are those the
+    whole file gives (a slice hash sums its rows' hashes: row order does not matter).
+    """
+    n = settings.shard_count
+    version_dir = (Path(settings.staging_dir) / schema.name
+                   / f"{sha[:20]}-{freshness.staging_key(settings)}")
+    try:
+        current = staging.read_pointer(settings.staging_dir, schema.name)
+    except staging.StagingError:
+        return None
+    raw = Path(current.version_dir) / staging.RAW
+    if settings.force or version_dir.is_dir() or current.shard_count != n \
+            or not Path(current.version_dir).name.endswith(f"-{freshness.staging_key(settings)}") \
+            or not raw.is_file():
+        return None
+    try:
+        columns, extra = read_header(path, schema)
+    except SourceFileError:
+        return None
+    with open(path, "rb") as fh:
+        header = fh.readline()
+    region = file_diff.changed_region(raw, current.file_sha256, path, len(header),
+                                      MAX_CHANGED_FRACTION)
+    if extra or region is None:
+        return None
+    report_progress("source_changed", source=schema.name,
+                    size=region.new_end - region.start)
+    # A full disk or a bad path while staging names the source's staging folder.
+    with errors.naming(Path(settings.staging_dir) / schema.name):
+        tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
+        try:
+            stretches = {"old": (raw, region.old_end), "new": (path, region.new_end)}
+            for name, (source, end) in stretches.items():
+                (tmp / f"{name}.csv").write_bytes(
+                    header + file_diff.read_region(source, region.start, end))
+            touched = _changed_rows(con, schema, columns, tmp, n)
+            try:
+                old_slices = {k: current.slice_files(k) for k in range(n)}
+            except (staging.StagingError, OSError):
+                touched = None
+            if touched is not None:
+                # The stretch's old rows must be in the slices as staged (else the kept file is
+                # not what they were staged from), and a new id must not be another record's
+                # (the full path quarantines that).
+                found, repeated = con.execute(
+                    """SELECT count(*) FILTER (WHERE (customer_id, row_hash) IN
+                                  (SELECT (customer_id, row_hash) FROM old_rows)),
+                              count(*) FILTER (WHERE customer_id IN (SELECT customer_id FROM new_rows)
+                                  AND customer_id NOT IN (SELECT customer_id FROM old_rows))
+                       FROM read_parquet($files)""",
+                    {"files": duckdb_literals([f for k in sorted(touched) for f in old_slices[k]])},
+                ).fetchone()
+                old_count = con.execute("SELECT count(*) FROM old_rows").fetchone()[0]
+            if touched is None or found != old_count or repeated:
+                _give_up(con, tmp)
+                return None
+            cols = ", ".join(schema.column_names)
+            for k in range(n):
+                folder = tmp / f"shard_id={k}"
+                folder.mkdir()
+                if k not in touched:
+                    for f in old_slices[k]:
+                        file_diff.link_or_copy(Path(f), folder / Path(f).name)
+                    continue
+                con.execute(
+                    f"""COPY (SELECT {cols}, row_hash FROM read_parquet($old)
+                              WHERE customer_id NOT IN (SELECT customer_id FROM old_rows)
+                              UNION ALL
+                              SELECT {cols}, row_hash FROM new_rows WHERE shard_id = $k)
+                        TO $out (FORMAT parquet)""",
+                    {"old": duckdb_literals(old_slices[k]), "k": k,
+                     "out": str(folder / "data_0.parquet")})
+            for name in stretches:
+                (tmp / f"{name}.csv").unlink()
+            hashes, counts = _staged_stats(con, tmp, n, touched)
+            slice_hashes = {k: hashes[k] if k in touched else current.slice_hashes[k]
+                            for k in range(n)}
+            slice_rows = {k: counts[k] if k in touched else current.slice_rows[k] for k in range(n)}
+            con.execute("CREATE OR REPLACE TEMP TABLE rejected (line_number BIGINT, "
+                        "customer_id VARCHAR, reason VARCHAR, raw VARCHAR)")
+            os.replace(path, tmp / staging.RAW)
+            staged = staging.publish(settings.staging_dir, tmp, staging.StagedSource(
+                schema.name, sha, n, str(version_dir), slice_hashes, slice_rows), hook)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    total = sum(slice_rows.values())
+    return ReadReport(total, total, 0, Counter(), extra), staged
+
+
+def _changed_rows(con: duckdb.DuckDBPyConnection, schema: SourceSchema, columns: list[str],
+                  folder: Path, shard_count: int) -> set[int] | None:
+    """Read the changed stretch's records (`old.csv`, `new.csv` in `folder`, each with the
+    header) into temp tables old_rows and new_rows (the columns, row_hash and shard_id) with
+    the one validation query; return the shards their ids route to, or None if a record is
+    refused or has a reason, or an id repeats within a stretch."""
+    for name in ("old", "new"):
+        select, params = checked_select(con, schema, f"SELECT 0 AS rec, * FROM {READ_CSV}")
+        try:
+            con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE {name}_rows AS
+                    SELECT {', '.join(schema.column_names)}, row_hash, reason,
+                           etl_shard(customer_id, $n) AS shard_id FROM ({select})""",
+                {**params, **read_csv_params(folder / f"{name}.csv", columns), "n": shard_count})
+        except duckdb.Error:
+            return None
+        refused = con.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
+        con.execute("DROP TABLE IF EXISTS csv_rejects")
+        con.execute("DROP TABLE IF EXISTS csv_reject_scans")
+        bad, rows, ids = con.execute(
+            f"SELECT count(reason), count(*), count(DISTINCT customer_id) FROM {name}_rows"
+        ).fetchone()
+        if refused or bad or rows != ids:
+            return None
+    return {int(k) for (k,) in con.execute(
+        "SELECT shard_id FROM old_rows UNION SELECT shard_id FROM new_rows").fetchall()}
+
+
 def _staged_stats(
-    con: duckdb.DuckDBPyConnection, folder: Path, shard_count: int
+    con: duckdb.DuckDBPyConnection, folder: Path, shard_count: int,
+    shards: set[int] | None = None,
 ) -> tuple[dict[int, str], dict[int, int]]:
-    """Slice hashes and row counts of a staged version folder (shard_id=<k>/*.parquet)."""
-    files = sorted(str(p) for p in folder.glob("shard_id=*/*.parquet"))
+    """Slice hashes and row counts of a staged version folder (shard_id=<k>/*.parquet), of
+    `shards` only if given (the others read as empty)."""
+    files = sorted(str(p) for p in folder.glob("shard_id=*/*.parquet")
+                   if shards is None or int(p.parent.name.split("=")[1]) in shards)
     if not files:
         return _stats(con, "SELECT NULL::INTEGER AS shard_id, NULL AS row_hash LIMIT 0", {},
                       shard_count)

@@ -25,6 +25,9 @@ from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
 
 POINTER = "current.json"
+# A clean version's copy of the file it was staged from, kept (in the current version only) so
+# that the next version of an edited file can be staged from the records that changed.
+RAW = "source.csv"
 KEEP_VERSIONS = 2  # the current one and the previous, for a reader that started just before
 
 
@@ -167,6 +170,8 @@ def _prune(source_dir: Path, keep: str) -> None:
     versions.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for old in versions[KEEP_VERSIONS - 1 :]:
         shutil.rmtree(old, ignore_errors=True)
+    for old in versions[: KEEP_VERSIONS - 1]:
+        (old / RAW).unlink(missing_ok=True)  # only the current version is ever diffed against
 
 
 def _age_s(path: Path) -> float:

@@ -40,6 +40,7 @@ os.register_at_fork(before=_LOCK.acquire, after_in_parent=_LOCK.release,
 _SOURCE_STAGES = {
     "source_copy": "{source}: copying and hashing the file",
     "source_validate": "{source}: reading and validating",
+    "source_changed": "{source}: staging the changed records ({size:,} bytes) onto the previous version",
     "source_stage": "{source}: routing {rows:,} accepted rows into {shards} slices",
     "source_rejected": "{source}: recording {rows:,} rejected rows",
 }
