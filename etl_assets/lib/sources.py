@@ -102,6 +102,10 @@ def stage_source(
                     "rows_rejected": report.rejected,
                     "reasons": json.dumps(dict(sorted(report.reasons.items()))),
                 }, hook)
+            if report.rows_read == report.accepted and not report.extra_columns:
+                # Clean: the next edit of this file can be staged from the records it changes.
+                with errors.naming(Path(staged.version_dir)):
+                    os.replace(snapshot, Path(staged.version_dir) / staging.RAW)
     finally:
         shutil.rmtree(snapshot_dir, ignore_errors=True)
     result = SourceResult(report, staged, int((time.monotonic() - started) * 1000))
@@ -223,14 +227,10 @@ def _publish_slices(
     con: duckdb.DuckDBPyConnection, schema: SourceSchema, settings: EtlSettings, sha: str,
     tmp: Path, version_dir: Path, hook: Hook, replace: bool, slice_hashes: dict[int, str],
     slice_rows: dict[int, int], rows_like: tuple[str, dict[str, object]],
-    raw: Path | None = None,
 ) -> staging.StagedSource:
     """Give every empty shard an empty slice in `tmp` (with the columns of the query
-    `rows_like`, and its parameters), then publish `tmp` as `version_dir`, with `raw` (the
-    file it was staged from, when clean) moved in beside the slices."""
+    `rows_like`, and its parameters), then publish `tmp` as `version_dir`."""
     n = settings.shard_count
-    if raw is not None:
-        os.replace(raw, tmp / staging.RAW)
     # Empty shards get an empty file with the schema so every shard can read its slice.
     rows_sql, params = rows_like
     for k in range(n):
@@ -318,7 +318,7 @@ def _stage_clean(
             staged = _publish_slices(
                 con, schema, settings, sha, tmp, version_dir, hook, False, slice_hashes,
                 slice_rows, ("SELECT * FROM read_parquet($files, hive_partitioning = false)",
-                             {"files": duckdb_literals(files)}), raw=path)
+                             {"files": duckdb_literals(files)}))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -423,7 +423,6 @@ def _stage_changed(
             slice_rows = {k: counts[k] if k in touched else current.slice_rows[k] for k in range(n)}
             con.execute("CREATE OR REPLACE TEMP TABLE rejected (line_number BIGINT, "
                         "customer_id VARCHAR, reason VARCHAR, raw VARCHAR)")
-            os.replace(path, tmp / staging.RAW)
             staged = staging.publish(settings.staging_dir, tmp, staging.StagedSource(
                 schema.name, sha, n, str(version_dir), slice_hashes, slice_rows), hook)
         except BaseException:
