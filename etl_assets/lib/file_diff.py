@@ -29,6 +29,8 @@ class Region:
 
 def _common_prefix(a: bytes, b: bytes) -> int:
     """How many leading bytes `a` and `b` share."""
+    if a == b:  # the usual chunk: one comparison
+        return len(a)
     n = min(len(a), len(b))
     lo, hi = 0, n
     while lo < hi:  # binary search on slices: memcmp speed, no per-byte Python loop
@@ -42,6 +44,8 @@ def _common_prefix(a: bytes, b: bytes) -> int:
 
 def _common_suffix(a: bytes, b: bytes) -> int:
     """How many trailing bytes `a` and `b` share."""
+    if a == b:
+        return len(a)
     n = min(len(a), len(b))
     lo, hi = 0, n
     while lo < hi:
