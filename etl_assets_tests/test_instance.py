@@ -66,7 +66,8 @@ def _queue(instance: dg.DagsterInstance):
 
 def _assert_machine_limits(instance: dg.DagsterInstance) -> None:
     queue = _queue(instance)
-    assert queue.max_concurrent_runs == limits.run_slots(limits.cores(), limits.ram_bytes(), "2GB")
+    assert queue.max_concurrent_runs == limits.run_slots(limits.cores(), limits.ram_bytes(),
+                                                         limits.DEFAULT_MEMORY_LIMIT)
     assert 1 <= queue.max_concurrent_runs <= limits.cores()
     assert queue.tag_concurrency_limits == [
         {"key": PARTITION_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]

@@ -242,7 +242,7 @@ def test_materialize_all_through_graphql(server):
         events = instance.fetch_materializations(dg.AssetKey("shard_profiles"), limit=100)
     threads = {e.asset_materialization.metadata["duckdb_threads"].value for e in events.records
                if e.run_id in records and "duckdb_threads" in e.asset_materialization.metadata}
-    memory = os.environ.get("DUCKDB_MEMORY_LIMIT") or "2GB"
+    memory = os.environ.get("DUCKDB_MEMORY_LIMIT") or limits.DEFAULT_MEMORY_LIMIT
     assert slots == limits.run_slots(limits.cores(), limits.ram_bytes(), memory)
     edges = sorted([(r.start_time, 1) for r in records.values()] +
                    [(r.end_time, -1) for r in records.values()])

@@ -31,7 +31,8 @@ class WarehouseResource(DuckDBResource):
     attached only for each short write, waiting at most `lock_timeout_s` for another writer."""
 
     lock_timeout_s: float = Field(default=60.0, description="Longest wait for the file lock (s).")
-    memory_limit: str = Field(default="2GB", description="Per DuckDB connection, then spill.")
+    memory_limit: str = Field(default=limits.DEFAULT_MEMORY_LIMIT,
+                              description="Per DuckDB connection, then spill.")
     threads: int = Field(default=0, description="DuckDB threads per connection (0: per core).")
     ducklake_data_path: str = Field(
         default="", description="With a ducklake: database, the shared folder of its data.")

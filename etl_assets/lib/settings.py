@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from etl_assets.lib import ducklake
 from etl_assets.lib.faults import CRASH_MODES, FAULT_POINTS, Hook, crash_hook
-from etl_assets.lib.limits import DuckDBLimits
+from etl_assets.lib.limits import DEFAULT_MEMORY_LIMIT, DuckDBLimits
 
 # Environment variable -> settings field. CLI flags override these.
 ENV_VARS: dict[str, str] = {
@@ -83,9 +83,9 @@ class EtlSettings(BaseModel):
     rerun_base_wait_s: float = 30.0
     automation: str = "on"
     force: bool = False
-    # Per DuckDB connection: beyond this, DuckDB spills to <home>/duckdb_tmp instead of growing,
-    # which keeps a 10M-customer run within a few GB. 0 threads = one per core.
-    duckdb_memory_limit: str = "2GB"
+    # Per DuckDB connection: beyond this, DuckDB spills to <home>/duckdb_tmp instead of growing
+    # (see limits.DEFAULT_MEMORY_LIMIT). 0 threads = one per core.
+    duckdb_memory_limit: str = DEFAULT_MEMORY_LIMIT
     duckdb_threads: int = 0
 
     @classmethod
