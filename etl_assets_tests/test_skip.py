@@ -14,7 +14,7 @@ from etl_assets.defs.contracts import SHARD_INPUTS, SOURCES_JOB
 from etl_assets.lib import staging, warehouse
 from etl_assets.lib.checks import SOURCE_CUSTOMERS
 from etl_assets.lib.events import progress_listener
-from etl_assets.lib.freshness import guess_shards_needed
+from etl_assets.lib.freshness import guess_shards_needed, staging_key
 from etl_assets.lib.sharding import shard_of
 from etl_assets.tools.runner import run_pipeline
 from etl_assets_tests.conftest import make_settings, user_tables
@@ -93,14 +93,16 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(ran, sample_dir, 
     assert Path(settings.export_path).read_bytes() == whole.read_bytes() != first_export
     rebuilt = [r.shard_id for r in changed.shards if not r.skipped]
     assert rebuilt == [shard_of("cust_00000077", SHARDS)]
-    # The checks' distinct source customers per shard, kept by each shard's input hash: what
-    # counting each shard's slices now gives, for the current inputs only.
+    # The checks' distinct source customers per shard, kept by the staging code and each
+    # shard's input hash: what counting each shard's slices now gives, for the current
+    # inputs only.
     staged = staging.current_sources(settings)
     memo = json.loads((Path(settings.staging_dir) / SOURCE_CUSTOMERS).read_text())
     with warehouse.scratch() as con:
-        assert memo == {staging.shard_input_hash(staged, k): con.execute(
-            "SELECT count(DISTINCT customer_id) FROM read_parquet(?)",
-            [staging.all_slice_files(staged, [k])]).fetchone()[0] for k in range(SHARDS)}
+        assert memo == {
+            f"{staging_key(settings)}:{staging.shard_input_hash(staged, k)}": con.execute(
+                "SELECT count(DISTINCT customer_id) FROM read_parquet(?)",
+                [staging.all_slice_files(staged, [k])]).fetchone()[0] for k in range(SHARDS)}
     assert _latest_metadata(instance, "billing")["skipped"] is False
     # Only the changed source is staged again, with shard_inputs recording the new versions.
     assert _sources_runs(instance)[0].asset_selection == {dg.AssetKey("billing"), SHARD_INPUTS}

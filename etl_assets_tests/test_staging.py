@@ -99,12 +99,17 @@ EDITS = {
     "record_added_at_the_end": lambda lines: lines.append(_billing_line("cust_new_2")),
     "quoted_value": lambda lines: lines.insert(20, _billing_line("cust_new_3", plan='"Starter"')),
     "two_neighbours_changed": lambda lines: (_change(lines, 30, "5.00"), _change(lines, 31, "6.00")),
+    "empty_line_added": lambda lines: lines.insert(80, ""),
 }
 WHOLE_FILE = {
     "id_of_another_record": lambda lines: lines.insert(50, _billing_line(lines[9].split(",")[0])),
     "invalid_value": lambda lines: _change(lines, 45, "lots"),
     "changes_far_apart": lambda lines: (_change(lines, 5, "5.00"), _change(lines, 290, "6.00")),
     "header_changed": lambda lines: lines.__setitem__(0, lines[0].replace("plan", "plan ")),
+    # No record changed, only an empty line (which the reader skips) was added at the end.
+    "empty_line_at_the_end": lambda lines: lines.append(""),
+    # The new stretch is empty and the old one most of the file.
+    "cut_to_ten_records": lambda lines: lines.__delitem__(slice(11, None)),
 }
 
 
@@ -150,3 +155,24 @@ def test_an_edited_source_is_staged_as_the_whole_file_would_be(tmp_path: Path, e
     kept = sorted(p.parent.name for p in (Path(settings.staging_dir) / "billing").glob(
         f"*/{staging.RAW}"))
     assert kept == ([Path(result.staged.version_dir).name] if whole.report.rejected == 0 else [])
+
+
+def test_a_stretch_is_bounded_in_both_files(tmp_path: Path):
+    """Cutting a file to a few records leaves a short new stretch and a long old one: neither
+    may exceed the fraction, or the old one would be read into memory whole."""
+    from etl_assets.lib.file_diff import changed_region
+    from etl_assets.lib.validation import file_sha256
+
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    lines = ["customer_id,mrr"] + [f"cust_{i:05d},{i}.00" for i in range(1000)]
+    old.write_text("\n".join(lines) + "\n")
+    header = len(lines[0]) + 1
+    new.write_text("\n".join(lines[:11]) + "\n")
+    assert changed_region(old, file_sha256(old), new, header, 0.05) is None
+    new.write_text("\n".join(lines[:500] + lines[510:]) + "\n")
+    region = changed_region(old, file_sha256(old), new, header, 0.05)
+    # The stretch runs to the first line break after the change: ten records out, none in.
+    assert region is not None
+    stretch = {name: path.read_bytes()[region.start:end].decode().splitlines()
+               for name, path, end in (("old", old, region.old_end), ("new", new, region.new_end))}
+    assert stretch == {"old": lines[500:511], "new": lines[510:511]}

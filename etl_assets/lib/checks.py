@@ -8,6 +8,7 @@ checks what is published, read-only (`profile_facts`). Both report the same outc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -89,9 +90,9 @@ def _source_customers(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
     Every source routes a customer_id to one shard (etl_shard), so the sources' distinct
     customers are the sum of each shard's (were one routed to two shards, it would count twice
     and the row count check fail), at a tenth of the hash table. A shard's count is a fact of
-    its slices alone, so it is kept by the shard's input hash (staging.shard_input_hash, from
-    the slices' contents) and counted again only for a shard whose slices changed: a one-row
-    change counts one shard, not every source's every row.
+    its slices alone, so it is kept by the staging code and the shard's input hash
+    (staging.shard_input_hash, from the slices' contents), and counted again only for a shard
+    whose slices changed: a one-row change counts one shard, not every source's every row.
     """
     memo = Path(settings.staging_dir) / SOURCE_CUSTOMERS
     try:
@@ -101,7 +102,8 @@ def _source_customers(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
     counts: dict[str, int] = {}
     total = 0
     for shard_id in settings.shard_ids:
-        key = staging.shard_input_hash(staged, shard_id)
+        # The staging code is part of the key: a new id rule may count the same slices apart.
+        key = f"{freshness.staging_key(settings)}:{staging.shard_input_hash(staged, shard_id)}"
         count = known.get(key)
         if not isinstance(count, int):
             count = int(con.execute(
@@ -116,7 +118,10 @@ def _source_customers(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
             tmp.write_text(json.dumps(counts, sort_keys=True), encoding="utf-8")
             os.replace(tmp, memo)
         except OSError:
-            tmp.unlink(missing_ok=True)  # only a memo: the next check counts again
+            # Only a memo: the next check counts again (and a read-only folder refuses the
+            # unlink as it refused the write).
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return total
 
 

@@ -62,7 +62,7 @@ def changed_region(old: Path, old_sha256: str, new: Path, header_end: int,
     """The stretch of records in which `new` differs from `old`, or None when there is no
     such single stretch worth using: `old` is not the file whose sha256 is `old_sha256` (it
     is hashed as it is read), the files are equal, the stretch touches the header (the first
-    `header_end` bytes) or holds more than `max_fraction` of the new file, or its ends are not
+    `header_end` bytes) or holds more than `max_fraction` of either file, or its ends are not
     record boundaries in both files.
 
     Record boundaries are line breaks outside quotes: the count of quote characters before
@@ -113,7 +113,10 @@ def changed_region(old: Path, old_sha256: str, new: Path, header_end: int,
                 return None
             old_end = old_size - suffix + cut + 1
         new_end = old_end + (new_size - old_size)
-        if new_end - boundary > max_fraction * new_size:
+        # Both stretches are bounded: a file cut to a few records has a short new stretch
+        # and an old one that is most of the old file (read into memory by the caller).
+        if new_end - boundary > max_fraction * new_size \
+                or old_end - boundary > max_fraction * old_size:
             return None
         fo.seek(boundary)
         fn.seek(boundary)

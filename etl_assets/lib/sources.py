@@ -437,7 +437,7 @@ def _changed_rows(con: duckdb.DuckDBPyConnection, schema: SourceSchema, columns:
     """Read the changed stretch's records (`old.csv`, `new.csv` in `folder`, each with the
     header) into temp tables old_rows and new_rows (the columns, row_hash and shard_id) with
     the one validation query; return the shards their ids route to, or None if a record is
-    refused or has a reason, or an id repeats within a stretch."""
+    refused or has a reason, an id repeats within a stretch, or neither stretch holds one."""
     for name in ("old", "new"):
         select, params = checked_select(con, schema, f"SELECT 0 AS rec, * FROM {READ_CSV}")
         try:
@@ -456,8 +456,11 @@ def _changed_rows(con: duckdb.DuckDBPyConnection, schema: SourceSchema, columns:
         ).fetchone()
         if refused or bad or rows != ids:
             return None
-    return {int(k) for (k,) in con.execute(
+    shards = {int(k) for (k,) in con.execute(
         "SELECT shard_id FROM old_rows UNION SELECT shard_id FROM new_rows").fetchall()}
+    # No record in either stretch (only empty lines changed, which the reader skips): nothing
+    # to route, and no slice to prove the stretch against; the whole file says what it holds.
+    return shards or None
 
 
 def _staged_stats(
