@@ -8,6 +8,7 @@ import duckdb
 import pytest
 
 from etl_assets.lib import staging
+from etl_assets.lib.events import progress_listener
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.sources import plan_slices, stage_source
 from etl_assets_tests.conftest import make_settings, write_csv
@@ -176,3 +177,34 @@ def test_a_stretch_is_bounded_in_both_files(tmp_path: Path):
     stretch = {name: path.read_bytes()[region.start:end].decode().splitlines()
                for name, path, end in (("old", old, region.old_end), ("new", new, region.new_end))}
     assert stretch == {"old": lines[500:511], "new": lines[510:511]}
+
+
+def test_an_undone_edit_is_staged_from_the_changed_records_too(tmp_path: Path):
+    """Editing a value back: the file is a version staged before, whose folder is kept; it is
+    staged from the changed record again (not read whole), in that version's place."""
+    from etl_assets.tools.generate import generate
+
+    schema = SOURCES["billing"]
+    data = tmp_path / "data"
+    generate(300, seed=5, out_dir=data)
+    settings = make_settings(tmp_path / "home", data, shard_count=4)
+    path = data / schema.filename
+    original = path.read_bytes()
+    first = stage_source(schema, settings)
+    lines = original.decode().splitlines()
+    _change(lines, 40, "777.77")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    edited = stage_source(schema, settings)
+    path.write_bytes(original)
+    stages: list[str] = []
+    with progress_listener(lambda stage, fields: stages.append(stage)):
+        undone = stage_source(schema, settings)
+    assert "source_changed" in stages, stages
+    assert undone.staged.version_dir == first.staged.version_dir
+    assert (undone.staged.slice_hashes, undone.staged.slice_rows) == \
+        (first.staged.slice_hashes, first.staged.slice_rows)
+    # Staged from the edit's version: its untouched shards' files are hard links of those.
+    linked = [k for k in range(4) if {Path(f).stat().st_ino for f in edited.staged.slice_files(k)}
+              == {Path(f).stat().st_ino for f in undone.staged.slice_files(k)}]
+    assert 0 < len(linked) < 4, linked
+    assert (Path(undone.staged.version_dir) / staging.RAW).read_bytes() == original

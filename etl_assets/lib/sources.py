@@ -354,7 +354,8 @@ def _stage_changed(
     except staging.StagingError:
         return None
     raw = Path(current.version_dir) / staging.RAW
-    if settings.force or version_dir.is_dir() or current.shard_count != n \
+    if settings.force or Path(current.version_dir).name == version_dir.name \
+            or current.shard_count != n \
             or not Path(current.version_dir).name.endswith(f"-{freshness.staging_key(settings)}") \
             or not raw.is_file():
         return None
@@ -423,8 +424,10 @@ def _stage_changed(
             slice_rows = {k: counts[k] if k in touched else current.slice_rows[k] for k in range(n)}
             con.execute("CREATE OR REPLACE TEMP TABLE rejected (line_number BIGINT, "
                         "customer_id VARCHAR, reason VARCHAR, raw VARCHAR)")
+            # An edit undone: the file is an older version's again, staged anew in its place.
             staged = staging.publish(settings.staging_dir, tmp, staging.StagedSource(
-                schema.name, sha, n, str(version_dir), slice_hashes, slice_rows), hook)
+                schema.name, sha, n, str(version_dir), slice_hashes, slice_rows), hook,
+                replace=version_dir.is_dir())
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
