@@ -32,6 +32,8 @@ from typing import BinaryIO
 
 import duckdb
 
+from etl_assets.lib import uncached
+
 _BUFFER = 1 << 20
 
 
@@ -258,6 +260,11 @@ def _first_line_from(fh: BinaryIO, lo: int, hi: int, target: bytes) -> int:
     return hi
 
 
+def _newlines(view: memoryview) -> int:
+    """The line breaks in `view` (a memoryview has no count)."""
+    return bytes(view).count(b"\n")
+
+
 def patch(head: bytes, published: Path, published_sha256: str,
           replaced: list[tuple[Path, Path]], out: BinaryIO,
           stop: threading.Event | None = None) -> int:
@@ -299,38 +306,47 @@ def patch(head: bytes, published: Path, published_sha256: str,
         # At one offset the inserts come first (in order) and then the line there is removed:
         # an insert goes before the first line that sorts after it.
         edits.sort()
-        digest = hashlib.sha256()
-        lines = 0
-        fh.seek(0)
-        pos = 0
+    # The sequential pass reads around the page cache (uncached.blocks): the published export
+    # was written that way and nothing reads it after this.
+    digest = hashlib.sha256()
+    lines = 0
+    pos = 0
+    data = uncached.blocks(published)
+    view = memoryview(b"")
 
-        def copy_to(end: int) -> None:
-            nonlocal pos, lines
-            while pos < end:
-                if stop is not None and stop.is_set():
-                    raise MergeStopped("export merge stopped")
-                data = fh.read(min(_BUFFER, end - pos))
-                if not data:
+    def take(end: int) -> Iterator[memoryview]:
+        """The published export's bytes from `pos` up to `end`, hashed as they are read."""
+        nonlocal pos, view
+        while pos < end:
+            if stop is not None and stop.is_set():
+                raise MergeStopped("export merge stopped")
+            if not view:
+                view = next(data, memoryview(b""))
+                if not view:
                     raise NotPatchable("the published export is shorter than it was")
-                digest.update(data)
-                lines += data.count(b"\n")
-                out.write(data)
-                pos += len(data)
+            piece, view = view[:end - pos], view[end - pos:]
+            digest.update(piece)
+            pos += len(piece)
+            yield piece
 
+    try:
         for at, remove, line in edits:
-            copy_to(at)
+            for piece in take(at):
+                lines += _newlines(piece)
+                out.write(piece)
             if remove:
-                data = fh.read(len(line))
-                digest.update(data)
-                pos += len(data)
-                if data != line:
+                if b"".join(take(at + len(line))) != line:
                     raise NotPatchable("the published export changed while it was read")
             else:
                 out.write(line)
                 lines += 1
-        copy_to(size)
-        if fh.read(1):
+        for piece in take(size):
+            lines += _newlines(piece)
+            out.write(piece)
+        if view or next(data, None) is not None:
             raise NotPatchable("the published export grew while it was read")
+    finally:
+        data.close()
     if digest.hexdigest() != published_sha256:
         raise NotPatchable("the published export is not the one its manifest names")
     return lines - head.count(b"\n")

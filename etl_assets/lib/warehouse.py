@@ -33,7 +33,7 @@ from typing import BinaryIO, TypeVar
 
 import duckdb
 
-from etl_assets.lib import ducklake, errors, export_parts
+from etl_assets.lib import ducklake, errors, export_parts, uncached
 from etl_assets.lib.events import report_progress
 from etl_assets.lib.faults import Hook, injected, no_hook
 from etl_assets.lib.limits import DuckDBLimits, cores
@@ -929,11 +929,11 @@ def _write_durably(tmp: Path, fill: Callable[[BinaryIO], int]) -> tuple[str, int
     """`fill(out)` writes `tmp` over (returning its record count); then it is fsynced (on disk
     before the manifest that names its hash commits; a full disk can also show up only here,
     when delayed writes are flushed). Its sha256, taken as it is written, and the count."""
-    with open(tmp, "wb") as out:
-        writer = _HashingWriter(out)
+    # Written around the page cache (uncached): nothing in this run reads the export again.
+    with uncached.UncachedWriter(tmp) as out:
+        writer = _HashingWriter(out)  # type: ignore[arg-type]
         records = fill(writer)  # type: ignore[arg-type]
-        out.flush()
-        os.fsync(out.fileno())
+        out.finish()
     return writer.digest.hexdigest(), records
 
 
