@@ -32,6 +32,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,8 +152,26 @@ def source_state(
 
 
 def source_states(settings: EtlSettings) -> dict[str, SourceState]:
-    """Every source's state, in source order."""
-    return {name: source_state(schema, settings) for name, schema in SOURCES.items()}
+    """Every source's state, in source order.
+
+    The files that will be hashed (a source staged for this layout, no --force) are hashed
+    first, two at a time: hashlib releases the GIL, and one core hashes about 1.7 GB/s, so
+    at 10M customers the four files took 2.2 s one after another.
+    """
+    def staged_here(name: str) -> bool:
+        try:
+            staged = staging.read_pointer(settings.staging_dir, name)
+        except staging.StagingError:
+            return False
+        return staged.shard_count == settings.shard_count
+
+    paths = {name: Path(settings.data_dir) / schema.filename for name, schema in SOURCES.items()
+             if not settings.force and staged_here(name)}
+    paths = {name: path for name, path in paths.items() if path.is_file()}
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="etl-hash") as pool:
+        shas = dict(zip(paths, pool.map(file_sha256, paths.values()), strict=True))
+    return {name: source_state(schema, settings, shas.get(name))
+            for name, schema in SOURCES.items()}
 
 
 def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -> dict[int, int]:
