@@ -53,3 +53,16 @@ def test_a_reader_stopped_early_closes_its_file(tmp_path: Path):
     assert len(next(reader)) == B
     reader.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_full_disk_is_raised_to_the_writer_not_lost_in_its_thread():
+    """/dev/full refuses every write with ENOSPC, as a full disk does."""
+    import errno
+
+    out = uncached.UncachedWriter("/dev/full")
+    with pytest.raises(OSError) as raised:
+        with out:
+            for _ in range(4):  # more blocks than buffers: a later hand-off sees the error
+                out.write(b"x" * B)
+            out.finish()
+    assert raised.value.errno == errno.ENOSPC

@@ -163,9 +163,10 @@ def test_a_patched_export_has_the_bytes_of_a_merge(tmp_path, monkeypatch):
 
     out = tmp_path / "patched.csv"
     with open(out, "wb") as fh:
-        records = export_parts.patch(head, export, sha, [(published[1], new[1])], fh)
+        records, written = export_parts.patch(head, export, sha, [(published[1], new[1])], fh)
     assert out.read_bytes() == want
     assert records == want.count(b"\n") - 1
+    assert written == hashlib.sha256(want).hexdigest()
 
     def refused(match: str, *args) -> None:
         with open(out, "wb") as fh, pytest.raises(export_parts.NotPatchable, match=match):

@@ -267,12 +267,13 @@ def _newlines(view: memoryview) -> int:
 
 def patch(head: bytes, published: Path, published_sha256: str,
           replaced: list[tuple[Path, Path]], out: BinaryIO,
-          stop: threading.Event | None = None) -> int:
+          stop: threading.Event | None = None) -> tuple[int, str]:
     """Write to `out` what `merge` would write from the new parts, by editing the published
     export instead of merging every part again: `replaced` pairs each changed shard's
     published part with its new one, and only the lines that differ between them are removed
     from and inserted into the published export's bytes, which are otherwise copied as they
-    are. Return the records written.
+    are. Return the records written and their sha256 (taken as they are written; up to the
+    first edit the published export's bytes are the new one's, so that stretch is hashed once).
 
     Exact only if the published export is `head` and the merge of the published parts, all
     plain (one record per line, lines sorted as their ids, no line twice): the caller passes
@@ -309,10 +310,16 @@ def patch(head: bytes, published: Path, published_sha256: str,
     # The sequential pass reads around the page cache (uncached.blocks): the published export
     # was written that way and nothing reads it after this.
     digest = hashlib.sha256()
+    written: hashlib._Hash | None = None  # the new bytes' digest, from the first edit on
     lines = 0
     pos = 0
     data = uncached.blocks(published)
     view = memoryview(b"")
+
+    def write(piece: bytes | memoryview) -> None:
+        if written is not None:
+            written.update(piece)
+        out.write(piece)
 
     def take(end: int) -> Iterator[memoryview]:
         """The published export's bytes from `pos` up to `end`, hashed as they are read."""
@@ -333,20 +340,22 @@ def patch(head: bytes, published: Path, published_sha256: str,
         for at, remove, line in edits:
             for piece in take(at):
                 lines += _newlines(piece)
-                out.write(piece)
+                write(piece)
+            if written is None:
+                written = digest.copy()
             if remove:
                 if b"".join(take(at + len(line))) != line:
                     raise NotPatchable("the published export changed while it was read")
             else:
-                out.write(line)
+                write(line)
                 lines += 1
         for piece in take(size):
             lines += _newlines(piece)
-            out.write(piece)
+            write(piece)
         if view or next(data, None) is not None:
             raise NotPatchable("the published export grew while it was read")
     finally:
         data.close()
     if digest.hexdigest() != published_sha256:
         raise NotPatchable("the published export is not the one its manifest names")
-    return lines - head.count(b"\n")
+    return lines - head.count(b"\n"), (written or digest).hexdigest()

@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from etl_assets.lib import uncached
+
 _CHUNK = 1 << 20
 
 
@@ -72,14 +74,15 @@ def changed_region(old: Path, old_sha256: str, new: Path, header_end: int,
     digest = hashlib.sha256()
     with open(old, "rb") as fo, open(new, "rb") as fn:
         # Forward: the common prefix, its last record boundary and the quotes before that;
-        # the rest of `old` is read on for its hash.
+        # the rest of `old` is read on for its hash. `old` is the copy kept at staging,
+        # written and so read around the page cache (uncached).
         prefix = quotes = boundary = quotes_at_boundary = 0
         differs = False
-        while True:
-            a = fo.read(_CHUNK)
-            digest.update(a)
+        for view in uncached.blocks(old):
+            digest.update(view)
             if not differs:
-                b = fn.read(_CHUNK)
+                a = bytes(view)
+                b = fn.read(len(a))
                 same = _common_prefix(a, b)
                 line_end = a.rfind(b"\n", 0, same)
                 if line_end >= 0:
@@ -88,8 +91,8 @@ def changed_region(old: Path, old_sha256: str, new: Path, header_end: int,
                 quotes += a.count(b'"', 0, same)
                 prefix += same
                 differs = same < max(len(a), len(b))
-            if not a:
-                break
+        if not differs:  # `old` is a prefix of `new` (records appended) or the same file
+            differs = prefix < new_size
         if digest.hexdigest() != old_sha256 or not differs or boundary < header_end:
             return None
         # Backward: the common suffix, at most what the prefix left of the smaller file.

@@ -45,16 +45,23 @@ def _buffered(fd: int) -> None:
 
 
 class UncachedWriter:
-    """A binary file written from its start through a BLOCK-sized buffer of ours, each full
-    block written direct. `finish()` writes the tail and fsyncs; leaving the `with` block
-    closes the file (without finishing it, on an error)."""
+    """A binary file written from its start through BLOCK-sized buffers of ours, each full
+    block written direct by a thread while the caller fills the next (a direct write waits
+    for the disk). `finish()` writes the tail and fsyncs; leaving the `with` block closes the
+    file (without finishing it, on an error)."""
 
     def __init__(self, path: str | Path) -> None:
         self._fd, self.direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        self._buf = mmap.mmap(-1, BLOCK)
+        self.direct_bytes = 0  # written around the page cache (the rest went through it)
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
+        for _ in range(3):
+            self._free.put(mmap.mmap(-1, BLOCK))
+        self._buf = self._free.get()
         self._view = memoryview(self._buf)
         self._fill = 0
-        self.direct_bytes = 0  # written around the page cache (the rest went through it)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> UncachedWriter:
         return self
@@ -63,7 +70,7 @@ class UncachedWriter:
         self.close()
 
     def write(self, data: bytes | memoryview) -> int:
-        """Copy `data` into the buffer, writing each block as it fills."""
+        """Copy `data` into the buffer, handing each block to the writing thread as it fills."""
         view = memoryview(data).cast("B")
         done, n = 0, len(view)
         while done < n:
@@ -72,9 +79,41 @@ class UncachedWriter:
             self._fill += take
             done += take
             if self._fill == BLOCK:
-                self._write_all(self._view)
-                self._fill = 0
+                self._hand_off()
         return n
+
+    def _hand_off(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_blocks, daemon=True,
+                                             name="etl-write-behind")
+            self._thread.start()
+        self._view.release()
+        self._full.put(self._buf)
+        self._buf = self._free.get()  # waits while every other buffer is being written
+        self._view = memoryview(self._buf)
+        self._fill = 0
+        self._raise_if_failed()
+
+    def _write_blocks(self) -> None:
+        while (buf := self._full.get()) is not None:
+            if self._error is None:
+                try:
+                    with memoryview(buf) as view:
+                        self._write_all(view)
+                except BaseException as exc:  # raised in the caller's thread
+                    self._error = exc
+            self._free.put(buf)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _drain(self) -> None:
+        """Wait until every full block handed off is written."""
+        if self._thread is not None:
+            self._full.put(None)
+            self._thread.join()
+            self._thread = None
 
     def _write_all(self, view: memoryview) -> None:
         while view:
@@ -100,6 +139,8 @@ class UncachedWriter:
     def finish(self) -> None:
         """Write the last, partial block (through the page cache unless it is aligned) and
         fsync: the file is whole on disk when this returns."""
+        self._drain()
+        self._raise_if_failed()
         if self._fill:
             if self.direct and self._fill % _ALIGN:
                 self._direct_off()
@@ -108,6 +149,7 @@ class UncachedWriter:
         os.fsync(self._fd)
 
     def close(self) -> None:
+        self._drain()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

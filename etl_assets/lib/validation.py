@@ -16,6 +16,7 @@ from pathlib import Path
 
 import duckdb
 
+from etl_assets.lib import uncached
 from etl_assets.lib.faults import Hook, no_hook
 from etl_assets.lib.paths import duckdb_literal
 from etl_assets.lib.schema import (
@@ -149,7 +150,9 @@ def snapshot_file(source: str | Path, target: str | Path, hook: Hook = no_hook) 
     """
     digest = hashlib.sha256()
     copied = 0
-    with open(source, "rb") as fin, open(target, "wb") as fout:
+    # The copy is written around the page cache: an edit is staged from a few of its records
+    # and the copy kept for the next edit's diff, which reads it that way too (uncached).
+    with open(source, "rb") as fin, uncached.UncachedWriter(target) as fout:
         before = os.fstat(fin.fileno())
         for chunk in iter(lambda: fin.read(1 << 20), b""):
             digest.update(chunk)
@@ -157,6 +160,7 @@ def snapshot_file(source: str | Path, target: str | Path, hook: Hook = no_hook) 
             copied += len(chunk)
             if copied == len(chunk):
                 hook("source_mid_snapshot")
+        fout.finish()
         after = os.fstat(fin.fileno())
     if copied != after.st_size or \
             (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):

@@ -914,7 +914,7 @@ def _write_export(tmp: Path, target: Path, head: bytes, parts: list[Path], hook:
         if base is not None:
             try:
                 written = _write_durably(tmp, lambda out: export_parts.patch(
-                    head, base.export, base.sha256, base.replaced, out, stop))
+                    head, base.export, base.sha256, base.replaced, out, stop), hashed=True)
                 how = (f"patched: the published export with the changed lines of "
                        f"{len(base.replaced)} shard(s)")
             except export_parts.NotPatchable as exc:
@@ -925,16 +925,22 @@ def _write_export(tmp: Path, target: Path, head: bytes, parts: list[Path], hook:
     return (*written, how)
 
 
-def _write_durably(tmp: Path, fill: Callable[[BinaryIO], int]) -> tuple[str, int]:
-    """`fill(out)` writes `tmp` over (returning its record count); then it is fsynced (on disk
-    before the manifest that names its hash commits; a full disk can also show up only here,
-    when delayed writes are flushed). Its sha256, taken as it is written, and the count."""
+def _write_durably(tmp: Path, fill: Callable[[BinaryIO], object],
+                   hashed: bool = False) -> tuple[str, int]:
+    """`fill(out)` writes `tmp` over, returning its record count (or, with `hashed`, the
+    count and the sha256 of what it wrote); then it is fsynced (on disk before the manifest
+    that names its hash commits; a full disk can also show up only here, when delayed writes
+    are flushed). Its sha256, taken as it is written, and the count."""
     # Written around the page cache (uncached): nothing in this run reads the export again.
     with uncached.UncachedWriter(tmp) as out:
-        writer = _HashingWriter(out)  # type: ignore[arg-type]
-        records = fill(writer)  # type: ignore[arg-type]
+        if hashed:
+            records, sha = fill(out)  # type: ignore[arg-type, misc]
+        else:
+            writer = _HashingWriter(out)  # type: ignore[arg-type]
+            records = fill(writer)  # type: ignore[arg-type]
+            sha = writer.digest.hexdigest()
         out.finish()
-    return writer.digest.hexdigest(), records
+    return sha, records  # type: ignore[return-value]
 
 
 class _Background:
