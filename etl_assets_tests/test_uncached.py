@@ -60,9 +60,8 @@ def test_a_full_disk_is_raised_to_the_writer_not_lost_in_its_thread():
     import errno
 
     out = uncached.UncachedWriter("/dev/full")
-    with pytest.raises(OSError) as raised:
-        with out:
-            for _ in range(4):  # more blocks than buffers: a later hand-off sees the error
-                out.write(b"x" * B)
-            out.finish()
+    with pytest.raises(OSError) as raised, out:
+        for _ in range(4):  # more blocks than buffers: a later hand-off sees the error
+            out.write(b"x" * B)
+        out.finish()
     assert raised.value.errno == errno.ENOSPC

@@ -47,6 +47,23 @@ def test_rebuild_keeps_one_row_per_idempotency_key(tmp_path, sample_dir):
         assert kept == [(home,)]
 
 
+def test_a_repeated_key_is_probed_in_the_shards_about_to_be_written(tmp_path, sample_dir):
+    """A publish that writes some shards probes those for a repeated key (a key names its
+    customer, who routes to one shard): a repeat there asks for the one-per-key QUALIFY, a
+    repeat elsewhere does not."""
+    settings = make_settings(tmp_path, sample_dir, shard_count=3)
+    profiles = build_profiles(settings)
+    first = sorted(profiles)[0]
+    home = profiles[first]["shard_id"]
+    other = (home + 1) % 3
+    with warehouse.reader(settings.duckdb_path, 5) as con:
+        assert warehouse._one_per_key(con, 3) == warehouse._one_per_key(con, 3, [home]) == ""
+        _insert_copy_of_shard_row(con, first, shard_id=home)
+        for shards in (None, [home], [other, home]):
+            assert "QUALIFY" in warehouse._one_per_key(con, 3, shards), shards
+        assert warehouse._one_per_key(con, 3, [other]) == warehouse._one_per_key(con, 3, []) == ""
+
+
 def test_export_merged_from_parts_is_the_whole_table_copy(tmp_path):
     """The export merged from per-shard sorted parts has exactly the bytes of one sorted COPY
     of all rows: plain parts, and parts whose ids need quotes (commas, quotes, bytes below the
