@@ -15,6 +15,7 @@ from etl_assets.lib import staging, warehouse
 from etl_assets.lib.checks import SOURCE_CUSTOMERS
 from etl_assets.lib.events import progress_listener
 from etl_assets.lib.freshness import guess_shards_needed, staging_key
+from etl_assets.lib.profiles import profile_summary
 from etl_assets.lib.sharding import shard_of
 from etl_assets.tools.runner import run_pipeline
 from etl_assets_tests.conftest import make_settings, user_tables
@@ -106,10 +107,13 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(ran, sample_dir, 
     assert _latest_metadata(instance, "billing")["skipped"] is False
     # Only the changed source is staged again, with shard_inputs recording the new versions.
     assert _sources_runs(instance)[0].asset_selection == {dg.AssetKey("billing"), SHARD_INPUTS}
-    assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
+    published = _latest_metadata(instance, "customer_profiles")
+    assert published["skipped"] is False
     with warehouse.reader(settings.duckdb_path, 5) as con:
         assert con.execute("SELECT mrr FROM wh.customer_profiles WHERE customer_id = ?",
                            ["cust_00000077"]).fetchone()[0] == Decimal("12345.67")
+        # The summary, read inside the publish before it committed, is the committed table's.
+        assert published["summary"] == profile_summary(con)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -3,9 +3,11 @@ with its export, published all or nothing. Whether either is current: `freshness
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import duckdb
 
 from etl_assets.lib import checks, ducklake, freshness, staging, warehouse
 from etl_assets.lib.faults import Hook
@@ -154,12 +156,26 @@ def _publish(settings: EtlSettings) -> Published:
         # Table, manifest, export and snapshot change together or not at all, and only once
         # the checks passed on the staged table and export (see the function).
         outcomes, audit = checks.auditor(settings)
+        summary: list[str] = []
+
+        def audit_and_summarize(con: duckdb.DuckDBPyConnection,
+                                export_rows: Callable[[], int]) -> None:
+            def summary_then_rows() -> int:
+                # The export's record count is the audit's last fact, waited for while the
+                # export is still being written: the summary is read meanwhile, from the
+                # staged table this transaction commits.
+                summary.append(profile_summary(con))
+                return export_rows()
+            audit(con, summary_then_rows)
+
         count = warehouse.publish_customer_profiles(
             con, settings.shard_count, settings.export_path, settings.snapshot_path,
             {"shards_hash": freshness.shards_hash(shards),
-             "code_version": freshness.profiles_code()}, settings.hook, built_from, audit=audit,
+             "code_version": freshness.profiles_code()}, settings.hook, built_from,
+            audit=audit_and_summarize,
             parts_dir=str(Path(settings.home_dir) / "export_parts"), rebuild=settings.force)
-        return Published(count, False, profile_summary(con), outcomes)
+        return Published(count, False, summary[0] if summary else profile_summary(con),
+                         outcomes)
 
 
 def _not_current(stale: Iterable[int]) -> ShardsNotCurrentError:
