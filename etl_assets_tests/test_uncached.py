@@ -23,8 +23,16 @@ def _direct_works(folder: Path) -> bool:
         return False
 
 
+@pytest.fixture(params=["direct", "no O_DIRECT"])
+def direct(request, monkeypatch) -> bool:
+    """Both ways: O_DIRECT where the filesystem takes it, and a system without it."""
+    if request.param != "direct":
+        monkeypatch.setattr(uncached, "_DIRECT", 0)
+    return request.param == "direct"
+
+
 @pytest.mark.parametrize("size", SIZES)
-def test_written_and_read_back_byte_for_byte(tmp_path: Path, size: int):
+def test_written_and_read_back_byte_for_byte(tmp_path: Path, size: int, direct: bool):
     rnd = random.Random(size)
     data = rnd.randbytes(size)
     path = tmp_path / "out.bin"
@@ -39,8 +47,8 @@ def test_written_and_read_back_byte_for_byte(tmp_path: Path, size: int):
     # Whole blocks (and an aligned tail) went around the page cache wherever the filesystem
     # takes O_DIRECT.
     tail = size % B
-    direct = size - tail + (0 if tail % 4096 else tail)
-    assert out.direct_bytes == (direct if _direct_works(tmp_path) else 0)
+    whole = size - tail + (0 if tail % 4096 else tail)
+    assert out.direct_bytes == (whole if direct and _direct_works(tmp_path) else 0)
     assert b"".join(bytes(view) for view in uncached.blocks(path)) == data
     assert uncached.sha256(path) == hashlib.sha256(data).hexdigest()
 
@@ -65,3 +73,15 @@ def test_a_full_disk_is_raised_to_the_writer_not_lost_in_its_thread():
             out.write(b"x" * B)
         out.finish()
     assert raised.value.errno == errno.ENOSPC
+
+
+def test_a_new_file_gets_the_mode_open_gives(tmp_path: Path):
+    old = os.umask(0o002)
+    try:
+        with uncached.UncachedWriter(tmp_path / "new.bin") as out:
+            out.finish()
+        with open(tmp_path / "reference.bin", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.bin").stat().st_mode == (tmp_path / "reference.bin").stat().st_mode

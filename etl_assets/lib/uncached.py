@@ -29,14 +29,15 @@ _DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def _open(path: str | Path, flags: int) -> tuple[int, bool]:
-    """(fd, whether it does direct I/O): O_DIRECT where the filesystem takes it."""
+    """(fd, whether it does direct I/O): O_DIRECT where the filesystem takes it. A new file
+    gets the mode `open()` gives (0o666 less the umask)."""
     if _DIRECT:
         try:
-            return os.open(path, flags | _DIRECT, 0o644), True
+            return os.open(path, flags | _DIRECT, 0o666), True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-    return os.open(path, flags, 0o644), False
+    return os.open(path, flags, 0o666), False
 
 
 def _buffered(fd: int) -> None:
