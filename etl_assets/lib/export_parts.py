@@ -344,7 +344,8 @@ def patch(head: bytes, published: Path, published_sha256: str,
             if written is None:
                 written = digest.copy()
             if remove:
-                if b"".join(take(at + len(line))) != line:
+                # Copied as they come: a piece's buffer is refilled once the next is read.
+                if b"".join(bytes(piece) for piece in take(at + len(line))) != line:
                     raise NotPatchable("the published export changed while it was read")
             else:
                 write(line)
