@@ -168,8 +168,14 @@ def source_states(settings: EtlSettings) -> dict[str, SourceState]:
     paths = {name: Path(settings.data_dir) / schema.filename for name, schema in SOURCES.items()
              if not settings.force and staged_here(name)}
     paths = {name: path for name, path in paths.items() if path.is_file()}
+    def sha_or_none(path: Path) -> str | None:
+        try:
+            return file_sha256(path)
+        except OSError:  # gone meanwhile: source_state looks again and says what it found
+            return None
+
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="etl-hash") as pool:
-        shas = dict(zip(paths, pool.map(file_sha256, paths.values()), strict=True))
+        shas = dict(zip(paths, pool.map(sha_or_none, paths.values()), strict=True))
     return {name: source_state(schema, settings, shas.get(name))
             for name, schema in SOURCES.items()}
 

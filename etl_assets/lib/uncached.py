@@ -52,12 +52,12 @@ class UncachedWriter:
     file (without finishing it, on an error)."""
 
     def __init__(self, path: str | Path) -> None:
-        self._fd, self.direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        self.direct_bytes = 0  # written around the page cache (the rest went through it)
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         self._full: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
-        for _ in range(3):
+        for _ in range(3):  # before the file is opened: nothing to close if this fails
             self._free.put(mmap.mmap(-1, BLOCK))
+        self._fd, self.direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self.direct_bytes = 0  # written around the page cache (the rest went through it)
         self._buf = self._free.get()
         self._view = memoryview(self._buf)
         self._fill = 0
@@ -160,8 +160,8 @@ def blocks(path: str | Path) -> Iterator[memoryview]:
     """The bytes of the file at `path`, in order, BLOCK at a time (the last one shorter), read
     direct while a thread reads the next block: the disk and the caller's work overlap. Each
     view is valid until the next one is asked for."""
-    fd, direct = _open(path, os.O_RDONLY)
     buffers = [mmap.mmap(-1, BLOCK) for _ in range(3)]
+    fd, direct = _open(path, os.O_RDONLY)
     free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
     full: queue.SimpleQueue[tuple[mmap.mmap, int] | BaseException] = queue.SimpleQueue()
     for buf in buffers:
@@ -177,7 +177,14 @@ def blocks(path: str | Path) -> Iterator[memoryview]:
                         if direct and filled % _ALIGN:
                             _buffered(fd)  # a short read mid-file: read on unaligned
                             direct = False
-                        got = os.readv(fd, [view[filled:]])
+                        try:
+                            got = os.readv(fd, [view[filled:]])
+                        except OSError as exc:
+                            if exc.errno != errno.EINVAL or not direct:
+                                raise
+                            _buffered(fd)  # opened direct, but the read refused it
+                            direct = False
+                            continue
                         if not got:
                             break
                         filled += got
@@ -188,7 +195,11 @@ def blocks(path: str | Path) -> Iterator[memoryview]:
             full.put(exc)
 
     reader = threading.Thread(target=read_ahead, name="etl-read-ahead", daemon=True)
-    reader.start()
+    try:
+        reader.start()
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         while True:
             item = full.get()
