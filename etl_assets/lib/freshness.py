@@ -165,9 +165,12 @@ def source_states(settings: EtlSettings) -> dict[str, SourceState]:
             return False
         return staged.shard_count == settings.shard_count
 
-    paths = {name: Path(settings.data_dir) / schema.filename for name, schema in SOURCES.items()
-             if not settings.force and staged_here(name)}
-    paths = {name: path for name, path in paths.items() if path.is_file()}
+    paths: dict[str, Path] = {}
+    for name, schema in SOURCES.items():
+        path = Path(settings.data_dir) / schema.filename
+        if not settings.force and staged_here(name) and path.is_file():
+            paths[name] = path
+
     def sha_or_none(path: Path) -> str | None:
         try:
             return file_sha256(path)

@@ -353,10 +353,10 @@ def _stage_changed(
         current = staging.read_pointer(settings.staging_dir, schema.name)
     except staging.StagingError:
         return None
-    raw = Path(current.version_dir) / staging.RAW
-    if settings.force or Path(current.version_dir).name == version_dir.name \
-            or current.shard_count != n \
-            or not Path(current.version_dir).name.endswith(f"-{freshness.staging_key(settings)}") \
+    current_dir = Path(current.version_dir)
+    raw = current_dir / staging.RAW
+    if settings.force or current_dir.name == version_dir.name or current.shard_count != n \
+            or not current_dir.name.endswith(f"-{freshness.staging_key(settings)}") \
             or not raw.is_file():
         return None
     try:

@@ -917,33 +917,30 @@ def _write_export(tmp: Path, target: Path, head: bytes, parts: list[Path], hook:
         if base is not None:
             try:
                 written = _write_durably(tmp, lambda out: export_parts.patch(
-                    head, base.export, base.sha256, base.replaced, out, stop), hashed=True)
+                    head, base.export, base.sha256, base.replaced, out, stop))
                 how = (f"patched: the published export with the changed lines of "
                        f"{len(base.replaced)} shard(s)")
             except export_parts.NotPatchable as exc:
                 how += f" (not patched: {exc})"
         if written is None:
-            written = _write_durably(tmp, lambda out: export_parts.merge(head, parts, out, stop))
+            def merged(out: BinaryIO) -> tuple[int, str]:
+                writer = _HashingWriter(out)
+                return export_parts.merge(head, parts, writer, stop), writer.digest.hexdigest()
+            written = _write_durably(tmp, merged)
         hook("export_write")
     return (*written, how)
 
 
-def _write_durably(tmp: Path, fill: Callable[[BinaryIO], object],
-                   hashed: bool = False) -> tuple[str, int]:
-    """`fill(out)` writes `tmp` over, returning its record count (or, with `hashed`, the
-    count and the sha256 of what it wrote); then it is fsynced (on disk before the manifest
-    that names its hash commits; a full disk can also show up only here, when delayed writes
-    are flushed). Its sha256, taken as it is written, and the count."""
+def _write_durably(tmp: Path, fill: Callable[[BinaryIO], tuple[int, str]]) -> tuple[str, int]:
+    """`fill(out)` writes `tmp` over, returning its record count and the sha256 of what it
+    wrote (taken as it is written); then it is fsynced (on disk before the manifest that names
+    its hash commits; a full disk can also show up only here, when delayed writes are flushed).
+    Its sha256 and the count."""
     # Written around the page cache (uncached): nothing in this run reads the export again.
     with uncached.UncachedWriter(tmp) as out:
-        if hashed:
-            records, sha = fill(out)  # type: ignore[arg-type, misc]
-        else:
-            writer = _HashingWriter(out)  # type: ignore[arg-type]
-            records = fill(writer)  # type: ignore[arg-type]
-            sha = writer.digest.hexdigest()
+        records, sha = fill(out)  # type: ignore[arg-type]
         out.finish()
-    return sha, records  # type: ignore[return-value]
+    return sha, records
 
 
 class _Background:
