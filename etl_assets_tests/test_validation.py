@@ -84,6 +84,40 @@ def test_categoricals_checked_after_normalization(tmp_path):
     assert [r[2] for r in rejected] == ["invalid_category(payment_status)", "invalid_category(plan)"]
 
 
+# Values at the edge of the validation's shortcuts: ASCII and not, spaces (Zs and others) at
+# either end or inside, empty, canonical and other spellings of a category.
+EDGE_VALUES = ["", " ", "a", " a", "a ", "ab", "a b", "\u00a0a", "a\u00a0", "\u3000", "\u2009x\u200a",
+               "\ta\t", "a\u0085", "é", " é", "é ", "xé", "\x7f", "Active", "active", " Active",
+               "Active ", "Past Due", "past  due", "PAST-DUE", "Past\u00a0Due", "Failed\u3000", None]
+
+
+def test_shortcuts_for_plain_values_agree_with_the_rules():
+    """The validation skips trim() for an ASCII value with no space at either end and the
+    normalizing regex for a category value spelled canonically; both must give what the rule
+    gives, for every value."""
+    con = duckdb.connect()
+    from etl_assets.lib.rules import install_rules
+    from etl_assets.lib.schema import PAYMENT_STATUSES
+    from etl_assets.lib.validation import _trimmed, _typed_expr, normalized
+
+    install_rules(con)
+    column = next(c for c in SOURCES["billing"].columns if c.name == "payment_status")
+    con.execute("CREATE TABLE t AS SELECT unnest($values) AS v", {"values": EDGE_VALUES})
+    params = {"domain_payment_status": list(PAYMENT_STATUSES),
+              "normalized_payment_status": normalized(con, PAYMENT_STATUSES)}
+    rows = con.execute(
+        f"""SELECT v, {_trimmed("v")}, nullif(trim(v), ''),
+                   (SELECT {_typed_expr(column)} FROM (SELECT v AS v_payment_status)),
+                   list_extract($domain_payment_status, list_position(
+                       $normalized_payment_status, etl_norm(v)))
+            FROM t""", params).fetchall()
+    assert [(v, a, c) for v, a, _, c, _ in rows] == [(v, b, d) for v, _, b, _, d in rows]
+    # Both paths are taken: some values are trimmed or normalized, some are not.
+    assert any(a != v for v, a, *_ in rows if v) and any(c == v for v, _, _, c, _ in rows)
+    with pytest.raises(ValueError, match="normalize alike"):
+        normalized(con, ("Past Due", "past_due"))
+
+
 def test_quoting_bom_crlf_newlines_and_unicode_survive(tmp_path):
     path = tmp_path / "crm.csv"
     body = (
