@@ -103,6 +103,19 @@ def source_state(
     A missing file counts as changed, so that the source's own step reports it; so does a
     source whose checks fail, so that its step blocks what depends on it again.
     """
+    before = _before_hashing(schema, settings, sha)
+    if isinstance(before, SourceState):
+        return before
+    path, staged = before
+    return _after_hashing(schema, settings, staged, sha or file_sha256(path))
+
+
+def _before_hashing(
+    schema: SourceSchema, settings: EtlSettings, sha: str | None
+) -> SourceState | tuple[Path, staging.StagedSource]:
+    """The state of a source that no sha256 of its file can change (forced, no file, never
+    staged, staged for another shard count), or the file and the staged version its sha256
+    is to be compared with: the one place that decides whether a file is hashed."""
     name = schema.name
     override = _force(settings)
     if override:
@@ -111,36 +124,46 @@ def source_state(
     path = Path(settings.data_dir) / schema.filename
     if not path.is_file():
         return SourceState(name, False, f"{path} is not a file")
-
-    def changed(reason: str, staged: staging.StagedSource | None = None) -> SourceState:
-        return SourceState(name, False, reason, file_sha256=sha or "", staged=staged)
-
     try:
         staged = staging.read_pointer(settings.staging_dir, name)
     except staging.StagingError:
-        return changed("never staged (or its staged version is gone)")  # no need to hash
+        return SourceState(name, False, "never staged (or its staged version is gone)",
+                           file_sha256=sha or "")  # no need to hash
     if staged.shard_count != settings.shard_count:
-        return changed(f"staged for {staged.shard_count} shards, not {settings.shard_count}")
-    sha = sha or file_sha256(path)
+        return SourceState(
+            name, False, f"staged for {staged.shard_count} shards, not {settings.shard_count}",
+            file_sha256=sha or "")
+    return path, staged
+
+
+def _after_hashing(
+    schema: SourceSchema, settings: EtlSettings, staged: staging.StagedSource, sha: str
+) -> SourceState:
+    """The state of a source staged for this layout, given its file's sha256."""
+    name = schema.name
+
+    def changed(reason: str) -> SourceState:
+        return SourceState(name, False, reason, file_sha256=sha, staged=staged)
+
     key = staging_key(settings)
     if staged.file_sha256 != sha:
-        return changed("the file's content (sha256) changed since it was staged", staged)
+        return changed("the file's content (sha256) changed since it was staged")
     if not Path(staged.version_dir).name.endswith(key):
-        return changed("staged by other staging code", staged)
+        return changed("staged by other staging code")
     # Both halves: the staged pointer on disk and the manifest row the warehouse committed with
     # the rejected rows, so a deleted or replaced warehouse forces a re-read.
     with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s) as con:
         if con is None:
-            return changed("no warehouse: its staging is not recorded", staged)
+            return changed("no warehouse: its staging is not recorded")
         row = warehouse.read_source_manifest(con, name)
         # The version's files must still hold the rows recorded for it (Parquet footers only).
         on_disk = _staged_rows(con, staged)
     if row is None:
-        return changed("the warehouse has no record of its staging", staged)
+        return changed("the warehouse has no record of its staging")
     if (row["file_sha256"], row["staging_key"]) != (sha, key):
-        return changed("the warehouse records another staging of it", staged)
+        return changed("the warehouse records another staging of it")
     if on_disk != staged.slice_rows or sum(on_disk.values()) != row["rows_accepted"]:
-        return changed("its staged files do not hold the rows recorded for them", staged)
+        return changed("its staged files do not hold the rows recorded for them")
     report = ReadReport(row["rows_read"], row["rows_accepted"], row["rows_rejected"],
                         Counter(json.loads(row["reasons"])))
     failed = [c.name for c in source_checks(schema, report, staged, settings) if not c.passed]
@@ -154,22 +177,12 @@ def source_state(
 def source_states(settings: EtlSettings) -> dict[str, SourceState]:
     """Every source's state, in source order.
 
-    The files that will be hashed (a source staged for this layout, no --force) are hashed
-    first, two at a time: hashlib releases the GIL, and one core hashes about 1.7 GB/s, so
-    at 10M customers the four files took 2.2 s one after another.
+    The files that will be hashed (`_before_hashing` says which) are hashed first, two at a
+    time: hashlib releases the GIL, and one core hashes about 1.7 GB/s, so at 10M customers
+    the four files took 2.2 s one after another.
     """
-    def staged_here(name: str) -> bool:
-        try:
-            staged = staging.read_pointer(settings.staging_dir, name)
-        except staging.StagingError:
-            return False
-        return staged.shard_count == settings.shard_count
-
-    paths: dict[str, Path] = {}
-    for name, schema in SOURCES.items():
-        path = Path(settings.data_dir) / schema.filename
-        if not settings.force and staged_here(name) and path.is_file():
-            paths[name] = path
+    before = {name: _before_hashing(schema, settings, None) for name, schema in SOURCES.items()}
+    to_hash = {name: b for name, b in before.items() if not isinstance(b, SourceState)}
 
     def sha_or_none(path: Path) -> str | None:
         try:
@@ -178,9 +191,18 @@ def source_states(settings: EtlSettings) -> dict[str, SourceState]:
             return None
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="etl-hash") as pool:
-        shas = dict(zip(paths, pool.map(sha_or_none, paths.values()), strict=True))
-    return {name: source_state(schema, settings, shas.get(name))
-            for name, schema in SOURCES.items()}
+        shas = dict(zip(to_hash, pool.map(sha_or_none, [p for p, _ in to_hash.values()]),
+                        strict=True))
+    states: dict[str, SourceState] = {}
+    for name, schema in SOURCES.items():
+        state = before[name]
+        if isinstance(state, SourceState):
+            states[name] = state
+        elif shas[name] is None:
+            states[name] = source_state(schema, settings)
+        else:
+            states[name] = _after_hashing(schema, settings, state[1], shas[name])
+    return states
 
 
 def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -> dict[int, int]:
