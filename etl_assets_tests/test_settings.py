@@ -1,5 +1,6 @@
 """Settings from the environment and flags, and the DuckDB limits they put on connections."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_environment_then_flags(tmp_path):
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"SHARD_COUNT": "ten"}, "SHARD_COUNT='ten' is not a number"),
+        ({"SHARD_COUNT": "ten"}, "SHARD_COUNT='ten' is not a whole number"),
         ({"SHARD_COUNT": "0"}, "SHARD_COUNT must be at least 1"),
         ({"CHAOS_FAIL_SHARD": "12"}, "CHAOS_FAIL_SHARD=12 is not a shard id"),
         ({"CHAOS_FAIL_MODE": "sometimes"}, "CHAOS_FAIL_MODE must be one of"),
@@ -42,6 +43,16 @@ def test_environment_then_flags(tmp_path):
         ({"DUCKDB_MEMORY_LIMIT": "lots"}, "DUCKDB_MEMORY_LIMIT must look like 1GB or 512MB"),
         ({"DUCKDB_THREADS": "-1"}, "DUCKDB_THREADS must be >= 0"),
         ({"SHARD_RETRY_DELAY_S": "-1"}, "SHARD_RETRY_DELAY_S must be between 0 and 3600"),
+        # Issue 31, finding 4: each of these was a traceback, or silently read.
+        ({"DUCKDB_THREADS": "-3"}, "DUCKDB_THREADS must be >= 0"),
+        ({"MAX_REJECT_FRACTION": "abc"}, "MAX_REJECT_FRACTION='abc' is not a number"),
+        ({"MAX_REJECT_FRACTION": "nan"}, "MAX_REJECT_FRACTION='nan' is not a finite number"),
+        ({"MAX_REJECT_FRACTION": "inf"}, "MAX_REJECT_FRACTION='inf' is not a finite number"),
+        ({"ETL_AUTOMATION": "x"}, "ETL_AUTOMATION must be on or off"),
+        ({"ETL_FORCE": "maybe"}, "ETL_FORCE='maybe' is not a switch"),
+        ({"LOCK_TIMEOUT_S": "0"}, "LOCK_TIMEOUT_S must be more than 0"),
+        ({"LOCK_TIMEOUT_S": "-5"}, "LOCK_TIMEOUT_S must be more than 0"),
+        ({"LOCK_TIMEOUT_S": "inf"}, "LOCK_TIMEOUT_S='inf' is not a finite number"),
     ],
 )
 def test_bad_values_are_named(env, message):
@@ -74,3 +85,62 @@ def test_duckdb_limits_reach_every_heavy_connection(tmp_path):
         assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] != limit
         # Long queries must not draw DuckDB's progress bar into the CLI's output.
         assert con.execute("SELECT current_setting('enable_progress_bar')").fetchone()[0] is False
+
+
+@pytest.mark.parametrize("word, value", [("1", True), ("TRUE", True), ("yes", True), ("on", True),
+                                         ("0", False), ("false", False), ("No", False),
+                                         ("off", False)])
+def test_switches_take_the_documented_spellings(word, value):
+    assert EtlSettings.from_env(env={"ETL_FORCE": word}).force is value
+
+
+def _layout(tmp_path: Path) -> dict[str, str]:
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("crm", "billing", "product", "support"):
+        (data / f"{name}.csv").write_text("customer_id\n", encoding="utf-8")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "crm.csv").symlink_to(data / "crm.csv")
+    return {"DATA_DIR": str(data), "ETL_HOME": str(tmp_path / "var")}
+
+
+@pytest.mark.parametrize("env, first, second", [
+    ({"EXPORT_PATH": "{data}/crm.csv"}, "export", "source file (crm)"),
+    ({"EXPORT_PATH": "{tmp}/links/crm.csv"}, "export", "source file (crm)"),  # a symlink
+    ({"EXPORT_PATH": "{tmp}/var/../data/./billing.csv"}, "export", "source file (billing)"),
+    ({"EXPORT_PATH": "{tmp}/var/warehouse.duckdb"}, "export", "warehouse"),
+    ({"EXPORT_PATH": "{tmp}/var/warehouse.snapshot.duckdb"}, "export", "snapshot"),
+    ({"EXPORT_PATH": "{tmp}/var/staging/out.csv"}, "export", "staging"),
+    ({"EXPORT_PATH": "{tmp}/var/duckdb_tmp/out.csv"}, "export", "spill folder"),
+    ({"DUCKDB_PATH": "{data}/crm.csv"}, "warehouse", "source file (crm)"),
+    ({"DUCKDB_PATH": "{tmp}/links/crm.csv"}, "warehouse", "source file (crm)"),
+    ({"STAGING_DIR": "{data}"}, "staging", "source file (crm)"),
+    ({"STAGING_DIR": "{tmp}"}, "export", "staging"),  # everything else lives under it
+    ({"STAGING_DIR": "{tmp}/var/dagster_home"}, "staging", "Dagster home"),
+])
+def test_a_write_that_would_land_on_an_input_or_kept_state_is_refused(tmp_path, env, first,
+                                                                      second):
+    """Issue 31, finding 1: every write target is resolved (symlinks, `..`) and held against
+    every input and every kept path before anything runs; one line names both."""
+    base = _layout(tmp_path)
+    values = {k: v.format(data=base["DATA_DIR"], tmp=tmp_path) for k, v in env.items()}
+    with pytest.raises(SettingsError) as caught:
+        EtlSettings.from_env(env={**base, **values})
+    message = str(caught.value)
+    assert message.startswith(first) and f"would overwrite {second}" in message, message
+    assert "\n" not in message
+
+
+def test_hard_links_are_refused_only_where_the_file_is_written_in_place(tmp_path):
+    base = _layout(tmp_path)
+    linked = tmp_path / "linked.csv"
+    os.link(Path(base["DATA_DIR"]) / "crm.csv", linked)
+    # The export is written to a new file and renamed: the input keeps its bytes.
+    EtlSettings.from_env(env={**base, "EXPORT_PATH": str(linked)})
+    # DuckDB writes the warehouse in place: it would change the input through the link.
+    with pytest.raises(SettingsError, match="warehouse .* would overwrite source file"):
+        EtlSettings.from_env(env={**base, "DUCKDB_PATH": str(linked)})
+    # The default layout and an export beside the sources are fine.
+    EtlSettings.from_env(env=base)
+    EtlSettings.from_env(env={**base, "EXPORT_PATH": str(Path(base["DATA_DIR"]) / "out.csv")})
+

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import duckdb
 
@@ -173,7 +172,7 @@ def _publish(settings: EtlSettings) -> Published:
             {"shards_hash": freshness.shards_hash(shards),
              "code_version": freshness.profiles_code()}, settings.hook, built_from,
             audit=audit_and_summarize,
-            parts_dir=str(Path(settings.home_dir) / "export_parts"), rebuild=settings.force)
+            parts_dir=settings.export_parts_dir, rebuild=settings.force)
         return Published(count, False, summary[0] if summary else profile_summary(con),
                          outcomes)
 

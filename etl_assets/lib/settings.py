@@ -7,6 +7,7 @@ nothing else reads the environment. Inside Dagster the same values arrive as typ
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -15,9 +16,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from etl_assets.lib import ducklake
+from etl_assets.lib import ducklake, targets
 from etl_assets.lib.faults import CRASH_MODES, FAULT_POINTS, Hook, crash_hook
 from etl_assets.lib.limits import DEFAULT_MEMORY_LIMIT, DuckDBLimits
+from etl_assets.lib.schema import SOURCES
 
 # Environment variable -> settings field. CLI flags override these.
 ENV_VARS: dict[str, str] = {
@@ -115,6 +117,10 @@ class EtlSettings(BaseModel):
             raise SettingsError(
                 f"CHAOS_FAIL_SHARD={self.chaos_fail_shard} is not a shard id (0..{self.shard_count - 1})"
             )
+        for name in ("shard_retry_delay_s", "max_reject_fraction", "lock_timeout_s",
+                     "rerun_base_wait_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise SettingsError(f"{_var(name)} must be a finite number, got {getattr(self, name)}")
         if not 0 <= self.max_reject_fraction <= 1:
             raise SettingsError(
                 f"MAX_REJECT_FRACTION must be between 0 and 1, got {self.max_reject_fraction}"
@@ -123,6 +129,9 @@ class EtlSettings(BaseModel):
             raise SettingsError(
                 "SENSOR_INTERVAL_S must be >= 1, RERUN_MAX_ATTEMPTS and RERUN_BASE_WAIT_S >= 0"
             )
+        if not 0 < self.lock_timeout_s <= 86400:
+            raise SettingsError(
+                f"LOCK_TIMEOUT_S must be more than 0 and at most 86400 (a day), got {self.lock_timeout_s}")
         if self.automation not in ("on", "off"):
             raise SettingsError(f"ETL_AUTOMATION must be on or off, got {self.automation!r}")
         if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", self.duckdb_memory_limit.strip(), re.I):
@@ -149,7 +158,38 @@ class EtlSettings(BaseModel):
             raise SettingsError(
                 f"ETL_CRASH_MODE must be one of {', '.join(CRASH_MODES)}, got {self.crash_mode!r}"
             )
+        problem = targets.collision(self.writes, self.reads)
+        if problem:
+            raise SettingsError(problem)
         return self
+
+    @property
+    def writes(self) -> list[targets.Place]:
+        """Every path a run writes (the export, the warehouse and its WAL, the snapshot, staging,
+        the export's parts, the spill folder, the run lock, the default Dagster home)."""
+        home = Path(self.home_dir)
+        Place = targets.Place
+        if self.on_ducklake:
+            warehouse = [Place("DUCKLAKE_DATA_PATH", Path(self.ducklake_data_path), folder=True)]
+        else:
+            warehouse = [Place("warehouse (DUCKDB_PATH)", Path(self.duckdb_path), in_place=True),
+                         Place("warehouse WAL", Path(f"{self.duckdb_path}.wal"), in_place=True)]
+        return [
+            Place("export (EXPORT_PATH / --export)", Path(self.export_path)),
+            *warehouse,
+            Place("snapshot", Path(self.snapshot_path)),
+            Place("staging (STAGING_DIR)", Path(self.staging_dir), folder=True),
+            Place("export parts", Path(self.export_parts_dir), folder=True),
+            Place("spill folder", Path(self.duckdb_limits.temp_directory), folder=True),
+            Place("run lock", home / ".run.lock"),
+            Place("Dagster home", self.dagster_home, folder=True),
+        ]
+
+    @property
+    def reads(self) -> list[targets.Place]:
+        """The source files a run reads (what it keeps is among `writes`)."""
+        return [targets.Place(f"source file ({name})", Path(self.data_dir) / source.filename)
+                for name, source in SOURCES.items()]
 
     def field_values(self) -> dict[str, Any]:
         """Every field's value, by name (what a copy of these settings is built from)."""
@@ -200,23 +240,50 @@ class EtlSettings(BaseModel):
         return str(beside.with_name(f"{beside.stem}.snapshot.duckdb"))
 
     @property
+    def export_parts_dir(self) -> str:
+        """Where the export's per-shard sorted parts are kept between runs."""
+        return str(Path(self.home_dir) / "export_parts")
+
+    @property
     def dagster_home(self) -> Path:
         """The default Dagster home inside the git-ignored folder (DAGSTER_HOME wins when set)."""
         return Path(self.home_dir) / "dagster_home"
 
 
+# The spellings a switch (ETL_FORCE) accepts; anything else is refused, not read as off.
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
 def _parse(var: str, field: str, raw: str) -> Any:
+    """The one parser of an environment value: `raw` as the field's type, or SettingsError
+    with one line naming the variable. Numbers must be finite (nan and inf are refused)."""
     annotation = EtlSettings.model_fields[field].annotation
-    try:
-        if annotation in (int, int | None):
+    if annotation in (int, int | None):
+        try:
             return int(raw)
-        if annotation is float:
-            return float(raw)
-        if annotation is bool:
-            return raw.lower() in ("1", "true", "yes", "on")
-    except ValueError:
-        raise SettingsError(f"{var}={raw!r} is not a number") from None
+        except ValueError:
+            raise SettingsError(f"{var}={raw!r} is not a whole number") from None
+    if annotation is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{var}={raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise SettingsError(f"{var}={raw!r} is not a finite number")
+        return value
+    if annotation is bool:
+        word = raw.lower()
+        if word not in TRUE_WORDS + FALSE_WORDS:
+            raise SettingsError(f"{var}={raw!r} is not a switch: use one of "
+                                f"{', '.join(TRUE_WORDS)} or {', '.join(FALSE_WORDS)}")
+        return word in TRUE_WORDS
     return raw
+
+
+def _var(field: str) -> str:
+    """The environment variable behind a settings field."""
+    return next(var for var, name in ENV_VARS.items() if name == field)
 
 
 def _resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
