@@ -9,6 +9,8 @@ import dagster as dg
 import duckdb
 import pytest
 
+from etl_assets.tools import cli
+
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.cli
@@ -144,3 +146,54 @@ def test_console_exit_fails_when_its_output_cannot_be_written():
     closed = _console("print('profiles written'); return 0", stderr=subprocess.PIPE,
                       preexec_fn=lambda: os.close(1))
     assert (closed.returncode, closed.stderr) == (0, b"")
+
+
+BAD_ENVIRONMENT = {"SHARD_COUNT": "ten", "DUCKDB_THREADS": "-3", "MAX_REJECT_FRACTION": "nan",
+                   "SHARD_RETRY_DELAY_S": "-1", "ETL_AUTOMATION": "x", "ETL_FORCE": "maybe",
+                   "DUCKDB_MEMORY_LIMIT": "lots", "LOCK_TIMEOUT_S": "0"}
+
+
+def test_help_and_generate_work_whatever_the_environment(tmp_path):
+    """Issue 31, finding 4: settings were checked while the definitions were imported, so even
+    `--help` and `generate` ended in a 19-line traceback (a fresh process: the imports count)."""
+    env = _env(tmp_path, **BAD_ENVIRONMENT)
+    etl = str(BIN / "etl-assets")
+    helped = subprocess.run([etl, "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "usage: etl-assets" in helped.stdout, helped.stderr
+    made = subprocess.run([etl, "generate", "--rows", "20", "--out", str(tmp_path / "g")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "g" / "crm.csv").is_file()
+
+
+@pytest.mark.parametrize("var", sorted(BAD_ENVIRONMENT))
+def test_a_bad_environment_value_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, var):
+    """Each command that reads the settings says `error: <VAR> ...` and exits 2, nothing run."""
+    monkeypatch.setenv(var, BAD_ENVIRONMENT[var])
+    monkeypatch.setenv("ETL_HOME", str(tmp_path / "var"))
+    for command in (["run", "--data-dir", str(tmp_path)], ["drill"], ["home"]):
+        assert cli.main(command) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"error: {var}") and err.count("\n") == 1, err
+    assert not (tmp_path / "var").exists()  # nothing ran, nothing was created
+
+
+@pytest.mark.parametrize("flags", [["--export", "{data}/crm.csv"], ["--export", "{tmp}/crm.csv"],
+                                   ["--duckdb", "{data}/crm.csv"],
+                                   ["--export", "{tmp}/var/warehouse.duckdb"]])
+def test_an_export_or_warehouse_on_an_input_is_refused_and_nothing_changes(
+        tmp_path, sample_dir, monkeypatch, capsys, flags):
+    """Issue 31, finding 1: `--export data/crm.csv` replaced the input with the export, exit 0,
+    and the next run ingested it as CRM data. Now: exit 2, one line naming both, nothing
+    written (checked byte for byte, also through a symlink)."""
+    (tmp_path / "crm.csv").symlink_to(sample_dir / "crm.csv")
+    monkeypatch.setenv("ETL_HOME", str(tmp_path / "var"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    before = {p.name: p.read_bytes() for p in sample_dir.iterdir()}
+    args = [f.format(data=sample_dir, tmp=tmp_path) for f in flags]
+    assert cli.main(["run", "--data-dir", str(sample_dir), *args]) == 2
+    out, err = capsys.readouterr()
+    [line] = err.splitlines()
+    assert out == "" and "would overwrite" in line, line
+    assert {p.name: p.read_bytes() for p in sample_dir.iterdir()} == before
+    assert not (tmp_path / "var").exists() and not (tmp_path / "dagster_home").exists()

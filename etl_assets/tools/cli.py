@@ -14,15 +14,23 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
-from etl_assets.lib import errors, interrupts, limits
+from etl_assets.lib import errors, interrupts, limits, secrets
 from etl_assets.lib.settings import EtlSettings, SettingsError
-from etl_assets.tools.instance import PG_URL_VAR, open_instance, pg_url, write_instance_config
+from etl_assets.tools.instance import (
+    PG_URL_VAR,
+    open_instance,
+    pg_url,
+    quiet_postgres_retries,
+    write_instance_config,
+)
 from etl_assets.tools.progress import Progress
-from etl_assets.tools.runner import RunOutcome, run_pipeline
-from etl_assets.tools.submit import submit_pipeline
+
+if TYPE_CHECKING:
+    from etl_assets.tools.runner import RunOutcome
 
 
 def _settings(args: argparse.Namespace) -> EtlSettings:
@@ -135,6 +143,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Materialize sources, every shard and customer_profiles; print the summary."""
     without_pandas()
     settings = _settings(args)
+    # Imported here, not at the top: they build the code location, which reads the
+    # environment's settings, and `--help` or `generate` must work whatever it holds.
+    from etl_assets.tools.runner import run_pipeline
+    from etl_assets.tools.submit import submit_pipeline
+
     # A configuration error, like the settings': exit 2 before anything starts.
     if pg_url() is None and args.submit:
         raise SettingsError("--submit hands the runs to a deployment's run queue: set "
@@ -218,6 +231,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_drill(args: argparse.Namespace) -> int:
     """The chaos drill end to end: shard fails once, retry heals, exactly-once verified."""
     from etl_assets.tools.drill import run_drill
+    from etl_assets.tools.submit import submit_pipeline
 
     settings = EtlSettings.from_env(
         data_dir=args.data_dir, shard_count=args.shards, export_path=args.export,
@@ -315,8 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def guard_output() -> None:
+    """Redact every password from what this process (and the workers it forks) prints, ours,
+    the libraries' and tracebacks alike; one line per PostgreSQL wait, not one per retry."""
+    known = secrets.known_secrets()
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, secrets.RedactingStream):
+            setattr(sys, name, secrets.RedactingStream(stream, known))
+    quiet_postgres_retries()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `etl-assets` console script."""
+    guard_output()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
