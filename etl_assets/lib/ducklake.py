@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ from typing import TypeVar
 
 import duckdb
 
+from etl_assets.lib import secrets
+
 PREFIX = "ducklake:"
 POSTGRES_PREFIX = "ducklake:postgres:"
-_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _NO_CATALOG = "creating a new DuckLake is explicitly disabled"
 _CONFLICT = "Failed to commit DuckLake transaction"
 
@@ -52,7 +52,7 @@ def problem(path: str, data_path: str) -> str | None:
     if "://" in conninfo:
         return ("DUCKDB_PATH: write the DuckLake catalog's connection string in libpq's "
                 "key=value form (dbname=... host=... port=... user=...), not as a URL")
-    if _PASSWORD.search(conninfo):
+    if secrets.redact(conninfo) != conninfo:
         return ("DUCKDB_PATH must not hold the password (it would show in logs and errors): "
                 "set PGPASSWORD or use ~/.pgpass")
     if not data_path:
@@ -61,8 +61,9 @@ def problem(path: str, data_path: str) -> str | None:
 
 
 def redact(text: str) -> str:
-    """`text` with any libpq password value replaced by ***."""
-    return _PASSWORD.sub(r"\1***", text)
+    """`text` with any password (libpq's password=, a URL's user:password@, one the
+    environment holds) replaced by ***."""
+    return secrets.redact(text, secrets.known_secrets())
 
 
 def _extension_file(package: str, name: str) -> str:

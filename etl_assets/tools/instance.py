@@ -12,7 +12,10 @@ run's DuckDB connections then get `cores / slots` threads (`defs.resources.for_t
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +75,12 @@ def pg_url(env: Mapping[str, str] | None = None) -> str | None:
             "postgresql:// URL as the psycopg 3 driver, which dagster-postgres does not use)")
     if not url.startswith(PG_SCHEME):
         raise SettingsError(f"{PG_URL_VAR} must be a {PG_SCHEME}user@host:port/database URL")
+    credentials = url[len(PG_SCHEME):].rsplit("@", 1)[0] if "@" in url else ""
+    if set(credentials) & set("@/?#"):
+        # The driver would cut the URL at that character and print the rest of the password
+        # as a host name or a port.
+        raise SettingsError(f"{PG_URL_VAR}: the user or password holds an unencoded '@', '/', "
+                            "'?' or '#': percent-encode it (%40, %2F, %3F, %23)")
     return url
 
 
@@ -211,3 +220,41 @@ def open_instance() -> dg.DagsterInstance:
     """The instance at DAGSTER_HOME, its storage created (under `schema_lock` on Postgres)."""
     with schema_lock(pg_url()):
         return dg.DagsterInstance.get()
+
+
+class PostgresWaits(logging.Filter):
+    """dagster-postgres logs a warning for every failed connection attempt, each with the
+    driver's whole message: an outage printed dozens of them before the run's one FAILED line.
+    On the root logger, this keeps one line per wait instead: the first failure of an outage,
+    then at most one every `every_s` seconds while it lasts."""
+
+    RETRY = "Retrying failed database connection"
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.started: float | None = None
+        self.shown = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.RETRY):
+            return True
+        now = time.monotonic()
+        if self.started is None or now - self.shown > 3 * self.every_s:
+            self.started = now  # a new outage (nothing heard for a while)
+        if now == self.started or now - self.shown >= self.every_s:
+            reason = record.args[0] if isinstance(record.args, tuple) and record.args else ""
+            first = str(reason).strip().splitlines()[0] if str(reason).strip() else ""
+            waited = f", {now - self.started:.0f} s so far" if now > self.started else ""
+            print(f"waiting: PostgreSQL did not answer{waited}; retrying ({first})",
+                  file=sys.stderr, flush=True)
+            self.shown = now
+        return False
+
+
+def quiet_postgres_retries() -> None:
+    """Install `PostgresWaits` on the root logger (where dagster-postgres logs), once."""
+    root = logging.getLogger()
+    if not any(isinstance(f, PostgresWaits) for f in root.filters):
+        root.addFilter(PostgresWaits())
+
