@@ -7,7 +7,7 @@ from decimal import Decimal
 import duckdb
 import pytest
 
-from etl_assets.lib import warehouse
+from etl_assets.lib import errors, warehouse
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
@@ -422,3 +422,15 @@ def test_a_bad_byte_in_an_extra_column_is_quarantined(tmp_path):
     result = stage_source(SOURCES["billing"], settings)
     assert (result.report.accepted, result.report.rejected) == (1, 1)
     assert result.report.reasons == {"invalid_utf8": 1}
+
+
+def test_out_of_memory_names_the_memory_limit_not_the_file(tmp_path, sample_dir):
+    """Issue 31, finding 6: DUCKDB_MEMORY_LIMIT=20MB was reported as "billing.csv: cannot be
+    parsed as CSV: Out of Memory Error", blaming the user's file."""
+    settings = make_settings(tmp_path, sample_dir, duckdb_memory_limit="20MB")
+    with pytest.raises(errors.MemoryLimitError) as caught:
+        stage_source(SOURCES["billing"], settings)
+    message = str(caught.value)
+    assert "DUCKDB_MEMORY_LIMIT=20MB" in message and "raise it" in message
+    assert "billing.csv" not in message and "parsed" not in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__

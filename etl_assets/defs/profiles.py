@@ -121,7 +121,7 @@ def build_profile_assets(
             if state.current:
                 return _skipped(context, shard_id, attempt, started, state)
             result = build_shard(settings, shard_id, context.run.run_id)
-        except (StagingError, errors.PathError) as exc:
+        except (StagingError, errors.PathError, errors.MemoryLimitError) as exc:
             # Missing inputs, a bad path or a full disk: retrying in seconds would not help.
             shard_event(context, "shard_error", shard_id=shard_id, attempt=attempt,
                         error=str(exc), retryable=False)
@@ -171,7 +171,7 @@ def build_profile_assets(
             # Reported first, so the UI shows which check failed; nothing was published.
             yield from check_results(exc.outcomes)
             raise not_retryable(exc) from exc
-        except (errors.PathError, ShardsNotCurrentError) as exc:
+        except (errors.PathError, errors.MemoryLimitError, ShardsNotCurrentError) as exc:
             # A path to fix, a disk to free or shards to build first: waiting would not help.
             raise not_retryable(exc) from exc
         if published.skipped:

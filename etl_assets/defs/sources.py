@@ -61,7 +61,7 @@ def build_source_asset(schema: SourceSchema, shard_count: int) -> dg.AssetsDefin
         settings = step_settings(context, shard_count, warehouse, staging, faults)
         try:
             result = stage_source(schema, settings)
-        except (SourceFileError, errors.PathError) as exc:
+        except (SourceFileError, errors.PathError, errors.MemoryLimitError) as exc:
             context.log.debug(f"{schema.name}: file error", exc_info=True)
             raise not_retryable(exc) from exc
         except SourceChangedError as exc:

@@ -47,6 +47,19 @@ class DiskFullError(PathError):
         super().__init__(path, NO_SPACE)
 
 
+class MemoryLimitError(RuntimeError):
+    """DuckDB needed more memory than its limit allows (and could not spill the rest): the
+    limit is named, with how to raise it, instead of blaming whatever file was being read."""
+
+    def __init__(self, limit: str, detail: str = ""):
+        self.limit = limit
+        said = f" ({detail})" if detail else ""
+        super().__init__(
+            f"out of memory: DuckDB needed more than its memory limit per connection "
+            f"(DUCKDB_MEMORY_LIMIT={limit or 'unset'}); raise it, e.g. DUCKDB_MEMORY_LIMIT=4GB, "
+            f"or unset it for the default{said}")
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """True if `exc` (or what it wraps) says the disk or a quota is full."""
     seen: set[int] = set()

@@ -408,6 +408,8 @@ def read_source(
     try:
         con.execute(f"CREATE OR REPLACE TEMP TABLE raw_rows AS SELECT * FROM {READ_CSV}",
                     read_csv_params(path, columns))
+    except duckdb.OutOfMemoryException:
+        raise  # the memory limit's fault, not the file's (named by warehouse.scratch)
     except duckdb.Error as exc:
         raise SourceFileError(path, f"cannot be parsed as CSV: {_first_line(exc)}") from exc
 

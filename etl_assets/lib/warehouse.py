@@ -246,6 +246,12 @@ def scratch(limits: DuckDBLimits | None = None) -> Iterator[duckdb.DuckDBPyConne
             # No progress bar: on long queries DuckDB would draw it into the CLI's output.
             con.execute("SET enable_progress_bar = false")
             yield con
+        except duckdb.OutOfMemoryException as exc:
+            with contextlib.suppress(duckdb.Error):
+                con.close()
+            # Without its cause: the run's one line is the innermost error, and this is it.
+            raise errors.MemoryLimitError(limits.memory_limit if limits else "",
+                                          str(exc).strip().splitlines()[0]) from None
         except BaseException:
             # e.g. a still-attached file failing its checkpoint: the first error wins
             with contextlib.suppress(duckdb.Error):
