@@ -272,3 +272,50 @@ def test_a_cli_run_beside_dagster_launched_runs_of_the_same_work(tmp_path, sampl
     assert (home / "merged_output.csv").read_bytes() == Path(serial.export_path).read_bytes()
     assert user_tables(home / "warehouse.snapshot.duckdb")["customer_profiles"] == \
         user_tables(serial.snapshot_path)["customer_profiles"]
+
+
+def test_get_connection_waits_for_a_writer_within_its_bound_and_keeps_its_limits(ran_sample):
+    """Issue 32, item 4: `warehouse.get_connection()`, the call every Dagster engineer writes,
+    is the short-write connection: the warehouse attached as the default database for the
+    block only, the resource's memory limit and threads applied, and a wait for another writer
+    bounded by lock_timeout_s (DuckDBResource's own opened the file with DuckDB's defaults and
+    retried for about 100 s). Here another process holds the warehouse as a run's write does."""
+    from etl_assets.defs.resources import WarehouseResource
+
+    settings = ran_sample(4)
+    path = settings.duckdb_path
+    hold = [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(float(sys.argv[2])); c.close()", path]
+    seen: dict[str, object] = {}
+
+    @dg.asset
+    def customers_report(warehouse: WarehouseResource) -> None:
+        started = time.monotonic()
+        with warehouse.get_connection() as conn:
+            seen["waited"] = time.monotonic() - started
+            seen["rows"], seen["memory"], seen["threads"] = conn.execute(
+                "SELECT count(*), current_setting('memory_limit'), current_setting('threads') "
+                "FROM customer_profiles").fetchone()
+        # The block is over: another writer gets the file at once, the body still running.
+        seen["after"] = subprocess.run([*hold, "0"], capture_output=True, timeout=60)
+
+    def while_held(seconds: float, resource: WarehouseResource) -> dg.ExecuteInProcessResult:
+        writer = subprocess.Popen([*hold, str(seconds)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert writer.stdout.readline().strip() == "locked"
+            return dg.materialize([customers_report], resources={"warehouse": resource},
+                                  raise_on_error=False)
+        finally:
+            writer.kill()
+            writer.wait(timeout=60)
+
+    ok = while_held(1.5, WarehouseResource(database=path, lock_timeout_s=30,
+                                           memory_limit="512MB", threads=1))
+    assert ok.success
+    assert seen["rows"] == 1000 and seen["waited"] >= 0.5  # it waited for the writer
+    assert (seen["memory"], int(seen["threads"])) == ("488.2 MiB", 1)
+    assert seen["after"].returncode == 0, seen["after"].stderr
+    started = time.monotonic()
+    bounded = while_held(60, WarehouseResource(database=path, lock_timeout_s=1))
+    assert not bounded.success and time.monotonic() - started < 20
+    assert "still locked" in str(bounded.get_step_failure_events()[0].step_failure_data.error)

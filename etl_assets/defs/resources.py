@@ -38,6 +38,33 @@ class WarehouseResource(DuckDBResource):
         default="", description="With a ducklake: database, the shared folder of its data.")
 
     @contextmanager
+    def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The short-write connection, under the name every Dagster engineer calls: an
+        in-memory DuckDB connection with the warehouse attached (and made the default database)
+        for the `with` block only, after waiting at most `lock_timeout_s` for another writer.
+
+        DuckDBResource's own would open the file read-write for the whole asset body, holding
+        its lock against every other run; keep the block short. `connection_config` is applied
+        as DuckDB settings on the connection.
+        """
+        limits_ = limits.DuckDBLimits(self.memory_limit, self.threads)
+        with warehouse.scratch(limits_) as con:
+            for name, value in sorted(self.connection_config.items()):
+                if not name.isidentifier():
+                    raise ValueError(f"connection_config: {name!r} is not a DuckDB setting name")
+                con.execute(f"SET {name} = $value", {"value": value})
+            with warehouse.attached(con, self.database, self.lock_timeout_s,
+                                    self.ducklake_data_path) as alias:
+                con.execute(f"USE {alias}")
+                try:
+                    yield con
+                finally:
+                    # A transaction left open ends here, as in every short write; the
+                    # warehouse can be detached only once it is not the default database.
+                    warehouse.rollback_quietly(con)
+                    con.execute("USE memory")
+
+    @contextmanager
     def read_only(self) -> Iterator[duckdb.DuckDBPyConnection | None]:
         """The warehouse attached READ_ONLY as `wh` (None before it exists): for decisions."""
         with warehouse.read_only(self.database, self.lock_timeout_s) as con:
