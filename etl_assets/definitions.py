@@ -11,13 +11,13 @@ from __future__ import annotations
 import dagster as dg
 
 from etl_assets.defs.contracts import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB
-from etl_assets.defs.executor import broker_url, executor_for
+from etl_assets.defs.executor import executor_for
 from etl_assets.defs.profiles import build_profile_assets
 from etl_assets.defs.resources import resources_for, resources_from_env
 from etl_assets.defs.sensors import build_sensors
 from etl_assets.defs.shard_inputs import build_shard_inputs_asset
 from etl_assets.defs.sources import build_source_assets
-from etl_assets.lib.settings import EtlSettings
+from etl_assets.lib.settings import EtlSettings, broker_url
 
 
 def build_defs(settings: EtlSettings | None = None, broker: str | None = None) -> dg.Definitions:

@@ -148,8 +148,7 @@ def test_library_imports_neither_dagster_nor_defs_nor_tools():
 def test_the_executor_is_chosen_by_the_broker_setting(tmp_path):
     """Without CELERY_BROKER_URL launched runs execute their steps in process; with one, every
     job sends its steps to Celery; a URL that is no broker's is refused, naming the variable."""
-    from etl_assets.defs.executor import broker_url
-    from etl_assets.lib.settings import SettingsError
+    from etl_assets.lib.settings import SettingsError, broker_url
 
     settings = EtlSettings.from_env(env={}, home_dir=str(tmp_path))
     default = build_defs(settings)
@@ -160,3 +159,18 @@ def test_the_executor_is_chosen_by_the_broker_setting(tmp_path):
     assert broker_url({}) is None
     with pytest.raises(SettingsError, match="^CELERY_BROKER_URL must be a broker URL"):
         broker_url({"CELERY_BROKER_URL": "http://example"})
+
+
+def test_one_module_reads_the_environment():
+    """Settings are read from the environment in lib/settings.py only (issue 32, item 3): a
+    value read anywhere else would escape its one parser and its checks. Setting a variable
+    for a child process, or handing the whole environment to one, is not reading a setting."""
+    import re
+
+    reading = re.compile(r"os\.environ\.get\(|os\.getenv\(|os\.environ\[[^\]]+\](?!\s*=[^=])")
+    package = REPO / "etl_assets"
+    found = [f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+             for path in sorted(package.rglob("*.py")) if path.name != "settings.py"
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if reading.search(line)]
+    assert found == []

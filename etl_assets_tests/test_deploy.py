@@ -16,10 +16,9 @@ import dagster as dg
 import yaml
 
 from etl_assets.defs.contracts import PARTITION_TAG
-from etl_assets.defs.executor import BROKER_VAR
 from etl_assets.lib.limits import memory_bytes
-from etl_assets.lib.settings import ENV_VARS, EtlSettings
-from etl_assets.tools.instance import PG_URL_VAR, EtlRunCoordinator
+from etl_assets.lib.settings import BROKER_VAR, ENV_VARS, PG_URL_VAR, EtlSettings
+from etl_assets.tools.instance import EtlRunCoordinator
 from etl_assets_tests.conftest import REPO
 
 DEPLOY = REPO / "docs" / "deploy"

@@ -21,10 +21,9 @@ import pytest
 from etl_assets.lib import ducklake, freshness, warehouse
 from etl_assets.lib.profiles import build_shard, publish_profiles
 from etl_assets.lib.schema import SOURCES
-from etl_assets.lib.settings import EtlSettings, SettingsError
+from etl_assets.lib.settings import PG_URL_VAR, EtlSettings, SettingsError
 from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
-from etl_assets.tools.instance import PG_URL_VAR
 from etl_assets_tests.conftest import edit_crm, make_settings, new_database, outdated_by_a_newer_run
 
 BIN = Path(sys.executable).parent

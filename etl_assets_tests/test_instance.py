@@ -29,14 +29,13 @@ from etl_assets.defs.contracts import (
 )
 from etl_assets.defs.resources import resources_for
 from etl_assets.lib import limits
-from etl_assets.lib.settings import EtlSettings
+from etl_assets.lib.settings import PG_URL_VAR, EtlSettings
 from etl_assets.tools import event_log
 from etl_assets.tools.cli import main
 from etl_assets.tools.event_log import TemplatedSqliteEventLogStorage
 from etl_assets.tools.instance import (
     LEGACY_YAML,
     MARKER,
-    PG_URL_VAR,
     EtlRunCoordinator,
     instance_yaml,
     write_instance_config,

@@ -17,16 +17,10 @@ the broker without being told twice. The settings below are the one definition b
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 
-from etl_assets.lib.settings import SettingsError
-
-BROKER_VAR = "CELERY_BROKER_URL"
-BROKER_SCHEMES = ("redis://", "rediss://", "amqp://", "pyamqp://")
 QUEUE = "dagster"  # dagster-celery's task routes send every step here
 
 # What a worker that dies in the middle of a step does to that step. acks_late: the broker
@@ -46,17 +40,6 @@ CELERY_CONFIG: dict[str, Any] = {
     "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
     "broker_connection_retry_on_startup": True,
 }
-
-
-def broker_url(env: Mapping[str, str] | None = None) -> str | None:
-    """CELERY_BROKER_URL, checked (SettingsError naming the variable, not its value), or None."""
-    url = (os.environ if env is None else env).get(BROKER_VAR, "").strip()
-    if not url:
-        return None
-    if not url.startswith(BROKER_SCHEMES):
-        raise SettingsError(f"{BROKER_VAR} must be a broker URL starting with one of "
-                            f"{', '.join(BROKER_SCHEMES)}")
-    return url
 
 
 def result_backend(broker: str) -> str:

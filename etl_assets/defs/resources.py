@@ -11,7 +11,6 @@ variable behind each value that one sets.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +22,7 @@ from pydantic import Field
 
 from etl_assets.defs.contracts import LAUNCHED_BY_CLI, LAUNCHED_BY_TAG
 from etl_assets.lib import limits, warehouse
-from etl_assets.lib.settings import ENV_VARS, EtlSettings
+from etl_assets.lib.settings import EtlSettings, set_in_environment
 
 
 class WarehouseResource(DuckDBResource):
@@ -180,7 +179,7 @@ def resources_for(settings: EtlSettings) -> dict[str, dg.ConfigurableResource]:
 def resources_from_env(settings: EtlSettings) -> dict[str, dg.ConfigurableResource]:
     """Like `resources_for`, but a value that came from an environment variable is configured
     as that variable (`dg.EnvVar`), so the UI's resource page names it."""
-    var_of = {field: var for var, field in ENV_VARS.items() if os.environ.get(var, "").strip()}
+    var_of = set_in_environment()
     out = {}
     for key, (cls, fields) in RESOURCES.items():
         config: dict[str, Any] = {}

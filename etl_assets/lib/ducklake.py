@@ -61,9 +61,9 @@ def problem(path: str, data_path: str) -> str | None:
 
 
 def redact(text: str) -> str:
-    """`text` with any password (libpq's password=, a URL's user:password@, one the
-    environment holds) replaced by ***."""
-    return secrets.redact(text, secrets.known_secrets())
+    """`text` with any password (libpq's password=, a URL's user:password@) replaced by ***
+    (the CLI's output also masks every password the environment holds)."""
+    return secrets.redact(text)
 
 
 def _extension_file(package: str, name: str) -> str:

@@ -10,7 +10,6 @@ stderr, so a library's message or a traceback (`-v`) is covered as well as ours.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import TextIO
@@ -39,10 +38,9 @@ def url_password(url: str) -> str | None:
     return password if colon and password else None
 
 
-def known_secrets(env: Mapping[str, str] | None = None) -> list[str]:
-    """The passwords the environment holds, and each piece of one that a driver could print
-    after misreading an unencoded @, / or : in it (longest first)."""
-    env = os.environ if env is None else env
+def known_secrets(env: Mapping[str, str]) -> list[str]:
+    """The passwords `env` holds, and each piece of one that a driver could print after
+    misreading an unencoded @, / or : in it (longest first)."""
     found: set[str] = set()
     for var in SECRET_VARS:
         value = env.get(var, "")

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from etl_assets.lib import ducklake, targets
+from etl_assets.lib import ducklake, secrets, targets
 from etl_assets.lib.faults import CRASH_MODES, FAULT_POINTS, Hook, crash_hook
 from etl_assets.lib.limits import DEFAULT_MEMORY_LIMIT, DuckDBLimits
 from etl_assets.lib.schema import SOURCES
@@ -45,6 +45,16 @@ ENV_VARS: dict[str, str] = {
     "DUCKDB_MEMORY_LIMIT": "duckdb_memory_limit",
     "DUCKDB_THREADS": "duckdb_threads",
 }
+
+# The deployment's variables, read here like every other (tools/instance.py and
+# defs/executor.py use them): the Dagster instance in PostgreSQL, the Celery broker.
+PG_URL_VAR = "DAGSTER_PG_URL"
+# SQLAlchemy 2.1 reads a bare postgresql:// URL as the psycopg (3) driver; dagster-postgres
+# depends on psycopg2 and recognizes only psycopg2's errors when it retries its table creation.
+PG_SCHEME = "postgresql+psycopg2://"
+BROKER_VAR = "CELERY_BROKER_URL"
+BROKER_SCHEMES = ("redis://", "rediss://", "amqp://", "pyamqp://")
+DAGSTER_HOME_VAR = "DAGSTER_HOME"
 
 DEFAULT_HOME = "var"
 CHAOS_MODES = ("once", "always")
@@ -302,3 +312,51 @@ def _resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
     if values.get("ducklake_data_path"):
         out["ducklake_data_path"] = str(Path(values["ducklake_data_path"]).resolve())
     return out
+
+
+def pg_url(env: Mapping[str, str] | None = None) -> str | None:
+    """DAGSTER_PG_URL, checked (SettingsError naming the variable, never its value), or None."""
+    url = (os.environ if env is None else env).get(PG_URL_VAR, "").strip()
+    if not url:
+        return None
+    if url.startswith(("postgresql://", "postgres://")):
+        raise SettingsError(
+            f"{PG_URL_VAR} must start with {PG_SCHEME} (SQLAlchemy 2.1 reads a bare "
+            "postgresql:// URL as the psycopg 3 driver, which dagster-postgres does not use)")
+    if not url.startswith(PG_SCHEME):
+        raise SettingsError(f"{PG_URL_VAR} must be a {PG_SCHEME}user@host:port/database URL")
+    credentials = url[len(PG_SCHEME):].rsplit("@", 1)[0] if "@" in url else ""
+    if set(credentials) & set("@/?#"):
+        # The driver would cut the URL at that character and print the rest of the password
+        # as a host name or a port.
+        raise SettingsError(f"{PG_URL_VAR}: the user or password holds an unencoded '@', '/', "
+                            "'?' or '#': percent-encode it (%40, %2F, %3F, %23)")
+    return url
+
+
+def broker_url(env: Mapping[str, str] | None = None) -> str | None:
+    """CELERY_BROKER_URL, checked (SettingsError naming the variable, not its value), or None."""
+    url = (os.environ if env is None else env).get(BROKER_VAR, "").strip()
+    if not url:
+        return None
+    if not url.startswith(BROKER_SCHEMES):
+        raise SettingsError(f"{BROKER_VAR} must be a broker URL starting with one of "
+                            f"{', '.join(BROKER_SCHEMES)}")
+    return url
+
+
+def dagster_home_override(env: Mapping[str, str] | None = None) -> str | None:
+    """DAGSTER_HOME when the environment sets it (it wins over the home's default)."""
+    return (os.environ if env is None else env).get(DAGSTER_HOME_VAR, "").strip() or None
+
+
+def set_in_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Settings field -> the variable that sets it, for each variable set (non-blank)."""
+    env = os.environ if env is None else env
+    return {field: var for var, field in ENV_VARS.items() if env.get(var, "").strip()}
+
+
+def secrets_in_environment(env: Mapping[str, str] | None = None) -> list[str]:
+    """Every password the environment holds, and its pieces: what output must never show."""
+    return secrets.known_secrets(os.environ if env is None else env)
+

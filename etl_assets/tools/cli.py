@@ -19,11 +19,16 @@ from typing import TYPE_CHECKING
 from filelock import FileLock, Timeout
 
 from etl_assets.lib import errors, interrupts, limits, secrets
-from etl_assets.lib.settings import EtlSettings, SettingsError
-from etl_assets.tools.instance import (
+from etl_assets.lib.settings import (
     PG_URL_VAR,
-    open_instance,
+    EtlSettings,
+    SettingsError,
+    dagster_home_override,
     pg_url,
+    secrets_in_environment,
+)
+from etl_assets.tools.instance import (
+    open_instance,
     quiet_postgres_retries,
     write_instance_config,
 )
@@ -69,7 +74,7 @@ def prepare_dagster_home(settings: EtlSettings) -> Path:
     PostgreSQL when DAGSTER_PG_URL is set, and sets the run queue's limits for this machine.
     """
     url = pg_url()  # checked before anything is written
-    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home).resolve()
+    home = Path(dagster_home_override() or settings.dagster_home).resolve()
     if set(str(home)) & set("?%"):
         # Dagster opens its SQLite storage through a URL: a "?" or "%" in the folder would
         # silently put the runs somewhere else (at the path cut at "?").
@@ -332,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 def guard_output() -> None:
     """Redact every password from what this process (and the workers it forks) prints, ours,
     the libraries' and tracebacks alike; one line per PostgreSQL wait, not one per retry."""
-    known = secrets.known_secrets()
+    known = secrets_in_environment()
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, secrets.RedactingStream):

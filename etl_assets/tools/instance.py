@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,14 +24,14 @@ import dagster as dg
 import yaml
 
 from etl_assets.defs.contracts import LAUNCHED_BY_TAG, PARTITION_TAG, launched_by
-from etl_assets.defs.executor import BROKER_VAR, broker_url
 from etl_assets.lib import errors, limits
-from etl_assets.lib.settings import EtlSettings, SettingsError
-
-PG_URL_VAR = "DAGSTER_PG_URL"
-# SQLAlchemy 2.1 reads a bare postgresql:// URL as the psycopg (3) driver; dagster-postgres
-# depends on psycopg2 and recognizes only psycopg2's errors when it retries its table creation.
-PG_SCHEME = "postgresql+psycopg2://"
+from etl_assets.lib.settings import (
+    BROKER_VAR,
+    PG_URL_VAR,
+    EtlSettings,
+    broker_url,
+    pg_url,
+)
 
 # The first line of every dagster.yaml etl-assets writes. A file that starts with it is
 # rewritten whenever what it is made from changes (cores, memory limit, DAGSTER_PG_URL or
@@ -62,26 +62,6 @@ class EtlRunCoordinator(dg.QueuedRunCoordinator):
         if run.tags.get(LAUNCHED_BY_TAG) != origin:
             self._instance.add_run_tags(run.run_id, {LAUNCHED_BY_TAG: origin})
         return super().submit_run(context)
-
-
-def pg_url(env: Mapping[str, str] | None = None) -> str | None:
-    """DAGSTER_PG_URL, checked (SettingsError naming the variable, never its value), or None."""
-    url = (os.environ if env is None else env).get(PG_URL_VAR, "").strip()
-    if not url:
-        return None
-    if url.startswith(("postgresql://", "postgres://")):
-        raise SettingsError(
-            f"{PG_URL_VAR} must start with {PG_SCHEME} (SQLAlchemy 2.1 reads a bare "
-            "postgresql:// URL as the psycopg 3 driver, which dagster-postgres does not use)")
-    if not url.startswith(PG_SCHEME):
-        raise SettingsError(f"{PG_URL_VAR} must be a {PG_SCHEME}user@host:port/database URL")
-    credentials = url[len(PG_SCHEME):].rsplit("@", 1)[0] if "@" in url else ""
-    if set(credentials) & set("@/?#"):
-        # The driver would cut the URL at that character and print the rest of the password
-        # as a host name or a port.
-        raise SettingsError(f"{PG_URL_VAR}: the user or password holds an unencoded '@', '/', "
-                            "'?' or '#': percent-encode it (%40, %2F, %3F, %23)")
-    return url
 
 
 def instance_yaml(settings: EtlSettings, postgres: bool, n_cores: int, ram: int,

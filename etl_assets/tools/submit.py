@@ -38,8 +38,7 @@ from etl_assets.defs.contracts import (
 )
 from etl_assets.defs.resources import resources_for
 from etl_assets.lib.events import format_event
-from etl_assets.lib.settings import EtlSettings
-from etl_assets.tools.instance import pg_url
+from etl_assets.lib.settings import EtlSettings, pg_url
 from etl_assets.tools.runner import (
     INVOCATION_TAG,
     RunOutcome,
