@@ -4,12 +4,11 @@ Celery workers.
 Without CELERY_BROKER_URL, every step of a run executes in the run's own process, one after
 another (what `make ui`, `dagster dev` and `dagster asset materialize` do), as `etl-assets run`
 executes its runs. Dagster's default would start a Python process per step, each importing
-Dagster and this code location again: about 2 s of CPU a step on this machine (the four
-sources' run: 11.8 s of CPU in step processes, measured). What it would run side by side, the
-four sources, are each a DuckDB query using every core already, and each shard is a run of its
-own. With it (a `redis://` or `amqp://` URL), dagster-celery sends each step to the broker,
-and whichever Celery worker (`etl-assets worker`, on this machine or another) takes it runs
-it: the shards of a backfill then spread over the workers.
+Dagster and this code location again (docs/performance.md#dagster-and-the-process). What it
+would run side by side, the four sources, are each a DuckDB query using every core already,
+and each shard is a run of its own. With it (a `redis://` or `amqp://` URL), dagster-celery
+sends each step to the broker, and whichever Celery worker (`etl-assets worker`, on this
+machine or another) takes it runs it: the shards of a backfill then spread over the workers.
 
 Celery reads the same variable by itself, so the workers and the runs that feed them agree on
 the broker without being told twice. The settings below are the one definition both use.

@@ -133,7 +133,7 @@ def _table_counts(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int]:
     sharing a hash) is settled by counting the text. The keys are counted only if needed: a
     key is its customer_id, ':' and a 32-character md5 (rules.merge_sql), so when every row's
     key has that shape and the ids are distinct, the keys are too (a key names its id). One
-    set of hashes at a time: at 10M, about 0.45 GB instead of 0.9 GB.
+    set of hashes at a time, to halve the peak (docs/performance.md#shards-and-the-publish).
     """
     rows, ids, odd_keys = (int(c) for c in con.execute(
         f"""SELECT count(*),

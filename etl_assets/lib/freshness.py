@@ -178,8 +178,8 @@ def source_states(settings: EtlSettings) -> dict[str, SourceState]:
     """Every source's state, in source order.
 
     The files that will be hashed (`_before_hashing` says which) are hashed first, two at a
-    time: hashlib releases the GIL, and one core hashes about 1.7 GB/s, so at 10M customers
-    the four files took 2.2 s one after another.
+    time: hashlib releases the GIL, so two cores hash two files at once
+    (docs/performance.md#sources).
     """
     before = {name: _before_hashing(schema, settings, None) for name, schema in SOURCES.items()}
     to_hash = {name: b for name, b in before.items() if not isinstance(b, SourceState)}

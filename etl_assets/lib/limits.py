@@ -20,10 +20,9 @@ def ram_bytes() -> int:
         return 0
 
 
-# Per heavy DuckDB connection, then it spills. A process's peak RSS is about this plus 0.5 GB
-# (Python and Dagster, and what DuckDB allocates outside its buffer pool): measured at 10M,
-# the publish peaked at 2.69 GB with 2GB and 2.03 GB with 1.5GB (and took no longer), so
-# 1.5GB keeps a 10M run within issue 15's 2.5 GB.
+# Per heavy DuckDB connection, then it spills. A process peaks above this by Python, Dagster
+# and what DuckDB allocates outside its buffer pool; 1.5GB keeps a 10M run within issue 15's
+# 2.5 GB, and 2GB did not (docs/performance.md#memory-and-threads).
 DEFAULT_MEMORY_LIMIT = "1.5GB"
 
 

@@ -218,7 +218,8 @@ def _shape_expr(col: Column) -> str | None:
     """SQL: does the trimmed text `v_<name>` have the shape of its kind (column `m_<name>`)?
 
     Computed once per value and read by the typed value and by the checks: the same regular
-    expression, evaluated in up to three places, was the largest part of validation (py-spy).
+    expression, evaluated in up to three places, was the largest part of validation
+    (docs/performance.md#sources).
     """
     pattern = _PATTERN_BY_KIND.get(col.kind)
     return None if pattern is None else f"regexp_full_match(v_{col.name}, '{pattern}')"
@@ -242,7 +243,7 @@ def _typed_expr(col: Column) -> str:
     if col.kind == "category":
         # Canonical spelling of the domain value that matches after normalization. A value
         # spelled canonically is its own answer (no two domain values normalize alike: see
-        # normalized()), without the normalizing regex: 0.5 -> 0.1 CPU-s per 2M values.
+        # normalized()), without the normalizing regex (docs/performance.md#sources).
         return (
             f"CASE WHEN list_contains($domain_{col.name}, {v}) THEN {v} "
             f"ELSE list_extract($domain_{col.name}, list_position($normalized_{col.name}, "
@@ -273,7 +274,7 @@ def _value_checks(col: Column) -> list[str]:
         if col.significant_digits is not None:
             # Before the cast check: a 400-digit number casts to inf. A value of at most that
             # many characters cannot have more digits; the inner CASE skips counting for it
-            # (an AND would count every row: 20x slower at 10M rows).
+            # (an AND would count every row's digits: docs/performance.md#sources).
             n = col.significant_digits
             checks.append(
                 f"WHEN CASE WHEN length({v}) > {n} THEN m_{col.name} "
@@ -298,9 +299,9 @@ def _value_checks(col: Column) -> list[str]:
 def _trimmed(v: str) -> str:
     """SQL: `v` trimmed of Unicode spaces (Zs) at both ends, as trim() does; NULL when empty.
 
-    trim() decodes every character of every value (perf: a quarter of the validation query);
-    an ASCII value that neither starts nor ends with a space is already trimmed, and three byte
-    tests say so (strlen counts bytes, length characters).
+    trim() decodes every character of every value (a large part of the validation query:
+    docs/performance.md#sources); an ASCII value that neither starts nor ends with a space is
+    already trimmed, and three byte tests say so (strlen counts bytes, length characters).
     """
     return (f"CASE WHEN strlen({v}) > 0 AND NOT prefix({v}, ' ') AND NOT suffix({v}, ' ') "
             f"AND strlen({v}) = length({v}) THEN {v} ELSE nullif(trim({v}), '') END")

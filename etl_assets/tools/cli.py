@@ -137,8 +137,8 @@ def without_pandas() -> None:
     """Make `import pandas` fail in this process (and the workers it forks), unless loaded.
 
     DuckDB's Python client imports pandas, when it is installed, the first time it binds a
-    query parameter, to check whether the value is a DataFrame: 0.2 s of CPU on an idle machine
-    and over 1 s under load (py-spy), in every process, for a module this pipeline never uses.
+    query parameter, to check whether the value is a DataFrame: a cost in every process
+    (docs/performance.md#dagster-and-the-process) for a module this pipeline never uses.
     Without it DuckDB binds the same values the same way.
     """
     sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
@@ -168,10 +168,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             with one_run_at_a_time(settings, lambda: watch.received() is not None):
                 home = prepare_dagster_home(settings)
                 # A full disk under Dagster's own storage (SQLite: "database or disk is full").
-                # One instance for the whole command (opening one costs about 0.5 s). It
-                # creates the storage before any shard worker opens it, which avoids SQLite's
-                # schema-creation race; on Postgres, under a lock that other processes opening
-                # the same fresh database wait for.
+                # One instance for the whole command (opening one is a large part of the
+                # fixed cost: docs/performance.md#the-fixed-cost). It creates the storage
+                # before any shard worker opens it, which avoids SQLite's schema-creation
+                # race; on Postgres, under a lock that other processes opening the same fresh
+                # database wait for.
                 with errors.disk_full_at(home), open_instance() as instance:
                     phase = "sources"
                     stop = lambda: watch.received() is not None  # noqa: E731
@@ -373,8 +374,8 @@ def console_main() -> None:
     joined after their pools were told to stop (`threading._shutdown`), the atexit handlers
     (logging, multiprocessing, weakref finalizers) run, stdout and stderr flushed, and a failed
     flush is a failed command (120, Python's own code for it). What is left is Python freeing
-    Dagster's module graph object by object: 0.45 s of every command here, a tenth of the
-    default run on the sample.
+    Dagster's module graph object by object, a noticeable part of every short command
+    (docs/performance.md#the-fixed-cost).
     """
     code = main()
     threading._shutdown()  # type: ignore[attr-defined]
