@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -67,8 +68,6 @@ def test_staging_read_from_another_mount_point_finds_its_own_files(tmp_path: Pat
                                                                   sample_dir: Path):
     """Shared staging mounted elsewhere on another machine: a reader there resolves every
     version under its own STAGING_DIR, never at the path the stager's machine recorded."""
-    import shutil
-
     settings = make_settings(tmp_path, sample_dir, shard_count=3)
     stage_source(SOURCES["crm"], settings)
     elsewhere = tmp_path / "mounted-elsewhere"
@@ -208,3 +207,52 @@ def test_an_undone_edit_is_staged_from_the_changed_records_too(tmp_path: Path):
               == {Path(f).stat().st_ino for f in undone.staged.slice_files(k)}]
     assert 0 < len(linked) < 4, linked
     assert (Path(undone.staged.version_dir) / staging.RAW).read_bytes() == original
+
+
+def _crm_line(customer_id: str, email: str = "", company: str = "Acme Inc.") -> str:
+    """A clean crm record; `company` as written in the file (quoted or not)."""
+    return (f"{customer_id},{email or customer_id + '@x.example'},{company},Energy,12,Lead,"
+            "100.00,Alice Wong,2025-01-01\n")
+
+
+def _staged_rows(staged: staging.StagedSource) -> list[list[tuple]]:
+    """Every shard's rows, sorted."""
+    con = duckdb.connect()
+    return [con.execute("SELECT * FROM read_parquet(?) ORDER BY ALL",
+                        [staged.slice_files(k)]).fetchall() for k in range(staged.shard_count)]
+
+
+def test_a_stray_quote_does_not_make_a_line_inside_a_quoted_value_a_record(tmp_path: Path):
+    """Issue 31, finding 2: the reader keeps a lone quote inside an unquoted value as text, so
+    after one (o"neil@…) an even count of quotes no longer says "outside quotes". A line
+    inside a later multi-line quoted value then looked like a record boundary: replacing the
+    blank line inside it with record-looking text staged a phantom customer and kept the real
+    customer's old company name. The re-run must stage what the whole file gives."""
+    schema = SOURCES["crm"]
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = [",".join(schema.column_names) + "\n"] + [
+        _crm_line(f"cust_{i:08d}") for i in range(40)]
+    lines[3] = _crm_line("cust_00000002", email='o"neil@example.com')
+    lines[31] = _crm_line("cust_00000030", company='"Acme\n\nHoldings"')
+    path = data / schema.filename
+    path.write_text("".join(lines), encoding="utf-8")
+    settings = make_settings(tmp_path / "home", data, shard_count=4)
+    first = stage_source(schema, settings)
+    assert first.report.rejected == 0  # clean: its file is kept for the next edit's diff
+    assert 'o"neil@example.com' in {r[1] for rows in _staged_rows(first.staged) for r in rows}
+
+    phantom = _crm_line("cust_99999999", company="Phantom Corp").rstrip("\n")
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace('"Acme\n\nHoldings"', f'"Acme\n{phantom}\nHoldings"'),
+                    encoding="utf-8")
+    result = stage_source(schema, settings)
+    whole = stage_source(schema, make_settings(tmp_path / "fresh", data, shard_count=4))
+    staged = {r[0]: r for rows in _staged_rows(result.staged) for r in rows}
+    assert "cust_99999999" not in staged
+    assert staged["cust_00000030"][2] == f"Acme\n{phantom}\nHoldings"
+    assert result.report == whole.report
+    assert _staged_rows(result.staged) == _staged_rows(whole.staged)
+    assert (result.staged.slice_hashes, result.staged.slice_rows) == \
+        (whole.staged.slice_hashes, whole.staged.slice_rows)
+

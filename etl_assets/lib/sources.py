@@ -345,6 +345,13 @@ def _stage_changed(
     stretch's old ids, plus the new rows routed there); the other shards' slices are the
     current version's files, hard-linked. The rows, slice hashes and counts are those the
     whole file gives (a slice hash sums its rows' hashes: row order does not matter).
+
+    That holds because the stretch's ends are record boundaries as the reader places them:
+    `file_diff.changed_region` counts quotes only over bytes proven to hold every quote in a
+    well-formed quoted field (from the file's start to the stretch, and each stretch), and
+    declines otherwise, e.g. after a quote inside an unquoted value (`o"neil@x`), which the
+    reader keeps as text. Each stretch is read with the header on its own, so a line end the
+    reader refuses there (a bare CR, a mix) is refused here too, and the whole file is read.
     """
     n = settings.shard_count
     version_dir = (Path(settings.staging_dir) / schema.name
