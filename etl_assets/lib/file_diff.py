@@ -29,8 +29,8 @@ _CHUNK = 1 << 20
 # A quoted field as the reader parses it: it opens at a field's start (the start of the bytes,
 # or after a comma or a line break), holds doubled quotes only and closes before a comma, a
 # line break or the end. The pattern starts with the quote itself (the lookbehind after it):
-# a search then skips to the next quote at C speed (a leading lookbehind is tried at every byte,
-# 25x slower).
+# a search then skips to the next quote at C speed, where a leading lookbehind would be tried at
+# every byte (docs/performance.md#sources).
 _QUOTED_FIELD = re.compile(rb'"(?<![^,\n]")[^"]*(?:""[^"]*)*"(?![^,\r\n])')
 
 
