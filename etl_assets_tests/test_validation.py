@@ -13,6 +13,7 @@ from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
 from etl_assets.lib.validation import SourceFileError, read_source
 from etl_assets_tests.conftest import (
+    SAMPLE,
     build_profiles,
     make_settings,
     read_export,
@@ -434,3 +435,21 @@ def test_out_of_memory_names_the_memory_limit_not_the_file(tmp_path, sample_dir)
     assert "DUCKDB_MEMORY_LIMIT=20MB" in message and "raise it" in message
     assert "billing.csv" not in message and "parsed" not in message
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+@pytest.mark.parametrize("record, reason", [
+    ("cust_00000900,a@b.example.com,Acme,Energy,5,Lead,10.00,Bob,2025-01-01,EXTRA",
+     "malformed_row(too_many_columns)"),
+    ('cust_00000900,"a\nb",Acme', "malformed_row(missing_columns)"),
+])
+def test_a_malformed_record_after_an_empty_line_is_quarantined_not_a_crash(tmp_path, record,
+                                                                           reason):
+    """The reader's copy of a record it refused begins with the empty line's break; reading
+    its id with csv.reader([line]) raised "new-line character seen in unquoted field" and the
+    whole run failed instead of quarantining one row."""
+    good = (SAMPLE / "crm.csv").read_text(encoding="utf-8").splitlines()
+    path = tmp_path / "crm.csv"
+    path.write_text("\n".join([*good[:2], "", record, *good[2:6]]) + "\n", encoding="utf-8")
+    report, accepted, rejected = _read(path, CRM)
+    assert (report.accepted, report.rejected, len(accepted)) == (5, 1, 5)
+    assert [r[:3] for r in rejected] == [(4, "cust_00000900", reason)]

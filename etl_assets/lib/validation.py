@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import io
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -495,13 +496,25 @@ def _build_rejected(con: duckdb.DuckDBPyConnection, columns: list[str], path: Pa
             reason = INVALID_UTF8
         else:
             reason = f"malformed_row({str(error_type).lower().replace(' ', '_')})"
-        fields = next(csv.reader([csv_line or ""]), [])
         customer_id = con.execute(
-            "SELECT etl_customer_id(?)", [fields[0] if fields else None]).fetchone()[0]
+            "SELECT etl_customer_id(?)", [_first_field(csv_line or "")]).fetchone()[0]
         con.execute(
             "INSERT INTO rejected VALUES (?, ?, ?, ?)",
             [line, customer_id, reason, csv_line],
         )
+
+
+def _first_field(record: str) -> str | None:
+    """The first field of the reader's copy of a record it refused, or None. That copy may
+    begin with the line break of an empty line before it, or hold line breaks in a value, so
+    it is read as text with its own line breaks; a record too broken to read has none."""
+    try:
+        for row in csv.reader(io.StringIO(record, newline="")):
+            if row:
+                return row[0]
+    except csv.Error:
+        pass
+    return None
 
 
 def _raw_line(path: Path, position: int) -> str:
