@@ -106,10 +106,11 @@ def _source_customers(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
         key = f"{freshness.staging_key(settings)}:{staging.shard_input_hash(staged, shard_id)}"
         count = known.get(key)
         if not isinstance(count, int):
+            files = [f for source in staged.values()
+                     for f in staging.slices_to_read(source, shard_id)]
             count = int(con.execute(
                 "SELECT count(DISTINCT customer_id) FROM read_parquet($paths)",
-                {"paths": duckdb_literals(staging.all_slice_files(staged, [shard_id]))},
-            ).fetchone()[0])
+                {"paths": duckdb_literals(files)}).fetchone()[0])
         counts[key] = count
         total += count
     if counts != known:

@@ -45,8 +45,9 @@ from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.validation import ReadReport, file_sha256, source_checks
 
 # Bump when staging output would change for the same input (types, validation, hashing): every
-# source is then staged again.
-STAGING_VERSION = "3"
+# source is then staged again. 4: the pointer records each slice file's sha256 (a version
+# staged before has none, so nothing proves its files).
+STAGING_VERSION = "4"
 # Bump when the rows a shard writes would change for the same input (rules, merge, columns):
 # every shard is then recomputed.
 CODE_VERSION = "1"
@@ -156,7 +157,8 @@ def _after_hashing(
         if con is None:
             return changed("no warehouse: its staging is not recorded")
         row = warehouse.read_source_manifest(con, name)
-        # The version's files must still hold the rows recorded for it (Parquet footers only).
+        # The version's files must still be the ones recorded, holding the rows recorded for
+        # it (names and Parquet footers only: a file's bytes are proven when it is read).
         on_disk = _staged_rows(con, staged)
     if row is None:
         return changed("the warehouse has no record of its staging")
@@ -206,7 +208,8 @@ def source_states(settings: EtlSettings) -> dict[str, SourceState]:
 
 
 def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -> dict[int, int]:
-    """Rows per shard in a staged version's files; {} if any shard's slice is missing.
+    """Rows per shard in a staged version's files; {} if any shard's slice is missing, or the
+    files are not those whose sha256 the pointer recorded.
 
     One query over every slice (counts come from the Parquet footers), not one per shard: it
     runs for every source on every run's skip decision.
@@ -214,6 +217,9 @@ def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -
     shard_ids = list(range(staged.shard_count))
     try:
         files = staging.all_slice_files({staged.source: staged}, shard_ids)
+        root = Path(staged.version_dir)
+        if {str(Path(f).relative_to(root)) for f in files} != set(staged.file_sha256s):
+            return {}
         counts = dict(con.execute(
             "SELECT shard_id, count(*) FROM read_parquet($files, hive_partitioning = true, "
             "hive_types = {'shard_id': INTEGER}) GROUP BY shard_id",

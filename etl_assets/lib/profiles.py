@@ -58,9 +58,11 @@ def build_shard(
     source_hash = staging.shard_input_hash(staged, shard_id)
     with warehouse.scratch(settings.duckdb_limits) as con:
         install_rules(con)
-        # Views, not copies: the merge reads each slice once, straight from its Parquet file.
+        # Views, not copies: the merge reads each slice once, straight from its Parquet file
+        # (proven first: the file staged, by the sha256 recorded when it was written).
         for name, source in staged.items():
-            con.read_parquet(duckdb_literals(source.slice_files(shard_id))).create_view(name)
+            con.read_parquet(duckdb_literals(staging.slices_to_read(source, shard_id))) \
+                .create_view(name)
         con.execute(f"CREATE TEMP TABLE new_rows AS {merge_sql()}", {"shard_id": shard_id})
         preview = con.execute(
             "SELECT customer_id, email, health_score, churn_risk, expansion_potential "
