@@ -9,6 +9,7 @@ heals.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -229,3 +230,26 @@ def test_a_failed_check_publishes_nothing(published, changed_export):
     assert leftovers(settings) == []
     assert_not_locked(settings)
     _heals(settings, changed_export)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_damaged_export_part_is_rebuilt_from_the_table(ran_sample, caplog):
+    """Issue 31, finding b: one changed byte in a kept export part fails the part's recorded
+    sha256 as the part is merged; the part is written again from the table and the export is
+    the right one, with one warning line naming the part."""
+    settings = ran_sample(SHARDS)
+    export = Path(settings.export_path)
+    expected = export.read_bytes()
+    parts = sorted((Path(settings.home_dir) / "export_parts").glob("*.csv"))
+    part = next(p for p in parts if b",Active," in p.read_bytes())
+    part.write_bytes(part.read_bytes().replace(b",Active,", b",Failed,", 1))
+    export.unlink()  # the next publish merges every part
+    with caplog.at_level(logging.WARNING):
+        outcome = _quiet(settings)
+    assert outcome.ok, outcome.reason
+    assert export.read_bytes() == expected
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and warnings[0].startswith(f"{part}:"), warnings
