@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -21,6 +22,7 @@ import pytest
 from etl_assets.lib.errors import NO_SPACE
 from etl_assets.lib.faults import ENOSPC_POINTS
 from etl_assets.lib.settings import EtlSettings
+from etl_assets.lib.validation import file_sha256
 from etl_assets.tools.generate import generate
 from etl_assets.tools.runner import run_pipeline
 from etl_assets_tests.conftest import edit_crm, make_settings, tmpfs, user_tables
@@ -253,3 +255,33 @@ def test_a_damaged_export_part_is_rebuilt_from_the_table(ran_sample, caplog):
     assert export.read_bytes() == expected
     warnings = _warnings(caplog)
     assert len(warnings) == 1 and warnings[0].startswith(f"{part}:"), warnings
+
+
+# A read-write connection to the snapshot that dies before its checkpoint: its change stays in
+# the WAL beside the file.
+_DIES_BEFORE_CHECKPOINT = """import duckdb, os, sys
+con = duckdb.connect(sys.argv[1])
+con.execute("UPDATE customer_profiles_shard_0 SET churn_risk = 'EDITED'")
+os._exit(0)
+"""
+
+
+def test_a_wal_beside_the_snapshot_is_never_kept(ran_sample, caplog):
+    """Issue 31, finding c: the snapshot's sha256 still matches its manifest, but a WAL beside
+    it changes what every reader sees: the next plain run publishes the snapshot again (one
+    warning line), and no WAL is left."""
+    settings = ran_sample(SHARDS)
+    snapshot = Path(settings.snapshot_path)
+    published = user_tables(snapshot)
+    sha = file_sha256(snapshot)
+    subprocess.run([sys.executable, "-c", _DIES_BEFORE_CHECKPOINT, str(snapshot)], check=True)
+    wal = snapshot.with_name(snapshot.name + ".wal")
+    assert wal.is_file() and file_sha256(snapshot) == sha
+    assert user_tables(snapshot) != published
+    with caplog.at_level(logging.WARNING):
+        outcome = _quiet(settings)
+    assert outcome.ok, outcome.reason
+    assert not wal.exists()
+    assert user_tables(snapshot) == published == user_tables(settings.duckdb_path)
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and warnings[0].startswith(f"{snapshot}:"), warnings

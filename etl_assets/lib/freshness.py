@@ -314,7 +314,8 @@ def stale_shards(
 
 
 PROFILES_SKIP_REASON = ("every shard and the code are unchanged since the last rebuild, and the "
-                        "export and snapshot on disk are the ones it wrote (sha256)")
+                        "export and snapshot on disk are the ones it wrote (sha256, and no WAL "
+                        "beside the snapshot)")
 
 
 def profiles_code() -> str:
@@ -336,7 +337,9 @@ class ProfilesState:
 
     `stale_shards`: shards not current (customer_profiles must not be built from them);
     `shards_hash`: what it would be built from now, when every shard is current; `entry`: its
-    last build's profiles_manifest row, if any.
+    last build's profiles_manifest row, if any; `damaged`: the export or snapshot on disk that
+    is not what the last publish wrote (another sha256, or a WAL beside the snapshot), which
+    the next publish replaces.
     """
 
     current: bool
@@ -345,6 +348,7 @@ class ProfilesState:
     stale_shards: tuple[int, ...] = ()
     shards_hash: str = ""
     entry: dict | None = None
+    damaged: str = ""
 
 
 def profiles_state(
@@ -370,7 +374,8 @@ def profiles_state(
                              "sources", stale_shards=stale)
     built_from = shards_hash(shards)
     entry = warehouse.read_profiles_manifest(con, settings.shard_count)
-    export = Path(settings.export_path)
+    export, snapshot = Path(settings.export_path), Path(settings.snapshot_path)
+    damaged = ""
     if entry is None:
         reason = "never built for this shard layout"
     elif (entry["shards_hash"], entry["code_version"]) != (built_from, profiles_code()):
@@ -379,12 +384,19 @@ def profiles_state(
         reason = f"last exported to {entry['export_path']}"
     elif not _intact(export, entry["export_sha256"], uncached.sha256):
         reason = "the export on disk is not the one it wrote"
+        damaged = str(export) if export.is_file() else ""
     # Absent in a manifest written before snapshots existed: never intact then.
-    elif not _intact(Path(settings.snapshot_path), entry.get("snapshot_sha256")):
+    elif not _intact(snapshot, entry.get("snapshot_sha256")):
         reason = "the snapshot on disk is not the one it wrote"
+        damaged = str(snapshot) if snapshot.is_file() and entry.get("snapshot_sha256") else ""
+    elif warehouse.wal_files(snapshot):
+        # Its bytes are the ones published, but a reader would replay the log onto them.
+        reason = ("a write-ahead log beside the snapshot holds changes made to it since it was "
+                  "published, which its readers see")
+        damaged = str(snapshot)
     else:
         return ProfilesState(True, PROFILES_SKIP_REASON, shards_hash=built_from, entry=entry)
-    return ProfilesState(False, reason, shards_hash=built_from, entry=entry)
+    return ProfilesState(False, reason, shards_hash=built_from, entry=entry, damaged=damaged)
 
 
 def _intact(path: Path, sha256: str | None,

@@ -3,6 +3,7 @@ with its export, published all or nothing. Whether either is current: `freshness
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import install_rules, merge_sql
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.validation import CheckOutcome
+
+log = logging.getLogger(__name__)
 
 
 class ChaosFailure(RuntimeError):
@@ -125,6 +128,9 @@ def publish_profiles(settings: EtlSettings) -> Published:
             state = freshness.profiles_state(settings, con)
             if state.stale_shards:
                 raise _not_current(state.stale_shards)
+            if state.damaged:
+                log.warning(f"{state.damaged}: {state.reason}; publishing customer_profiles "
+                            "again")
             if state.current:
                 # Published after passing them; checked again as it is now (it may have been
                 # changed by hand since), with the same checks.

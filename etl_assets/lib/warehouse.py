@@ -729,6 +729,12 @@ def _stale_temps(target: Path) -> Iterator[Path]:
             yield tmp
 
 
+def wal_files(database: Path) -> list[Path]:
+    """DuckDB's write-ahead log beside a database file (`<name>.wal`): changes written to it
+    and not yet checkpointed, which whoever opens the file next replays onto it."""
+    return sorted(database.parent.glob(f"{glob.escape(database.name)}.wal*"))
+
+
 def _remove_temp(tmp: Path) -> None:
     """Remove a temp file and the WAL DuckDB may have left beside it."""
     tmp.unlink(missing_ok=True)
@@ -1118,7 +1124,8 @@ def publish_customer_profiles(
                 with errors.naming(snapshot):
                     # A WAL beside the old file (someone wrote to it) would be replayed onto
                     # the new one by the next reader.
-                    snapshot.with_name(snapshot.name + ".wal").unlink(missing_ok=True)
+                    for wal in wal_files(snapshot):
+                        wal.unlink(missing_ok=True)
                     os.replace(snapshot_tmp, snapshot)
 
             def rewrite(shard_id: int) -> Path:
