@@ -166,14 +166,14 @@ def _publish(settings: EtlSettings) -> Published:
         summary: list[str] = []
 
         def audit_and_summarize(con: duckdb.DuckDBPyConnection,
-                                export_rows: Callable[[], int]) -> None:
-            def summary_then_rows() -> int:
-                # The export's record count is the audit's last fact, waited for while the
-                # export is still being written: the summary is read meanwhile, from the
-                # staged table this transaction commits.
+                                export: Callable[[], Path]) -> None:
+            def summary_then_export() -> Path:
+                # The export is the audit's last fact, waited for while it is still being
+                # written: the summary is read meanwhile, from the staged table this
+                # transaction commits.
                 summary.append(profile_summary(con))
-                return export_rows()
-            audit(con, summary_then_rows)
+                return export()
+            audit(con, summary_then_export)
 
         count = warehouse.publish_customer_profiles(
             con, settings.shard_count, settings.export_path, settings.snapshot_path,

@@ -1045,7 +1045,7 @@ def publish_customer_profiles(
     manifest: dict[str, object],
     hook: Hook = no_hook,
     built_from: Callable[[dict[int, dict]], None] | None = None,
-    audit: Callable[[duckdb.DuckDBPyConnection, Callable[[], int]], None] | None = None,
+    audit: Callable[[duckdb.DuckDBPyConnection, Callable[[], Path]], None] | None = None,
     parts_dir: str | None = None,
     rebuild: bool = False,
 ) -> int:
@@ -1067,8 +1067,8 @@ def publish_customer_profiles(
       3. BEGIN; replace the changed shards' rows of customer_profiles in the warehouse (the
          same rows as the snapshot's, by construction), while a thread writes the export
          from the parts to a temp file next to its target (fsynced); `audit(con,
-         export_rows)` checks the table (as this transaction sees it) meanwhile, then the
-         export's record count (`export_rows()` waits for the thread), and raises if a check
+         export)` checks the table (as this transaction sees it) meanwhile, then the export
+         (`export()` waits for the thread and names the temp file), and raises if a check
          failed; record the manifest with both files' sha256 and the shard versions;
       4. COMMIT (table + manifest change together);
       5. rename the temp files onto the export and the snapshot (each atomic).
@@ -1143,9 +1143,10 @@ def publish_customer_profiles(
             export = _Background(lambda stop: _write_export(tmp, target, head, part_files,
                                                             hook, stop, base, rewrite))
 
-            def export_rows() -> int:
+            def export_written() -> Path:
                 report_progress("publish", step="waiting for the export's merge")
-                return export.result()[1]
+                export.result()
+                return tmp
             try:
                 report_progress("publish", step=f"table: replacing {table_shards} of "
                                 f"{shard_count} shards, while the export is "
@@ -1162,8 +1163,8 @@ def publish_customer_profiles(
                         f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
                     if audit is not None:
                         # The table's checks run while the merge still writes the export; the
-                        # export's row count is the last fact they wait for.
-                        audit(con, export_rows)
+                        # export's records and rows are the last facts they wait for.
+                        audit(con, export_written)
                     sha, _, how = export.result()
                     report_progress("publish", step=f"export: {how}")
                     _record(con, shard_count, manifest, count, export_path, sha, snapshot_sha,
