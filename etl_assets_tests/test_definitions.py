@@ -73,7 +73,7 @@ def test_profile_checks_are_blocking():
     # publish), so a failed check leaves the previous table and export.
     specs = {spec.name: spec for spec in defs.resolve_assets_def("customer_profiles").check_specs}
     assert set(specs) == {"row_count_matches_sources", "no_duplicate_customer_id",
-                          "idempotency_keys_unique", "shards_current"}
+                          "idempotency_keys_unique", "shards_current", "export_matches_table"}
     assert all(spec.blocking for spec in specs.values())
 
 

@@ -271,7 +271,7 @@ def test_submit_runs_every_shard_on_the_workers(deployment: Deployment):
     assert "total                1000" in out
     passed = re.findall(r"^check (\S+) +PASSED", out, re.M)
     assert {"row_count_matches_sources", "no_duplicate_customer_id", "idempotency_keys_unique",
-            "shards_current"} <= set(passed), out
+            "shards_current", "export_matches_table"} <= set(passed), out
     assert "FAILED" not in out
     # Sources, every shard and customer_profiles: all through the deployment's queue, all done.
     runs = _runs(dep)

@@ -4,6 +4,7 @@ Real DuckDB files and real Dagster runs; the file is changed for real at named p
 the staging of a source (`stage_source(..., hook=...)`).
 """
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,11 +16,12 @@ from etl_assets.lib import staging, warehouse
 from etl_assets.lib.checks import profile_checks, profile_facts
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings, SettingsError
+from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
 from etl_assets.lib.validation import SourceChangedError, file_sha256
 from etl_assets.tools.generate import generate
 from etl_assets.tools.runner import run_pipeline
-from etl_assets_tests.conftest import make_settings
+from etl_assets_tests.conftest import edit_crm, make_settings, read_export
 
 pytestmark = pytest.mark.usefixtures("dagster_home")
 CRM = SOURCES["crm"]
@@ -207,3 +209,80 @@ def test_the_checks_find_a_repeated_id_or_key(ran_sample, case):
     failed = {o.name for o in profile_checks(facts, SHARDS) if not o.passed}
     assert failed >= {"no_duplicate_customer_id" if repeated == "distinct_ids"
                       else "idempotency_keys_unique"}
+
+
+def test_the_checks_compare_the_exports_rows_with_the_tables(ran_sample):
+    """One value changed in the published export (same length, same number of rows, sorted
+    and unique as before) is found by the hash of its rows against the table's."""
+    settings = ran_sample(SHARDS)
+    assert all(o.passed for o in profile_checks(profile_facts(settings), SHARDS))
+    export = Path(settings.export_path)
+    export.write_bytes(export.read_bytes().replace(b",Active,", b",Failed,", 1))
+    outcomes = {o.name: o.passed for o in profile_checks(profile_facts(settings), SHARDS)}
+    assert [name for name, passed in outcomes.items() if not passed] == ["export_matches_table"]
+
+
+def _crm_ids_of_shard(settings: EtlSettings, shard_id: int, count: int) -> list[str]:
+    rows = read_export(Path(settings.data_dir) / CRM.filename)
+    return [r["customer_id"] for r in rows if shard_of(r["customer_id"], SHARDS) == shard_id][:count]
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_replaced_slice_is_never_built_on(ran_sample, caplog):
+    """Issue 31, finding a: a slice swapped for another valid Parquet file with as many rows
+    (the previous version's slice of the same shard) fails its recorded sha256 when the next
+    edit of the source reads it, so that edit is staged from the whole file: the earlier edit
+    stays in the export, with one warning line naming the slice."""
+    settings = ran_sample(SHARDS)
+    first, second = _crm_ids_of_shard(settings, 0, 2)
+    edit_crm(Path(settings.data_dir), {first: 4321})
+    _export(settings)
+    edited = staging.read_pointer(settings.staging_dir, "crm")
+    previous = next(p for p in Path(edited.version_dir).parent.iterdir()
+                    if p.is_dir() and not p.name.startswith(".") and p.name !=
+                    Path(edited.version_dir).name)
+    # The edit was staged onto the previous version: shard 1's slice is the same file.
+    assert os.path.samefile(edited.slice_files(1)[0],
+                            previous / "shard_id=1" / Path(edited.slice_files(1)[0]).name)
+    for f in edited.slice_files(0):
+        os.unlink(f)
+    for f in (previous / "shard_id=0").glob("*.parquet"):
+        shutil.copyfile(f, Path(edited.version_dir) / "shard_id=0" / f.name)
+
+    edit_crm(Path(settings.data_dir), {second: 1234})
+    with caplog.at_level(logging.WARNING):
+        _export(settings)
+    rows = {r["customer_id"]: r for r in read_export(Path(settings.export_path))}
+    assert (rows[first]["employee_count"], rows[second]["employee_count"]) == ("4321", "1234")
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert warnings[0].startswith(f"{Path(edited.version_dir) / 'shard_id=0'}"), warnings
+
+
+def test_a_truncated_slice_is_staged_again_and_never_linked(ran_sample, caplog):
+    """Issue 31, finding d: a slice cut short (DuckDB: "No magic bytes") is staged again by
+    the next plain run, with one warning line naming it; and an edit of its source never
+    hard-links it into the next version."""
+    settings = ran_sample(SHARDS)
+    expected = Path(settings.export_path).read_bytes()
+    cut = Path(staging.read_pointer(settings.staging_dir, "crm").slice_files(0)[0])
+    _truncate(cut)
+    with caplog.at_level(logging.WARNING):
+        assert _export(settings) == expected
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and warnings[0].startswith(f"{cut}:"), warnings
+
+    cut = Path(staging.read_pointer(settings.staging_dir, "crm").slice_files(0)[0])
+    _truncate(cut)
+    edit_crm(Path(settings.data_dir), {_crm_ids_of_shard(settings, 1, 1)[0]: 4321})
+    _export(settings)
+    edited = staging.read_pointer(settings.staging_dir, "crm")
+    assert edited.version_dir != str(cut.parent.parent)
+    with duckdb.connect() as con:
+        for k in range(SHARDS):
+            rows = con.execute("SELECT count(*) FROM read_parquet(?)",
+                               [edited.slice_files(k)]).fetchone()[0]
+            assert rows == edited.slice_rows[k]

@@ -43,7 +43,7 @@ def test_chaos_retry_heals_exactly_once_and_reruns_are_byte_identical(ran_sample
     assert list(rows[0])[0] == "customer_id"
     assert {name: passed for name, passed, _ in outcome.checks if "." not in name} == {
         "row_count_matches_sources": True, "no_duplicate_customer_id": True,
-        "idempotency_keys_unique": True, "shards_current": True}
+        "idempotency_keys_unique": True, "shards_current": True, "export_matches_table": True}
 
     shard3 = outcome.shards[3]
     assert (shard3.attempts, shard3.ok) == (2, True)

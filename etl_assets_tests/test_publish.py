@@ -9,8 +9,10 @@ heals.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -20,6 +22,7 @@ import pytest
 from etl_assets.lib.errors import NO_SPACE
 from etl_assets.lib.faults import ENOSPC_POINTS
 from etl_assets.lib.settings import EtlSettings
+from etl_assets.lib.validation import file_sha256
 from etl_assets.tools.generate import generate
 from etl_assets.tools.runner import run_pipeline
 from etl_assets_tests.conftest import edit_crm, make_settings, tmpfs, user_tables
@@ -215,8 +218,10 @@ def test_a_failed_check_publishes_nothing(published, changed_export):
         assert outcome.reason.endswith("(table, export and snapshot left as they were)")
         assert "\n" not in outcome.reason
         checks = {name: passed for name, passed, _ in outcome.checks if "." not in name}
+        # The duplicate is the table's alone: the export, merged from the snapshot, differs.
         assert checks == {"row_count_matches_sources": False, "no_duplicate_customer_id": False,
-                          "idempotency_keys_unique": False, "shards_current": True}
+                          "idempotency_keys_unique": False, "shards_current": True,
+                          "export_matches_table": False}
         # What the UI reads: the run failed and each check's latest execution says so.
         run = instance.get_run_by_id(outcome.run_ids[-1])
         assert run.job_name == "profiles_job" and run.status == dg.DagsterRunStatus.FAILURE
@@ -229,3 +234,56 @@ def test_a_failed_check_publishes_nothing(published, changed_export):
     assert leftovers(settings) == []
     assert_not_locked(settings)
     _heals(settings, changed_export)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_damaged_export_part_is_rebuilt_from_the_table(ran_sample, caplog):
+    """Issue 31, finding b: one changed byte in a kept export part fails the part's recorded
+    sha256 as the part is merged; the part is written again from the table and the export is
+    the right one, with one warning line naming the part."""
+    settings = ran_sample(SHARDS)
+    export = Path(settings.export_path)
+    expected = export.read_bytes()
+    parts = sorted((Path(settings.home_dir) / "export_parts").glob("*.csv"))
+    part = next(p for p in parts if b",Active," in p.read_bytes())
+    part.write_bytes(part.read_bytes().replace(b",Active,", b",Failed,", 1))
+    export.unlink()  # the next publish merges every part
+    with caplog.at_level(logging.WARNING):
+        outcome = _quiet(settings)
+    assert outcome.ok, outcome.reason
+    assert export.read_bytes() == expected
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and warnings[0].startswith(f"{part}:"), warnings
+
+
+# A read-write connection to the snapshot that dies before its checkpoint: its change stays in
+# the WAL beside the file.
+_DIES_BEFORE_CHECKPOINT = """import duckdb, os, sys
+con = duckdb.connect(sys.argv[1])
+con.execute("UPDATE customer_profiles_shard_0 SET churn_risk = 'EDITED'")
+os._exit(0)
+"""
+
+
+def test_a_wal_beside_the_snapshot_is_never_kept(ran_sample, caplog):
+    """Issue 31, finding c: the snapshot's sha256 still matches its manifest, but a WAL beside
+    it changes what every reader sees: the next plain run publishes the snapshot again (one
+    warning line), and no WAL is left."""
+    settings = ran_sample(SHARDS)
+    snapshot = Path(settings.snapshot_path)
+    published = user_tables(snapshot)
+    sha = file_sha256(snapshot)
+    subprocess.run([sys.executable, "-c", _DIES_BEFORE_CHECKPOINT, str(snapshot)], check=True)
+    wal = snapshot.with_name(snapshot.name + ".wal")
+    assert wal.is_file() and file_sha256(snapshot) == sha
+    assert user_tables(snapshot) != published
+    with caplog.at_level(logging.WARNING):
+        outcome = _quiet(settings)
+    assert outcome.ok, outcome.reason
+    assert not wal.exists()
+    assert user_tables(snapshot) == published == user_tables(settings.duckdb_path)
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and warnings[0].startswith(f"{snapshot}:"), warnings

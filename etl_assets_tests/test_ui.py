@@ -253,7 +253,7 @@ def test_materialize_all_through_graphql(server):
     checks = {c["name"]: c["executionForLatestMaterialization"]
               for c in node["assetChecksOrError"]["checks"]}
     assert set(checks) == {"row_count_matches_sources", "no_duplicate_customer_id",
-                           "idempotency_keys_unique", "shards_current"}
+                           "idempotency_keys_unique", "shards_current", "export_matches_table"}
     assert all(c["status"] == "SUCCEEDED" and c["evaluation"]["success"] for c in checks.values()), checks
     con = duckdb.connect(str(server["db"]), read_only=True)
     try:

@@ -104,9 +104,15 @@ def test_a_patch_removes_a_line_that_straddles_two_blocks(tmp_path: Path):
     data = head + b"".join(lines)
     export = tmp_path / "export.csv"
     export.write_bytes(data)
-    published, new = tmp_path / "4-1-a.plain.csv", tmp_path / "4-1-b.plain.csv"
-    published.write_bytes(lines[straddling[0]])
-    new.write_bytes(b"")
+
+    def part(version: str, data: bytes) -> Path:
+        """A part named as write_part names it: by the sha256 of its bytes."""
+        path = tmp_path / export_parts.part_name(f"4-1-{version}.",
+                                                 hashlib.sha256(data).hexdigest(), plain=True)
+        path.write_bytes(data)
+        return path
+
+    published, new = part("a", lines[straddling[0]]), part("b", b"")
     want = data.replace(lines[straddling[0]], b"")
     with uncached.UncachedWriter(tmp_path / "out.csv") as out:
         records, sha = export_parts.patch(head, export, hashlib.sha256(data).hexdigest(),

@@ -104,27 +104,34 @@ def test_export_merged_from_parts_is_the_whole_table_copy(tmp_path):
 
 
 def test_a_damaged_part_fails_the_merge_and_is_removed(tmp_path):
-    """A reused part cut short, or out of order, never goes into an export (glued lines would
-    count right and read wrong; out of order would never end): the merge fails and removes
-    it, so the next run writes it again. A part with a repeated id is merged by id."""
+    """A reused part cut short, out of order, or whose bytes are not the sha256 its name
+    records (one byte changed), never goes into an export (glued lines would count right and
+    read wrong; out of order would never end): the merge fails and removes it, so that it is
+    written again. A part with a repeated id is merged by id."""
+    import hashlib
     import io
 
     import duckdb
 
     from etl_assets.lib import export_parts
 
-    def part(name: str, data: bytes) -> Path:
-        path = tmp_path / name
+    def part(prefix: str, data: bytes, plain: bool = True, written: bytes | None = None) -> Path:
+        """A part named as write_part names it, by the sha256 of `written` (default: `data`)."""
+        sha = hashlib.sha256(data if written is None else written).hexdigest()
+        path = tmp_path / export_parts.part_name(prefix, sha, plain)
         path.write_bytes(data)
         return path
 
-    good = part("4-0-a.plain.csv", b"a1,x\nc1,x\n")
-    for name, data, problem in [("4-1-b.plain.csv", b"b1,x\nb2,x", "no line break"),
-                                ("4-2-c.plain.csv", b"b1,b\nb1,c\nb1,a\n", "out of order"),
-                                ("4-3-d.records.csv", b"b1,x\nb2,x", "no line break")]:
-        damaged = part(name, data)
-        with pytest.raises(export_parts.PartDamagedError, match=problem):
+    good = part("4-0-a.", b"a1,x\nc1,x\n")
+    for damaged, problem in [(part("4-1-b.", b"b1,x\nb2,x"), "no line break"),
+                             (part("4-2-c.", b"b1,b\nb1,c\nb1,a\n"), "out of order"),
+                             (part("4-3-d.", b"b1,x\nb2,x", plain=False), "no line break"),
+                             (part("4-1-e.", b"b1,y\n", written=b"b1,x\n"), "sha256"),
+                             (part("4-1-f.", b"b1,y\n", plain=False, written=b"b1,x\n"),
+                              "sha256")]:
+        with pytest.raises(export_parts.PartDamagedError, match=problem) as info:
             export_parts.merge(b"h\n", [good, damaged], io.BytesIO())
+        assert info.value.paths == [damaged]
         assert not damaged.exists() and good.exists()
 
     con = duckdb.connect()

@@ -1,5 +1,6 @@
 """The blocking checks on `customer_profiles`, defined once: what they compare (the table and
-the export against the staged sources themselves) and when each passes.
+the export against the staged sources themselves, and the export's rows against the table's)
+and when each passes.
 
 Two callers, one verdict: the publish audits the table and export it has staged, inside its
 transaction, and publishes nothing unless every check passed (`audit`); an unchanged re-run
@@ -20,7 +21,7 @@ import duckdb
 from etl_assets.lib import freshness, staging, warehouse
 from etl_assets.lib.events import report_progress
 from etl_assets.lib.paths import duckdb_literal, duckdb_literals
-from etl_assets.lib.schema import MAX_LINE_BYTES
+from etl_assets.lib.schema import MAX_LINE_BYTES, profile_columns
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.validation import CheckOutcome
 
@@ -33,6 +34,9 @@ PROFILE_CHECKS: dict[str, str] = {
     "no_duplicate_customer_id": "each customer_id appears once",
     "idempotency_keys_unique": "each idempotency_key appears once",
     "shards_current": "every shard partition was written from the current source data and code",
+    "export_matches_table":
+        "the export's rows, as DuckDB's CSV reader reads them, are the table's (an "
+        "order-independent hash of every row)",
 }
 
 
@@ -57,7 +61,8 @@ class AuditFailedError(RuntimeError):
 
 @dataclass(frozen=True)
 class ProfileFacts:
-    """Counts read from the staged sources, the table and the export, and the stale shards."""
+    """Counts read from the staged sources, the table and the export, the stale shards, and
+    the hash of the table's rows and of the export's (`ROWS_HASH`)."""
 
     distinct_source_customers: int
     table_rows: int
@@ -65,18 +70,31 @@ class ProfileFacts:
     distinct_keys: int
     export_rows: int
     stale_shards: list[int]
+    table_hash: str
+    export_hash: str
 
 
 def read_facts(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
-               export_rows: Callable[[], int]) -> ProfileFacts:
+               export: Callable[[], str | Path]) -> ProfileFacts:
     """What the checks compare, as `con` sees the warehouse (attached as `wh`; inside the
-    publish's transaction that is the staged, uncommitted table), and the export's record count
-    from `export_rows`, asked last (in a publish it waits for the export being written)."""
+    publish's transaction that is the staged, uncommitted table), and the export's records
+    and rows hash, read by DuckDB from the file `export()` names, asked last (in a publish it
+    waits for the export being written)."""
     report_progress("checks")
     expected = _source_customers(settings, con, staging.current_sources(settings))
-    rows, ids, keys = _table_counts(con)
+    rows, ids, keys, table_hash = _table_counts(con)
     stale = freshness.stale_shards(settings, con)
-    return ProfileFacts(int(expected), int(rows), int(ids), int(keys), int(export_rows()), stale)
+    export_rows, export_hash = export_facts(con, export())
+    return ProfileFacts(int(expected), rows, ids, keys, export_rows, stale, table_hash,
+                        export_hash)
+
+
+def _rows_hash() -> str:
+    """The aggregate that hashes a relation of customer_profiles' columns: the sum of each
+    row's hash (DuckDB's 64-bit hash of every column, in order) as a HUGEINT, so that the
+    order of the rows does not matter. The same expression for the table and the export."""
+    columns = ", ".join(name for name, _ in profile_columns())
+    return f"CAST(coalesce(sum(CAST(hash({columns}) AS HUGEINT)), 0) AS VARCHAR)"
 
 
 # Each shard's distinct source customers, by the shard's input hash, in the staging folder.
@@ -106,10 +124,11 @@ def _source_customers(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
         key = f"{freshness.staging_key(settings)}:{staging.shard_input_hash(staged, shard_id)}"
         count = known.get(key)
         if not isinstance(count, int):
+            files = [f for source in staged.values()
+                     for f in staging.slices_to_read(source, shard_id)]
             count = int(con.execute(
                 "SELECT count(DISTINCT customer_id) FROM read_parquet($paths)",
-                {"paths": duckdb_literals(staging.all_slice_files(staged, [shard_id]))},
-            ).fetchone()[0])
+                {"paths": duckdb_literals(files)}).fetchone()[0])
         counts[key] = count
         total += count
     if counts != known:
@@ -125,8 +144,9 @@ def _source_customers(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
     return total
 
 
-def _table_counts(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int]:
-    """customer_profiles' rows, distinct customer_ids and distinct idempotency keys.
+def _table_counts(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int, str]:
+    """customer_profiles' rows, distinct customer_ids and distinct idempotency keys, and the
+    hash of its rows (`_rows_hash`), in one scan.
 
     Distinct 8-byte hashes are counted, not the text: equal values hash alike, so as many
     distinct hashes as rows proves the values distinct; fewer (a duplicate, or two values
@@ -135,20 +155,21 @@ def _table_counts(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int]:
     key has that shape and the ids are distinct, the keys are too (a key names its id). One
     set of hashes at a time, to halve the peak (docs/performance.md#shards-and-the-publish).
     """
-    rows, ids, odd_keys = (int(c) for c in con.execute(
+    rows, ids, odd_keys, rows_hash = con.execute(
         f"""SELECT count(*),
                    count(DISTINCT hash(customer_id)) FILTER (WHERE customer_id IS NOT NULL),
                    count(*) FILTER (WHERE NOT coalesce(
                        starts_with(idempotency_key, customer_id || ':')
-                       AND length(idempotency_key) = length(customer_id) + 33, false))
-            FROM {WH}.customer_profiles""").fetchone())
-    ids = _exact_distinct(con, "customer_id", ids, rows)
+                       AND length(idempotency_key) = length(customer_id) + 33, false)),
+                   {_rows_hash()}
+            FROM {WH}.customer_profiles""").fetchone()
+    rows, ids = int(rows), _exact_distinct(con, "customer_id", int(ids), int(rows))
     if odd_keys == 0 and ids == rows:
-        return rows, ids, rows
+        return rows, ids, rows, rows_hash
     keys = int(con.execute(
         f"""SELECT count(DISTINCT hash(idempotency_key)) FILTER (WHERE idempotency_key IS NOT NULL)
             FROM {WH}.customer_profiles""").fetchone()[0])
-    return rows, ids, _exact_distinct(con, "idempotency_key", keys, rows)
+    return rows, ids, _exact_distinct(con, "idempotency_key", keys, rows), rows_hash
 
 
 def _exact_distinct(con: duckdb.DuckDBPyConnection, column: str, hashed: int, rows: int) -> int:
@@ -160,18 +181,24 @@ def _exact_distinct(con: duckdb.DuckDBPyConnection, column: str, hashed: int, ro
         f"SELECT count(DISTINCT {column}) FROM {WH}.customer_profiles").fetchone()[0])
 
 
-def csv_rows(con: duckdb.DuckDBPyConnection, path: str | Path) -> Callable[[], int]:
-    """The records of the published CSV at `path`, counted by DuckDB's reader when called."""
-    return lambda: int(con.execute(
-        "SELECT count(*) FROM read_csv($path, header = true, all_varchar = true, "
-        "max_line_size = $max_line)",
-        {"path": duckdb_literal(str(path)), "max_line": MAX_LINE_BYTES},
-    ).fetchone()[0])
+def export_facts(con: duckdb.DuckDBPyConnection, path: str | Path) -> tuple[int, str]:
+    """The records of the CSV at `path` and the hash of its rows (`_rows_hash`), in one read
+    by DuckDB's CSV reader with customer_profiles' column types: the values a user reading
+    the export gets (a quoted empty value is an empty string, an unquoted one NULL, as
+    DuckDB's writer wrote them)."""
+    rows, rows_hash = con.execute(
+        f"""SELECT count(*), {_rows_hash()}
+            FROM read_csv($path, header = true, delim = ',', quote = '"', escape = '"',
+                          columns = $columns, allow_quoted_nulls = false,
+                          max_line_size = $max_line)""",
+        {"path": duckdb_literal(str(path)), "columns": dict(profile_columns()),
+         "max_line": MAX_LINE_BYTES}).fetchone()
+    return int(rows), rows_hash
 
 
 def published_facts(settings: EtlSettings, con: duckdb.DuckDBPyConnection) -> ProfileFacts:
     """The facts of the published table and export, as `con` sees them."""
-    return read_facts(settings, con, csv_rows(con, settings.export_path))
+    return read_facts(settings, con, lambda: settings.export_path)
 
 
 def profile_facts(settings: EtlSettings) -> ProfileFacts:
@@ -209,6 +236,11 @@ def profile_checks(facts: ProfileFacts, shard_count: int) -> list[CheckOutcome]:
             "shards_current", not stale,
             {"shards": shard_count, "stale_or_missing": ", ".join(map(str, stale))},
             f"stale or missing shards: {stale}" if stale else "all shards current"),
+        CheckOutcome(
+            "export_matches_table", facts.table_hash == facts.export_hash,
+            {"table_rows_hash": facts.table_hash, "export_rows_hash": facts.export_hash},
+            "the export's rows are the table's" if facts.table_hash == facts.export_hash
+            else "the export's rows differ from the table's"),
     ]
 
 
@@ -220,15 +252,15 @@ def raise_if_failed(outcomes: list[CheckOutcome]) -> list[CheckOutcome]:
 
 
 def auditor(settings: EtlSettings) -> tuple[list[CheckOutcome], Callable[
-        [duckdb.DuckDBPyConnection, Callable[[], int]], None]]:
-    """(outcomes, audit): `audit(con, export_rows)` runs the checks on the staged table and
-    export inside the publish's transaction, records their outcomes in `outcomes` and raises
-    AuditFailedError if any failed (the publish then rolls back). `export_rows` gives the
-    staged export's record count as its writer counted them."""
+        [duckdb.DuckDBPyConnection, Callable[[], Path]], None]]:
+    """(outcomes, audit): `audit(con, export)` runs the checks on the staged table and export
+    inside the publish's transaction, records their outcomes in `outcomes` and raises
+    AuditFailedError if any failed (the publish then rolls back). `export()` waits for the
+    staged export to be written and names its file."""
     outcomes: list[CheckOutcome] = []
 
-    def audit(con: duckdb.DuckDBPyConnection, export_rows: Callable[[], int]) -> None:
-        outcomes[:] = profile_checks(read_facts(settings, con, export_rows), settings.shard_count)
+    def audit(con: duckdb.DuckDBPyConnection, export: Callable[[], Path]) -> None:
+        outcomes[:] = profile_checks(read_facts(settings, con, export), settings.shard_count)
         raise_if_failed(outcomes)
 
     return outcomes, audit

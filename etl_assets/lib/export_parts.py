@@ -4,7 +4,9 @@ Each shard's rows are written once, sorted by customer_id, as a header-less CSV 
 DuckDB's own CSV writer (the same writer, options and column order as a whole-table COPY, so
 every row's bytes are the same). A part is named by the shard's version (its manifest entry),
 so an unchanged shard's part is reused; the export is the header followed by a k-way merge of
-the parts on customer_id. Shards route customers by hash, so every part spans the whole id
+the parts on customer_id. A part's name also records the sha256 of its bytes, taken when it was
+written: a part is hashed as it is merged (or diffed, for a patch) and refused if it is not
+the file written. Shards route customers by hash, so every part spans the whole id
 range and the merge interleaves them all; it is a streaming merge of sorted files, not a sort.
 
 The order is DuckDB's `ORDER BY customer_id` (VARCHAR: byte order of the UTF-8 text). A part
@@ -23,6 +25,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import heapq
+import io
 import itertools
 import os
 import threading
@@ -33,6 +36,7 @@ from typing import BinaryIO
 import duckdb
 
 from etl_assets.lib import uncached
+from etl_assets.lib.validation import file_sha256
 
 _BUFFER = 1 << 20
 
@@ -44,9 +48,23 @@ _ID_NOT_PLAIN = r"[\x00-\x2c]"
 
 def part_prefix(shard_count: int, shard_id: int, version: str) -> str:
     """The start of the part file's name for one shard version (`<count>-<shard>-<hash>.`);
-    the name ends in `plain.csv` or `records.csv`."""
+    the name goes on with the sha256 of the part's bytes and ends in `plain.csv` or
+    `records.csv` (`part_name`)."""
     digest = hashlib.sha256(version.encode("utf-8")).hexdigest()[:20]
     return f"{shard_count}-{shard_id}-{digest}."
+
+
+def part_name(prefix: str, sha256: str, plain: bool) -> str:
+    """The file name of a part: its prefix, the sha256 of its bytes and how it is merged."""
+    return f"{prefix}{sha256}.{PLAIN if plain else RECORDS}.csv"
+
+
+def recorded_sha256(part: Path) -> str | None:
+    """The sha256 the part's name recorded when it was written (None: a name without one)."""
+    fields = part.name.split(".")
+    if len(fields) == 4 and len(fields[1]) == 64:
+        return fields[1]
+    return None
 
 
 def is_plain(part: Path) -> bool:
@@ -58,7 +76,8 @@ def write_part(con: duckdb.DuckDBPyConnection, rows_sql: str, text_columns: list
                folder: Path, prefix: str, params: list | None = None) -> Path:
     """Write `rows_sql` (sorted by customer_id; bound `params`) as a header-less CSV part in
     `folder`, through a temp name, an fsync and a rename (a part on disk is always complete,
-    also after a power cut: it is reused by later runs); return it. `text_columns` are the
+    also after a power cut: it is reused by later runs) to its name (`part_name`: the sha256
+    of what was written, read back from the page cache); return it. `text_columns` are the
     VARCHAR columns, where a line break could be."""
     # contains() rather than a regex per value: a third of the cost. A repeated id (which the
     # audit rejects) would leave lines of one id in any order: such a part is merged by id.
@@ -69,14 +88,14 @@ def write_part(con: duckdb.DuckDBPyConnection, rows_sql: str, text_columns: list
         f"OR count(*) <> count(DISTINCT hash(customer_id)) FROM ({rows_sql})",
         [_ID_NOT_PLAIN, *(params or [])],
     ).fetchone()[0]
-    target = folder / f"{prefix}{RECORDS if not_plain else PLAIN}.csv"
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = folder / f".{prefix}{os.getpid()}.tmp"
     try:
         # A relation's write_csv is DuckDB's COPY ... (FORMAT csv) and keeps the query's order;
         # unlike COPY's own statement it takes the query's bound parameters.
         con.sql(rows_sql, params=params or []).write_csv(str(tmp), sep=",", header=False)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        target = folder / part_name(prefix, file_sha256(tmp), plain=not not_plain)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -101,7 +120,7 @@ def _records(fh: BinaryIO) -> Iterator[bytes]:
                 break
             line += more
         if not line.endswith(b"\n"):
-            raise PartDamagedError(fh.name, "its last record has no line break")
+            raise PartDamagedError([Path(fh.name)], "its last record has no line break")
         yield line
 
 
@@ -124,13 +143,46 @@ class MergeStopped(RuntimeError):
 
 
 class PartDamagedError(RuntimeError):
-    """A part is not what write_part wrote (cut short, or its lines out of order). The merge
-    removes it, so the next run writes it again."""
+    """Parts that are not what write_part wrote (cut short, lines out of order, or bytes that
+    are not the sha256 its name records). The merge removes them; `paths` names them, the
+    first one in the message."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = Path(path)
-        super().__init__(f"{path}: damaged export part ({problem}); removed, the next run "
-                         "writes it again")
+    def __init__(self, paths: list[Path], problem: str) -> None:
+        self.paths = paths
+        more = f" (and {len(paths) - 1} other part(s))" if len(paths) > 1 else ""
+        super().__init__(f"{paths[0]}: damaged export part{more} ({problem})")
+
+
+class _HashedFile(io.FileIO):
+    """A part opened for reading that hashes each byte as it is read (its buffered reader
+    fills itself through `readinto`), so proving it costs no second read."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "rb")
+        self.path, self.digest = path, hashlib.sha256()
+
+    def readinto(self, buffer: bytearray | memoryview) -> int | None:
+        n = super().readinto(buffer)
+        if n:
+            with memoryview(buffer) as view:
+                self.digest.update(view[:n])
+        return n
+
+    def readall(self) -> bytes:
+        data = super().readall()
+        self.digest.update(data)
+        return data
+
+    def proven(self) -> bool:
+        """Whether every byte of the part was read and they are the ones its name records."""
+        return self.tell() == os.fstat(self.fileno()).st_size \
+            and self.digest.hexdigest() == recorded_sha256(self.path)
+
+
+def _open_part(part: Path, buffering: int) -> tuple[BinaryIO, _HashedFile]:
+    """The part as a buffered file to read, and its raw file (which hashes what is read)."""
+    raw = _HashedFile(part)
+    return io.BufferedReader(raw, buffering), raw  # type: ignore[return-value]
 
 
 _BATCH = 1 << 16  # records written between two looks at `stop`
@@ -148,7 +200,7 @@ def _plain_batches(files: list[BinaryIO], chunk_bytes: int) -> Iterator[list[byt
         chunk = files[i].readlines(chunk_bytes)
         if chunk and not chunk[-1].endswith(b"\n"):
             # A part cut short would glue its last line to the next one written.
-            raise PartDamagedError(files[i].name, "its last line has no line break")
+            raise PartDamagedError([Path(files[i].name)], "its last line has no line break")
         return chunk
 
     chunks = [read(i) for i in range(len(files))]
@@ -162,7 +214,7 @@ def _plain_batches(files: list[BinaryIO], chunk_bytes: int) -> Iterator[list[byt
             taken = bisect.bisect_right(chunk, cutoff)
             if i == owner and taken < len(chunk):
                 # Only a part whose lines are out of order stops short of its own last line.
-                raise PartDamagedError(files[i].name, "lines out of order")
+                raise PartDamagedError([Path(files[i].name)], "lines out of order")
             batch += chunk[:taken]
             chunks[i] = chunk[taken:] or read(i)
         batch.sort()
@@ -175,8 +227,11 @@ def merge(head: bytes, parts: list[Path], out: BinaryIO,
     """Write `head`, then the records of the sorted `parts` merged on customer_id: as whole
     lines when every part is plain (`chunk_bytes` of each per round), else record by record on
     the decoded id; return how many records were written. MergeStopped as soon as `stop` is
-    set (looked at between batches)."""
-    files = [open(p, "rb", buffering=_BUFFER) for p in parts]  # noqa: SIM115 - closed below
+    set (looked at between batches). Each part is hashed as it is read: PartDamagedError
+    (once all is written) for those whose bytes are not the sha256 their name records, as
+    for a part cut short or out of order (at once); what was written is then not an export."""
+    opened = [_open_part(p, _BUFFER) for p in parts]
+    files = [fh for fh, _ in opened]
     try:
         out.write(head)
         if all(map(is_plain, parts)):
@@ -190,9 +245,13 @@ def merge(head: bytes, parts: list[Path], out: BinaryIO,
                 raise MergeStopped("export merge stopped")
             out.writelines(batch)
             records += len(batch)
+        damaged = [raw.path for _, raw in opened if not raw.proven()]
+        if damaged:
+            raise PartDamagedError(damaged, "not the bytes whose sha256 its name records")
         return records
     except PartDamagedError as exc:
-        exc.path.unlink(missing_ok=True)
+        for path in exc.paths:
+            path.unlink(missing_ok=True)
         raise
     finally:
         for fh in files:
@@ -208,14 +267,18 @@ PATCH_MAX_LINES = 10_000
 
 
 def _part_lines(path: Path) -> Iterator[bytes]:
-    """The lines of a plain part, refusing one that is cut short or out of order."""
+    """The lines of a plain part, refusing one that is cut short or out of order, or (once
+    read) whose bytes are not the sha256 its name records."""
     previous = b""
-    with open(path, "rb", buffering=_BUFFER) as fh:
+    fh, raw = _open_part(path, _BUFFER)
+    with fh:
         for line in fh:
             if not line.endswith(b"\n") or line <= previous:
                 raise NotPatchable(f"{path}: cut short or out of order")
             previous = line
             yield line
+        if not raw.proven():
+            raise NotPatchable(f"{path}: not the part written (sha256)")
 
 
 def _diff(old: Path, new: Path, removed: list[bytes], added: list[bytes]) -> None:

@@ -45,8 +45,9 @@ from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.validation import ReadReport, file_sha256, source_checks
 
 # Bump when staging output would change for the same input (types, validation, hashing): every
-# source is then staged again.
-STAGING_VERSION = "3"
+# source is then staged again. 4: the pointer records each slice file's sha256 (a version
+# staged before has none, so nothing proves its files).
+STAGING_VERSION = "4"
 # Bump when the rows a shard writes would change for the same input (rules, merge, columns):
 # every shard is then recomputed.
 CODE_VERSION = "1"
@@ -156,7 +157,8 @@ def _after_hashing(
         if con is None:
             return changed("no warehouse: its staging is not recorded")
         row = warehouse.read_source_manifest(con, name)
-        # The version's files must still hold the rows recorded for it (Parquet footers only).
+        # The version's files must still be the ones recorded, holding the rows recorded for
+        # it (names and Parquet footers only: a file's bytes are proven when it is read).
         on_disk = _staged_rows(con, staged)
     if row is None:
         return changed("the warehouse has no record of its staging")
@@ -206,7 +208,8 @@ def source_states(settings: EtlSettings) -> dict[str, SourceState]:
 
 
 def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -> dict[int, int]:
-    """Rows per shard in a staged version's files; {} if any shard's slice is missing.
+    """Rows per shard in a staged version's files; {} if any shard's slice is missing, or the
+    files are not those whose sha256 the pointer recorded.
 
     One query over every slice (counts come from the Parquet footers), not one per shard: it
     runs for every source on every run's skip decision.
@@ -214,6 +217,9 @@ def _staged_rows(con: duckdb.DuckDBPyConnection, staged: staging.StagedSource) -
     shard_ids = list(range(staged.shard_count))
     try:
         files = staging.all_slice_files({staged.source: staged}, shard_ids)
+        root = Path(staged.version_dir)
+        if {str(Path(f).relative_to(root)) for f in files} != set(staged.file_sha256s):
+            return {}
         counts = dict(con.execute(
             "SELECT shard_id, count(*) FROM read_parquet($files, hive_partitioning = true, "
             "hive_types = {'shard_id': INTEGER}) GROUP BY shard_id",
@@ -308,7 +314,8 @@ def stale_shards(
 
 
 PROFILES_SKIP_REASON = ("every shard and the code are unchanged since the last rebuild, and the "
-                        "export and snapshot on disk are the ones it wrote (sha256)")
+                        "export and snapshot on disk are the ones it wrote (sha256, and no WAL "
+                        "beside the snapshot)")
 
 
 def profiles_code() -> str:
@@ -330,7 +337,9 @@ class ProfilesState:
 
     `stale_shards`: shards not current (customer_profiles must not be built from them);
     `shards_hash`: what it would be built from now, when every shard is current; `entry`: its
-    last build's profiles_manifest row, if any.
+    last build's profiles_manifest row, if any; `damaged`: the export or snapshot on disk that
+    is not what the last publish wrote (another sha256, or a WAL beside the snapshot), which
+    the next publish replaces.
     """
 
     current: bool
@@ -339,6 +348,7 @@ class ProfilesState:
     stale_shards: tuple[int, ...] = ()
     shards_hash: str = ""
     entry: dict | None = None
+    damaged: str = ""
 
 
 def profiles_state(
@@ -364,7 +374,8 @@ def profiles_state(
                              "sources", stale_shards=stale)
     built_from = shards_hash(shards)
     entry = warehouse.read_profiles_manifest(con, settings.shard_count)
-    export = Path(settings.export_path)
+    export, snapshot = Path(settings.export_path), Path(settings.snapshot_path)
+    damaged = ""
     if entry is None:
         reason = "never built for this shard layout"
     elif (entry["shards_hash"], entry["code_version"]) != (built_from, profiles_code()):
@@ -373,12 +384,19 @@ def profiles_state(
         reason = f"last exported to {entry['export_path']}"
     elif not _intact(export, entry["export_sha256"], uncached.sha256):
         reason = "the export on disk is not the one it wrote"
+        damaged = str(export) if export.is_file() else ""
     # Absent in a manifest written before snapshots existed: never intact then.
-    elif not _intact(Path(settings.snapshot_path), entry.get("snapshot_sha256")):
+    elif not _intact(snapshot, entry.get("snapshot_sha256")):
         reason = "the snapshot on disk is not the one it wrote"
+        damaged = str(snapshot) if snapshot.is_file() and entry.get("snapshot_sha256") else ""
+    elif warehouse.wal_files(snapshot):
+        # Its bytes are the ones published, but a reader would replay the log onto them.
+        reason = ("a write-ahead log beside the snapshot holds changes made to it since it was "
+                  "published, which its readers see")
+        damaged = str(snapshot)
     else:
         return ProfilesState(True, PROFILES_SKIP_REASON, shards_hash=built_from, entry=entry)
-    return ProfilesState(False, reason, shards_hash=built_from, entry=entry)
+    return ProfilesState(False, reason, shards_hash=built_from, entry=entry, damaged=damaged)
 
 
 def _intact(path: Path, sha256: str | None,

@@ -3,8 +3,10 @@ with its export, published all or nothing. Whether either is current: `freshness
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 
@@ -14,6 +16,8 @@ from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import install_rules, merge_sql
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.validation import CheckOutcome
+
+log = logging.getLogger(__name__)
 
 
 class ChaosFailure(RuntimeError):
@@ -58,9 +62,11 @@ def build_shard(
     source_hash = staging.shard_input_hash(staged, shard_id)
     with warehouse.scratch(settings.duckdb_limits) as con:
         install_rules(con)
-        # Views, not copies: the merge reads each slice once, straight from its Parquet file.
+        # Views, not copies: the merge reads each slice once, straight from its Parquet file
+        # (proven first: the file staged, by the sha256 recorded when it was written).
         for name, source in staged.items():
-            con.read_parquet(duckdb_literals(source.slice_files(shard_id))).create_view(name)
+            con.read_parquet(duckdb_literals(staging.slices_to_read(source, shard_id))) \
+                .create_view(name)
         con.execute(f"CREATE TEMP TABLE new_rows AS {merge_sql()}", {"shard_id": shard_id})
         preview = con.execute(
             "SELECT customer_id, email, health_score, churn_risk, expansion_potential "
@@ -123,6 +129,9 @@ def publish_profiles(settings: EtlSettings) -> Published:
             state = freshness.profiles_state(settings, con)
             if state.stale_shards:
                 raise _not_current(state.stale_shards)
+            if state.damaged:
+                log.warning(f"{state.damaged}: {state.reason}; publishing customer_profiles "
+                            "again")
             if state.current:
                 # Published after passing them; checked again as it is now (it may have been
                 # changed by hand since), with the same checks.
@@ -158,14 +167,14 @@ def _publish(settings: EtlSettings) -> Published:
         summary: list[str] = []
 
         def audit_and_summarize(con: duckdb.DuckDBPyConnection,
-                                export_rows: Callable[[], int]) -> None:
-            def summary_then_rows() -> int:
-                # The export's record count is the audit's last fact, waited for while the
-                # export is still being written: the summary is read meanwhile, from the
-                # staged table this transaction commits.
+                                export: Callable[[], Path]) -> None:
+            def summary_then_export() -> Path:
+                # The export is the audit's last fact, waited for while it is still being
+                # written: the summary is read meanwhile, from the staged table this
+                # transaction commits.
                 summary.append(profile_summary(con))
-                return export_rows()
-            audit(con, summary_then_rows)
+                return export()
+            audit(con, summary_then_export)
 
         count = warehouse.publish_customer_profiles(
             con, settings.shard_count, settings.export_path, settings.snapshot_path,

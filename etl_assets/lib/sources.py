@@ -8,6 +8,7 @@ first.
 
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -35,6 +36,8 @@ from etl_assets.lib.validation import (
     read_source,
     snapshot_file,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -186,14 +189,18 @@ def _write_slices(
     existing = version_dir.is_dir()
     # A full disk or a bad path while staging names the source's staging folder.
     with errors.naming(Path(settings.staging_dir) / schema.name):
-        if existing and not settings.force:
+        current = _current_version(settings, schema.name) \
+            if existing and not settings.force else None
+        if current is not None and Path(current.version_dir).name == version_dir.name \
+                and _proven_slices(current) is not None:
             # Published earlier under this name. The name alone proves nothing (a version
-            # staged by older code, or damaged on disk, keeps it): it is reused only if its
-            # files hold exactly the rows just read, shard by shard.
+            # staged by older code, or damaged on disk, keeps it): it is reused only if it is
+            # the current version, its files are the ones staged (their recorded sha256) and
+            # they hold exactly the rows just read, shard by shard.
             slice_hashes, slice_rows = _staged_stats(con, version_dir, n)
             if (slice_hashes, slice_rows) == slice_stats(con, schema, n):
                 staged = staging.StagedSource(schema.name, sha, n, str(version_dir),
-                                              slice_hashes, slice_rows)
+                                              slice_hashes, slice_rows, current.file_sha256s)
                 return staging.publish(settings.staging_dir, None, staged, hook)
         tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
         try:
@@ -203,6 +210,28 @@ def _write_slices(
             # Our own temp folder: nobody else will use it (a crash leaves it for _prune).
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _current_version(settings: EtlSettings, source: str) -> staging.StagedSource | None:
+    """The source's current staged version, or None if it has none."""
+    try:
+        return staging.read_pointer(settings.staging_dir, source)
+    except staging.StagingError:
+        return None
+
+
+def _proven_slices(staged: staging.StagedSource) -> dict[int, list[str]] | None:
+    """Every shard's slice files of a version about to be reused (read, or linked into the
+    next version), each proven against its recorded sha256; None if one is not, or is gone.
+    A slice that is not the file staged is said in one warning line: the caller stages the
+    source from its whole file instead."""
+    try:
+        return {k: staged.proven_slice_files(k) for k in range(staged.shard_count)}
+    except staging.SliceDamagedError as exc:
+        log.warning(f"{exc}; staging {staged.source} again from its file")
+        return None
+    except (staging.StagingError, OSError):
+        return None
 
 
 def _stage_into(
@@ -387,9 +416,8 @@ def _stage_changed(
                 (tmp / f"{name}.csv").write_bytes(
                     header + file_diff.read_region(source, region.start, end))
             touched = _changed_rows(con, schema, columns, tmp, n)
-            try:
-                old_slices = {k: current.slice_files(k) for k in range(n)}
-            except (staging.StagingError, OSError):
+            old_slices = _proven_slices(current) if touched is not None else None
+            if old_slices is None:
                 touched = None
             if touched is not None:
                 # The stretch's old rows must be in the slices as staged (else the kept file is
@@ -431,9 +459,12 @@ def _stage_changed(
             slice_rows = {k: counts[k] if k in touched else current.slice_rows[k] for k in range(n)}
             con.execute("CREATE OR REPLACE TEMP TABLE rejected (line_number BIGINT, "
                         "customer_id VARCHAR, reason VARCHAR, raw VARCHAR)")
+            # The linked slices keep the sha256 recorded when they were written (proven above).
+            linked = {name: digest for k in range(n) if k not in touched
+                      for name, digest in current.slice_sha256s(k).items()}
             # An edit undone: the file is an older version's again, staged anew in its place.
             staged = staging.publish(settings.staging_dir, tmp, staging.StagedSource(
-                schema.name, sha, n, str(version_dir), slice_hashes, slice_rows), hook,
+                schema.name, sha, n, str(version_dir), slice_hashes, slice_rows, linked), hook,
                 replace=version_dir.is_dir())
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

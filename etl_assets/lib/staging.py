@@ -16,13 +16,14 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from etl_assets.lib.faults import Hook, no_hook
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
+from etl_assets.lib.validation import file_sha256
 
 POINTER = "current.json"
 # A clean version's copy of the file it was staged from, kept (in the current version only) so
@@ -35,6 +36,15 @@ class StagingError(RuntimeError):
     """The staged data a shard needs is missing or was staged for another layout."""
 
 
+class SliceDamagedError(StagingError):
+    """A slice on disk is not the file that was staged: its sha256 is not the one recorded
+    when it was written (or it was never recorded, or it is missing)."""
+
+    def __init__(self, source: str, path: Path, problem: str) -> None:
+        self.source, self.path = source, path
+        super().__init__(f"{path}: staged slice of {source!r} {problem}")
+
+
 @dataclass(frozen=True)
 class StagedSource:
     """What a source asset published: the file's identity and its per-shard slices."""
@@ -45,6 +55,8 @@ class StagedSource:
     version_dir: str
     slice_hashes: dict[int, str]
     slice_rows: dict[int, int]
+    # Each slice file's sha256, taken when it was written: "shard_id=<k>/<name>" -> sha256.
+    file_sha256s: dict[str, str] = field(default_factory=dict)
 
     def slice_files(self, shard_id: int) -> list[str]:
         """The shard's Parquet file(s), listed here (not a pattern for DuckDB to expand); there
@@ -56,6 +68,30 @@ class StagedSource:
                                f"{self.version_dir}")
         return files
 
+    def slice_sha256s(self, shard_id: int) -> dict[str, str]:
+        """The recorded sha256 of each of the shard's slice files, by name in the version."""
+        prefix = f"shard_id={shard_id}/"
+        return {name: sha for name, sha in self.file_sha256s.items() if name.startswith(prefix)}
+
+    def proven_slice_files(self, shard_id: int) -> list[str]:
+        """`slice_files`, each hashed and found to be the file that was staged (the sha256
+        recorded when it was written); SliceDamagedError naming the first that is not. For
+        a reader about to read them, or a new version about to reuse them."""
+        files = self.slice_files(shard_id)
+        recorded = self.slice_sha256s(shard_id)
+        root = Path(self.version_dir)
+        missing = sorted(set(recorded) - {str(Path(f).relative_to(root)) for f in files})
+        if missing:
+            raise SliceDamagedError(self.source, root / missing[0], "is missing")
+        for path in map(Path, files):
+            expected = recorded.get(str(path.relative_to(root)))
+            if expected is None:
+                raise SliceDamagedError(self.source, path, "has no sha256 recorded at staging")
+            if file_sha256(path) != expected:
+                raise SliceDamagedError(self.source, path, "is not the file staged (its sha256 "
+                                        "differs from the one recorded when it was written)")
+        return files
+
     def to_json(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -64,6 +100,7 @@ class StagedSource:
             "version_dir": self.version_dir,
             "slice_hashes": {str(k): v for k, v in sorted(self.slice_hashes.items())},
             "slice_rows": {str(k): v for k, v in sorted(self.slice_rows.items())},
+            "file_sha256s": dict(sorted(self.file_sha256s.items())),
         }
 
     @classmethod
@@ -75,6 +112,8 @@ class StagedSource:
             version_dir=data["version_dir"],
             slice_hashes={int(k): v for k, v in data["slice_hashes"].items()},
             slice_rows={int(k): int(v) for k, v in data["slice_rows"].items()},
+            # Absent in a pointer written by older code: nothing it staged is proven.
+            file_sha256s=dict(data.get("file_sha256s", {})),
         )
 
 
@@ -91,13 +130,18 @@ def publish(
 ) -> StagedSource:
     """Rename `tmp_dir` to the version directory, then point `current.json` at it.
 
-    With `tmp_dir` None the version directory already exists (same bytes, published earlier)
-    and only the pointer moves. With `replace`, an existing version directory of the same name
-    (one that did not hold what its name promises, or --force) is swapped out for `tmp_dir`.
+    With `tmp_dir` None the version directory already exists (same bytes, published earlier,
+    its files proven against `staged.file_sha256s`) and only the pointer moves. Otherwise the
+    pointer records the sha256 of every slice file in `tmp_dir`: those `staged.file_sha256s`
+    already names (files linked from a version they were proven in) as given, the others
+    hashed here as they are made durable. With `replace`, an existing version directory of
+    the same name (one that did not hold what its name promises, or --force) is swapped out
+    for `tmp_dir`.
     """
     final = Path(staged.version_dir)
     if tmp_dir is not None:
-        _fsync_dir_files(tmp_dir)
+        staged = dataclasses.replace(
+            staged, file_sha256s=_fsync_and_hash(tmp_dir, staged.file_sha256s))
         hook("source_before_publish")
         if replace and final.exists():
             # Moved aside first: a rename cannot replace a non-empty directory. A shard that
@@ -109,8 +153,10 @@ def publish(
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
                 raise
             # A concurrent run published the same content-addressed version first: the same
-            # bytes, layout and code, so theirs is as good as ours.
+            # bytes, layout and code, so theirs is as good as ours (its files, not ours: the
+            # pointer records theirs, as that run just wrote them).
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            staged = dataclasses.replace(staged, file_sha256s=_fsync_and_hash(final, {}))
     hook("source_before_pointer")
     _write_pointer(Path(staging_dir) / staged.source, staged)
     _prune(Path(staging_dir) / staged.source, keep=final.name)
@@ -149,10 +195,17 @@ def _write_pointer(source_dir: Path, staged: StagedSource) -> None:
     os.replace(tmp, source_dir / POINTER)
 
 
-def _fsync_dir_files(directory: Path) -> None:
-    for child in directory.rglob("*.parquet"):
+def _fsync_and_hash(directory: Path, known: dict[str, str]) -> dict[str, str]:
+    """Make every slice file under `directory` durable; return each one's sha256 by name in
+    the version ("shard_id=<k>/<name>"): from `known` if it names it, else hashed here (just
+    written, so read from the page cache)."""
+    hashes = {}
+    for child in sorted(directory.glob("shard_id=*/*.parquet")):
+        name = str(child.relative_to(directory))
+        hashes[name] = known.get(name) or file_sha256(child)
         with open(child, "rb") as fh:
             os.fsync(fh.fileno())
+    return hashes
 
 
 def _prune(source_dir: Path, keep: str) -> None:
@@ -197,6 +250,19 @@ def current_sources(settings: EtlSettings) -> dict[str, StagedSource]:
 def all_slice_files(staged: dict[str, StagedSource], shard_ids: list[int]) -> list[str]:
     """Every slice file of these shards in every source (source order, then shard order)."""
     return [f for source in staged.values() for k in shard_ids for f in source.slice_files(k)]
+
+
+def slices_to_read(staged: StagedSource, shard_id: int) -> list[str]:
+    """The shard's slice files of one source, proven (`proven_slice_files`), for a reader that
+    cannot stage the source again itself (a shard, a check). A damaged slice is removed, so
+    that the source's next skip decision finds its slices short and stages it again from its
+    file, and StagingError says so in one line naming it."""
+    try:
+        return staged.proven_slice_files(shard_id)
+    except SliceDamagedError as exc:
+        exc.path.unlink(missing_ok=True)
+        raise StagingError(f"{exc}; removed it: the next `etl-assets run` stages "
+                           f"{staged.source!r} again from its file") from None
 
 
 def shard_input_hash(staged: dict[str, StagedSource], shard_id: int) -> str:

@@ -14,6 +14,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 
@@ -28,7 +29,9 @@ from etl_assets.lib.schema import (
     SourceSchema,
 )
 from etl_assets.lib.settings import EtlSettings
-from etl_assets.lib.staging import StagedSource
+
+if TYPE_CHECKING:  # staging hashes its files with file_sha256, defined here
+    from etl_assets.lib.staging import StagedSource
 
 INT_PATTERN = "[+-]?[0-9]+"
 DECIMAL_PATTERN = r"[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)"

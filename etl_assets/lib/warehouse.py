@@ -15,6 +15,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
 import queue
 import random
@@ -42,6 +43,7 @@ from etl_assets.lib.validation import file_sha256
 
 ALIAS = "wh"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _LOCK_HOLDER = re.compile(r"PID (\d+)")
 
 
@@ -727,6 +729,12 @@ def _stale_temps(target: Path) -> Iterator[Path]:
             yield tmp
 
 
+def wal_files(database: Path) -> list[Path]:
+    """DuckDB's write-ahead log beside a database file (`<name>.wal`): changes written to it
+    and not yet checkpointed, which whoever opens the file next replays onto it."""
+    return sorted(database.parent.glob(f"{glob.escape(database.name)}.wal*"))
+
+
 def _remove_temp(tmp: Path) -> None:
     """Remove a temp file and the WAL DuckDB may have left beside it."""
     tmp.unlink(missing_ok=True)
@@ -805,14 +813,11 @@ def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dic
     con.execute("SET preserve_insertion_order = true")
     with errors.naming(parts_dir):
         parts_dir.mkdir(parents=True, exist_ok=True)
-        text = [name for name, sql_type in profile_columns() if sql_type == "VARCHAR"]
 
         def part(shard_id: int, version: str) -> Callable[[duckdb.DuckDBPyConnection], Path]:
-            prefix = export_parts.part_prefix(shard_count, shard_id, version)
             found = _parts_of(parts_dir, shard_count, shard_id, version)
-            return lambda cur: found[0] if found else export_parts.write_part(
-                cur, f"SELECT * FROM {SNAPSHOT}.{PROFILES_SHARD_TABLE.format(shard_id)}", text,
-                parts_dir, prefix)
+            return lambda cur: found[0] if found else _write_part(
+                cur, shard_count, shard_id, version, parts_dir)
 
         # Each part read and written on its own cursor, side by side (see in_parallel).
         parts = in_parallel(con, [part(k, v) for k, v in sorted(versions.items())])
@@ -826,10 +831,21 @@ def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dic
     return parts
 
 
+def _write_part(cur: duckdb.DuckDBPyConnection, shard_count: int, shard_id: int, version: str,
+                parts_dir: Path) -> Path:
+    """Write one shard version's part from its table in the snapshot being published."""
+    text = [name for name, sql_type in profile_columns() if sql_type == "VARCHAR"]
+    return export_parts.write_part(
+        cur, f"SELECT * FROM {SNAPSHOT}.{PROFILES_SHARD_TABLE.format(shard_id)}", text,
+        parts_dir, export_parts.part_prefix(shard_count, shard_id, version))
+
+
 def _parts_of(parts_dir: Path, shard_count: int, shard_id: int, version: str) -> list[Path]:
-    """The part files written for one shard version (one, or none yet)."""
+    """The part files written for one shard version (one, or none yet). A part whose name
+    records no sha256 (written by older code) is not one: nothing could prove it."""
     prefix = export_parts.part_prefix(shard_count, shard_id, version)
-    return sorted(parts_dir.glob(f"{glob.escape(prefix)}*.csv"))
+    return [p for p in sorted(parts_dir.glob(f"{glob.escape(prefix)}*.csv"))
+            if export_parts.recorded_sha256(p)]
 
 
 def _kept_parts(entry: dict | None, changed: list[int] | None, shard_count: int,
@@ -910,13 +926,18 @@ class _HashingWriter:
 
 
 def _write_export(tmp: Path, target: Path, head: bytes, parts: list[Path], hook: Hook,
-                  stop: threading.Event | None = None,
-                  base: _PatchBase | None = None) -> tuple[str, int, str]:
+                  stop: threading.Event | None = None, base: _PatchBase | None = None,
+                  rewrite: Callable[[int], Path] | None = None) -> tuple[str, int, str]:
     """Write the export to `tmp` (made by _export_header), durably: `head`, then the shards'
     sorted parts merged on customer_id (export_parts), or the same bytes patched from `base`
     when it can be; return its sha256, how many records it holds (both taken from the bytes as
     they are written) and how it was written. Stops (MergeStopped) once `stop` is set. Errors
-    name `target`."""
+    name `target`.
+
+    A part found damaged as it is merged (not the bytes its name records, cut short, out of
+    order) is written again by `rewrite(shard_id)` from the table, with one warning line, and
+    the merge starts over; without `rewrite` the merge's PartDamagedError is raised."""
+    parts = list(parts)
     with errors.naming(target):
         written = None
         how = f"merged from {len(parts)} parts"
@@ -928,11 +949,24 @@ def _write_export(tmp: Path, target: Path, head: bytes, parts: list[Path], hook:
                        f"{len(base.replaced)} shard(s)")
             except export_parts.NotPatchable as exc:
                 how += f" (not patched: {exc})"
-        if written is None:
-            def merged(out: BinaryIO) -> tuple[int, str]:
-                writer = _HashingWriter(out)
-                return export_parts.merge(head, parts, writer, stop), writer.digest.hexdigest()
-            written = _write_durably(tmp, merged)
+
+        def merged(out: BinaryIO) -> tuple[int, str]:
+            writer = _HashingWriter(out)
+            return export_parts.merge(head, parts, writer, stop), writer.digest.hexdigest()
+
+        rounds = 0
+        while written is None:
+            try:
+                written = _write_durably(tmp, merged)
+            except export_parts.PartDamagedError as exc:
+                # Each round writes at least one part again, so there is at most one per part.
+                rounds += 1
+                if rewrite is None or rounds > len(parts):
+                    raise
+                log.warning(f"{exc}; written again from customer_profiles")
+                for path in exc.paths:
+                    shard_id = parts.index(path)
+                    parts[shard_id] = rewrite(shard_id)
         hook("export_write")
     return (*written, how)
 
@@ -1011,7 +1045,7 @@ def publish_customer_profiles(
     manifest: dict[str, object],
     hook: Hook = no_hook,
     built_from: Callable[[dict[int, dict]], None] | None = None,
-    audit: Callable[[duckdb.DuckDBPyConnection, Callable[[], int]], None] | None = None,
+    audit: Callable[[duckdb.DuckDBPyConnection, Callable[[], Path]], None] | None = None,
     parts_dir: str | None = None,
     rebuild: bool = False,
 ) -> int:
@@ -1033,8 +1067,8 @@ def publish_customer_profiles(
       3. BEGIN; replace the changed shards' rows of customer_profiles in the warehouse (the
          same rows as the snapshot's, by construction), while a thread writes the export
          from the parts to a temp file next to its target (fsynced); `audit(con,
-         export_rows)` checks the table (as this transaction sees it) meanwhile, then the
-         export's record count (`export_rows()` waits for the thread), and raises if a check
+         export)` checks the table (as this transaction sees it) meanwhile, then the export
+         (`export()` waits for the thread and names the temp file), and raises if a check
          failed; record the manifest with both files' sha256 and the shard versions;
       4. COMMIT (table + manifest change together);
       5. rename the temp files onto the export and the snapshot (each atomic).
@@ -1090,18 +1124,29 @@ def publish_customer_profiles(
                 with errors.naming(snapshot):
                     # A WAL beside the old file (someone wrote to it) would be replayed onto
                     # the new one by the next reader.
-                    snapshot.with_name(snapshot.name + ".wal").unlink(missing_ok=True)
+                    for wal in wal_files(snapshot):
+                        wal.unlink(missing_ok=True)
                     os.replace(snapshot_tmp, snapshot)
+
+            def rewrite(shard_id: int) -> Path:
+                # A kept part found damaged by the merge (in its thread, on a cursor of its own).
+                cur = con.cursor()
+                try:
+                    with errors.naming(parts):
+                        return _write_part(cur, shard_count, shard_id, versions[shard_id], parts)
+                finally:
+                    cur.close()
 
             head = _export_header(con, tmp, target)
             # The merge is Python and DuckDB's copy of the shard tables below releases the
             # GIL: the export is written beside it, not after it.
             export = _Background(lambda stop: _write_export(tmp, target, head, part_files,
-                                                            hook, stop, base))
+                                                            hook, stop, base, rewrite))
 
-            def export_rows() -> int:
+            def export_written() -> Path:
                 report_progress("publish", step="waiting for the export's merge")
-                return export.result()[1]
+                export.result()
+                return tmp
             try:
                 report_progress("publish", step=f"table: replacing {table_shards} of "
                                 f"{shard_count} shards, while the export is "
@@ -1118,8 +1163,8 @@ def publish_customer_profiles(
                         f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
                     if audit is not None:
                         # The table's checks run while the merge still writes the export; the
-                        # export's row count is the last fact they wait for.
-                        audit(con, export_rows)
+                        # export's records and rows are the last facts they wait for.
+                        audit(con, export_written)
                     sha, _, how = export.result()
                     report_progress("publish", step=f"export: {how}")
                     _record(con, shard_count, manifest, count, export_path, sha, snapshot_sha,
