@@ -186,7 +186,7 @@ def read_export(path: Path) -> list[dict[str, str]]:
 
 def build_profiles(settings: EtlSettings) -> dict[str, dict[str, object]]:
     """Stage, build every shard and rebuild customer_profiles without Dagster; rows by id."""
-    from etl_assets.lib import warehouse
+    from etl_assets.lib import profile_tables, warehouse
     from etl_assets.lib.profiles import build_shard
     from etl_assets.lib.sources import stage_source
 
@@ -195,7 +195,7 @@ def build_profiles(settings: EtlSettings) -> dict[str, dict[str, object]]:
     for shard_id in settings.shard_ids:
         build_shard(settings, shard_id, run_id="test")
     with warehouse.reader(settings.duckdb_path, 5) as con:
-        warehouse.rebuild_customer_profiles(con, settings.shard_count)
+        profile_tables.rebuild_customer_profiles(con, settings.shard_count)
         cur = con.execute("SELECT * FROM wh.customer_profiles ORDER BY customer_id")
         names = [d[0] for d in cur.description]
         return {row[0]: dict(zip(names, row, strict=True)) for row in cur.fetchall()}
@@ -266,7 +266,7 @@ def shard_rows(home: Path) -> dict[int, list[tuple]]:
     return by_shard
 
 
-# The tables the snapshot holds, each in a fixed order (warehouse.SNAPSHOT_TABLES and
+# The tables the snapshot holds, each in a fixed order (publish.SNAPSHOT_TABLES and
 # customer_profiles).
 USER_TABLES = {"customer_profiles": "customer_id", "rejected_rows": "source, line_number",
                "source_manifest": "source", "shard_manifest": "shard_count, shard_id"}

@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from etl_assets.lib import ducklake, freshness, warehouse
+from etl_assets.lib import ducklake, freshness, publish, warehouse
 from etl_assets.lib.profiles import build_shard, publish_profiles
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import PG_URL_VAR, EtlSettings, SettingsError
@@ -149,7 +149,7 @@ def test_a_shard_written_while_customer_profiles_is_published_makes_it_start_aga
         stage_source(schema, settings)
     for k in settings.shard_ids:
         build_shard(settings, k, run_id="first")
-    check, meanwhile = warehouse.check_export_target, []
+    check, meanwhile = publish.check_export_target, []
     changed = shard_of("cust_00000007", settings.shard_count)  # the other shard stays current
 
     def a_shard_commits_meanwhile(path: str) -> None:
@@ -159,7 +159,7 @@ def test_a_shard_written_while_customer_profiles_is_published_makes_it_start_aga
             meanwhile.append(build_shard(settings, changed, run_id="meanwhile"))
         check(path)
 
-    monkeypatch.setattr(warehouse, "check_export_target", a_shard_commits_meanwhile)
+    monkeypatch.setattr(publish, "check_export_target", a_shard_commits_meanwhile)
     with caplog.at_level("WARNING", logger=ducklake.__name__):
         published = publish_profiles(settings)
         count, skipped = published.rows, published.skipped

@@ -14,11 +14,11 @@ import pytest
 
 from etl_assets.lib import staging, warehouse
 from etl_assets.lib.checks import profile_checks, profile_facts
+from etl_assets.lib.files import SourceChangedError, file_sha256
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings, SettingsError
 from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
-from etl_assets.lib.validation import SourceChangedError, file_sha256
 from etl_assets.tools.generate import generate
 from etl_assets.tools.runner import run_pipeline
 from etl_assets_tests.conftest import edit_crm, make_settings, read_export

@@ -21,8 +21,8 @@ import pytest
 
 from etl_assets.lib.errors import NO_SPACE
 from etl_assets.lib.faults import ENOSPC_POINTS
+from etl_assets.lib.files import file_sha256
 from etl_assets.lib.settings import EtlSettings
-from etl_assets.lib.validation import file_sha256
 from etl_assets.tools.generate import generate
 from etl_assets.tools.runner import run_pipeline
 from etl_assets_tests.conftest import edit_crm, make_settings, tmpfs, user_tables

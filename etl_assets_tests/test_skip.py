@@ -11,7 +11,7 @@ import pytest
 
 from etl_assets.definitions import build_defs
 from etl_assets.defs.contracts import SHARD_INPUTS, SOURCES_JOB
-from etl_assets.lib import staging, warehouse
+from etl_assets.lib import profile_tables, staging, warehouse
 from etl_assets.lib.checks import SOURCE_CUSTOMERS
 from etl_assets.lib.events import progress_listener
 from etl_assets.lib.freshness import guess_shards_needed, staging_key
@@ -192,7 +192,7 @@ def test_a_rebuild_forgets_the_previous_record_at_once(ran, sample_dir):
     settings = ran
     with warehouse.reader(settings.duckdb_path, 5) as con:
         assert con.execute("SELECT count(*) FROM wh.profiles_manifest").fetchone()[0] == 1
-        warehouse.rebuild_customer_profiles(con, settings.shard_count)
+        profile_tables.rebuild_customer_profiles(con, settings.shard_count)
         assert con.execute("SELECT count(*) FROM wh.profiles_manifest").fetchone()[0] == 0
 
 

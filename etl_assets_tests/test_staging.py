@@ -163,7 +163,7 @@ def test_a_stretch_is_bounded_in_both_files(tmp_path: Path):
     """Cutting a file to a few records leaves a short new stretch and a long old one: neither
     may exceed the fraction, or the old one would be read into memory whole."""
     from etl_assets.lib.file_diff import changed_region
-    from etl_assets.lib.validation import file_sha256
+    from etl_assets.lib.files import file_sha256
 
     old, new = tmp_path / "old.csv", tmp_path / "new.csv"
     lines = ["customer_id,mrr"] + [f"cust_{i:05d},{i}.00" for i in range(1000)]

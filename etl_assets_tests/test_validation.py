@@ -7,7 +7,7 @@ from decimal import Decimal
 import duckdb
 import pytest
 
-from etl_assets.lib import errors, warehouse
+from etl_assets.lib import errors, publish, warehouse
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
@@ -335,9 +335,8 @@ def test_minus_zero_is_stored_and_exported_as_zero(tmp_path):
     for column in ("usage_pct", "avg_resolution_hrs", "csat_score"):
         assert math.copysign(1.0, profile[column]) == 1.0, column  # -0.0 == 0.0 in Python
     with warehouse.reader(settings.duckdb_path, 5) as con:  # the real publish path
-        warehouse.publish_customer_profiles(con, settings.shard_count, settings.export_path,
-                                            settings.snapshot_path,
-                                            {"shards_hash": "test", "code_version": "test"})
+        publish.publish_customer_profiles(con, publish.Targets.of(settings),
+                                          {"shards_hash": "test", "code_version": "test"})
     exported = read_export(settings.export_path)[0]
     assert {c: exported[c] for c in ("mrr", "usage_pct", "avg_resolution_hrs", "csat_score")} \
         == {"mrr": "0.00", "usage_pct": "0.0", "avg_resolution_hrs": "0.0", "csat_score": "0.0"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from etl_assets.lib import warehouse
+from etl_assets.lib import profile_tables, warehouse
 from etl_assets_tests.conftest import build_profiles, make_settings
 
 
@@ -30,7 +30,7 @@ def test_rebuild_keeps_one_row_per_idempotency_key(tmp_path, sample_dir):
     first = sorted(profiles)[0]
     with warehouse.reader(settings.duckdb_path, 5) as con:
         rows = con.execute("SELECT count(*) FROM wh.shard_profiles").fetchone()[0]
-        assert warehouse.rebuild_customer_profiles(con, settings.shard_count) == rows
+        assert profile_tables.rebuild_customer_profiles(con, settings.shard_count) == rows
         ids = [r[0] for r in con.execute("SELECT customer_id FROM wh.customer_profiles").fetchall()]
         assert len(ids) == len(set(ids)) == len(profiles)
         for shard in range(settings.shard_count):
@@ -41,7 +41,7 @@ def test_rebuild_keeps_one_row_per_idempotency_key(tmp_path, sample_dir):
         home = profiles[first]["shard_id"]
         _insert_copy_of_shard_row(con, first, shard_id=home + 7)
         assert con.execute("SELECT count(*) FROM wh.shard_profiles").fetchone()[0] == rows + 1
-        assert warehouse.rebuild_customer_profiles(con, settings.shard_count) == rows
+        assert profile_tables.rebuild_customer_profiles(con, settings.shard_count) == rows
         kept = con.execute("SELECT shard_id FROM wh.customer_profiles WHERE customer_id = ?",
                            [first]).fetchall()
         assert kept == [(home,)]
@@ -57,11 +57,12 @@ def test_a_repeated_key_is_probed_in_the_shards_about_to_be_written(tmp_path, sa
     home = profiles[first]["shard_id"]
     other = (home + 1) % 3
     with warehouse.reader(settings.duckdb_path, 5) as con:
-        assert warehouse._one_per_key(con, 3) == warehouse._one_per_key(con, 3, [home]) == ""
+        assert profile_tables.one_per_key_sql(con, 3) == profile_tables.one_per_key_sql(con, 3, [home]) == ""
         _insert_copy_of_shard_row(con, first, shard_id=home)
         for shards in (None, [home], [other, home]):
-            assert "QUALIFY" in warehouse._one_per_key(con, 3, shards), shards
-        assert warehouse._one_per_key(con, 3, [other]) == warehouse._one_per_key(con, 3, []) == ""
+            assert "QUALIFY" in profile_tables.one_per_key_sql(con, 3, shards), shards
+        one_per_key = profile_tables.one_per_key_sql
+        assert one_per_key(con, 3, [other]) == one_per_key(con, 3, []) == ""
 
 
 def test_export_merged_from_parts_is_the_whole_table_copy(tmp_path):

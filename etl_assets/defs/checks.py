@@ -9,8 +9,7 @@ their specs and turns the library's outcomes into check results.
 import dagster as dg
 
 from etl_assets.defs.contracts import CUSTOMER_PROFILES
-from etl_assets.lib.checks import PROFILE_CHECKS
-from etl_assets.lib.validation import CheckOutcome
+from etl_assets.lib.checks import PROFILE_CHECKS, CheckOutcome
 
 
 def profile_check_specs() -> list[dg.AssetCheckSpec]:

@@ -52,10 +52,11 @@ from etl_assets.defs.resources import (
     pipeline_settings,
 )
 from etl_assets.lib import freshness, staging
+from etl_assets.lib.files import file_sha256
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.sources import plan_slices
-from etl_assets.lib.validation import SourceFileError, file_sha256
+from etl_assets.lib.validation import SourceFileError
 from etl_assets.lib.warehouse import WarehouseLockedError
 
 

@@ -14,10 +14,12 @@ from etl_assets.defs.resources import (
     step_settings,
 )
 from etl_assets.lib import errors
+from etl_assets.lib.checks import source_checks
+from etl_assets.lib.files import SourceChangedError
 from etl_assets.lib.freshness import SOURCE_SKIP_REASON, STAGING_VERSION
 from etl_assets.lib.schema import SOURCES, SourceSchema
 from etl_assets.lib.sources import stage_source
-from etl_assets.lib.validation import SourceChangedError, SourceFileError, source_checks
+from etl_assets.lib.validation import SourceFileError
 
 
 def _column_schema(schema: SourceSchema) -> dg.TableSchema:

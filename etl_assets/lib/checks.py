@@ -21,11 +21,62 @@ import duckdb
 from etl_assets.lib import freshness, staging, warehouse
 from etl_assets.lib.events import report_progress
 from etl_assets.lib.paths import duckdb_literal, duckdb_literals
-from etl_assets.lib.schema import MAX_LINE_BYTES, profile_columns
+from etl_assets.lib.schema import MAX_LINE_BYTES, SourceSchema, profile_columns
 from etl_assets.lib.settings import EtlSettings
-from etl_assets.lib.validation import CheckOutcome
+from etl_assets.lib.staging import StagedSource
+from etl_assets.lib.validation import ReadReport
 
 WH = warehouse.ALIAS
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """One check's verdict, with what it compared (the source assets report it to Dagster)."""
+
+    name: str
+    passed: bool
+    metadata: dict
+    description: str | None = None
+
+
+def source_checks(
+    schema: SourceSchema, report: ReadReport, staged: StagedSource,
+    settings: EtlSettings,
+) -> list[CheckOutcome]:
+    """The source's two blocking checks (rows accounted, reject rate) for a read report and
+    the version it staged."""
+    staged_rows = sum(staged.slice_rows.values())
+    return [
+        CheckOutcome(
+            name="rows_accounted",
+            # Rows read from the file = accepted + rejected, and the staged slices (counted
+            # from their files) hold exactly the accepted rows: a staging that does not match
+            # the read it is recorded for fails here, not silently downstream.
+            passed=report.rows_read == report.accepted + report.rejected
+            and staged_rows == report.accepted,
+            metadata={"read": report.rows_read, "accepted": report.accepted,
+                      "rejected": report.rejected, "staged": staged_rows},
+        ),
+        CheckOutcome(
+            name="reject_rate",
+            passed=report.invalid_fraction <= settings.max_reject_fraction,
+            metadata={
+                "invalid": report.invalid,
+                "duplicates": report.rejected - report.invalid,
+                "read": report.rows_read,
+                "fraction": round(report.invalid_fraction, 6),
+                "max_fraction": settings.max_reject_fraction,
+                "top_reason": report.top_reason or "",
+            },
+            description=(
+                f"{schema.name}: {report.invalid} of {report.rows_read} rows rejected as "
+                f"invalid ({report.invalid_fraction:.1%}, limit "
+                f"{settings.max_reject_fraction:.1%})"
+                + (f", most often {report.top_reason}" if report.top_reason else "")
+            ),
+        ),
+    ]
+
 
 # name -> description, in the order the checks are reported (the Dagster specs read this).
 PROFILE_CHECKS: dict[str, str] = {

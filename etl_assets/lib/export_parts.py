@@ -36,7 +36,7 @@ from typing import BinaryIO
 import duckdb
 
 from etl_assets.lib import uncached
-from etl_assets.lib.validation import file_sha256
+from etl_assets.lib.files import file_sha256
 
 _BUFFER = 1 << 20
 

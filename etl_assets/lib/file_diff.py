@@ -15,9 +15,7 @@ the stretch is placed by are first proven to hold quotes only in well-formed quo
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,10 +230,4 @@ def read_region(path: Path, start: int, end: int) -> bytes:
         return fh.read(end - start)
 
 
-def link_or_copy(source: Path, target: Path) -> None:
-    """`target` as a hard link of `source` (staged files are never changed in place once
-    written), or a copy where the filesystem has no hard links."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
+#END

@@ -38,11 +38,12 @@ from pathlib import Path
 
 import duckdb
 
-from etl_assets.lib import staging, uncached, warehouse
+from etl_assets.lib import checks, files, staging, uncached, warehouse
+from etl_assets.lib.files import file_sha256
 from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.schema import SOURCES, SourceSchema
 from etl_assets.lib.settings import EtlSettings
-from etl_assets.lib.validation import ReadReport, file_sha256, source_checks
+from etl_assets.lib.validation import ReadReport
 
 # Bump when staging output would change for the same input (types, validation, hashing): every
 # source is then staged again. 4: the pointer records each slice file's sha256 (a version
@@ -168,7 +169,7 @@ def _after_hashing(
         return changed("its staged files do not hold the rows recorded for them")
     report = ReadReport(row["rows_read"], row["rows_accepted"], row["rows_rejected"],
                         Counter(json.loads(row["reasons"])))
-    failed = [c.name for c in source_checks(schema, report, staged, settings) if not c.passed]
+    failed = [c.name for c in checks.source_checks(schema, report, staged, settings) if not c.passed]
     return SourceState(
         name, not failed,
         f"staged and recorded, but its check(s) {', '.join(failed)} fail" if failed
@@ -389,7 +390,7 @@ def profiles_state(
     elif not _intact(snapshot, entry.get("snapshot_sha256")):
         reason = "the snapshot on disk is not the one it wrote"
         damaged = str(snapshot) if snapshot.is_file() and entry.get("snapshot_sha256") else ""
-    elif warehouse.wal_files(snapshot):
+    elif files.wal_files(snapshot):
         # Its bytes are the ones published, but a reader would replay the log onto them.
         reason = ("a write-ahead log beside the snapshot holds changes made to it since it was "
                   "published, which its readers see")

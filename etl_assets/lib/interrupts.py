@@ -91,3 +91,27 @@ def watching() -> Iterator[SignalWatch]:
         signal.set_wakeup_fd(previous_fd)
         os.close(read_fd)
         os.close(write_fd)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done, then deliver them.
+
+    Between COMMIT and the export's rename the table and the export disagree; an interrupt
+    there would leave them so until the next run. (Signals reach only the main thread's
+    handlers; elsewhere this does nothing.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in received[:1]:
+            signal.raise_signal(signum)

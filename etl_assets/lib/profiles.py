@@ -10,12 +10,12 @@ from pathlib import Path
 
 import duckdb
 
-from etl_assets.lib import checks, ducklake, freshness, staging, warehouse
+from etl_assets.lib import checks, ducklake, freshness, publish, staging, warehouse
+from etl_assets.lib.checks import CheckOutcome
 from etl_assets.lib.faults import Hook
 from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import install_rules, merge_sql
 from etl_assets.lib.settings import EtlSettings
-from etl_assets.lib.validation import CheckOutcome
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,11 @@ def _publish(settings: EtlSettings) -> Published:
                 return export()
             audit(con, summary_then_export)
 
-        count = warehouse.publish_customer_profiles(
-            con, settings.shard_count, settings.export_path, settings.snapshot_path,
+        count = publish.publish_customer_profiles(
+            con, publish.Targets.of(settings),
             {"shards_hash": freshness.shards_hash(shards),
              "code_version": freshness.profiles_code()}, settings.hook, built_from,
-            audit=audit_and_summarize,
-            parts_dir=settings.export_parts_dir, rebuild=settings.force)
+            audit=audit_and_summarize)
         return Published(count, False, summary[0] if summary else profile_summary(con),
                          outcomes)
 

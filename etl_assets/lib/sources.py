@@ -18,9 +18,10 @@ from pathlib import Path
 
 import duckdb
 
-from etl_assets.lib import errors, file_diff, freshness, staging, warehouse
+from etl_assets.lib import edits, errors, freshness, staging, warehouse
 from etl_assets.lib.events import report_progress
 from etl_assets.lib.faults import Hook
+from etl_assets.lib.files import file_sha256, snapshot_file
 from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import install_rules
 from etl_assets.lib.schema import SourceSchema
@@ -30,11 +31,9 @@ from etl_assets.lib.validation import (
     ReadReport,
     SourceFileError,
     checked_select,
-    file_sha256,
     read_csv_params,
     read_header,
     read_source,
-    snapshot_file,
 )
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ def stage_source(
         with warehouse.scratch(settings.duckdb_limits) as con:
             install_rules(con)
             report_progress("source_validate", source=schema.name)
-            clean = _stage_changed(con, snapshot, schema, settings, sha, hook) \
+            clean = edits.stage_changed(con, snapshot, schema, settings, sha, hook) \
                 or _stage_clean(con, snapshot, schema, settings, sha, hook)
             if clean is not None:
                 report, staged = clean
@@ -139,33 +138,11 @@ def _routed_sql(schema: SourceSchema) -> str:
     )
 
 
-# A slice hash sums the rows' md5s (as two 64-bit halves): independent of row order, so a
-# shuffled file with the same rows gives the same slices, and no sort is needed. The one
-# definition, used on the routed rows before staging and on the staged files after it.
-_SLICE_STATS = """SELECT shard_id, count(*), md5(count(*) || ':'
-       || sum(CAST(('0x' || substr(row_hash, 1, 16)) AS UBIGINT)::HUGEINT) || ':'
-       || sum(CAST(('0x' || substr(row_hash, 17, 16)) AS UBIGINT)::HUGEINT))
-   FROM ({rows}) GROUP BY shard_id"""
-
-
-def _stats(
-    con: duckdb.DuckDBPyConnection, rows_sql: str, params: dict[str, object], shard_count: int
-) -> tuple[dict[int, str], dict[int, int]]:
-    stats = con.execute(_SLICE_STATS.format(rows=rows_sql), params).fetchall()
-    empty = con.execute("SELECT md5('0:NULL:NULL')").fetchone()[0]
-    slice_rows = {k: 0 for k in range(shard_count)}
-    slice_hashes = {k: empty for k in range(shard_count)}
-    for shard_id, rows, digest in stats:
-        slice_rows[int(shard_id)] = int(rows)
-        slice_hashes[int(shard_id)] = digest
-    return slice_hashes, slice_rows
-
-
 def slice_stats(
     con: duckdb.DuckDBPyConnection, schema: SourceSchema, shard_count: int
 ) -> tuple[dict[int, str], dict[int, int]]:
     """Per-shard slice hash and row count of the `accepted` rows (after `read_source`)."""
-    return _stats(con, _routed_sql(schema), {"n": shard_count}, shard_count)
+    return staging.slice_stats_of(con, _routed_sql(schema), {"n": shard_count}, shard_count)
 
 
 def plan_slices(schema: SourceSchema, settings: EtlSettings) -> tuple[str, dict[int, str]]:
@@ -189,15 +166,15 @@ def _write_slices(
     existing = version_dir.is_dir()
     # A full disk or a bad path while staging names the source's staging folder.
     with errors.naming(Path(settings.staging_dir) / schema.name):
-        current = _current_version(settings, schema.name) \
+        current = staging.current_version(settings, schema.name) \
             if existing and not settings.force else None
         if current is not None and Path(current.version_dir).name == version_dir.name \
-                and _proven_slices(current) is not None:
+                and staging.proven_slices(current) is not None:
             # Published earlier under this name. The name alone proves nothing (a version
             # staged by older code, or damaged on disk, keeps it): it is reused only if it is
             # the current version, its files are the ones staged (their recorded sha256) and
             # they hold exactly the rows just read, shard by shard.
-            slice_hashes, slice_rows = _staged_stats(con, version_dir, n)
+            slice_hashes, slice_rows = staging.staged_stats(con, version_dir, n)
             if (slice_hashes, slice_rows) == slice_stats(con, schema, n):
                 staged = staging.StagedSource(schema.name, sha, n, str(version_dir),
                                               slice_hashes, slice_rows, current.file_sha256s)
@@ -212,28 +189,6 @@ def _write_slices(
             raise
 
 
-def _current_version(settings: EtlSettings, source: str) -> staging.StagedSource | None:
-    """The source's current staged version, or None if it has none."""
-    try:
-        return staging.read_pointer(settings.staging_dir, source)
-    except staging.StagingError:
-        return None
-
-
-def _proven_slices(staged: staging.StagedSource) -> dict[int, list[str]] | None:
-    """Every shard's slice files of a version about to be reused (read, or linked into the
-    next version), each proven against its recorded sha256; None if one is not, or is gone.
-    A slice that is not the file staged is said in one warning line: the caller stages the
-    source from its whole file instead."""
-    try:
-        return {k: staged.proven_slice_files(k) for k in range(staged.shard_count)}
-    except staging.SliceDamagedError as exc:
-        log.warning(f"{exc}; staging {staged.source} again from its file")
-        return None
-    except (staging.StagingError, OSError):
-        return None
-
-
 def _stage_into(
     con: duckdb.DuckDBPyConnection, schema: SourceSchema, settings: EtlSettings, sha: str,
     tmp: Path, version_dir: Path, hook: Hook, replace: bool,
@@ -246,7 +201,7 @@ def _stage_into(
         f"COPY ({_routed_sql(schema)}) TO $path (FORMAT parquet, PARTITION_BY (shard_id))",
         {"path": str(tmp), "n": n},
     )
-    slice_hashes, slice_rows = _staged_stats(con, tmp, n)
+    slice_hashes, slice_rows = staging.staged_stats(con, tmp, n)
     return _publish_slices(con, schema, settings, sha, tmp, version_dir, hook, replace,
                            slice_hashes, slice_rows,
                            (f"SELECT * EXCLUDE (shard_id) FROM ({_routed_sql(schema)})", {"n": n}))
@@ -274,14 +229,6 @@ def _publish_slices(
 
 # The partition a row that is not clean goes to (see _stage_clean): never a shard.
 _NOT_CLEAN = -1
-
-
-def _give_up(con: duckdb.DuckDBPyConnection, tmp: Path) -> None:
-    """Leave nothing of a streaming pass for the full path: its slices, and the reader's
-    refused records (the full path reads the file again and records its own)."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    con.execute("DROP TABLE IF EXISTS csv_rejects")
-    con.execute("DROP TABLE IF EXISTS csv_reject_scans")
 
 
 def _stage_clean(
@@ -327,7 +274,7 @@ def _stage_clean(
                      "not_clean": _NOT_CLEAN, "out": str(tmp)})
             except duckdb.Error:
                 # Not a CSV it can read: the full path says why, in one line.
-                _give_up(con, tmp)
+                staging.discard_pass(con, tmp)
                 return None
             refused = con.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
             files = sorted(str(p) for p in tmp.glob("shard_id=*/*.parquet"))
@@ -338,10 +285,10 @@ def _stage_clean(
                     "SELECT count(*), count(DISTINCT customer_id) FROM read_parquet($files, "
                     "hive_partitioning = false)", {"files": duckdb_literals(files)}).fetchone()
             if not clean or rows != distinct:
-                _give_up(con, tmp)
+                staging.discard_pass(con, tmp)
                 return None
             report_progress("source_stage", source=schema.name, rows=int(rows), shards=n)
-            slice_hashes, slice_rows = _staged_stats(con, tmp, n)
+            slice_hashes, slice_rows = staging.staged_stats(con, tmp, n)
             con.execute("CREATE OR REPLACE TEMP TABLE rejected (line_number BIGINT, "
                         "customer_id VARCHAR, reason VARCHAR, raw VARCHAR)")
             staged = _publish_slices(
@@ -356,174 +303,6 @@ def _stage_clean(
 
 # The changed stretch of an edited file up to which only it is staged again (a larger edit
 # costs about as much as reading the whole file).
-MAX_CHANGED_FRACTION = 0.05
-
-
-def _stage_changed(
-    con: duckdb.DuckDBPyConnection, path: Path, schema: SourceSchema, settings: EtlSettings,
-    sha: str, hook: Hook,
-) -> tuple[ReadReport, staging.StagedSource] | None:
-    """Stage the file at `path` from the source's current version and the records that
-    changed, if it is an edit of the file that version was staged from; else None, with
-    nothing staged (the caller reads the whole file).
-
-    The current version must be clean and keep its file (staging.RAW); the two files must
-    differ in one stretch of records (file_diff), whose new records validate clean with the
-    one validation query and whose ids repeat no other id of the file. Then only the shards
-    that the stretch's old or new ids route to get a new slice (the old slice without the
-    stretch's old ids, plus the new rows routed there); the other shards' slices are the
-    current version's files, hard-linked. The rows, slice hashes and counts are those the
-    whole file gives (a slice hash sums its rows' hashes: row order does not matter).
-
-    That holds because the stretch's ends are record boundaries as the reader places them:
-    `file_diff.changed_region` counts quotes only over bytes proven to hold every quote in a
-    well-formed quoted field (from the file's start to the stretch, and each stretch), and
-    declines otherwise, e.g. after a quote inside an unquoted value (`o"neil@x`), which the
-    reader keeps as text. Each stretch is read with the header on its own, so a line end the
-    reader refuses there (a bare CR, a mix) is refused here too, and the whole file is read.
-    """
-    n = settings.shard_count
-    version_dir = (Path(settings.staging_dir) / schema.name
-                   / f"{sha[:20]}-{freshness.staging_key(settings)}")
-    try:
-        current = staging.read_pointer(settings.staging_dir, schema.name)
-    except staging.StagingError:
-        return None
-    current_dir = Path(current.version_dir)
-    raw = current_dir / staging.RAW
-    if settings.force or current_dir.name == version_dir.name or current.shard_count != n \
-            or not current_dir.name.endswith(f"-{freshness.staging_key(settings)}") \
-            or not raw.is_file():
-        return None
-    try:
-        columns, extra = read_header(path, schema)
-    except SourceFileError:
-        return None
-    with open(path, "rb") as fh:
-        header = fh.readline()
-    region = file_diff.changed_region(raw, current.file_sha256, path, len(header),
-                                      MAX_CHANGED_FRACTION)
-    if extra or region is None:
-        return None
-    report_progress("source_changed", source=schema.name,
-                    size=region.new_end - region.start)
-    # A full disk or a bad path while staging names the source's staging folder.
-    with errors.naming(Path(settings.staging_dir) / schema.name):
-        tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
-        try:
-            stretches = {"old": (raw, region.old_end), "new": (path, region.new_end)}
-            for name, (source, end) in stretches.items():
-                (tmp / f"{name}.csv").write_bytes(
-                    header + file_diff.read_region(source, region.start, end))
-            touched = _changed_rows(con, schema, columns, tmp, n)
-            old_slices = _proven_slices(current) if touched is not None else None
-            if old_slices is None:
-                touched = None
-            if touched is not None:
-                # The stretch's old rows must be in the slices as staged (else the kept file is
-                # not what they were staged from), and a new id must not be another record's
-                # (the full path quarantines that).
-                found, repeated = con.execute(
-                    """SELECT count(*) FILTER (WHERE (customer_id, row_hash) IN
-                                  (SELECT (customer_id, row_hash) FROM old_rows)),
-                              count(*) FILTER (WHERE customer_id IN (SELECT customer_id FROM new_rows)
-                                  AND customer_id NOT IN (SELECT customer_id FROM old_rows))
-                       FROM read_parquet($files)""",
-                    {"files": duckdb_literals([f for k in sorted(touched) for f in old_slices[k]])},
-                ).fetchone()
-                old_count = con.execute("SELECT count(*) FROM old_rows").fetchone()[0]
-            if touched is None or found != old_count or repeated:
-                _give_up(con, tmp)
-                return None
-            cols = ", ".join(schema.column_names)
-            for k in range(n):
-                folder = tmp / f"shard_id={k}"
-                folder.mkdir()
-                if k not in touched:
-                    for f in old_slices[k]:
-                        file_diff.link_or_copy(Path(f), folder / Path(f).name)
-                    continue
-                con.execute(
-                    f"""COPY (SELECT {cols}, row_hash FROM read_parquet($old)
-                              WHERE customer_id NOT IN (SELECT customer_id FROM old_rows)
-                              UNION ALL
-                              SELECT {cols}, row_hash FROM new_rows WHERE shard_id = $k)
-                        TO $out (FORMAT parquet)""",
-                    {"old": duckdb_literals(old_slices[k]), "k": k,
-                     "out": str(folder / "data_0.parquet")})
-            for name in stretches:
-                (tmp / f"{name}.csv").unlink()
-            hashes, counts = _staged_stats(con, tmp, n, touched)
-            slice_hashes = {k: hashes[k] if k in touched else current.slice_hashes[k]
-                            for k in range(n)}
-            slice_rows = {k: counts[k] if k in touched else current.slice_rows[k] for k in range(n)}
-            con.execute("CREATE OR REPLACE TEMP TABLE rejected (line_number BIGINT, "
-                        "customer_id VARCHAR, reason VARCHAR, raw VARCHAR)")
-            # The linked slices keep the sha256 recorded when they were written (proven above).
-            linked = {name: digest for k in range(n) if k not in touched
-                      for name, digest in current.slice_sha256s(k).items()}
-            # An edit undone: the file is an older version's again, staged anew in its place.
-            staged = staging.publish(settings.staging_dir, tmp, staging.StagedSource(
-                schema.name, sha, n, str(version_dir), slice_hashes, slice_rows, linked), hook,
-                replace=version_dir.is_dir())
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    total = sum(slice_rows.values())
-    return ReadReport(total, total, 0, Counter(), extra), staged
-
-
-def _changed_rows(con: duckdb.DuckDBPyConnection, schema: SourceSchema, columns: list[str],
-                  folder: Path, shard_count: int) -> set[int] | None:
-    """Read the changed stretch's records (`old.csv`, `new.csv` in `folder`, each with the
-    header) into temp tables old_rows and new_rows (the columns, row_hash and shard_id) with
-    the one validation query; return the shards their ids route to, or None if a record is
-    refused or has a reason, an id repeats within a stretch, or neither stretch holds one."""
-    for name in ("old", "new"):
-        select, params = checked_select(con, schema, f"SELECT 0 AS rec, * FROM {READ_CSV}")
-        try:
-            con.execute(
-                f"""CREATE OR REPLACE TEMP TABLE {name}_rows AS
-                    SELECT {', '.join(schema.column_names)}, row_hash, reason,
-                           etl_shard(customer_id, $n) AS shard_id FROM ({select})""",
-                {**params, **read_csv_params(folder / f"{name}.csv", columns), "n": shard_count})
-        except duckdb.Error:
-            return None
-        refused = con.execute("SELECT count(*) FROM csv_rejects").fetchone()[0]
-        con.execute("DROP TABLE IF EXISTS csv_rejects")
-        con.execute("DROP TABLE IF EXISTS csv_reject_scans")
-        bad, rows, ids = con.execute(
-            f"SELECT count(reason), count(*), count(DISTINCT customer_id) FROM {name}_rows"
-        ).fetchone()
-        if refused or bad or rows != ids:
-            return None
-    shards = {int(k) for (k,) in con.execute(
-        "SELECT shard_id FROM old_rows UNION SELECT shard_id FROM new_rows").fetchall()}
-    # No record in either stretch (only empty lines changed, which the reader skips): nothing
-    # to route, and no slice to prove the stretch against; the whole file says what it holds.
-    return shards or None
-
-
-def _staged_stats(
-    con: duckdb.DuckDBPyConnection, folder: Path, shard_count: int,
-    shards: set[int] | None = None,
-) -> tuple[dict[int, str], dict[int, int]]:
-    """Slice hashes and row counts of a staged version folder (shard_id=<k>/*.parquet), of
-    `shards` only if given (the others read as empty)."""
-    files = sorted(str(p) for p in folder.glob("shard_id=*/*.parquet")
-                   if shards is None or int(p.parent.name.split("=")[1]) in shards)
-    if not files:
-        return _stats(con, "SELECT NULL::INTEGER AS shard_id, NULL AS row_hash LIMIT 0", {},
-                      shard_count)
-    return _stats(
-        con,
-        "SELECT shard_id, row_hash FROM read_parquet($files, hive_partitioning = true, "
-        "hive_types = {'shard_id': INTEGER})",
-        {"files": duckdb_literals(files)},
-        shard_count,
-    )
-
-
 def read_shard_inputs(settings: EtlSettings) -> dict[int, tuple[str, dict[str, int]]]:
     """Per shard: (its input hash, rows per source) from the current staged pointers."""
     staged = staging.current_sources(settings)

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -20,10 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
+
 from etl_assets.lib.faults import Hook, no_hook
+from etl_assets.lib.files import file_sha256
+from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
-from etl_assets.lib.validation import file_sha256
+
+log = logging.getLogger(__name__)
 
 POINTER = "current.json"
 # A clean version's copy of the file it was staged from, kept (in the current version only) so
@@ -269,3 +275,75 @@ def shard_input_hash(staged: dict[str, StagedSource], shard_id: int) -> str:
     """The shard's source_data_hash: sha256 over each source's slice hash, in source order."""
     text = "|".join(f"{name}:{staged[name].slice_hashes[shard_id]}" for name in staged)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# A slice hash sums the rows' md5s (as two 64-bit halves): independent of row order, so a
+# shuffled file with the same rows gives the same slices, and no sort is needed. The one
+# definition, used on the routed rows before staging and on the staged files after it.
+SLICE_STATS = """SELECT shard_id, count(*), md5(count(*) || ':'
+       || sum(CAST(('0x' || substr(row_hash, 1, 16)) AS UBIGINT)::HUGEINT) || ':'
+       || sum(CAST(('0x' || substr(row_hash, 17, 16)) AS UBIGINT)::HUGEINT))
+   FROM ({rows}) GROUP BY shard_id"""
+
+
+def slice_stats_of(
+    con: duckdb.DuckDBPyConnection, rows_sql: str, params: dict[str, object], shard_count: int
+) -> tuple[dict[int, str], dict[int, int]]:
+    stats = con.execute(SLICE_STATS.format(rows=rows_sql), params).fetchall()
+    empty = con.execute("SELECT md5('0:NULL:NULL')").fetchone()[0]
+    slice_rows = {k: 0 for k in range(shard_count)}
+    slice_hashes = {k: empty for k in range(shard_count)}
+    for shard_id, rows, digest in stats:
+        slice_rows[int(shard_id)] = int(rows)
+        slice_hashes[int(shard_id)] = digest
+    return slice_hashes, slice_rows
+
+
+def staged_stats(
+    con: duckdb.DuckDBPyConnection, folder: Path, shard_count: int,
+    shards: set[int] | None = None,
+) -> tuple[dict[int, str], dict[int, int]]:
+    """Slice hashes and row counts of a staged version folder (shard_id=<k>/*.parquet), of
+    `shards` only if given (the others read as empty)."""
+    files = sorted(str(p) for p in folder.glob("shard_id=*/*.parquet")
+                   if shards is None or int(p.parent.name.split("=")[1]) in shards)
+    if not files:
+        return slice_stats_of(con, "SELECT NULL::INTEGER AS shard_id, NULL AS row_hash LIMIT 0", {},
+                      shard_count)
+    return slice_stats_of(
+        con,
+        "SELECT shard_id, row_hash FROM read_parquet($files, hive_partitioning = true, "
+        "hive_types = {'shard_id': INTEGER})",
+        {"files": duckdb_literals(files)},
+        shard_count,
+    )
+
+
+def current_version(settings: EtlSettings, source: str) -> StagedSource | None:
+    """The source's current staged version, or None if it has none."""
+    try:
+        return read_pointer(settings.staging_dir, source)
+    except StagingError:
+        return None
+
+
+def proven_slices(staged: StagedSource) -> dict[int, list[str]] | None:
+    """Every shard's slice files of a version about to be reused (read, or linked into the
+    next version), each proven against its recorded sha256; None if one is not, or is gone.
+    A slice that is not the file staged is said in one warning line: the caller stages the
+    source from its whole file instead."""
+    try:
+        return {k: staged.proven_slice_files(k) for k in range(staged.shard_count)}
+    except SliceDamagedError as exc:
+        log.warning(f"{exc}; staging {staged.source} again from its file")
+        return None
+    except (StagingError, OSError):
+        return None
+
+
+def discard_pass(con: duckdb.DuckDBPyConnection, tmp: Path) -> None:
+    """Leave nothing of a streaming pass for the full path: its slices, and the reader's
+    refused records (the full path reads the file again and records its own)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    con.execute("DROP TABLE IF EXISTS csv_rejects")
+    con.execute("DROP TABLE IF EXISTS csv_reject_scans")

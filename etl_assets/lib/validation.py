@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
 import io
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +16,6 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
-from etl_assets.lib import uncached
-from etl_assets.lib.faults import Hook, no_hook
 from etl_assets.lib.paths import duckdb_literal
 from etl_assets.lib.schema import (
     MAX_FIELD_BYTES,
@@ -28,10 +24,9 @@ from etl_assets.lib.schema import (
     Column,
     SourceSchema,
 )
-from etl_assets.lib.settings import EtlSettings
 
 if TYPE_CHECKING:  # staging hashes its files with file_sha256, defined here
-    from etl_assets.lib.staging import StagedSource
+    pass
 
 INT_PATTERN = "[+-]?[0-9]+"
 DECIMAL_PATTERN = r"[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)"
@@ -83,102 +78,6 @@ class ReadReport:
         """The most common reason a row was invalid (ties: alphabetical)."""
         bad = sorted((-n, r) for r, n in self.reasons.items() if r != DUPLICATE)
         return bad[0][1] if bad else None
-
-
-@dataclass(frozen=True)
-class CheckOutcome:
-    """One check's verdict, with what it compared (the source assets report it to Dagster)."""
-
-    name: str
-    passed: bool
-    metadata: dict
-    description: str | None = None
-
-
-def source_checks(
-    schema: SourceSchema, report: ReadReport, staged: StagedSource,
-    settings: EtlSettings,
-) -> list[CheckOutcome]:
-    """The source's two blocking checks (rows accounted, reject rate) for a read report and
-    the version it staged."""
-    staged_rows = sum(staged.slice_rows.values())
-    return [
-        CheckOutcome(
-            name="rows_accounted",
-            # Rows read from the file = accepted + rejected, and the staged slices (counted
-            # from their files) hold exactly the accepted rows: a staging that does not match
-            # the read it is recorded for fails here, not silently downstream.
-            passed=report.rows_read == report.accepted + report.rejected
-            and staged_rows == report.accepted,
-            metadata={"read": report.rows_read, "accepted": report.accepted,
-                      "rejected": report.rejected, "staged": staged_rows},
-        ),
-        CheckOutcome(
-            name="reject_rate",
-            passed=report.invalid_fraction <= settings.max_reject_fraction,
-            metadata={
-                "invalid": report.invalid,
-                "duplicates": report.rejected - report.invalid,
-                "read": report.rows_read,
-                "fraction": round(report.invalid_fraction, 6),
-                "max_fraction": settings.max_reject_fraction,
-                "top_reason": report.top_reason or "",
-            },
-            description=(
-                f"{schema.name}: {report.invalid} of {report.rows_read} rows rejected as "
-                f"invalid ({report.invalid_fraction:.1%}, limit "
-                f"{settings.max_reject_fraction:.1%})"
-                + (f", most often {report.top_reason}" if report.top_reason else "")
-            ),
-        ),
-    ]
-
-
-class SourceChangedError(RuntimeError):
-    """The file changed while it was being read; a later attempt may find it complete."""
-
-    def __init__(self, path: str | Path):
-        self.path = str(path)
-        super().__init__(f"{self.path}: changed while being read (size or modification time "
-                         "moved during the copy); run again once it is complete")
-
-
-def snapshot_file(source: str | Path, target: str | Path, hook: Hook = no_hook) -> str:
-    """Copy `source` to `target` and return the sha256 of exactly the bytes copied.
-
-    The pipeline reads the copy, never the file a user or a sync tool may still be writing, so
-    what is hashed is what is staged. Bytes that moved during the copy (the file was truncated,
-    appended to or rewritten: its size or mtime changed on the open handle) raise
-    `SourceChangedError`. A file replaced by rename meanwhile is not a change here: the open
-    handle keeps reading one whole, real version.
-    """
-    digest = hashlib.sha256()
-    copied = 0
-    # The copy is written around the page cache: an edit is staged from a few of its records
-    # and the copy kept for the next edit's diff, which reads it that way too (uncached).
-    with open(source, "rb") as fin, uncached.UncachedWriter(target) as fout:
-        before = os.fstat(fin.fileno())
-        for chunk in iter(lambda: fin.read(1 << 20), b""):
-            digest.update(chunk)
-            fout.write(chunk)
-            copied += len(chunk)
-            if copied == len(chunk):
-                hook("source_mid_snapshot")
-        fout.finish()
-        after = os.fstat(fin.fileno())
-    if copied != after.st_size or \
-            (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
-        raise SourceChangedError(source)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of the file's bytes, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_header(path: Path, schema: SourceSchema) -> tuple[list[str], list[str]]:
