@@ -30,7 +30,7 @@ from etl_assets.tools.instance import (
 from etl_assets.tools.progress import Progress
 
 if TYPE_CHECKING:
-    from etl_assets.tools.runner import RunOutcome
+    from etl_assets.tools.outcome import RunOutcome
 
 
 def _settings(args: argparse.Namespace) -> EtlSettings:

@@ -40,15 +40,18 @@ from etl_assets.defs.resources import resources_for
 from etl_assets.lib.events import format_event
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.tools.instance import pg_url
-from etl_assets.tools.runner import (
-    INVOCATION_TAG,
+from etl_assets.tools.outcome import (
     RunOutcome,
     ShardRow,
     failure_of,
+    metadata_values,
     shard_events,
     shard_failure_reason,
-    shard_inputs_recorded,
     shard_row,
+)
+from etl_assets.tools.runner import (
+    INVOCATION_TAG,
+    shard_inputs_recorded,
     shards_to_run,
     sources_to_stage,
 )
@@ -160,8 +163,8 @@ def check_results(instance: dg.DagsterInstance, run_id: str,
         name = evaluation.check_name
         if qualified:
             name = f"{evaluation.asset_key.to_user_string()}.{name}"
-        metadata = {k: getattr(v, "value", v) for k, v in (evaluation.metadata or {}).items()}
-        out.append((name, evaluation.passed, metadata, evaluation.description or ""))
+        out.append((name, evaluation.passed, metadata_values(evaluation),
+                    evaluation.description or ""))
     return out
 
 
