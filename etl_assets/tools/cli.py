@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import functools
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -361,28 +359,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def console_main() -> None:
-    """The `etl-assets` command: `main`, then exit without tearing the interpreter down.
-
-    Everything an exit must do is done first, as Python's own exit does it: other threads
-    joined after their pools were told to stop (`threading._shutdown`), the atexit handlers
-    (logging, multiprocessing, weakref finalizers) run, stdout and stderr flushed, and a failed
-    flush is a failed command (120, Python's own code for it). What is left is Python freeing
-    Dagster's module graph object by object: 0.45 s of every command here, a tenth of the
-    default run on the sample.
-    """
-    code = main()
-    threading._shutdown()  # type: ignore[attr-defined]
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        if stream is None:  # its file descriptor was closed at start: nothing to flush
-            continue
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a full disk, a closed pipe: the output is not whole
-            code = code or 120
-    os._exit(code)
-
-
-if __name__ == "__main__":
-    console_main()
+if __name__ == "__main__":  # python -m etl_assets.tools.cli: Python's exit, teardown included
+    sys.exit(main())
