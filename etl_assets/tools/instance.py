@@ -60,7 +60,8 @@ class EtlRunCoordinator(dg.QueuedRunCoordinator):
         run = context.dagster_run
         origin = launched_by(run.tags)
         if run.tags.get(LAUNCHED_BY_TAG) != origin:
-            self._instance.add_run_tags(run.run_id, {LAUNCHED_BY_TAG: origin})
+            # The instance the run is submitted to, from the submission's own context.
+            context.workspace.instance.add_run_tags(run.run_id, {LAUNCHED_BY_TAG: origin})
         return super().submit_run(context)
 
 
