@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
-import yaml
 
 from etl_assets.defs.contracts import LAUNCHED_BY_TAG, PARTITION_TAG, launched_by
 from etl_assets.defs.executor import BROKER_VAR, broker_url
@@ -86,14 +85,11 @@ def pg_url(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def instance_yaml(settings: EtlSettings, postgres: bool, n_cores: int, ram: int,
-                  celery: bool = False, home: Path | None = None) -> str:
-    """The `dagster.yaml` of a home: storage (SQLite in the home, or Postgres at DAGSTER_PG_URL),
-    no compute-log capture, and the run queue with its limits for this machine (with `celery`,
-    CELERY_BROKER_URL set, the runs here only orchestrate: the workers do the work).
-
-    With SQLite and the `home` known, events go through `TemplatedSqliteEventLogStorage`, in
-    the folder Dagster's default uses (`history/runs`), so a home written before reads the same.
-    """
+                  celery: bool = False) -> str:
+    """The `dagster.yaml` of a home: storage (Dagster's default, SQLite in the home, or Postgres
+    at DAGSTER_PG_URL), no compute-log capture, and the run queue with its limits for this
+    machine (with `celery`, CELERY_BROKER_URL set, the runs here only orchestrate: the workers
+    do the work)."""
     slots = limits.run_slots(n_cores, ram, settings.duckdb_memory_limit)
     memory = settings.duckdb_memory_limit
     queue_comment = f"""\
@@ -117,21 +113,6 @@ storage:
     postgres_url:
       env: {PG_URL_VAR}
 """ if postgres else ""
-    if not postgres and home is not None:
-        # Double-quoted on one line, any character escaped as YAML reads it back (JSON writes
-        # a character past U+FFFF as two surrogates, which YAML reads as two broken ones).
-        # Dagster's other storages keep their defaults.
-        runs_dir = yaml.safe_dump(str(Path(home).resolve() / "history" / "runs"),
-                                  default_style='"', width=float("inf")).strip()
-        storage = f"""\
-# Events as Dagster's SQLite default stores them, but each new run's database is copied from
-# a template instead of created table by table (about 0.1 s of CPU and 125 fsyncs a run).
-event_log_storage:
-  module: etl_assets.tools.event_log
-  class: TemplatedSqliteEventLogStorage
-  config:
-    base_dir: {runs_dir}
-"""
     return f"""\
 {MARKER}
 # your own edits. Otherwise rewritten when the cores, DUCKDB_MEMORY_LIMIT or {PG_URL_VAR} change.
@@ -167,7 +148,7 @@ def write_instance_config(home: Path, settings: EtlSettings, url: str | None) ->
     """
     config = home / "dagster.yaml"
     text = instance_yaml(settings, url is not None, limits.cores(), limits.ram_bytes(),
-                         celery=broker_url() is not None, home=home)
+                         celery=broker_url() is not None)
     try:
         current: str | None = config.read_text(encoding="utf-8")
     except FileNotFoundError:
