@@ -5,6 +5,7 @@ The PostgreSQL tests use a real server of their own (conftest.pg_cluster), a fre
 each."""
 
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -73,9 +74,10 @@ def test_home_without_pg_url_is_sqlite_with_the_run_queue(home_env):
     with dg.DagsterInstance.get() as instance:
         _assert_machine_limits(instance)
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
-        # Dagster's own default: one SQLite file per run under history/runs, and an index.
-        assert type(instance.event_log_storage).__name__ == "SqliteEventLogStorage"
+        # Every run's events in one database (not Dagster's default of one per run).
+        assert type(instance.event_log_storage).__name__ == "ConsolidatedSqliteEventLogStorage"
     assert (home_env / "history" / "runs.db").is_file()
+    assert (home_env / "history" / "events" / "event_log.db").is_file()
     assert (home_env / "dagster.yaml").read_text().startswith(MARKER)
 
 
@@ -89,17 +91,31 @@ def _store_and_read(instance: dg.DagsterInstance, message: str,
     return [e.user_message for e in instance.all_logs(run_id)]
 
 
+def test_each_stored_event_reaches_dagsters_file_watcher(home_env):
+    """The UI streams a run's events through Dagster's watcher on the events' file: each event
+    reaches it once stored, not when the run ends."""
+    assert main(["home"]) == 0
+    seen: queue.Queue = queue.Queue()
+    with dg.DagsterInstance.get() as instance:
+        run_id = str(uuid.uuid4())
+        instance.event_log_storage.watch(run_id, None,
+                                         lambda entry, cursor: seen.put(entry.user_message))
+        for n in range(3):
+            read = _store_and_read(instance, f"event {n}", run_id)
+            assert seen.get(timeout=10) == f"event {n}"
+        assert read == [f"event {n}" for n in range(3)]
+
+
 def test_a_home_path_with_any_character_reaches_dagster_whole(tmp_path, monkeypatch, home_env):
-    # Quotes, a YAML comment sign and a character past U+FFFF. The dagster.yaml names no path:
-    # Dagster's default storage finds its files from DAGSTER_HOME itself.
+    # Quotes, a YAML comment sign and a character past U+FFFF (JSON writes that one as two
+    # surrogates, which YAML reads back as two broken characters).
     home = tmp_path / 'home "q" #: 😀'
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     assert main(["home"]) == 0
-    assert str(home) not in (home / "dagster.yaml").read_text(encoding="utf-8")
     with dg.DagsterInstance.get() as instance:
-        assert instance.root_directory == str(home.resolve())
+        storage = instance.event_log_storage
+        assert Path(storage.get_db_path()) == home.resolve() / "history" / "events" / "event_log.db"
         assert _store_and_read(instance, "kept") == ["kept"]
-    assert (home / "history" / "runs.db").is_file()
 
 
 def test_the_queue_follows_cores_and_memory():
@@ -118,7 +134,8 @@ def test_own_files_are_rewritten_a_users_file_is_kept(tmp_path):
     config = tmp_path / "dagster.yaml"
     config.write_text(LEGACY_YAML)  # what etl-assets wrote before
     assert write_instance_config(tmp_path, settings, None)
-    assert config.read_text() == instance_yaml(settings, False, limits.cores(), limits.ram_bytes())
+    assert config.read_text() == instance_yaml(settings, False, limits.cores(), limits.ram_bytes(),
+                                               home=tmp_path)
     assert not write_instance_config(tmp_path, settings, None)  # current: left as it is
 
     url = "postgresql+psycopg2://etl@db.example:5432/dagster"

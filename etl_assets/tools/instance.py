@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
+import yaml
 
 from etl_assets.defs.contracts import LAUNCHED_BY_TAG, PARTITION_TAG, launched_by
 from etl_assets.defs.executor import BROKER_VAR, broker_url
@@ -85,11 +86,16 @@ def pg_url(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def instance_yaml(settings: EtlSettings, postgres: bool, n_cores: int, ram: int,
-                  celery: bool = False) -> str:
-    """The `dagster.yaml` of a home: storage (Dagster's default, SQLite in the home, or Postgres
-    at DAGSTER_PG_URL), no compute-log capture, and the run queue with its limits for this
-    machine (with `celery`, CELERY_BROKER_URL set, the runs here only orchestrate: the workers
-    do the work)."""
+                  celery: bool = False, home: Path | None = None) -> str:
+    """The `dagster.yaml` of a home: storage (SQLite in the home, or Postgres at
+    DAGSTER_PG_URL), no compute-log capture, and the run queue with its limits for this machine
+    (with `celery`, CELERY_BROKER_URL set, the runs here only orchestrate: the workers do the
+    work).
+
+    With SQLite and the `home` known, the events of every run go to one database,
+    `history/events/event_log.db` (Dagster's `ConsolidatedSqliteEventLogStorage`), instead of
+    Dagster's default of a new database per run.
+    """
     slots = limits.run_slots(n_cores, ram, settings.duckdb_memory_limit)
     memory = settings.duckdb_memory_limit
     queue_comment = f"""\
@@ -113,6 +119,21 @@ storage:
     postgres_url:
       env: {PG_URL_VAR}
 """ if postgres else ""
+    if not postgres and home is not None:
+        # Double-quoted on one line, any character escaped as YAML reads it back (JSON writes
+        # a character past U+FFFF as two surrogates, which YAML reads as two broken ones).
+        events_dir = yaml.safe_dump(str(Path(home).resolve() / "history" / "events"),
+                                    default_style='"', width=float("inf")).strip()
+        storage = f"""\
+# The events of every run in one SQLite database (a class Dagster documents for this file).
+# Its default creates a database per run, table by table, loading its migration scripts each
+# time: the sample's first run (12 runs) took 1.1-1.5 s more CPU and 14-29% longer.
+event_log_storage:
+  module: dagster._core.storage.event_log
+  class: ConsolidatedSqliteEventLogStorage
+  config:
+    base_dir: {events_dir}
+"""
     return f"""\
 {MARKER}
 # your own edits. Otherwise rewritten when the cores, DUCKDB_MEMORY_LIMIT or {PG_URL_VAR} change.
@@ -148,7 +169,7 @@ def write_instance_config(home: Path, settings: EtlSettings, url: str | None) ->
     """
     config = home / "dagster.yaml"
     text = instance_yaml(settings, url is not None, limits.cores(), limits.ram_bytes(),
-                         celery=broker_url() is not None)
+                         celery=broker_url() is not None, home=home)
     try:
         current: str | None = config.read_text(encoding="utf-8")
     except FileNotFoundError:
