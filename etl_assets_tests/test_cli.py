@@ -10,6 +10,7 @@ import duckdb
 import pytest
 
 from etl_assets.tools import cli
+from etl_assets_tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
 
@@ -116,8 +117,9 @@ def test_drill_prints_the_retry_timeline_and_passes(tmp_path, sample_dir):
 def _console(body: str, **kwargs) -> subprocess.CompletedProcess:
     """`console_main` in a fresh interpreter, with `main` replaced by `body` (a statement list)."""
     code = ("import concurrent.futures, etl_assets.tools.cli as cli\n"
+            "from etl_assets.tools.console import console_main\n"
             f"def main():\n    {body}\n"
-            "cli.main = main\ncli.console_main()\n")
+            "cli.main = main\nconsole_main()\n")
     # Buffered output, as a user's shell gives it: what is left to flush at exit is the case.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     return subprocess.run([sys.executable, "-c", code], env=env, timeout=60, **kwargs)
@@ -132,6 +134,21 @@ def test_console_exit_waits_for_pools_and_runs_atexit_like_python():
                     capture_output=True, text=True)
     assert done.returncode == 3
     assert done.stdout == "atexit ran\n"
+
+
+def test_console_registers_its_exit_before_any_other_module_can():
+    """The console script leaves at the end of the exit handlers, so every other module's
+    handler (logging's, filelock's, multiprocessing's, Dagster's) must be registered after its
+    own: importing the entry point imports none of them."""
+    code = ("import sys, etl_assets.tools.console\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('logging', 'filelock', "
+            "'multiprocessing', 'dagster', 'duckdb', 'etl_assets')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "['etl_assets', 'etl_assets.tools', 'etl_assets.tools.console']"
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["scripts"]["etl-assets"] == "etl_assets.tools.console:console_main"
 
 
 def test_console_exit_fails_when_its_output_cannot_be_written():

@@ -145,6 +145,56 @@ def test_library_imports_neither_dagster_nor_defs_nor_tools():
     assert checked >= 20
 
 
+def test_nothing_private_of_another_library():
+    """Issue 32: no module of etl_assets imports a private module or name of another library
+    (`dagster._core...`, `from dagster import _check`), and none reads or calls a
+    leading-underscore attribute that etl_assets does not define itself (`pool._processes`,
+    `threading._shutdown`, a Dagster base class's `self._instance`). Checked on the source.
+    A `dagster.yaml` `module:` string naming a documented class is text, not an import."""
+    import ast
+
+    # Documented as public despite the underscore: os._exit (the process ends, no clean-up).
+    public = {"_exit"}
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+    trees = {path: ast.parse(path.read_text(encoding="utf-8"))
+             for path in sorted((REPO / "etl_assets").rglob("*.py"))}
+    ours = set()  # every underscore name etl_assets defines: functions, classes, attributes
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                ours.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                ours.add(node.attr)
+    wrong = []
+    for path, tree in trees.items():
+        where = path.relative_to(REPO)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                names = []
+            wrong += [f"{where}:{node.lineno} imports {name}" for name in names
+                      if not name.startswith("etl_assets")
+                      and any(private(part) for part in name.split("."))]
+            if isinstance(node, ast.Attribute):
+                attr = node.attr
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                    and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) > 1 \
+                    and isinstance(node.args[1], ast.Constant):  # getattr(pool, "_processes")
+                attr = str(node.args[1].value)
+            else:
+                continue
+            if private(attr) and attr not in ours | public:
+                wrong.append(f"{where}:{node.lineno} uses {ast.unparse(node)}")
+    assert not wrong, "\n".join(wrong)
+    assert len(trees) >= 40
+
+
 def test_the_executor_is_chosen_by_the_broker_setting(tmp_path):
     """Without CELERY_BROKER_URL launched runs execute their steps in process; with one, every
     job sends its steps to Celery; a URL that is no broker's is refused, naming the variable."""

@@ -28,7 +28,9 @@ import pytest
 
 from etl_assets.defs.executor import QUEUE
 from etl_assets.lib import warehouse
+from etl_assets.lib.settings import SettingsError
 from etl_assets.lib.sharding import shard_of
+from etl_assets.tools.submit import webserver_url
 from etl_assets_tests.conftest import SAMPLE, PgCluster, edit_crm, new_database, shard_rows, unavailable
 
 pytestmark = pytest.mark.daemon
@@ -123,6 +125,19 @@ class Deployment:
         return self.start(name, [str(BIN / "etl-assets"), "worker", "--name", name], folder,
                           **extra)
 
+    def wait_for_webserver(self, timeout_s: float = 120) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(self.env["DAGSTER_WEBSERVER_URL"] + "/server_info", timeout=2)
+                return
+            except OSError:
+                assert self.procs["webserver"].poll() is None and time.monotonic() < deadline, \
+                    self.log("webserver")
+                time.sleep(0.5)
+
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]
 
@@ -208,6 +223,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, pg_cluster: PgCluster,
         ETL_AUTOMATION="off",  # only the runs the tests submit
         SHARD_COUNT=str(SHARDS),
         SHARD_RETRY_DELAY_S="0.5",
+        # `--submit` hands its runs to the deployment's webserver (Dagster's GraphQL client).
+        DAGSTER_WEBSERVER_URL=f"http://127.0.0.1:{_free_port()}",
     )
     daemon_home = root / "daemon" / "dagster_home"
     dep = Deployment(root, shared, env, daemon_home)
@@ -216,9 +233,14 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, pg_cluster: PgCluster,
         assert home.returncode == 0, home.stdout + home.stderr
         dep.start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
                   root / "daemon", DAGSTER_HOME=str(daemon_home))
+        port = env["DAGSTER_WEBSERVER_URL"].rsplit(":", 1)[1]
+        dep.start("webserver", [str(BIN / "dagster-webserver"), "-w", str(REPO / "workspace.yaml"),
+                                "-h", "127.0.0.1", "-p", port],
+                  root / "daemon", DAGSTER_HOME=str(daemon_home))
         dep.worker("w1")
         dep.worker("w2")
         dep.wait_for_workers("w1", "w2")
+        dep.wait_for_webserver()
         for proc in references.values():
             out, _ = proc.communicate(timeout=300)
             assert proc.returncode == 0, out
@@ -372,6 +394,36 @@ def test_chaos_drill_passes_on_the_workers(deployment: Deployment):
     assert timeline[3].split()[0] == "2" and timeline[3].split()[-1] == "success", out
     assert re.search(r"^PASS  export rows (\d+) = distinct input customers \1 ", out, re.M), out
     assert "PASS  duplicate customer_id in export: 0" in out
+
+
+def test_submit_without_a_webserver_says_so(tmp_path):
+    """--submit goes through the deployment's webserver: without its address, one line and exit
+    2 before anything starts (nothing connects: the database named here does not exist)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(DROP)}
+    env.update(PYTHONPATH=str(REPO),
+               DAGSTER_PG_URL="postgresql+psycopg2://nobody:s3cret@127.0.0.1:1/none")
+    for args, url in ((["run", "--submit"], None), (["drill", "--submit"], None),
+                      (["run", "--submit"], "http://me:s3cret@127.0.0.1:3000")):
+        proc = subprocess.run([str(BIN / "etl-assets"), *args], cwd=tmp_path,
+                              env={**env, **({"DAGSTER_WEBSERVER_URL": url} if url else {})},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        [line] = proc.stderr.strip().splitlines()
+        assert line.startswith("error: ") and "DAGSTER_WEBSERVER_URL" in line, line
+        assert "s3cret" not in proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["", "127.0.0.1:3000", "ftp://host", "http://", "http://h:port",
+                                 "http://h:3000?x=1"])
+def test_a_webserver_address_that_is_no_url_is_refused(url):
+    with pytest.raises(SettingsError, match="DAGSTER_WEBSERVER_URL"):
+        webserver_url({"DAGSTER_WEBSERVER_URL": url})
+
+
+def test_the_webserver_address_may_have_a_path_prefix():
+    for url in ("http://127.0.0.1:3000", "https://dagster.example.com/etl/"):
+        assert webserver_url({"DAGSTER_WEBSERVER_URL": f" {url} "}) == url
 
 
 def test_submit_without_a_deployment_says_so(tmp_path):

@@ -6,7 +6,6 @@ each."""
 
 import os
 import queue
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 import dagster as dg
 import psycopg2
 import pytest
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
 from etl_assets.definitions import build_defs
 from etl_assets.defs.contracts import (
@@ -30,9 +28,7 @@ from etl_assets.defs.contracts import (
 from etl_assets.defs.resources import resources_for
 from etl_assets.lib import limits
 from etl_assets.lib.settings import PG_URL_VAR, EtlSettings
-from etl_assets.tools import event_log
 from etl_assets.tools.cli import main
-from etl_assets.tools.event_log import TemplatedSqliteEventLogStorage
 from etl_assets.tools.instance import (
     LEGACY_YAML,
     MARKER,
@@ -77,50 +73,11 @@ def test_home_without_pg_url_is_sqlite_with_the_run_queue(home_env):
     with dg.DagsterInstance.get() as instance:
         _assert_machine_limits(instance)
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
-        assert type(instance.event_log_storage) is TemplatedSqliteEventLogStorage
+        # Every run's events in one database (not Dagster's default of one per run).
+        assert type(instance.event_log_storage).__name__ == "ConsolidatedSqliteEventLogStorage"
     assert (home_env / "history" / "runs.db").is_file()
+    assert (home_env / "history" / "events" / "event_log.db").is_file()
     assert (home_env / "dagster.yaml").read_text().startswith(MARKER)
-
-
-def _schema(db: Path) -> tuple:
-    con = sqlite3.connect(db)
-    try:
-        return (con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name")
-                .fetchall(), con.execute("SELECT version_num FROM alembic_version").fetchall(),
-                con.execute("PRAGMA journal_mode").fetchall())
-    finally:
-        con.close()
-
-
-def test_run_event_logs_are_copies_of_one_template_with_dagsters_own_schema(home_env, tmp_path):
-    @dg.asset
-    def tiny() -> dg.MaterializeResult:
-        return dg.MaterializeResult(metadata={"n": 1})
-
-    assert main(["home"]) == 0
-    with dg.DagsterInstance.get() as instance:
-        storage = instance.event_log_storage
-        first = dg.materialize([tiny], instance=instance)
-        template = Path(storage.template_path())
-        made = template.stat().st_mtime_ns
-        second = dg.materialize([tiny], instance=instance)
-        assert first.success and second.success
-        assert template.stat().st_mtime_ns == made  # made once, copied for the second run
-        for result in (first, second):
-            types = [e.dagster_event_type for e in instance.all_logs(result.run_id)
-                     if e.is_dagster_event]
-            assert dg.DagsterEventType.ASSET_MATERIALIZATION in types
-            assert types[-1] == dg.DagsterEventType.RUN_SUCCESS
-        assert instance.get_latest_materialization_event(dg.AssetKey("tiny")).run_id \
-            == second.run_id
-    # The database Dagster's own storage creates for a run, table by table.
-    plain = SqliteEventLogStorage(str(tmp_path / "plain"))
-    with plain.run_connection("some-run"):
-        pass
-    copied = home_env / "history" / "runs" / f"{second.run_id}.db"
-    assert _schema(copied)[0] and _schema(copied) == _schema(tmp_path / "plain" / "some-run.db")
-    assert template.name not in plain.get_all_run_ids() + storage.get_all_run_ids()
-    assert sorted(storage.get_all_run_ids()) == sorted([first.run_id, second.run_id])
 
 
 def _store_and_read(instance: dg.DagsterInstance, message: str,
@@ -134,32 +91,18 @@ def _store_and_read(instance: dg.DagsterInstance, message: str,
 
 
 def test_each_stored_event_reaches_dagsters_file_watcher(home_env):
-    """The UI streams a run's events through Dagster's watcher on the run's file: each event is
-    in that file once stored (the WAL folded in, its last connection closed), not at the end."""
+    """The UI streams a run's events through Dagster's watcher on the events' file: each event
+    reaches it once stored, not when the run ends."""
     assert main(["home"]) == 0
     seen: queue.Queue = queue.Queue()
     with dg.DagsterInstance.get() as instance:
-        storage = instance.event_log_storage
-        assert isinstance(storage, TemplatedSqliteEventLogStorage)
         run_id = str(uuid.uuid4())
-        storage.watch(run_id, None, lambda entry, cursor: seen.put(entry.user_message))
+        instance.event_log_storage.watch(run_id, None,
+                                         lambda entry, cursor: seen.put(entry.user_message))
         for n in range(3):
             read = _store_and_read(instance, f"event {n}", run_id)
             assert seen.get(timeout=10) == f"event {n}"
-            assert not Path(storage.path_for_shard(run_id) + "-wal").exists()
         assert read == [f"event {n}" for n in range(3)]
-
-
-def test_a_run_database_dagster_did_not_stamp_gets_dagsters_own_set_up(home_env):
-    """An existing run file without Dagster's schema (left empty, say) is set up by Dagster's
-    own code, not taken as ready because it exists."""
-    assert main(["home"]) == 0
-    with dg.DagsterInstance.get() as instance:
-        storage = instance.event_log_storage
-        run_id = str(uuid.uuid4())
-        Path(storage.path_for_shard(run_id)).touch()
-        assert _store_and_read(instance, "kept", run_id) == ["kept"]
-    assert _schema(Path(storage.path_for_shard(run_id)))[1]  # stamped with Dagster's revision
 
 
 def test_a_home_path_with_any_character_reaches_dagster_whole(tmp_path, monkeypatch, home_env):
@@ -170,20 +113,8 @@ def test_a_home_path_with_any_character_reaches_dagster_whole(tmp_path, monkeypa
     assert main(["home"]) == 0
     with dg.DagsterInstance.get() as instance:
         storage = instance.event_log_storage
-        assert Path(storage._base_dir) == home.resolve() / "history" / "runs"
+        assert Path(storage.get_db_path()) == home.resolve() / "history" / "events" / "event_log.db"
         assert _store_and_read(instance, "kept") == ["kept"]
-
-
-def test_a_damaged_template_is_made_again_not_copied(home_env):
-    assert main(["home"]) == 0
-    with dg.DagsterInstance.get() as instance:
-        assert _store_and_read(instance, "first") == ["first"]
-        template = Path(instance.event_log_storage.template_path())
-        template.write_bytes(template.read_bytes()[:1000])  # cut short, as a bad restore would
-        event_log._checked_templates.clear()  # as a new process finds it
-        assert _store_and_read(instance, "second") == ["second"]
-        assert _schema(template)[1]  # whole again, with Dagster's stamp
-    assert not [p.name for p in template.parent.iterdir() if ".tmp" in p.name]
 
 
 def test_the_queue_follows_cores_and_memory():

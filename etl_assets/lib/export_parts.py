@@ -31,7 +31,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import duckdb
 
@@ -373,7 +373,7 @@ def patch(head: bytes, published: Path, published_sha256: str,
     # The sequential pass reads around the page cache (uncached.blocks): the published export
     # was written that way and nothing reads it after this.
     digest = hashlib.sha256()
-    written: hashlib._Hash | None = None  # the new bytes' digest, from the first edit on
+    written: Any = None  # the new bytes' hashlib digest, from the first edit on
     lines = 0
     pos = 0
     data = uncached.blocks(published)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import functools
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +33,7 @@ from etl_assets.tools.instance import (
 from etl_assets.tools.progress import Progress
 
 if TYPE_CHECKING:
-    from etl_assets.tools.runner import RunOutcome
+    from etl_assets.tools.outcome import RunOutcome
 
 
 def _settings(args: argparse.Namespace) -> EtlSettings:
@@ -151,12 +149,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: they build the code location, which reads the
     # environment's settings, and `--help` or `generate` must work whatever it holds.
     from etl_assets.tools.runner import run_pipeline
-    from etl_assets.tools.submit import submit_pipeline
+    from etl_assets.tools.submit import submit_pipeline, webserver_url
 
     # A configuration error, like the settings': exit 2 before anything starts.
     if pg_url() is None and args.submit:
         raise SettingsError("--submit hands the runs to a deployment's run queue: set "
                             f"{PG_URL_VAR} to its Dagster instance (PostgreSQL)")
+    if args.submit:
+        webserver_url()
     # Lines appear as they happen, also through a pipe (a test, `tee`, a log collector).
     echo = functools.partial(print, flush=True)
     progress = Progress()  # stderr: a live display on a terminal, timestamped lines otherwise
@@ -237,18 +237,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_drill(args: argparse.Namespace) -> int:
     """The chaos drill end to end: shard fails once, retry heals, exactly-once verified."""
     from etl_assets.tools.drill import run_drill
-    from etl_assets.tools.submit import submit_pipeline
+    from etl_assets.tools.submit import submit_pipeline, webserver_url
 
     settings = EtlSettings.from_env(
         data_dir=args.data_dir, shard_count=args.shards, export_path=args.export,
         chaos_fail_shard=args.shard, chaos_fail_mode="once",
         force=True,  # the drill is about a real retry of real work, not a skip
     )
+    if args.submit:  # a configuration error: exit 2 before anything starts
+        if pg_url() is None:
+            raise SettingsError(f"drill --submit needs {PG_URL_VAR}: the deployment's Dagster "
+                                "instance")
+        webserver_url()
     ensure_dagster_home(settings)
     if not args.submit:
         return run_drill(settings)
-    if pg_url() is None:
-        raise SettingsError(f"drill --submit needs {PG_URL_VAR}: the deployment's Dagster instance")
     with open_instance() as instance:
         return run_drill(settings, pipeline=functools.partial(submit_pipeline, instance=instance))
 
@@ -297,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true",
                      help="recompute every source and shard even if unchanged (ETL_FORCE)")
     run.add_argument("--submit", action="store_true",
-                     help="hand the runs to the deployment's run queue (DAGSTER_PG_URL) and "
-                     "follow them, instead of running them here")
+                     help="hand the runs to the deployment's run queue through its webserver "
+                     "(DAGSTER_WEBSERVER_URL, DAGSTER_PG_URL) and follow them, instead of "
+                     "running them here")
     run.add_argument("-v", "--verbose", action="store_true", help="also show Dagster's own logs")
     run.set_defaults(func=cmd_run)
 
@@ -313,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_argument("--shards", type=int, help="number of shards (SHARD_COUNT)")
     drill.add_argument("--export", help="path of the merged CSV (EXPORT_PATH)")
     drill.add_argument("--submit", action="store_true",
-                       help="through the deployment's run queue and workers (DAGSTER_PG_URL)")
+                       help="through the deployment's run queue and workers "
+                       "(DAGSTER_WEBSERVER_URL, DAGSTER_PG_URL)")
     drill.set_defaults(func=cmd_drill)
 
     bench = sub.add_parser("bench", help="time etl-assets run against shards/workers and the floor")
@@ -367,28 +372,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def console_main() -> None:
-    """The `etl-assets` command: `main`, then exit without tearing the interpreter down.
-
-    Everything an exit must do is done first, as Python's own exit does it: other threads
-    joined after their pools were told to stop (`threading._shutdown`), the atexit handlers
-    (logging, multiprocessing, weakref finalizers) run, stdout and stderr flushed, and a failed
-    flush is a failed command (120, Python's own code for it). What is left is Python freeing
-    Dagster's module graph object by object, a noticeable part of every short command
-    (docs/performance.md#the-fixed-cost).
-    """
-    code = main()
-    threading._shutdown()  # type: ignore[attr-defined]
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        if stream is None:  # its file descriptor was closed at start: nothing to flush
-            continue
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a full disk, a closed pipe: the output is not whole
-            code = code or 120
-    os._exit(code)
-
-
-if __name__ == "__main__":
-    console_main()
+if __name__ == "__main__":  # python -m etl_assets.tools.cli: Python's exit, teardown included
+    sys.exit(main())

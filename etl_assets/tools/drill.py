@@ -15,7 +15,8 @@ from etl_assets.lib import staging
 from etl_assets.lib.paths import duckdb_literal, duckdb_literals
 from etl_assets.lib.schema import MAX_LINE_BYTES, SOURCES
 from etl_assets.lib.settings import EtlSettings
-from etl_assets.tools.runner import RunOutcome, run_pipeline, shard_events
+from etl_assets.tools.outcome import RunOutcome, shard_events
+from etl_assets.tools.runner import run_pipeline
 
 STEP = "shard_profiles"
 

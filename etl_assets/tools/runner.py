@@ -15,9 +15,8 @@ import multiprocessing.util
 import os
 import signal
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -32,95 +31,23 @@ from etl_assets.defs.contracts import (
     SOURCES_JOB,
 )
 from etl_assets.lib import freshness, limits, staging
-from etl_assets.lib.errors import NO_SPACE
-from etl_assets.lib.events import format_event, parse_shard_event
+from etl_assets.lib.events import format_event
 from etl_assets.lib.interrupts import Interrupted
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
+from etl_assets.tools.outcome import (
+    RunOutcome,
+    ShardRow,
+    first_failure,
+    metadata_values,
+    shard_events,
+    shard_failure_reason,
+    shard_row,
+)
 from etl_assets.tools.progress import Progress
-
-
-@dataclass
-class ShardRow:
-    """One line of the per-shard table."""
-
-    shard_id: int
-    attempts: int = 0
-    records: int | None = None
-    elapsed_ms: int | None = None
-    ok: bool = False
-    error: str = ""
-    run_id: str = ""
-    skipped: bool = False
-
-
-@dataclass
-class RunOutcome:
-    """Everything `etl-assets run` reports; exit code 0 iff `ok`."""
-
-    shards: list[ShardRow] = field(default_factory=list)
-    checks: list[tuple[str, bool, dict]] = field(default_factory=list)
-    reason: str = ""
-    export_path: str = ""
-    snapshot_path: str = ""
-    run_ids: list[str] = field(default_factory=list)
-    # What the run is doing now: sources, shards or customer_profiles (named when interrupted).
-    phase: str = "sources"
-
-    @property
-    def ok(self) -> bool:
-        return not self.reason
-
 
 # Dagster's console logger is silenced for the CLI; its events still go to the instance.
 QUIET_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-
-
-def _metadata(evaluation: Any) -> dict[str, Any]:
-    return {k: getattr(v, "value", v) for k, v in (evaluation.metadata or {}).items()}
-
-
-def first_failure(result: dg.ExecuteInProcessResult) -> str:
-    """One line: the first failed step's user-facing error."""
-    return failure_of(result.all_events)
-
-
-def failure_of(events: Iterable[dg.DagsterEvent]) -> str:
-    """One line: the user-facing error of the first step failure among a run's events."""
-    for event in events:
-        if event.is_step_failure:
-            data = event.step_failure_data
-            if data.user_failure_data is not None and data.user_failure_data.description:
-                return data.user_failure_data.description
-            error = data.error
-            # Dagster wraps user errors; the innermost cause is the one a user can act on.
-            while error is not None and error.cause is not None:
-                error = error.cause
-            message = error.message.strip().splitlines() if error else []
-            return f"{event.step_key}: {message[0] if message else 'failed'}"
-    return "run failed"
-
-
-def shard_events(instance: dg.DagsterInstance, run_id: str) -> list[dict[str, Any]]:
-    """The JSON shard events of a run, in log order."""
-    events = []
-    for entry in instance.all_logs(run_id):
-        parsed = parse_shard_event(entry.user_message or "")
-        if parsed is not None:
-            events.append(parsed)
-    return events
-
-
-def shard_row(shard_id: int, events: list[dict[str, Any]], success: bool, error: str) -> ShardRow:
-    """Summarize one shard run's events as a table row."""
-    row = ShardRow(shard_id=shard_id, ok=success, error="" if success else error,
-                   skipped=any(e["event"] == "shard_skip" for e in events))
-    row.attempts = sum(1 for e in events if e["event"] == "shard_start")
-    ends = [e for e in events if e["event"] in ("shard_end", "shard_skip")]
-    if ends:
-        row.records = int(ends[-1]["record_count"])
-        row.elapsed_ms = int(ends[-1]["elapsed_ms"])
-    return row
 
 
 # The worker's Dagster instance, opened once by `_init_worker` for every shard run it does, as
@@ -268,6 +195,8 @@ class _LazyPool:
     def __init__(self, workers: int, shard_count: int):
         self.workers, self.shard_count = workers, shard_count
         self.pool: ProcessPoolExecutor | None = None
+        # The pids of this process's other children (none today): `kill` leaves them alone.
+        self.others: set[int] = set()
 
     @property
     def size(self) -> int:
@@ -281,6 +210,7 @@ class _LazyPool:
         workers may be forked from it (see `_start_pool`).
         """
         if self.pool is None and self.size > 1:
+            self.others = {p.pid for p in multiprocessing.active_children()}
             self.pool = _start_pool(self.size, fork=early)
         return self.pool
 
@@ -292,15 +222,17 @@ class _LazyPool:
         """SIGKILL every worker now (an interrupted run must not wait for shards to finish).
 
         Safe for the data: a shard commits in one transaction, so a killed worker leaves its
-        shard's old rows (test_crash proves it for every write point).
+        shard's old rows (test_crash proves it for every write point). The workers are this
+        process's children started since the pool was (ProcessPoolExecutor names its own
+        processes only from Python 3.14 on).
         """
         if self.pool is None:
             return
-        # ProcessPoolExecutor has no public way to reach its processes before Python 3.14.
-        for process in list(getattr(self.pool, "_processes", {}).values()):
+        workers = [p for p in multiprocessing.active_children() if p.pid not in self.others]
+        for process in workers:
             with contextlib.suppress(OSError, ValueError):  # already gone
                 process.kill()
-        for process in list(getattr(self.pool, "_processes", {}).values()):
+        for process in workers:
             process.join(timeout=10)
 
 
@@ -354,20 +286,6 @@ def shard_inputs_recorded(settings: EtlSettings, instance: dg.DagsterInstance) -
     except OSError:
         return False
     return event.timestamp * 1e9 > staged_ns
-
-
-def shard_failure_reason(shards: list[ShardRow]) -> str:
-    """One line naming the failed shards ("" if none failed)."""
-    failed = [r for r in shards if not r.ok]
-    if not failed:
-        return ""
-    first = failed[0]
-    full = next((r for r in failed if r.error.endswith(f": {NO_SPACE}")), None)
-    if full is not None:
-        return full.error  # the disk is what to fix, whichever shard noticed first
-    others = f" (and shards {', '.join(str(r.shard_id) for r in failed[1:])})" if failed[1:] else ""
-    return (f"shard {first.shard_id} failed after {first.attempts} attempt(s): {first.error}"
-            f"{others}; customer_profiles was not rebuilt")
 
 
 def _never() -> bool:
@@ -451,7 +369,7 @@ def _run_all(
                          asset_selection=[dg.AssetKey(name) for name in changed] + [SHARD_INPUTS])
         for evaluation in result.get_asset_check_evaluations():
             name = f"{evaluation.asset_key.to_user_string()}.{evaluation.check_name}"
-            outcome.checks.append((name, evaluation.passed, _metadata(evaluation)))
+            outcome.checks.append((name, evaluation.passed, metadata_values(evaluation)))
             if not evaluation.passed and not outcome.reason:
                 outcome.reason = evaluation.description or f"check {name} failed"
         if not result.success and not outcome.reason:
@@ -492,7 +410,7 @@ def _run_all(
                          "table and the export (or finding them current)")
     result = execute(PROFILES_JOB)
     for evaluation in result.get_asset_check_evaluations():
-        outcome.checks.append((evaluation.check_name, evaluation.passed, _metadata(evaluation)))
+        outcome.checks.append((evaluation.check_name, evaluation.passed, metadata_values(evaluation)))
     failed_checks = [name for name, passed, _ in outcome.checks if not passed]
     if not result.success:
         # A failed check fails the step before anything is published; its line names them.

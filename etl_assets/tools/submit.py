@@ -2,10 +2,11 @@
 
 The same runs, decisions and summary as `runner.run_pipeline` (sources that changed, then one
 run per shard that is not current, then customer_profiles with its checks), but each run is
-created in the deployment's Dagster instance (PostgreSQL, DAGSTER_PG_URL) and submitted to its
-queue: the deployment's daemon launches it, and its executor runs the steps (on Celery workers
-when the deployment sets CELERY_BROKER_URL). This command only follows the runs to their end
-and reads the outcome back from the instance's event log.
+submitted through the deployment's webserver (DAGSTER_WEBSERVER_URL), with Dagster's GraphQL
+client, as the UI's Materialize button does: the webserver creates it in the deployment's
+instance and puts it in its queue, the daemon launches it, and its executor runs the steps (on
+Celery workers when the deployment sets CELERY_BROKER_URL). This command only follows the runs
+to their end and reads the outcome back from the instance (PostgreSQL, DAGSTER_PG_URL).
 
 The runs carry this command's paths (warehouse, staging, export) as run config, so they work
 on exactly what this command checked for freshness; those paths must be shared storage that
@@ -14,18 +15,14 @@ reads the same on every worker.
 
 from __future__ import annotations
 
-import sys
+import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import dagster as dg
-from dagster._core.definitions.selector import JobSubsetSelector
-from dagster._core.remote_origin import InProcessCodeLocationOrigin
-from dagster._core.remote_representation.code_location import CodeLocation
-from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from etl_assets.defs.contracts import (
     LAUNCHED_BY_SUBMIT,
@@ -38,23 +35,27 @@ from etl_assets.defs.contracts import (
 )
 from etl_assets.defs.resources import resources_for
 from etl_assets.lib.events import format_event
-from etl_assets.lib.settings import EtlSettings, pg_url
-from etl_assets.tools.runner import (
-    INVOCATION_TAG,
+from etl_assets.lib.settings import EtlSettings, SettingsError, pg_url
+from etl_assets.tools.outcome import (
     RunOutcome,
     ShardRow,
     failure_of,
+    metadata_values,
     shard_events,
     shard_failure_reason,
-    shard_inputs_recorded,
     shard_row,
+)
+from etl_assets.tools.runner import (
+    INVOCATION_TAG,
+    shard_inputs_recorded,
     shards_to_run,
     sources_to_stage,
 )
 
-# The code location's name in workspace.yaml: the deployment's daemon finds a run's code by it.
-LOCATION = "etl_assets"
-MODULE = "etl_assets.definitions"
+if TYPE_CHECKING:
+    from dagster_graphql import DagsterGraphQLClient
+
+WEBSERVER_VAR = "DAGSTER_WEBSERVER_URL"
 POLL_S = 0.5
 
 
@@ -82,43 +83,43 @@ def _config_of(resource: dg.ConfigurableResource) -> dict[str, Any]:
             if v is not None and k not in MACHINE_FIELDS}
 
 
-@contextmanager
-def code_location(instance: dg.DagsterInstance) -> Iterator[CodeLocation]:
-    """The code location loaded here, under the name the deployment's workspace gives it."""
-    origin = InProcessCodeLocationOrigin(
-        LoadableTargetOrigin(executable_path=sys.executable, module_name=MODULE),
-        location_name=LOCATION)
-    with origin.create_location(instance) as location:
-        yield location
+def webserver_url(env: Mapping[str, str] | None = None) -> str:
+    """DAGSTER_WEBSERVER_URL, checked: SettingsError naming the variable (never its value)."""
+    url = (os.environ if env is None else env).get(WEBSERVER_VAR, "").strip()
+    if not url:
+        raise SettingsError(f"--submit hands the runs to the deployment's webserver: set "
+                            f"{WEBSERVER_VAR} to its address (http://host:3000)")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
+            or parts.username or parts.password or parts.query or parts.fragment:
+        raise SettingsError(f"{WEBSERVER_VAR} must be the webserver's http:// or https:// "
+                            "address (http://host:3000, optionally with a path prefix)")
+    return url
+
+
+def graphql_client(url: str) -> DagsterGraphQLClient:
+    """Dagster's GraphQL client for the webserver at `url` (checked by `webserver_url`)."""
+    # Imported here: `etl-assets run` without --submit does not pay for it.
+    from dagster_graphql import DagsterGraphQLClient
+
+    parts = urlsplit(url)
+    return DagsterGraphQLClient(parts.hostname or "", port_number=parts.port,
+                                use_https=parts.scheme == "https",
+                                path_prefix=parts.path.rstrip("/"), timeout=60)
 
 
 def submit_run(
-    instance: dg.DagsterInstance, location: CodeLocation, job_name: str,
-    run_config: dict[str, Any], tags: dict[str, str],
-    asset_selection: Iterable[dg.AssetKey] | None = None,
+    client: DagsterGraphQLClient, job_name: str, run_config: dict[str, Any],
+    tags: dict[str, str], asset_selection: Iterable[dg.AssetKey] | None = None,
 ) -> str:
-    """Create a run of `job_name` in the instance and put it in the run queue; its id."""
-    (repo,) = location.get_repositories().values()
-    selector = JobSubsetSelector(location_name=location.name, repository_name=repo.name,
-                                 job_name=job_name, op_selection=None,
-                                 asset_selection=asset_selection)
-    job = location.get_job(selector)
-    plan = location.get_execution_plan(job, run_config, step_keys_to_execute=None,
-                                       known_state=None, instance=instance)
-    run = instance.create_run(
-        job_name=job_name, run_id=None, run_config=run_config,
-        resolved_op_selection=job.resolved_op_selection,
-        step_keys_to_execute=plan.execution_plan_snapshot.step_keys_to_execute,
-        op_selection=None, status=None, root_run_id=None, parent_run_id=None,
-        tags={**job.tags, **tags}, job_snapshot=job.job_snapshot,
-        execution_plan_snapshot=plan.execution_plan_snapshot,
-        parent_job_snapshot=job.parent_job_snapshot,
-        remote_job_origin=job.get_remote_origin(), job_code_origin=job.get_python_origin(),
-        asset_selection=frozenset(asset_selection) if asset_selection else None,
-        asset_check_selection=None, asset_graph=repo.asset_graph)
-    # The queued run coordinator only records the run as queued; no workspace is needed.
-    instance.submit_run(run.run_id, workspace=None)  # type: ignore[arg-type]
-    return run.run_id
+    """Submit a run of `job_name` to the deployment's run queue; its id."""
+    return client.submit_job_execution(
+        job_name, run_config=run_config, tags=tags,
+        asset_selection=list(asset_selection) if asset_selection is not None else None)
 
 
 def wait_for(instance: dg.DagsterInstance, run_ids: list[str],
@@ -159,8 +160,8 @@ def check_results(instance: dg.DagsterInstance, run_id: str,
         name = evaluation.check_name
         if qualified:
             name = f"{evaluation.asset_key.to_user_string()}.{name}"
-        metadata = {k: getattr(v, "value", v) for k, v in (evaluation.metadata or {}).items()}
-        out.append((name, evaluation.passed, metadata, evaluation.description or ""))
+        out.append((name, evaluation.passed, metadata_values(evaluation),
+                    evaluation.description or ""))
     return out
 
 
@@ -172,59 +173,59 @@ def submit_pipeline(
     settings: EtlSettings, instance: dg.DagsterInstance,
     echo: Callable[[str], None] = print, interrupted: Callable[[], bool] = _never,
 ) -> RunOutcome:
-    """Submit the runs `run_pipeline` would execute here to the instance's run queue, in the
+    """Submit the runs `run_pipeline` would execute here to the deployment's run queue, in the
     same order, and follow them to their end; the same outcome, read from the event log."""
     if pg_url() is None:
         raise NoDeployment("--submit needs a deployment to submit to: set DAGSTER_PG_URL to its "
                            "Dagster instance (PostgreSQL)")
+    client = graphql_client(webserver_url())
     outcome = RunOutcome(export_path=settings.export_path, snapshot_path=settings.snapshot_path)
     tags = {INVOCATION_TAG: uuid.uuid4().hex, LAUNCHED_BY_TAG: LAUNCHED_BY_SUBMIT}
     run_config = submit_config(settings)
-    with code_location(instance) as location:
 
-        def run_and_wait(job: str, **kwargs: Any) -> dg.DagsterRun:
-            run_id = submit_run(instance, location, job, run_config, tags, **kwargs)
-            outcome.run_ids.append(run_id)
-            return next(wait_for(instance, [run_id], interrupted))
+    def run_and_wait(job: str, **kwargs: Any) -> dg.DagsterRun:
+        run_id = submit_run(client, job, run_config, tags, **kwargs)
+        outcome.run_ids.append(run_id)
+        return next(wait_for(instance, [run_id], interrupted))
 
-        changed = sources_to_stage(settings, echo)
-        if changed or not shard_inputs_recorded(settings, instance):
-            run = run_and_wait(SOURCES_JOB, asset_selection=[dg.AssetKey(n) for n in changed]
-                               + [SHARD_INPUTS])
-            for name, passed, metadata, description in check_results(instance, run.run_id, True):
-                outcome.checks.append((name, passed, metadata))
-                if not passed and not outcome.reason:
-                    outcome.reason = description or f"check {name} failed"
-            outcome.reason = outcome.reason or run_error(instance, run)
-            if outcome.reason:
-                return outcome
-
-        outcome.phase = "shards"
-        todo, rows = shards_to_run(settings, echo)
-        # All at once: the deployment's queue decides how many run together, and where.
-        shard_of = {submit_run(instance, location, SHARDS_JOB, run_config,
-                               {**tags, PARTITION_TAG: str(k)}): k for k in todo}
-        outcome.run_ids.extend(shard_of)
-        for run in wait_for(instance, list(shard_of), interrupted):
-            events = shard_events(instance, run.run_id)
-            for event in events:
-                echo(format_event(event))
-            error = run_error(instance, run)
-            row: ShardRow = shard_row(shard_of[run.run_id], events, not error, error)
-            row.run_id = run.run_id
-            rows[row.shard_id] = row
-        outcome.shards = [rows[k] for k in settings.shard_ids]
-        outcome.reason = shard_failure_reason(outcome.shards)
+    changed = sources_to_stage(settings, echo)
+    if changed or not shard_inputs_recorded(settings, instance):
+        run = run_and_wait(SOURCES_JOB, asset_selection=[dg.AssetKey(n) for n in changed]
+                           + [SHARD_INPUTS])
+        for name, passed, metadata, description in check_results(instance, run.run_id, True):
+            outcome.checks.append((name, passed, metadata))
+            if not passed and not outcome.reason:
+                outcome.reason = description or f"check {name} failed"
+        outcome.reason = outcome.reason or run_error(instance, run)
         if outcome.reason:
             return outcome
 
-        outcome.phase = "customer_profiles"
-        run = run_and_wait(PROFILES_JOB)
-        checks = check_results(instance, run.run_id, False)
-        outcome.checks.extend((name, passed, metadata) for name, passed, metadata, _ in checks)
-        failed_checks = [name for name, passed, _, _ in checks if not passed]
-        if failed_checks:
-            outcome.reason = f"check(s) failed: {', '.join(failed_checks)}"
-        else:
-            outcome.reason = run_error(instance, run)
+    outcome.phase = "shards"
+    todo, rows = shards_to_run(settings, echo)
+    # All at once: the deployment's queue decides how many run together, and where.
+    shard_of = {submit_run(client, SHARDS_JOB, run_config, {**tags, PARTITION_TAG: str(k)}): k
+                for k in todo}
+    outcome.run_ids.extend(shard_of)
+    for run in wait_for(instance, list(shard_of), interrupted):
+        events = shard_events(instance, run.run_id)
+        for event in events:
+            echo(format_event(event))
+        error = run_error(instance, run)
+        row: ShardRow = shard_row(shard_of[run.run_id], events, not error, error)
+        row.run_id = run.run_id
+        rows[row.shard_id] = row
+    outcome.shards = [rows[k] for k in settings.shard_ids]
+    outcome.reason = shard_failure_reason(outcome.shards)
+    if outcome.reason:
+        return outcome
+
+    outcome.phase = "customer_profiles"
+    run = run_and_wait(PROFILES_JOB)
+    checks = check_results(instance, run.run_id, False)
+    outcome.checks.extend((name, passed, metadata) for name, passed, metadata, _ in checks)
+    failed_checks = [name for name, passed, _, _ in checks if not passed]
+    if failed_checks:
+        outcome.reason = f"check(s) failed: {', '.join(failed_checks)}"
+    else:
+        outcome.reason = run_error(instance, run)
     return outcome
