@@ -14,7 +14,7 @@ export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 # whose fsyncs otherwise make it wait on the disk (test_skip: 145 s -> 91 s wall here).
 TEST_TMPDIR ?= $(if $(wildcard /dev/shm/.),/dev/shm,/tmp)
 PYTEST := TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -n 3 --dist loadscope
-FAST := not browser and not daemon and not kill and not cli
+FAST := not browser and not daemon and not kill and not cli and not slow
 
 .PHONY: help install run test test-fast lint ui sample clean chromium postgres broker
 
@@ -39,7 +39,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PYTEST) --durations=15
 
-## The inner loop: every test that needs no browser, daemon, kill or command subprocess.
+## The inner loop (within 90 s): no browser, daemon, kill, command subprocess or many-run module.
 test-fast: $(STAMP)
 	ETL_TEST_QUICK=1 $(PYTEST) -m "$(FAST)"
 

@@ -47,7 +47,19 @@ ONE_WORKER = ("test_ui.py", "test_crash.py", "test_interrupt.py", "test_failures
               "test_ducklake.py", "test_distributed.py")
 
 
+# Modules made of many real pipeline runs (publish, skip, integrity, concurrency, property
+# and hostile-input runs, DuckLake on PostgreSQL): `make test` runs them, the inner loop
+# (`make test-fast`, marker `slow`) does not, to stay within its 90 s.
+SLOW_MODULES = ("test_publish.py", "test_integrity.py", "test_skip.py", "test_pipeline.py",
+                "test_ducklake.py", "test_concurrency.py", "test_hostile.py",
+                "test_properties.py", "test_freshness.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
     def rank(item: pytest.Item) -> int:
         name = item.path.name
         return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
