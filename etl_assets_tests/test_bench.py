@@ -10,9 +10,14 @@ import pytest
 from etl_assets.tools.bench import (
     FULL_FLOOR_LABEL,
     PHASE_FLOOR_LABEL,
+    REFRESHES,
     _measure,
+    append_customers,
+    change_scattered,
     fixed_cost_label,
+    fresh_label,
 )
+from etl_assets.tools.generate import generate
 
 BIN = Path(sys.executable).parent
 
@@ -21,23 +26,24 @@ BIN = Path(sys.executable).parent
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [str(BIN / "etl-assets"), "bench", "--rows", "2000", "--shards", "2", "--workers", "1,2",
+        [str(BIN / "etl-assets"), "bench", "--rows", "2000", "--shards", "2", "--workers", "2",
          "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     labels = [r["label"] for r in report["results"]]
     assert labels == ["floor: one DuckDB query", FULL_FLOOR_LABEL, PHASE_FLOOR_LABEL,
-                      "etl-assets run --shards 2 --workers 1",
                       "etl-assets run --shards 2 --workers 2", "unchanged re-run (skips)",
-                      "one row changed re-run", fixed_cost_label(2, 2)]
+                      "one row changed re-run",
+                      *[label for refresh, _ in REFRESHES for label in (refresh, fresh_label(refresh))],
+                      fixed_cost_label(2, 2)]
     for r in report["results"]:
         assert r["wall_s"] > 0 and r["peak_rss_mb"] > 50 and r["rows_per_s"] > 0
     floors = report["results"][2]["phases"]
     assert set(floors) == {"sources_s", "shards_s", "profiles_s", "outside_runs_s"}, floors
     assert all(floors[k] > 0 for k in ("sources_s", "shards_s", "profiles_s")), floors
-    runs = report["results"][3:5]
-    assert all(r["slowest_shard_ms"] and r["shard_compute_s"] is not None for r in runs)
+    first = report["results"][3]
+    assert first["slowest_shard_ms"] and first["shard_compute_s"] is not None
     for r in report["results"][3:]:
         # Each phase comes from the Dagster runs of that command only: with runs of an earlier
         # command counted, the spans would outgrow the wall time and leave outside_runs_s < 0.
@@ -47,12 +53,22 @@ def test_bench_smoke(tmp_path):
             r["label"] == "unchanged re-run (skips)"
             and set(phases) == {"profiles_s", "outside_runs_s"}), phases
         assert all(v > 0 for v in phases.values()), phases
+    # Each refresh beside the first run on the same files (whose export it matched), the second
+    # one on 2,000 + 0.5% customers.
+    for refresh, fresh in zip(report["results"][6:10:2], report["results"][7:11:2], strict=True):
+        assert refresh["extra"]["fresh_first_run_s"] == fresh["wall_s"]
+        assert refresh["extra"]["of_first_run"] == round(refresh["wall_s"] / fresh["wall_s"], 3)
+    appended = report["results"][8]
+    assert appended["rows_per_s"] == pytest.approx(2010 / appended["wall_s"], rel=0.01)
     assert report["machine"]["cores"] >= 1 and report["machine"]["floor_s"] > 0
     table = (out / "bench.md").read_text()
-    assert table.count("\n| ") == 9 and "× floor" in table and "outside runs s" in table
+    assert table.count("\n| ") == 12 + 3 and "× floor" in table and "outside runs s" in table
+    refreshes = table.split("Each refresh beside a first run")[1].splitlines()
+    row = next(line for line in refreshes if line.startswith("| 0.5% new customers"))
+    assert row.endswith(f" | {appended['extra']['of_first_run']:.1%} |"), row
     # Each run's phase beside that phase's own floor, as a multiple of it.
     row = next(line for line in table.splitlines()
-               if line.startswith("| etl-assets run --shards 2 --workers 1 |"))
+               if line.startswith("| etl-assets run --shards 2 --workers 2 |"))
     expected = report["results"][3]["phases"]["sources_s"] / floors["sources_s"]
     assert row.split(" | ")[7].endswith(f"({expected:.1f}×)"), row
     png = (out / "bench.png").read_bytes()
@@ -72,3 +88,33 @@ def test_peak_rss_is_the_commands_own_not_the_parents(tmp_path):
                           "b'x' * len(b[::4096]); print(len(b))"], {}, tmp_path)
     assert big > 300  # and a command's own growth is measured
     del ballast
+
+
+def test_refresh_edits(tmp_path):
+    """The refreshes' edits: 1% of billing's mrr values changed at scattered positions, the same
+    for the same seed; 0.5% new customers with the same new ids in all four files."""
+    data = tmp_path / "data"
+    generate(2000, 42, data)
+    before = {n: (data / f"{n}.csv").read_bytes().splitlines()
+              for n in ("crm", "billing", "product", "support")}
+    assert change_scattered(data, 2000) == 0
+    after = (data / "billing.csv").read_bytes().splitlines()
+    changed = [i for i, (a, b) in enumerate(zip(before["billing"], after, strict=True)) if a != b]
+    assert len(changed) == round((len(after) - 1) * 0.01)
+    assert changed[0] < len(after) // 4 and changed[-1] > 3 * len(after) // 4  # scattered
+    for i in changed:
+        old, new = before["billing"][i].split(b","), after[i].split(b",")
+        assert old[:3] + old[4:] == new[:3] + new[4:]
+        assert float(new[3]) == pytest.approx(float(old[3]) + 1)
+    again = tmp_path / "again"
+    generate(2000, 42, again)
+    change_scattered(again, 2000)
+    assert (again / "billing.csv").read_bytes() == (data / "billing.csv").read_bytes()
+
+    assert append_customers(data, 2000) == 10
+    new_ids = [b"cust_%08d" % i for i in range(2001, 2011)]
+    for name, lines in before.items():
+        now = (data / f"{name}.csv").read_bytes().splitlines()
+        assert now[:len(lines)] == (lines if name != "billing" else after)
+        assert [line.split(b",")[0] for line in now[len(lines):]] == new_ids
+        assert not {line.split(b",")[0] for line in lines} & set(new_ids)
