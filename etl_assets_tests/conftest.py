@@ -214,17 +214,13 @@ def build_profiles(settings: EtlSettings) -> dict[str, dict[str, object]]:
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: str, options: str = "") -> Iterator[Path]:
-    """A real, small filesystem at `path` (root only; `options` e.g. "ro"); always unmounted.
-
-    Under CI a test that cannot mount fails: it must not pass by being skipped.
-    """
+def mounted(args: list[str], path: Path, what: str) -> Iterator[Path]:
+    """`mount <args> <path>` (root only), always unmounted; a test that cannot mount fails
+    under CI (it must not pass by being skipped) and skips elsewhere, saying `what` failed."""
     path.mkdir(parents=True, exist_ok=True)
-    mount_options = ",".join(filter(None, [f"size={size}", options]))
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", mount_options, "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(["mount", *args, str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
-        message = f"cannot mount a tmpfs here: {proc.stderr.strip()}"
+        message = f"cannot {what} here: {proc.stderr.strip()}"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -232,6 +228,12 @@ def tmpfs(path: Path, size: str, options: str = "") -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def tmpfs(path: Path, size: str, options: str = "") -> contextlib.AbstractContextManager[Path]:
+    """A real, small filesystem at `path` (root only; `options` e.g. "ro"); always unmounted."""
+    mount_options = ",".join(filter(None, [f"size={size}", options]))
+    return mounted(["-t", "tmpfs", "-o", mount_options, "tmpfs"], path, "mount a tmpfs")
 
 
 def outdated_by_a_newer_run(settings: EtlSettings, data_dir: Path, point: str) -> None:

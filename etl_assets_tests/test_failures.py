@@ -19,7 +19,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from etl_assets_tests.conftest import REPO, SAMPLE, edit_crm, tmpfs
+from etl_assets_tests.conftest import REPO, SAMPLE, edit_crm, mounted, tmpfs
 
 BIN = Path(sys.executable).parent
 NOBODY = 65534
@@ -167,19 +167,9 @@ def public_checkout(shared_dir: Path) -> Iterator[Path]:
     if not os.stat(REPO).st_mode & 0o005:
         pytest.skip(f"{REPO} itself is private to its owner (umask 077): another user cannot "
                     "read it through any path, and copying its environment costs 900 MB")
-    view = shared_dir / "checkout"
-    view.mkdir()
-    proc = subprocess.run(["mount", "--bind", str(REPO), str(view)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        message = f"cannot bind-mount the checkout for another user: {proc.stderr.strip()}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
+    with mounted(["--bind", str(REPO)], shared_dir / "checkout",
+                 "bind-mount the checkout for another user") as view:
         yield view
-    finally:
-        subprocess.run(["umount", "-l", str(view)], check=False)
 
 
 def test_an_export_folder_without_write_permission_changes_nothing(shared_dir, public_checkout):
