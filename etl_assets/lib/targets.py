@@ -55,15 +55,11 @@ def collision(writes: list[Place], reads: list[Place]) -> str | None:
         for j, (other, opath) in enumerate(others):
             if j <= i:
                 continue
-            hit = wpath == opath
-            if write.folder and not other.folder:
-                hit = hit or _inside(opath, wpath)
-            elif other.folder and not write.folder:
-                hit = hit or _inside(wpath, opath)
-            elif write.folder and other.folder:
-                hit = hit or _inside(wpath, opath) or _inside(opath, wpath)
-            if not hit and not write.folder and not other.folder and (write.in_place
-                                                                     or other.in_place):
+            # A folder the run writes into holds whatever lies below it.
+            hit = (wpath == opath or (write.folder and _inside(opath, wpath))
+                   or (other.folder and _inside(wpath, opath)))
+            if not hit and not write.folder and not other.folder \
+                    and (write.in_place or other.in_place):
                 hit = _same_file(wpath, opath)
             if hit:
                 return (f"{write.role} {write.path} would overwrite {other.role} {other.path}: "
