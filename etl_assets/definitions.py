@@ -13,7 +13,7 @@ import dagster as dg
 from etl_assets.defs.contracts import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB
 from etl_assets.defs.executor import executor_for
 from etl_assets.defs.profiles import build_profile_assets
-from etl_assets.defs.resources import resources_for, resources_from_env
+from etl_assets.defs.resources import resources_for
 from etl_assets.defs.sensors import build_sensors
 from etl_assets.defs.shard_inputs import build_shard_inputs_asset
 from etl_assets.defs.sources import build_source_assets
@@ -24,9 +24,9 @@ def build_defs(settings: EtlSettings | None = None, broker: str | None = None) -
     """Assemble the Definitions for `settings` (default: from the environment, with each value
     an environment variable gave configured as that variable); with a Celery `broker` (default:
     from the environment when `settings` is too), launched runs execute their steps there."""
-    if settings is None and broker is None:
+    from_environment = settings is None
+    if from_environment and broker is None:
         broker = broker_url()
-    resources = resources_for(settings) if settings else None
     settings = settings or EtlSettings.from_env()
     shard_count = settings.shard_count
     shard_profiles, customer_profiles = build_profile_assets(shard_count,
@@ -53,7 +53,7 @@ def build_defs(settings: EtlSettings | None = None, broker: str | None = None) -
         sensors=[d for d in sensors_and_schedule if isinstance(d, dg.SensorDefinition)],
         schedules=[d for d in sensors_and_schedule if isinstance(d, dg.ScheduleDefinition)],
         jobs=jobs,
-        resources=resources or resources_from_env(settings),
+        resources=resources_for(settings, named=from_environment),
         executor=executor_for(broker),
     )
 

@@ -206,7 +206,7 @@ def build_profiles(settings: EtlSettings) -> dict[str, dict[str, object]]:
         stage_source(schema, settings)
     for shard_id in settings.shard_ids:
         build_shard(settings, shard_id, run_id="test")
-    with warehouse.reader(settings.duckdb_path, 5) as con:
+    with warehouse.reader(settings.database, 5) as con:
         profile_tables.rebuild_customer_profiles(con, settings.shard_count)
         cur = con.execute("SELECT * FROM wh.customer_profiles ORDER BY customer_id")
         names = [d[0] for d in cur.description]
@@ -256,7 +256,7 @@ def outdated_by_a_newer_run(settings: EtlSettings, data_dir: Path, point: str) -
 
     with pytest.raises(InputsMovedError):
         build_shard(settings, shard, run_id="older", hook=newer_run_meanwhile)
-    with warehouse.read_only(settings.duckdb_path, 5) as con:
+    with warehouse.read_only(settings.database, 5) as con:
         entry = warehouse.read_manifest(con, settings.shard_count)[shard]
         employees = con.execute(
             "SELECT employee_count FROM wh.shard_profiles WHERE customer_id = ?",

@@ -58,7 +58,7 @@ def test_parallel_shard_processes_equal_a_serial_run(tmp_path, sample_dir):
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(o[-1500:] for o in outputs)
-    assert _table(parallel.duckdb_path) == _table(serial.duckdb_path)
+    assert _table(parallel.database) == _table(serial.database)
 
 
 def _staged(tmp_path, sample_dir, **overrides):
@@ -81,7 +81,7 @@ def _hold_lock(path: str, seconds: float) -> subprocess.Popen:
 
 def test_a_lock_held_elsewhere_fails_naming_file_and_holder(tmp_path, sample_dir):
     settings = _staged(tmp_path, sample_dir, lock_timeout_s=1.0)
-    holder = _hold_lock(settings.duckdb_path, 60)
+    holder = _hold_lock(settings.database, 60)
     try:
         started = time.monotonic()
         with pytest.raises(WarehouseLockedError) as info:
@@ -91,14 +91,14 @@ def test_a_lock_held_elsewhere_fails_naming_file_and_holder(tmp_path, sample_dir
         holder.kill()
         holder.wait()
     message = str(info.value)
-    assert message.startswith(settings.duckdb_path + ": still locked by process ")
+    assert message.startswith(settings.database + ": still locked by process ")
     assert str(holder.pid) in message and "after 1s" in message
     assert 0.9 <= waited < 10
 
 
 def test_a_short_lock_is_waited_out(tmp_path, sample_dir):
     settings = _staged(tmp_path, sample_dir, lock_timeout_s=30)
-    holder = _hold_lock(settings.duckdb_path, 1.5)
+    holder = _hold_lock(settings.database, 1.5)
     try:
         result = build_shard(settings, 1, run_id="waited")
     finally:
@@ -138,7 +138,7 @@ def test_a_reader_holding_the_warehouse_does_not_stop_an_unchanged_rerun(
     code = ("import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=True); "
             "print(c.execute('SELECT count(*) FROM customer_profiles').fetchone()[0], "
             "flush=True); time.sleep(60)")
-    reader = subprocess.Popen([sys.executable, "-c", code, settings.duckdb_path],
+    reader = subprocess.Popen([sys.executable, "-c", code, settings.database],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert reader.stdout.readline().strip() == "1000"
@@ -187,7 +187,7 @@ def test_a_reader_of_the_snapshot_keeps_its_rows_while_a_changed_run_publishes(
     the warehouse's."""
     settings = make_settings(tmp_path, sample_dir, shard_count=2, lock_timeout_s=1.0)
     assert run_pipeline(settings, echo=lambda line: None).ok
-    old = _digest(settings.duckdb_path)
+    old = _digest(settings.database)
     reader = subprocess.Popen([sys.executable, "-c", SNAPSHOT_READER, settings.snapshot_path],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -197,7 +197,7 @@ def test_a_reader_of_the_snapshot_keeps_its_rows_while_a_changed_run_publishes(
         assert changed.ok, changed.reason
         assert [r.shard_id for r in changed.shards if not r.skipped] == \
             [shard_of("cust_00000007", 2)]
-        new = _digest(settings.duckdb_path)
+        new = _digest(settings.database)
         assert new != old
         reader.stdin.write("again\n")
         reader.stdin.flush()
@@ -208,7 +208,7 @@ def test_a_reader_of_the_snapshot_keeps_its_rows_while_a_changed_run_publishes(
     finally:
         reader.kill()
         reader.wait()
-    assert user_tables(settings.snapshot_path) == user_tables(settings.duckdb_path)
+    assert user_tables(settings.snapshot_path) == user_tables(settings.database)
     con = duckdb.connect(settings.snapshot_path, read_only=True)
     try:  # a view over one table per shard, each stored in customer_id order
         rows = con.execute("SELECT shard_id, customer_id FROM customer_profiles").fetchall()
@@ -283,7 +283,7 @@ def test_get_connection_waits_for_a_writer_within_its_bound_and_keeps_its_limits
     from etl_assets.defs.resources import WarehouseResource
 
     settings = ran_sample(4)
-    path = settings.duckdb_path
+    path = settings.database
     hold = [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(float(sys.argv[2])); c.close()", path]
     seen: dict[str, object] = {}

@@ -84,38 +84,40 @@ def test_shard_count_drives_partitions(tmp_path):
 
 
 def test_resources_are_typed_and_name_their_environment_variables(tmp_path, monkeypatch):
-    """Four resources, the warehouse on dagster-duckdb's DuckDBResource; a value that came from
-    the environment is configured as that variable, and a step's settings round-trip."""
+    """Four resources, the warehouse on dagster-duckdb's DuckDBResource, each one concern's
+    settings class: every setting is defined once. A value that came from the environment is
+    configured as that variable, and a step's settings round-trip."""
     from dagster_duckdb import DuckDBResource
 
-    from etl_assets.defs.resources import (
-        DEFINITION_TIME,
-        RESOURCES,
-        WarehouseResource,
-        pipeline_settings,
-        resources_for,
-        resources_from_env,
-    )
+    from etl_assets.defs.resources import RESOURCE_TYPES, WarehouseResource, resources_for
+    from etl_assets.lib.settings import CONCERNS
 
-    assert set(defs.resources) == {"warehouse", "staging", "faults", "automation"}
+    assert set(defs.resources) == set(RESOURCE_TYPES) == {"warehouse", "staging", "faults",
+                                                           "automation"}
     assert isinstance(defs.resources["warehouse"], DuckDBResource)
     monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "wh.duckdb"))
     monkeypatch.setenv("CHAOS_FAIL_MODE", "always")
     monkeypatch.setenv("SENSOR_INTERVAL_S", "45")
-    from_env = resources_from_env(EtlSettings.from_env())
+    monkeypatch.setenv("MAX_REJECT_FRACTION", "0.5")
+    from_env = resources_for(EtlSettings.from_env(), named=True)
     assert from_env["warehouse"].database == dg.EnvVar("DUCKDB_PATH")
     assert from_env["faults"].chaos_fail_mode == dg.EnvVar("CHAOS_FAIL_MODE")
     assert from_env["automation"].sensor_interval_s == dg.EnvVar.int("SENSOR_INTERVAL_S")
+    assert from_env["staging"].max_reject_fraction == 0.5  # a fraction: the parsed value
     assert from_env["staging"].data_dir == str(REPO / "data")  # not set: the resolved value
-    # Every settings field but those fixed with the definitions lives in exactly one resource.
-    fields = [f for _, mapping in RESOURCES.values() for f in mapping.values()]
-    assert sorted(fields) == sorted(set(EtlSettings.model_fields) - set(DEFINITION_TIME))
+    # Each resource is exactly one concern; the concerns share no field and, with the two
+    # fixed when the definitions are built, are every field of the settings.
+    owners = {key: [c for c in CONCERNS if issubclass(cls, c)] for key, cls in RESOURCE_TYPES.items()}
+    assert sorted(len(found) for found in owners.values()) == [1, 1, 1, 1]
+    assert {found[0] for found in owners.values()} == set(CONCERNS)
+    fields = [name for concern in CONCERNS for name in concern.model_fields]
+    assert len(fields) == len(set(fields))
+    assert set(EtlSettings.model_fields) == set(fields) | {"shard_count", "shard_retry_delay_s"}
     settings = EtlSettings.from_env(env={}, home_dir=str(tmp_path), shard_count=3,
                                     chaos_fail_shard=1, force=True, lock_timeout_s=5)
     built = resources_for(settings)
     assert isinstance(built["warehouse"], WarehouseResource)
-    assert pipeline_settings(3, built["warehouse"], built["staging"], built["faults"],
-                             built["automation"]) == settings
+    assert EtlSettings.of(3, *built.values()) == settings
 
 
 def test_library_imports_neither_dagster_nor_defs_nor_tools():

@@ -59,9 +59,9 @@ def test_the_warehouse_settings_pass_the_checks_a_run_applies() -> None:
     for env in (_compose_env(), _helm_env()):
         settings = _settings_from(env)
         assert settings.on_ducklake and settings.ducklake_data_path
-        assert "password" not in settings.duckdb_path.lower()
+        assert "password" not in settings.database.lower()
         # DuckDB is told less memory than its container has: Python and Dagster need the rest.
-        assert memory_bytes(settings.duckdb_memory_limit) > 0
+        assert memory_bytes(settings.memory_limit) > 0
 
 
 def test_the_compose_instance_loads_in_dagster_with_our_run_queue(tmp_path: Path) -> None:

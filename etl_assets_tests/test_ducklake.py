@@ -40,13 +40,13 @@ def lake(pg_cluster, tmp_path) -> dict[str, str]:
 
 
 def _on_lake(tmp_path: Path, data_dir: Path, lake: dict[str, str], **overrides) -> EtlSettings:
-    return make_settings(tmp_path, data_dir, duckdb_path=lake["DUCKDB_PATH"],
+    return make_settings(tmp_path, data_dir, database=lake["DUCKDB_PATH"],
                          ducklake_data_path=lake["DUCKLAKE_DATA_PATH"], **overrides)
 
 
 def _rows(settings: EtlSettings) -> tuple[list[tuple], list[tuple]]:
     """shard_profiles and shard_manifest, sorted (DuckLake keeps no insertion order)."""
-    with warehouse.read_only(settings.duckdb_path, 5) as con:
+    with warehouse.read_only(settings.database, 5) as con:
         return (con.execute("SELECT * FROM wh.shard_profiles "
                             "ORDER BY shard_count, shard_id, customer_id").fetchall(),
                 con.execute("SELECT * FROM wh.shard_manifest "
@@ -67,7 +67,7 @@ def test_settings_need_a_data_path_and_no_password(tmp_path, lake):
 
 def test_a_lake_never_created_reads_as_no_warehouse(tmp_path, lake):
     settings = _on_lake(tmp_path, tmp_path, lake)
-    with warehouse.read_only(settings.duckdb_path, 5) as con:
+    with warehouse.read_only(settings.database, 5) as con:
         assert con is None
     assert not Path(lake["DUCKLAKE_DATA_PATH"]).exists()  # nothing was created
 
@@ -117,7 +117,7 @@ def test_ten_concurrent_shard_writers_give_the_serial_table(tmp_path, sample_dir
     assert len(retries) >= SHARDS - 1, [err[-1500:] for _, err in outputs]
     assert {r["what"] for r in retries} <= {f"shard {k}" for k in settings.shard_ids}
 
-    serial = settings.replace(duckdb_path=str(tmp_path / "serial.duckdb"))
+    serial = settings.replace(database=str(tmp_path / "serial.duckdb"))
     for k in serial.shard_ids:
         build_shard(serial, k, run_id="r")
     lake_rows, lake_manifest = _rows(settings)
@@ -165,7 +165,7 @@ def test_a_shard_written_while_customer_profiles_is_published_makes_it_start_aga
         count, skipped = published.rows, published.skipped
     assert (count, skipped) == (1000, False)
     assert any('"what": "customer_profiles"' in r.getMessage() for r in caplog.records)
-    with warehouse.read_only(settings.duckdb_path, 5) as con:
+    with warehouse.read_only(settings.database, 5) as con:
         # Recorded as built from the shards it was built from: the next run skips it.
         assert freshness.profiles_state(settings, con).current
         assert warehouse.read_manifest(con, 2)[changed]["run_id"] == "meanwhile"

@@ -50,12 +50,12 @@ def _new_staging_code(settings: EtlSettings, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def _deleted_warehouse(settings: EtlSettings, monkeypatch: pytest.MonkeyPatch) -> None:
-    Path(settings.duckdb_path).unlink()
+    Path(settings.database).unlink()
 
 
 def _replaced_warehouse(settings: EtlSettings, monkeypatch: pytest.MonkeyPatch) -> None:
-    Path(settings.duckdb_path).unlink()
-    duckdb.connect(settings.duckdb_path).close()  # a new, empty warehouse file
+    Path(settings.database).unlink()
+    duckdb.connect(settings.database).close()  # a new, empty warehouse file
 
 
 def _half_staged(settings: EtlSettings, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,7 +154,7 @@ def test_every_caller_agrees_on_what_is_stale(ran_sample, monkeypatch, state):
 
 def test_force_recomputes_everything_and_reads_nothing(ran_sample):
     settings = ran_sample(SHARDS)
-    Path(settings.duckdb_path).unlink()  # an overridden answer does not need the warehouse
+    Path(settings.database).unlink()  # an overridden answer does not need the warehouse
     forced = settings.replace(force=True)
     assert all(s.override == "--force" and not s.unchanged and not s.reusable
                for s in freshness.source_states(forced).values())

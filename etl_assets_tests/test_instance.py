@@ -320,6 +320,6 @@ def test_a_queued_run_gets_its_share_of_the_cores(ran_sample, tmp_path):
                 limits.threads_per_run(n, slots)
             if slots == 2:
                 assert _threads_used(instance, settings, {LAUNCHED_BY_TAG: LAUNCHED_BY_CLI}) == 0
-                assert _threads_used(instance, settings.replace(duckdb_threads=3), {}) == 3
+                assert _threads_used(instance, settings.replace(threads=3), {}) == 3
     assert limits.threads_per_run(n, 1) == n
 

@@ -66,10 +66,10 @@ def test_paths_are_literal_everywhere(tmp_path, undisturbed, monkeypatch):
     (base / "dagster *[h] é" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     settings = EtlSettings.from_env(
         env={}, data_dir=str(base / "data ?"), home_dir=str(base / "home [*]?"),
-        staging_dir=str(base / "staging ?*"), duckdb_path=str(base / "wh [1]*.duckdb"),
+        staging_dir=str(base / "staging ?*"), database=str(base / "wh [1]*.duckdb"),
         export_path=str(base / "out ?*[0] é.csv"), shard_count=SHARDS)
     assert _export(settings) == expected
-    with warehouse.reader(settings.duckdb_path, 5) as con:
+    with warehouse.reader(settings.database, 5) as con:
         assert con.execute("SELECT count(*) FROM wh.customer_profiles WHERE customer_id = "
                            "'cust_decoy'").fetchone()[0] == 0
     assert sorted(p.name for p in sibling.iterdir()) == ["data X", "out X0 é.csv"]
@@ -196,7 +196,7 @@ def test_the_checks_find_a_repeated_id_or_key(ran_sample, case):
     settings = ran_sample(SHARDS)
     before = profile_facts(settings)
     assert before.table_rows == before.distinct_ids == before.distinct_keys > 0
-    con = duckdb.connect(settings.duckdb_path)
+    con = duckdb.connect(settings.database)
     try:
         con.execute(TAMPERED[case])
     finally:

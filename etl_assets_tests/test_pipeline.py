@@ -83,7 +83,7 @@ def test_failure_between_delete_and_insert_keeps_previous_rows(ran_sample):
     settings = ran_sample(4)
 
     def snapshot():
-        with warehouse.reader(settings.duckdb_path, 5) as con:
+        with warehouse.reader(settings.database, 5) as con:
             return con.execute(
                 "SELECT * FROM wh.shard_profiles WHERE shard_id = 2 ORDER BY customer_id"
             ).fetchall()
@@ -116,7 +116,7 @@ def test_persistent_failure_names_the_shard_and_keeps_previous_profiles(ran_samp
     assert not outcome.ok
     assert outcome.reason.startswith("shard 3 failed after 4 attempt(s)")
     assert Path(settings.export_path).read_bytes() == previous
-    with warehouse.reader(settings.duckdb_path, 5) as con:
+    with warehouse.reader(settings.database, 5) as con:
         assert con.execute("SELECT count(*) FROM wh.customer_profiles").fetchone()[0] == 1000
 
 
@@ -141,7 +141,7 @@ def test_reject_threshold_stops_the_run_naming_source_count_and_reason(tmp_path,
     lenient = make_settings(tmp_path, sample_dir, shard_count=SHARDS, max_reject_fraction=0.05)
     assert run_pipeline(lenient, echo=lambda line: None).ok
     assert len(read_export(lenient.export_path)) == 1000  # the customers are still in CRM
-    with warehouse.reader(lenient.duckdb_path, 5) as con:
+    with warehouse.reader(lenient.database, 5) as con:
         reasons = dict(con.execute(
             "SELECT reason, count(*) FROM wh.rejected_rows GROUP BY reason").fetchall())
     assert reasons == {"out_of_range(nps_score)": 20, "duplicate_customer_id": 30}
@@ -165,4 +165,4 @@ def test_shard_workers_share_the_cores_unless_threads_are_set(tmp_path, monkeypa
     settings = make_settings(tmp_path, tmp_path)
     assert worker_threads(settings, 1) == 0  # shards run here, one at a time: DuckDB's default
     assert [worker_threads(settings, p) for p in (2, 3, 16)] == [4, 2, 1]
-    assert worker_threads(settings.replace(duckdb_threads=3), 2) == 3  # DUCKDB_THREADS wins
+    assert worker_threads(settings.replace(threads=3), 2) == 3  # DUCKDB_THREADS wins

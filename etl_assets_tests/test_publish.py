@@ -42,7 +42,7 @@ def _quiet(settings: EtlSettings, **kwargs):
 
 def state_of(settings: EtlSettings) -> dict[str, object]:
     """Everything a publish may change, as bytes and rows (read-only, takes no write lock)."""
-    con = duckdb.connect(settings.duckdb_path, read_only=True)
+    con = duckdb.connect(settings.database, read_only=True)
     try:
         state = {
             "table": con.execute("SELECT * FROM customer_profiles ORDER BY customer_id").fetchall(),
@@ -73,7 +73,7 @@ def leftovers(settings: EtlSettings, *extra: Path) -> list[Path]:
 
 def assert_not_locked(settings: EtlSettings) -> None:
     """A read-write open succeeds at once: no transaction or lock was left behind."""
-    duckdb.connect(settings.duckdb_path).close()
+    duckdb.connect(settings.database).close()
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def _heals(settings: EtlSettings, changed_export: bytes) -> None:
     healed = _quiet(settings)
     assert healed.ok, healed.reason
     assert Path(settings.export_path).read_bytes() == changed_export
-    assert user_tables(settings.snapshot_path) == user_tables(settings.duckdb_path)
+    assert user_tables(settings.snapshot_path) == user_tables(settings.database)
     assert leftovers(settings) == []
 
 
@@ -134,8 +134,8 @@ def test_an_export_that_cannot_be_written_changes_nothing(published, tmp_path, c
 def _fault_path(settings: EtlSettings, point: str) -> str:
     return {
         "source_before_publish": str(Path(settings.staging_dir) / "crm"),
-        "source_rejected_write": settings.duckdb_path,
-        "shard_before_commit": settings.duckdb_path,
+        "source_rejected_write": settings.database,
+        "shard_before_commit": settings.database,
         "export_write": settings.export_path,
         "snapshot_write": settings.snapshot_path,
     }[point]
@@ -172,10 +172,10 @@ def test_a_real_full_disk_under_the_warehouse_is_named_then_heals(tmp_path):
         assert run_pipeline(reference, echo=lambda line: None, instance=instance).ok
     with tmpfs(tmp_path / "small", "3m") as small:
         settings = make_settings(tmp_path / "home", data, shard_count=SHARDS,
-                                 duckdb_path=str(small / "warehouse.duckdb"))
+                                 database=str(small / "warehouse.duckdb"))
         outcome = _quiet(settings)
         assert not outcome.ok
-        assert outcome.reason == f"{settings.duckdb_path}: {NO_SPACE}"
+        assert outcome.reason == f"{settings.database}: {NO_SPACE}"
         assert all(row.attempts <= 1 for row in outcome.shards)
         assert leftovers(settings) == []
         _remount(small, "64m")  # space freed: no manual step before the next run
@@ -284,6 +284,6 @@ def test_a_wal_beside_the_snapshot_is_never_kept(ran_sample, caplog):
         outcome = _quiet(settings)
     assert outcome.ok, outcome.reason
     assert not wal.exists()
-    assert user_tables(snapshot) == published == user_tables(settings.duckdb_path)
+    assert user_tables(snapshot) == published == user_tables(settings.database)
     warnings = _warnings(caplog)
     assert len(warnings) == 1 and warnings[0].startswith(f"{snapshot}:"), warnings

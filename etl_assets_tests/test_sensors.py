@@ -71,7 +71,7 @@ def test_one_changed_row_requests_exactly_its_shard_once(built, sample_dir, inst
 
     result = _execute(defs, request, instance)
     assert result.success
-    con = duckdb.connect(settings.duckdb_path, read_only=True)
+    con = duckdb.connect(settings.database, read_only=True)
     assert con.execute("SELECT employee_count FROM customer_profiles WHERE customer_id = ?",
                        ["cust_00000042"]).fetchone() == (4242,)
     con.close()

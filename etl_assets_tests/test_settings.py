@@ -14,7 +14,7 @@ def test_defaults_live_in_git_ignored_var_folder(tmp_path, monkeypatch):
     s = EtlSettings.from_env(env={})
     assert s.shard_count == 10
     assert s.data_dir == str(tmp_path / "data")
-    assert s.duckdb_path == str(tmp_path / "var" / "warehouse.duckdb")
+    assert s.database == str(tmp_path / "var" / "warehouse.duckdb")
     assert s.export_path == str(tmp_path / "var" / "merged_output.csv")
     assert s.snapshot_path == str(tmp_path / "var" / "warehouse.snapshot.duckdb")
     assert s.dagster_home == tmp_path / "var" / "dagster_home"
@@ -26,7 +26,7 @@ def test_environment_then_flags(tmp_path):
            "DUCKDB_PATH": str(tmp_path / "w.duckdb")}
     s = EtlSettings.from_env(env=env)
     assert (s.shard_count, s.chaos_fail_shard) == (4, 3)
-    assert s.duckdb_path == str(tmp_path / "w.duckdb")
+    assert s.database == str(tmp_path / "w.duckdb")
     assert s.snapshot_path == str(tmp_path / "w.snapshot.duckdb")  # follows the warehouse
     s = EtlSettings.from_env(env=env, shard_count=8, data_dir=str(tmp_path / "other"))
     assert s.shard_count == 8 and s.data_dir == str(tmp_path / "other")

@@ -88,7 +88,7 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(ran, sample_dir, 
     assert "export: patched: the published export with the changed lines of 1 shard(s)" \
         in steps, steps
     whole = Path(settings.home_dir) / "whole.csv"
-    with warehouse.reader(settings.duckdb_path, 5) as con:
+    with warehouse.reader(settings.database, 5) as con:
         con.sql("SELECT * FROM wh.customer_profiles ORDER BY customer_id").write_csv(
             str(whole), sep=",", header=True)
     assert Path(settings.export_path).read_bytes() == whole.read_bytes() != first_export
@@ -109,7 +109,7 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(ran, sample_dir, 
     assert _sources_runs(instance)[0].asset_selection == {dg.AssetKey("billing"), SHARD_INPUTS}
     published = _latest_metadata(instance, "customer_profiles")
     assert published["skipped"] is False
-    with warehouse.reader(settings.duckdb_path, 5) as con:
+    with warehouse.reader(settings.database, 5) as con:
         assert con.execute("SELECT mrr FROM wh.customer_profiles WHERE customer_id = ?",
                            ["cust_00000077"]).fetchone()[0] == Decimal("12345.67")
         # The summary, read inside the publish before it committed, is the committed table's.
@@ -121,7 +121,7 @@ def test_a_replaced_warehouse_never_causes_a_wrong_skip(ran, sample_dir, workers
     settings = ran
     export = Path(settings.export_path).read_bytes()
     # Staged slices survive, the warehouse does not (deleted, or swapped for an empty one).
-    Path(settings.duckdb_path).unlink()
+    Path(settings.database).unlink()
     # With 2 workers the files look unchanged, so the pool is not started ahead: the shards
     # still all run, in workers started when they turn out to be needed.
     assert not guess_shards_needed(settings)
@@ -177,7 +177,7 @@ def test_customer_profiles_skip_is_proven_by_the_export_and_snapshot_themselves(
     restored = run_pipeline(settings, echo=lambda line: None)
     assert restored.ok and all(r.skipped for r in restored.shards)
     assert _latest_metadata(instance, "customer_profiles")["skipped"] is False
-    assert user_tables(settings.snapshot_path) == user_tables(settings.duckdb_path)
+    assert user_tables(settings.snapshot_path) == user_tables(settings.database)
     assert Path(settings.export_path).read_bytes() == export
 
     assert run_pipeline(settings, echo=lambda line: None).ok
@@ -190,7 +190,7 @@ def test_a_rebuild_forgets_the_previous_record_at_once(ran, sample_dir):
     """The record that lets customer_profiles skip is dropped in the rebuild's own transaction,
     so a crash between the rebuild and the export can never leave an old record that matches."""
     settings = ran
-    with warehouse.reader(settings.duckdb_path, 5) as con:
+    with warehouse.reader(settings.database, 5) as con:
         assert con.execute("SELECT count(*) FROM wh.profiles_manifest").fetchone()[0] == 1
         profile_tables.rebuild_customer_profiles(con, settings.shard_count)
         assert con.execute("SELECT count(*) FROM wh.profiles_manifest").fetchone()[0] == 0

@@ -186,7 +186,7 @@ def test_rejected_rows_land_in_the_warehouse(tmp_path):
     result = stage_source(CRM, settings)
     assert (result.report.accepted, result.report.rejected) == (1, 1)
     assert sum(result.staged.slice_rows.values()) == 1
-    with warehouse.reader(settings.duckdb_path, 5) as con:
+    with warehouse.reader(settings.database, 5) as con:
         got = con.execute("SELECT source, line_number, customer_id, reason FROM wh.rejected_rows").fetchall()
     assert got == [("crm", 3, "c2", "out_of_range(employee_count)")]
 
@@ -241,7 +241,7 @@ def test_ids_equal_after_trimming_are_one_customer_in_every_source(tmp_path):
     assert profiles["c1"]["shard_id"] == shard_of("c1", 7)
     assert (profiles["c1"]["email"], profiles["c1"]["mrr"], profiles["c1"]["usage_pct"],
             profiles["c1"]["nps_score"]) == ("crm@x", Decimal("10.00"), 90.0, 9)
-    with warehouse.reader(settings.duckdb_path, 5) as con:
+    with warehouse.reader(settings.database, 5) as con:
         got = con.execute("SELECT source, customer_id, reason FROM wh.rejected_rows").fetchall()
     assert got == [("support", "c1\u200b", INVALID_ID)]
 
@@ -334,7 +334,7 @@ def test_minus_zero_is_stored_and_exported_as_zero(tmp_path):
     profile = build_profiles(settings)["z1"]
     for column in ("usage_pct", "avg_resolution_hrs", "csat_score"):
         assert math.copysign(1.0, profile[column]) == 1.0, column  # -0.0 == 0.0 in Python
-    with warehouse.reader(settings.duckdb_path, 5) as con:  # the real publish path
+    with warehouse.reader(settings.database, 5) as con:  # the real publish path
         publish.publish_customer_profiles(con, publish.Targets.of(settings),
                                           {"shards_hash": "test", "code_version": "test"})
     exported = read_export(settings.export_path)[0]
@@ -401,7 +401,7 @@ def test_a_field_at_the_limit_goes_through_and_past_it_is_quarantined(
     outcome = run_pipeline(settings, echo=lambda line: None)
     assert outcome.ok, outcome.reason
     export = {r["customer_id"]: r for r in read_export(settings.export_path)}
-    with warehouse.reader(settings.duckdb_path, 5) as con:
+    with warehouse.reader(settings.database, 5) as con:
         rejected = con.execute("SELECT customer_id, reason FROM wh.rejected_rows").fetchall()
     if reason is None:
         assert export["c1"]["company_name"] == name and rejected == []
@@ -427,7 +427,7 @@ def test_a_bad_byte_in_an_extra_column_is_quarantined(tmp_path):
 def test_out_of_memory_names_the_memory_limit_not_the_file(tmp_path, sample_dir):
     """Issue 31, finding 6: DUCKDB_MEMORY_LIMIT=20MB was reported as "billing.csv: cannot be
     parsed as CSV: Out of Memory Error", blaming the user's file."""
-    settings = make_settings(tmp_path, sample_dir, duckdb_memory_limit="20MB")
+    settings = make_settings(tmp_path, sample_dir, memory_limit="20MB")
     with pytest.raises(errors.MemoryLimitError) as caught:
         stage_source(SOURCES["billing"], settings)
     message = str(caught.value)

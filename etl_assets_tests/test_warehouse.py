@@ -28,7 +28,7 @@ def test_rebuild_keeps_one_row_per_idempotency_key(tmp_path, sample_dir):
     settings = make_settings(tmp_path, sample_dir, shard_count=3)
     profiles = build_profiles(settings)
     first = sorted(profiles)[0]
-    with warehouse.reader(settings.duckdb_path, 5) as con:
+    with warehouse.reader(settings.database, 5) as con:
         rows = con.execute("SELECT count(*) FROM wh.shard_profiles").fetchone()[0]
         assert profile_tables.rebuild_customer_profiles(con, settings.shard_count) == rows
         ids = [r[0] for r in con.execute("SELECT customer_id FROM wh.customer_profiles").fetchall()]
@@ -56,7 +56,7 @@ def test_a_repeated_key_is_probed_in_the_shards_about_to_be_written(tmp_path, sa
     first = sorted(profiles)[0]
     home = profiles[first]["shard_id"]
     other = (home + 1) % 3
-    with warehouse.reader(settings.duckdb_path, 5) as con:
+    with warehouse.reader(settings.database, 5) as con:
         assert profile_tables.one_per_key_sql(con, 3) == profile_tables.one_per_key_sql(con, 3, [home]) == ""
         _insert_copy_of_shard_row(con, first, shard_id=home)
         for shards in (None, [home], [other, home]):

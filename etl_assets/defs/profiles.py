@@ -137,7 +137,7 @@ def build_profile_assets(
                              result.source_data_hash,
                              preview=dg.MetadataValue.md(_preview_markdown(result.preview)),
                              # 0: DuckDB's default, one per core
-                             duckdb_threads=settings.duckdb_threads)
+                             duckdb_threads=settings.threads)
 
     @dg.asset(
         key=CUSTOMER_PROFILES,

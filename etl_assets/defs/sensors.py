@@ -49,7 +49,6 @@ from etl_assets.defs.resources import (
     AutomationResource,
     StagingResource,
     WarehouseResource,
-    pipeline_settings,
 )
 from etl_assets.lib import freshness, staging
 from etl_assets.lib.files import file_sha256
@@ -313,7 +312,7 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         context: dg.SensorEvaluationContext, warehouse: WarehouseResource,
         staging: StagingResource,
     ) -> dg.SensorResult:
-        result = evaluate_source_files(pipeline_settings(shard_count, warehouse, staging),
+        result = evaluate_source_files(EtlSettings.of(shard_count, warehouse, staging),
                                        json.loads(context.cursor or "{}"), context.instance)
         return dg.SensorResult(
             run_requests=tagged(result.run_requests, launched_by_sensor(SOURCE_FILES_SENSOR)),
@@ -333,7 +332,7 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         context: dg.SensorEvaluationContext, warehouse: WarehouseResource,
         staging: StagingResource, automation: AutomationResource,
     ) -> dg.SensorResult:
-        settings = pipeline_settings(shard_count, warehouse, staging, automation=automation)
+        settings = EtlSettings.of(shard_count, warehouse, staging, automation)
         result = evaluate_failed_shards(settings, context.instance)
         return dg.SensorResult(
             run_requests=tagged(result.run_requests, launched_by_sensor(FAILED_SHARD_SENSOR)),
@@ -350,7 +349,7 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         context: dg.ScheduleEvaluationContext, warehouse: WarehouseResource,
         staging: StagingResource,
     ) -> Any:
-        result = evaluate_schedule(pipeline_settings(shard_count, warehouse, staging))
+        result = evaluate_schedule(EtlSettings.of(shard_count, warehouse, staging))
         if isinstance(result, dg.SkipReason):
             return result
         return tagged(result, launched_by_schedule(STALE_SCHEDULE))

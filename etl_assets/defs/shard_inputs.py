@@ -25,7 +25,8 @@ from etl_assets.defs.contracts import (
     not_retryable,
     shard_partitions,
 )
-from etl_assets.defs.resources import StagingResource, WarehouseResource, pipeline_settings
+from etl_assets.defs.resources import StagingResource, WarehouseResource
+from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.sources import read_shard_inputs
 from etl_assets.lib.staging import StagingError
 
@@ -63,7 +64,7 @@ def build_shard_inputs_asset(shard_count: int) -> dg.AssetsDefinition:
                 "range: a range would share one data version"))
         own = context.partition_key if context.has_partition_key else None
         try:
-            inputs = read_shard_inputs(pipeline_settings(shard_count, warehouse, staging))
+            inputs = read_shard_inputs(EtlSettings.of(shard_count, warehouse, staging))
         except StagingError as exc:
             raise not_retryable(exc) from exc
         for k, (input_hash, rows) in inputs.items():

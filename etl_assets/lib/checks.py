@@ -257,10 +257,10 @@ def profile_facts(settings: EtlSettings) -> ProfileFacts:
 
     Read-only: a user's read-only connection to the warehouse does not block the checks.
     """
-    with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
+    with warehouse.read_only(settings.database, settings.lock_timeout_s,
                              settings.duckdb_limits) as con:
         if con is None:
-            raise NoWarehouseError(f"{settings.duckdb_path}: no warehouse yet; "
+            raise NoWarehouseError(f"{settings.database}: no warehouse yet; "
                                    "materialize customer_profiles first")
         return published_facts(settings, con)
 

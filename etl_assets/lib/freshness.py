@@ -154,7 +154,7 @@ def _after_hashing(
         return changed("staged by other staging code")
     # Both halves: the staged pointer on disk and the manifest row the warehouse committed with
     # the rejected rows, so a deleted or replaced warehouse forces a re-read.
-    with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s) as con:
+    with warehouse.read_only(settings.database, settings.lock_timeout_s) as con:
         if con is None:
             return changed("no warehouse: its staging is not recorded")
         row = warehouse.read_source_manifest(con, name)
@@ -274,7 +274,7 @@ def shard_states(
     if judged:
         staged = staging.current_sources(settings)
         if con is None:
-            with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s) as own:
+            with warehouse.read_only(settings.database, settings.lock_timeout_s) as own:
                 manifest = {} if own is None else warehouse.read_manifest(own, settings.shard_count)
         else:
             manifest = warehouse.read_manifest(con, settings.shard_count)
@@ -362,7 +362,7 @@ def profiles_state(
         return ProfilesState(False, f"{override}: rebuilt and exported again whatever changed",
                              override=override)
     if con is None:
-        with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
+        with warehouse.read_only(settings.database, settings.lock_timeout_s,
                                  settings.duckdb_limits) as own:
             if own is not None:
                 return profiles_state(settings, own)

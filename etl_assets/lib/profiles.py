@@ -85,7 +85,7 @@ def build_shard(
                     f"shard {shard_id}: the sources were staged again while it was built; its "
                     "rows were not written (the next attempt uses the new slices)")
 
-        with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s,
+        with warehouse.attached(con, settings.database, settings.lock_timeout_s,
                                 settings.ducklake_data_path):
             written = warehouse.overwrite_shard(
                 con,
@@ -123,7 +123,7 @@ def publish_profiles(settings: EtlSettings) -> Published:
     """
     # Decided read-only first: an unchanged re-run takes no write lock at all, so a user's
     # read-only connection to the warehouse (a notebook, the DuckDB CLI) does not block it.
-    with warehouse.read_only(settings.duckdb_path, settings.lock_timeout_s,
+    with warehouse.read_only(settings.database, settings.lock_timeout_s,
                              settings.duckdb_limits) as con:
         if con is not None:
             state = freshness.profiles_state(settings, con)
@@ -145,7 +145,7 @@ def publish_profiles(settings: EtlSettings) -> Published:
 
 
 def _publish(settings: EtlSettings) -> Published:
-    with warehouse.reader(settings.duckdb_path, settings.lock_timeout_s,
+    with warehouse.reader(settings.database, settings.lock_timeout_s,
                           settings.duckdb_limits, settings.ducklake_data_path) as con:
         # Judged again under the write lock: a shard may have moved since. Never merge a partly
         # updated set of shards: the previous table, export and snapshot stay.

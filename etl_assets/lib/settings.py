@@ -1,8 +1,10 @@
-"""Configuration: environment variables and CLI flags resolved into one settings object.
+"""Configuration, defined once: four concerns' settings (warehouse, staging, faults,
+automation), each field with its default, its description and its environment variable.
 
-Every library function reads its configuration from an `EtlSettings` instance handed to it;
-nothing else reads the environment. Inside Dagster the same values arrive as typed resources
-(`etl_assets.defs.resources`), which are turned back into one `EtlSettings` for the library.
+Inside Dagster each concern is a resource of that very class (`etl_assets.defs.resources`
+subclasses them), configured with `dg.EnvVar` where the environment sets a value; a step hands
+the library `EtlSettings.of(...)` its resources. The CLI builds the same from the environment
+and its flags (`EtlSettings.from_env`). This is the one module that reads the environment.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from etl_assets.lib import ducklake, secrets, targets
 from etl_assets.lib.faults import CRASH_MODES, FAULT_POINTS, Hook, crash_hook
@@ -25,7 +27,7 @@ from etl_assets.lib.schema import SOURCES
 ENV_VARS: dict[str, str] = {
     "DATA_DIR": "data_dir",
     "ETL_HOME": "home_dir",
-    "DUCKDB_PATH": "duckdb_path",
+    "DUCKDB_PATH": "database",
     "DUCKLAKE_DATA_PATH": "ducklake_data_path",
     "STAGING_DIR": "staging_dir",
     "EXPORT_PATH": "export_path",
@@ -42,8 +44,8 @@ ENV_VARS: dict[str, str] = {
     "RERUN_BASE_WAIT_S": "rerun_base_wait_s",
     "ETL_AUTOMATION": "automation",
     "ETL_FORCE": "force",
-    "DUCKDB_MEMORY_LIMIT": "duckdb_memory_limit",
-    "DUCKDB_THREADS": "duckdb_threads",
+    "DUCKDB_MEMORY_LIMIT": "memory_limit",
+    "DUCKDB_THREADS": "threads",
 }
 
 # The deployment's variables, read here like every other (tools/instance.py and
@@ -64,41 +66,70 @@ class SettingsError(ValueError):
     """A configuration value that cannot be used; the message names the variable."""
 
 
-class EtlSettings(BaseModel):
-    """Where the pipeline reads and writes, how many shards, and the chaos switches.
+class WarehouseSettings(BaseModel):
+    """The warehouse, and what each of its DuckDB connections may use."""
+
+    # A DuckDB file, or a DuckLake catalog (ducklake:postgres:<libpq string>) whose table data
+    # lives under ducklake_data_path, a folder every writer shares.
+    database: str = Field(default="", description="The warehouse: a DuckDB file or a DuckLake "
+                          "catalog (DUCKDB_PATH).")
+    ducklake_data_path: str = Field(
+        default="", description="With a ducklake: database, the shared folder of its data.")
+    lock_timeout_s: float = Field(default=60.0, description="Longest wait for the file lock (s).")
+    # Beyond it DuckDB spills to <home>/duckdb_tmp instead of growing (limits.DEFAULT_MEMORY_LIMIT).
+    memory_limit: str = Field(default=DEFAULT_MEMORY_LIMIT,
+                              description="Per DuckDB connection, then spill.")
+    threads: int = Field(default=0, description="DuckDB threads per connection (0: per core).")
+
+
+class StagingSettings(BaseModel):
+    """Where the sources are read, staged per shard and exported, and what a source may reject."""
+
+    data_dir: str = Field(default="data", description="The folder holding crm.csv, billing.csv, ...")
+    home_dir: str = Field(default=DEFAULT_HOME,
+                          description="The run's home: the spill folder and the run lock.")
+    staging_dir: str = Field(default="", description="Per-source, per-shard staged versions.")
+    export_path: str = Field(default="", description="merged_output.csv, replaced atomically.")
+    max_reject_fraction: float = Field(default=0.01, description="Above it a source fails.")
+    force: bool = Field(default=False, description="Recompute even what is unchanged.")
+
+
+class FaultSettings(BaseModel):
+    """The chaos drill and the crash points; all off by default."""
+
+    chaos_fail_shard: int | None = Field(default=None, description="Shard that fails.")
+    chaos_fail_mode: str = Field(default="once", description="once or always.")
+    crash_at: str = Field(default="", description="A named write point to crash at.")
+    crash_mode: str = Field(default="kill", description="kill, enospc or stop.")
+
+
+class AutomationSettings(BaseModel):
+    """What the sensors may launch on their own."""
+
+    automation: str = Field(default="on", description="on or off: sensors start running.")
+    sensor_interval_s: int = Field(default=30, description="Seconds between sensor ticks.")
+    rerun_max_attempts: int = Field(default=2, description="Re-runs of a failed shard.")
+    rerun_base_wait_s: float = Field(default=30.0, description="First wait before a re-run.")
+
+
+# The settings of each concern; inside Dagster each is a resource of that class (defs.resources).
+CONCERNS: tuple[type[BaseModel], ...] = (
+    WarehouseSettings, StagingSettings, FaultSettings, AutomationSettings)
+
+
+class EtlSettings(WarehouseSettings, StagingSettings, FaultSettings, AutomationSettings):
+    """Every concern's settings in one object, plus what is fixed when the definitions are
+    built: the library's one configuration.
 
     Paths are absolute once built through `from_env`, so the UI shows exactly what a run used.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data_dir: str = "data"
-    home_dir: str = DEFAULT_HOME
-    # A DuckDB file, or a DuckLake catalog (ducklake:postgres:<libpq string>) whose table data
-    # lives under ducklake_data_path, a folder every writer shares.
-    duckdb_path: str = ""
-    ducklake_data_path: str = ""
-    staging_dir: str = ""
-    export_path: str = ""
+    # Fixed when the definitions load: the partitions and the shard retry policy's first wait
+    # (then x2 each retry, +/- 1 s of jitter). Not in any resource.
     shard_count: int = 10
-    # The shard retry policy's first wait (then x2 each retry, +/- 1 s of jitter). Fixed when the
-    # definitions load, like the shard count.
     shard_retry_delay_s: float = 1.0
-    chaos_fail_shard: int | None = None
-    chaos_fail_mode: str = "once"
-    max_reject_fraction: float = 0.01
-    lock_timeout_s: float = 60.0
-    crash_at: str = ""
-    crash_mode: str = "kill"
-    sensor_interval_s: int = 30
-    rerun_max_attempts: int = 2
-    rerun_base_wait_s: float = 30.0
-    automation: str = "on"
-    force: bool = False
-    # Per DuckDB connection: beyond this, DuckDB spills to <home>/duckdb_tmp instead of growing
-    # (see limits.DEFAULT_MEMORY_LIMIT). 0 threads = one per core.
-    duckdb_memory_limit: str = DEFAULT_MEMORY_LIMIT
-    duckdb_threads: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> EtlSettings:
@@ -111,6 +142,21 @@ class EtlSettings(BaseModel):
                 values[field] = _parse(var, field, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**_resolve_paths(values)).validated()
+
+    @classmethod
+    def of(cls, shard_count: int, *parts: BaseModel) -> EtlSettings:
+        """The settings some concerns' objects hold (a resource is one), resolved and validated
+        like `from_env` but with no environment read; a concern not given keeps its defaults."""
+        values: dict[str, Any] = {}
+        for part in parts:
+            for concern in CONCERNS:
+                if isinstance(part, concern):
+                    values.update({name: getattr(part, name) for name in concern.model_fields})
+        return cls.from_env(env={}, shard_count=shard_count, **values)
+
+    def part(self, concern: type[BaseModel]) -> dict[str, Any]:
+        """One concern's fields and their values here: what its resource is built from."""
+        return {name: getattr(self, name) for name in concern.model_fields}
 
     def validated(self) -> EtlSettings:
         """Raise `SettingsError` naming the bad value; return self when everything is usable."""
@@ -144,21 +190,21 @@ class EtlSettings(BaseModel):
                 f"LOCK_TIMEOUT_S must be more than 0 and at most 86400 (a day), got {self.lock_timeout_s}")
         if self.automation not in ("on", "off"):
             raise SettingsError(f"ETL_AUTOMATION must be on or off, got {self.automation!r}")
-        if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", self.duckdb_memory_limit.strip(), re.I):
+        if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", self.memory_limit.strip(), re.I):
             raise SettingsError(
-                f"DUCKDB_MEMORY_LIMIT must look like 1GB or 512MB, got {self.duckdb_memory_limit!r}"
+                f"DUCKDB_MEMORY_LIMIT must look like 1GB or 512MB, got {self.memory_limit!r}"
             )
-        if self.duckdb_threads < 0:
-            raise SettingsError(f"DUCKDB_THREADS must be >= 0, got {self.duckdb_threads}")
-        if ducklake.is_ducklake(self.duckdb_path):
-            problem = ducklake.problem(self.duckdb_path, self.ducklake_data_path)
+        if self.threads < 0:
+            raise SettingsError(f"DUCKDB_THREADS must be >= 0, got {self.threads}")
+        if ducklake.is_ducklake(self.database):
+            problem = ducklake.problem(self.database, self.ducklake_data_path)
             if problem:
                 raise SettingsError(problem)
-        if "?" in self.duckdb_path:
+        if "?" in self.database:
             # DuckDB reads what follows a "?" in a database path as connection options.
             raise SettingsError(
                 f"DUCKDB_PATH cannot contain '?' (DuckDB reads it as the start of connection "
-                f"options), got {self.duckdb_path!r}"
+                f"options), got {self.database!r}"
             )
         if self.crash_at and self.crash_at not in FAULT_POINTS:
             raise SettingsError(
@@ -182,8 +228,8 @@ class EtlSettings(BaseModel):
         if self.on_ducklake:
             warehouse = [Place("DUCKLAKE_DATA_PATH", Path(self.ducklake_data_path), folder=True)]
         else:
-            warehouse = [Place("warehouse (DUCKDB_PATH)", Path(self.duckdb_path), in_place=True),
-                         Place("warehouse WAL", Path(f"{self.duckdb_path}.wal"), in_place=True)]
+            warehouse = [Place("warehouse (DUCKDB_PATH)", Path(self.database), in_place=True),
+                         Place("warehouse WAL", Path(f"{self.database}.wal"), in_place=True)]
         return [
             Place("export (EXPORT_PATH / --export)", Path(self.export_path)),
             *warehouse,
@@ -222,20 +268,20 @@ class EtlSettings(BaseModel):
     @property
     def duckdb_limits(self) -> DuckDBLimits:
         """Memory limit, threads and spill folder for the heavy DuckDB connections."""
-        return DuckDBLimits(self.duckdb_memory_limit.strip(), self.duckdb_threads,
+        return DuckDBLimits(self.memory_limit.strip(), self.threads,
                             str(Path(self.home_dir) / "duckdb_tmp"))
 
     @property
     def on_ducklake(self) -> bool:
         """True if the warehouse is a DuckLake catalog rather than a DuckDB file."""
-        return ducklake.is_ducklake(self.duckdb_path)
+        return ducklake.is_ducklake(self.database)
 
     @property
     def warehouse_dir(self) -> str:
         """The folder the warehouse writes its files to: the DuckDB file's, or the lake's data."""
         if self.on_ducklake:
             return self.ducklake_data_path
-        return str(Path(self.duckdb_path).parent)
+        return str(Path(self.database).parent)
 
     @property
     def snapshot_path(self) -> str:
@@ -246,7 +292,7 @@ class EtlSettings(BaseModel):
         file of its own, and its data folder belongs to DuckLake: the snapshot goes next to
         the export it is published with (`merged_output.csv` -> `merged_output.snapshot.duckdb`).
         """
-        beside = Path(self.export_path if self.on_ducklake else self.duckdb_path)
+        beside = Path(self.export_path if self.on_ducklake else self.database)
         return str(beside.with_name(f"{beside.stem}.snapshot.duckdb"))
 
     @property
@@ -299,7 +345,7 @@ def _var(field: str) -> str:
 def _resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
     home = Path(values.get("home_dir") or DEFAULT_HOME).resolve()
     defaults = {
-        "duckdb_path": home / "warehouse.duckdb",
+        "database": home / "warehouse.duckdb",
         "staging_dir": home / "staging",
         "export_path": home / "merged_output.csv",
     }
@@ -307,8 +353,8 @@ def _resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
     out["data_dir"] = str(Path(values.get("data_dir") or "data").resolve())
     for field, default in defaults.items():
         out[field] = str(Path(values[field]).resolve()) if values.get(field) else str(default)
-    if ducklake.is_ducklake(values.get("duckdb_path") or ""):
-        out["duckdb_path"] = values["duckdb_path"]  # a catalog, not a path: taken as written
+    if ducklake.is_ducklake(values.get("database") or ""):
+        out["database"] = values["database"]  # a catalog, not a path: taken as written
     if values.get("ducklake_data_path"):
         out["ducklake_data_path"] = str(Path(values["ducklake_data_path"]).resolve())
     return out

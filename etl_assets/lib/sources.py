@@ -95,7 +95,7 @@ def stage_source(
                 staged = _write_slices(con, schema, settings, sha, hook)
             report_progress("source_rejected", source=schema.name, rows=report.rejected)
             hook("source_before_rejected")
-            with warehouse.attached(con, settings.duckdb_path, settings.lock_timeout_s,
+            with warehouse.attached(con, settings.database, settings.lock_timeout_s,
                                     settings.ducklake_data_path):
                 warehouse.replace_rejected(con, schema.name, "rejected", sha, {
                     "staging_key": freshness.staging_key(settings),

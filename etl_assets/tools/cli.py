@@ -41,7 +41,7 @@ def _settings(args: argparse.Namespace) -> EtlSettings:
         data_dir=getattr(args, "data_dir", None),
         shard_count=getattr(args, "shards", None),
         export_path=getattr(args, "export", None),
-        duckdb_path=getattr(args, "duckdb", None),
+        database=getattr(args, "duckdb", None),
         force=getattr(args, "force", None) or None,
     )
 

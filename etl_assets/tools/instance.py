@@ -76,8 +76,8 @@ def instance_yaml(settings: EtlSettings, postgres: bool, n_cores: int, ram: int,
     `history/events/event_log.db` (Dagster's `ConsolidatedSqliteEventLogStorage`), instead of
     Dagster's default of a new database per run.
     """
-    slots = limits.run_slots(n_cores, ram, settings.duckdb_memory_limit)
-    memory = settings.duckdb_memory_limit
+    slots = limits.run_slots(n_cores, ram, settings.memory_limit)
+    memory = settings.memory_limit
     queue_comment = f"""\
 # The run queue (the daemon launches queued runs): at most one run in progress per core
 # ({n_cores}), fewer if DUCKDB_MEMORY_LIMIT ({memory}) per run would take over half the memory;

@@ -153,8 +153,8 @@ def worker_threads(settings: EtlSettings, workers: int) -> int:
     gains little from threads, and P workers each starting one per core oversubscribe the
     machine (measured at 1M, 10 shards, 2 workers on 2 cores: 1.5 s a shard run -> 1.2 s).
     """
-    if settings.duckdb_threads or workers <= 1:
-        return settings.duckdb_threads
+    if settings.threads or workers <= 1:
+        return settings.threads
     return max(1, limits.cores() // workers)
 
 
@@ -174,7 +174,7 @@ def _run_shards(
                 raise KeyboardInterrupt
             yield _shard_run(instance, key, shard_id, run_config, tags)
         return
-    key = _settings_key(settings, duckdb_threads=worker_threads(settings, workers))
+    key = _settings_key(settings, threads=worker_threads(settings, workers))
     futures = {pool.submit(_shard_in_worker, key, k, run_config, tags): k for k in shard_ids}
     pending = set(futures)
     while pending:

@@ -36,7 +36,7 @@ def run_worker(name: str, concurrency: int, loglevel: str = "INFO") -> int:
     # A step here has the machine's cores to itself but for the worker's other pool
     # processes: DuckDB threads follow from the worker's concurrency, not from the run
     # queue of the machine that launched the run (DUCKDB_THREADS, when set, wins).
-    if "duckdb_threads" not in set_in_environment():
+    if "threads" not in set_in_environment():
         os.environ["DUCKDB_THREADS"] = str(max(1, limits.cores() // max(1, concurrency)))
     # Import the code location now, once, so each pool process forked from here starts warm.
     import etl_assets.definitions  # noqa: F401
