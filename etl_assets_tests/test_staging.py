@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -78,6 +83,81 @@ def test_staging_read_from_another_mount_point_finds_its_own_files(tmp_path: Pat
     assert Path(staged.version_dir).parent == elsewhere / "crm"
     files = [f for k in range(3) for f in staged.slice_files(k)]
     assert files and all(f.startswith(str(elsewhere)) for f in files)
+
+
+def _small_billing(tmp_path: Path) -> tuple[Path, bytes]:
+    """A clean 20-record billing.csv in tmp_path/data: (data folder, its bytes)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    text = "\n".join([",".join(SOURCES["billing"].column_names),
+                      *(_billing_line(f"cust_{i:02d}") for i in range(20))]) + "\n"
+    (data / SOURCES["billing"].filename).write_text(text, encoding="utf-8")
+    return data, text.encode()
+
+
+def _age(folder: Path) -> None:
+    """Make every temp folder and lock file in `folder` two minutes old (by mtime)."""
+    then = time.time() - 120
+    for path in folder.glob(".tmp-*"):
+        os.utime(path, (then, then))
+
+
+def test_a_runs_own_temp_folders_outlive_its_publish_however_old(tmp_path: Path):
+    """Staging one source can take minutes: the run's snapshot folder, still in use after the
+    publish (its file becomes the version's source.csv), is not pruned by that publish."""
+    data, text = _small_billing(tmp_path)
+    settings = make_settings(tmp_path, data, shard_count=3)
+    folder = Path(settings.staging_dir) / "billing"
+    aged = []
+
+    def hook(point: str) -> None:
+        if point == "source_before_publish":
+            aged.extend(p.name for p in folder.glob(".tmp-*") if p.is_dir())
+            _age(folder)
+    result = stage_source(SOURCES["billing"], settings, hook)
+    assert len(aged) == 2, aged  # the snapshot's and the slices' folders
+    assert (Path(result.staged.version_dir) / staging.RAW).read_bytes() == text
+    assert list(folder.glob(".tmp-*")) == []  # each removed by its writer at its end
+
+
+# Another process (a concurrent run, or one on another machine) writing into a temp folder
+# for as long as its stdin stays open.
+_WRITER = """import sys
+from pathlib import Path
+from etl_assets.lib import files
+with files.temp_dir(Path(sys.argv[1])) as path:
+    (path / "part.parquet").write_bytes(b"partial")
+    print(path, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_only_temp_folders_of_dead_writers_are_pruned_however_old(tmp_path: Path):
+    """A publish removes a temp folder whose writer is gone (killed: its lock is free) or, with
+    no lock file (older code's), one that is old; a live writer's stays, however old."""
+    data, _ = _small_billing(tmp_path)
+    settings = make_settings(tmp_path, data, shard_count=3)
+    folder = Path(settings.staging_dir) / "billing"
+    live, dead = (subprocess.Popen([sys.executable, "-c", _WRITER, str(folder)], text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                  for _ in range(2))
+    try:
+        live_dir, dead_dir = (Path(p.stdout.readline().strip()) for p in (live, dead))
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        (folder / ".tmp-older-code").mkdir()
+        _age(folder)
+        (folder / ".tmp-older-code-young").mkdir()
+        assert (dead_dir / "part.parquet").is_file()
+        stage_source(SOURCES["billing"], settings)
+        assert sorted(p.name for p in folder.glob(".tmp-*")) == sorted(
+            [live_dir.name, f"{live_dir.name}.lock", ".tmp-older-code-young"])
+        assert (live_dir / "part.parquet").read_bytes() == b"partial"
+    finally:
+        live.communicate("")
+    assert live.returncode == 0
+    assert not live_dir.exists()  # removed by its writer, with its lock file
+    assert sorted(p.name for p in folder.glob(".tmp-*")) == [".tmp-older-code-young"]
 
 
 def _billing_line(customer_id: str, mrr: str = "12.50", plan: str = "Starter") -> str:

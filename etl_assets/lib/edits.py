@@ -8,7 +8,6 @@ file gives, or nothing is staged and the caller reads the whole file.
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -81,9 +80,8 @@ def stage_changed(
     report_progress("source_changed", source=schema.name,
                     size=region.new_end - region.start)
     # A full disk or a bad path while staging names the source's staging folder.
-    with errors.naming(Path(settings.staging_dir) / schema.name):
-        tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
-        try:
+    with errors.naming(Path(settings.staging_dir) / schema.name), \
+            staging.temp_dir(settings.staging_dir, schema.name) as tmp:
             stretches = {"old": (raw, region.old_end), "new": (path, region.new_end)}
             for name, (source, end) in stretches.items():
                 (tmp / f"{name}.csv").write_bytes(
@@ -139,9 +137,6 @@ def stage_changed(
             staged = staging.publish(settings.staging_dir, tmp, staging.StagedSource(
                 schema.name, sha, n, str(version_dir), slice_hashes, slice_rows, linked), hook,
                 replace=version_dir.is_dir())
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     total = sum(slice_rows.values())
     return ReadReport(total, total, 0, Counter(), extra), staged
 

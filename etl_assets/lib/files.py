@@ -3,16 +3,24 @@ writes that hash what they write, the one sha256 of a file, and link-or-copy.
 
 A file other processes read is written under a temp name in its own folder
 (`.<name>.<pid>.tmp`, so the final rename is atomic on one filesystem), fsynced, then renamed
-into place; a temp file whose process is gone is removed by the next writer.
+into place; a temp file whose process is gone is removed by the next writer. A temp folder
+(`temp_dir`) is locked by its writer for its whole life, so that it is removed only once that
+writer is gone, on whichever machine shares the folder (`remove_dead_temp_dirs`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
 import hashlib
 import os
 import shutil
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -73,6 +81,138 @@ def stale_temps_in(folder: Path) -> Iterator[Path]:
         pid = tmp.name[:-len(".tmp")].rpartition(".")[2]
         if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
             yield tmp
+
+
+TEMP_DIR_PREFIX = ".tmp-"
+_LOCK_SUFFIX = ".lock"
+# A temp folder without a lock file was made by older code, or is a version moved aside (which
+# no one writes): removed once it has not changed for this long.
+UNLOCKED_TEMP_DIR_AGE_S = 60
+# flock reports a lock held elsewhere as EWOULDBLOCK (EAGAIN), some filesystems as EACCES.
+_HELD_ELSEWHERE = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+# The lock files this process holds, by (st_dev, st_ino). Its own prune never opens them: on
+# NFS flock is a POSIX lock, which a second descriptor of the same process would take too,
+# and whose closing would release the holder's.
+_held: set[tuple[int, int]] = set()
+_held_guard = threading.Lock()
+
+
+@contextmanager
+def temp_dir(parent: Path) -> Iterator[Path]:
+    """A fresh private folder `<parent>/.tmp-<uuid>` to write into, for as long as the block
+    runs; at its end it is removed, unless it was renamed away (published) before.
+
+    Its writer holds an exclusive flock on `.tmp-<uuid>.lock` beside it from before the folder
+    exists until after it is gone, so `remove_dead_temp_dirs` leaves it alone however long it
+    lives, from any process on any machine sharing the folder (NFS clients take flock as the
+    server's byte-range locks, which it frees when the client dies). Not the filelock package:
+    it creates the file it locks and keeps it, while a pruner must lock an existing file
+    without creating one, and unlink it.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, lock = _new_lock(parent)
+    path = _folder_of(lock)
+    try:
+        path.mkdir()
+        yield path
+    finally:
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            with _held_guard:
+                _held.discard(_file_id(os.fstat(fd)))
+            os.close(fd)  # releases the lock
+
+
+def remove_dead_temp_dirs(parent: Path) -> None:
+    """Remove the temp folders (`temp_dir`) in `parent` whose writer is certainly gone: the
+    lock of its lock file is free (taken here without waiting, and held while removing). A
+    `.tmp-*` folder without a lock file only once unchanged for UNLOCKED_TEMP_DIR_AGE_S."""
+    for lock in parent.glob(f"{TEMP_DIR_PREFIX}*{_LOCK_SUFFIX}"):
+        try:
+            fd = _open_unless_ours(lock)
+        except OSError:
+            continue  # gone meanwhile, or not ours to open: nothing is certain
+        if fd is None:
+            continue
+        try:
+            if _try_lock(fd) and _is_file(lock, fd):
+                shutil.rmtree(_folder_of(lock), ignore_errors=True)
+                lock.unlink(missing_ok=True)
+        except OSError:
+            pass  # a filesystem without locks: the writer may be alive
+        finally:
+            os.close(fd)
+    for path in parent.glob(f"{TEMP_DIR_PREFIX}*"):
+        if path.is_dir() and not path.with_name(path.name + _LOCK_SUFFIX).exists() \
+                and _age_s(path) > UNLOCKED_TEMP_DIR_AGE_S:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _new_lock(parent: Path) -> tuple[int, Path]:
+    """A new lock file in `parent`, created and locked by this process: (descriptor, path)."""
+    while True:
+        lock = parent / f"{TEMP_DIR_PREFIX}{uuid.uuid4().hex}{_LOCK_SUFFIX}"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            locked = _try_lock(fd)
+        except OSError as exc:
+            os.close(fd)
+            lock.unlink(missing_ok=True)
+            # Without locks a live writer cannot be told from a dead one.
+            raise errors.PathError(parent, "file locks (flock) are not supported: "
+                                   f"{errors.os_problem(exc)}") from exc
+        # A pruner may take a new file's lock before its creator does, and unlinks it: then
+        # try another name.
+        if locked and _is_file(lock, fd):
+            with _held_guard:
+                _held.add(_file_id(os.fstat(fd)))
+            return fd, lock
+        os.close(fd)
+
+
+def _open_unless_ours(lock: Path) -> int | None:
+    """`lock` opened for locking (flock over NFS needs it writable), or None if this process
+    holds it."""
+    with _held_guard:
+        if _file_id(lock.stat()) in _held:
+            return None
+    return os.open(lock, os.O_RDWR)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock on `fd` without waiting; False if another holder has it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in _HELD_ELSEWHERE:
+            return False
+        raise
+    return True
+
+
+def _is_file(path: Path, fd: int) -> bool:
+    """`path` still names the file open as `fd` (it was not unlinked, nor replaced)."""
+    try:
+        return _file_id(path.stat()) == _file_id(os.fstat(fd))
+    except FileNotFoundError:
+        return False
+
+
+def _folder_of(lock: Path) -> Path:
+    return lock.with_name(lock.name.removesuffix(_LOCK_SUFFIX))
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 class HashingWriter:

@@ -10,7 +10,6 @@ first.
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -72,8 +71,8 @@ def stage_source(
         _report_staged(schema, result)
         return result
     hook("source_after_hash")
-    snapshot_dir = staging.new_temp_dir(settings.staging_dir, schema.name)
-    try:
+    # Held until the end: the snapshot is moved into the version after it is published.
+    with staging.temp_dir(settings.staging_dir, schema.name) as snapshot_dir:
         snapshot = snapshot_dir / schema.filename
         report_progress("source_copy", source=schema.name)
         with errors.naming(snapshot_dir):
@@ -108,8 +107,6 @@ def stage_source(
                 # Clean: the next edit of this file can be staged from the records it changes.
                 with errors.naming(Path(staged.version_dir)):
                     os.replace(snapshot, Path(staged.version_dir) / staging.RAW)
-    finally:
-        shutil.rmtree(snapshot_dir, ignore_errors=True)
     result = SourceResult(report, staged, int((time.monotonic() - started) * 1000))
     _report_staged(schema, result)
     return result
@@ -179,14 +176,9 @@ def _write_slices(
                 staged = staging.StagedSource(schema.name, sha, n, str(version_dir),
                                               slice_hashes, slice_rows, current.file_sha256s)
                 return staging.publish(settings.staging_dir, None, staged, hook)
-        tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
-        try:
+        with staging.temp_dir(settings.staging_dir, schema.name) as tmp:
             return _stage_into(con, schema, settings, sha, tmp, version_dir, hook,
                                replace=existing)
-        except BaseException:
-            # Our own temp folder: nobody else will use it (a crash leaves it for _prune).
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def _stage_into(
@@ -260,9 +252,8 @@ def _stage_clean(
         # the full path, which keeps each row's raw text, quarantines it.
         return None
     select, params = checked_select(con, schema, f"SELECT 0 AS rec, * FROM {READ_CSV}")
-    with errors.naming(Path(settings.staging_dir) / schema.name):
-        tmp = staging.new_temp_dir(settings.staging_dir, schema.name)
-        try:
+    with errors.naming(Path(settings.staging_dir) / schema.name), \
+            staging.temp_dir(settings.staging_dir, schema.name) as tmp:
             try:
                 con.execute(
                     f"""COPY (SELECT {', '.join(schema.column_names)}, row_hash,
@@ -295,9 +286,6 @@ def _stage_clean(
                 con, schema, settings, sha, tmp, version_dir, hook, False, slice_hashes,
                 slice_rows, ("SELECT * FROM read_parquet($files, hive_partitioning = false)",
                              {"files": duckdb_literals(files)}))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return ReadReport(int(rows), int(rows), 0, Counter(), extra), staged
 
 

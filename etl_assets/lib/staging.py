@@ -15,14 +15,16 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from etl_assets.lib import files
 from etl_assets.lib.faults import Hook, no_hook
 from etl_assets.lib.files import file_sha256
 from etl_assets.lib.paths import duckdb_literals
@@ -123,11 +125,12 @@ class StagedSource:
         )
 
 
-def new_temp_dir(staging_dir: str, source: str) -> Path:
-    """A fresh private directory to write a version into before publishing it."""
-    path = Path(staging_dir) / source / f".tmp-{uuid.uuid4().hex}"
-    path.mkdir(parents=True)
-    return path
+@contextmanager
+def temp_dir(staging_dir: str, source: str) -> Iterator[Path]:
+    """A fresh private directory in the source's folder (a version before `publish` renames it,
+    a snapshot), locked for as long as the block runs, then removed (`files.temp_dir`)."""
+    with files.temp_dir(Path(staging_dir) / source) as path:
+        yield path
 
 
 def publish(
@@ -152,7 +155,7 @@ def publish(
         if replace and final.exists():
             # Moved aside first: a rename cannot replace a non-empty directory. A shard that
             # opened the old files keeps reading them; _prune removes the leftover.
-            os.rename(final, final.with_name(f".tmp-replaced-{uuid.uuid4().hex}"))
+            os.rename(final, final.with_name(f"{files.TEMP_DIR_PREFIX}replaced-{uuid.uuid4().hex}"))
         try:
             os.rename(tmp_dir, final)
         except OSError as exc:
@@ -216,28 +219,16 @@ def _fsync_and_hash(directory: Path, known: dict[str, str]) -> dict[str, str]:
 
 def _prune(source_dir: Path, keep: str) -> None:
     """Remove temp leftovers of dead writers and all but the newest versions."""
-    versions = []
-    for child in source_dir.iterdir():
-        if not child.is_dir() or child.name == keep:
-            continue
-        if child.name.startswith(".tmp-"):
-            # Another live writer could own it; only remove ones older than a minute.
-            if _age_s(child) > 60:
-                shutil.rmtree(child, ignore_errors=True)
-        else:
-            versions.append(child)
+    # However old, a temp folder whose writer lives (this run's own snapshot, another run's
+    # slices) is kept: staging one source can take minutes.
+    files.remove_dead_temp_dirs(source_dir)
+    versions = [child for child in source_dir.iterdir() if child.is_dir() and child.name != keep
+                and not child.name.startswith(files.TEMP_DIR_PREFIX)]
     versions.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for old in versions[KEEP_VERSIONS - 1 :]:
         shutil.rmtree(old, ignore_errors=True)
     for old in versions[: KEEP_VERSIONS - 1]:
         (old / RAW).unlink(missing_ok=True)  # only the current version is ever diffed against
-
-
-def _age_s(path: Path) -> float:
-    try:
-        return time.time() - path.stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def current_sources(settings: EtlSettings) -> dict[str, StagedSource]:
