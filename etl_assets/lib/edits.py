@@ -4,6 +4,10 @@ A source edited in place differs from the file its current version was staged fr
 stretch of records (`file_diff`); only the shards those records route to get new slices, the
 others are the current version's files, hard-linked. The result is what staging the whole
 file gives, or nothing is staged and the caller reads the whole file.
+
+What it buys (1M customers, measured beside a build without it): a one-row change 6.5 -> 4.6 s,
+0.5% new customers appended to every source 25.3 -> 20.6 s; see docs/performance.md, "What each
+mechanism buys". Exact: test_staging's property test holds every edit to a whole-file stage.
 """
 
 from __future__ import annotations
