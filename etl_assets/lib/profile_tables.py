@@ -25,10 +25,9 @@ def one_per_key_sql(con: duckdb.DuckDBPyConnection, shard_count: int,
                  shards: list[int] | None = None) -> str:
     """The QUALIFY that keeps one row per idempotency key in the rows of `shards` (default:
     all), or "" when the probe (in the caller's transaction) finds none repeated there: keys
-    are normally unique already, and the window costs about 0.4 s per 1M rows. A key starts
+    are normally unique already, and the window is costly (docs/performance.md). A key starts
     with its customer_id, which routes to one shard, so a repeated key is always within one
-    shard, and only the shards about to be written need probing (10M, one shard changed:
-    1.5 s for the whole table)."""
+    shard, and only the shards about to be written need probing."""
     repeated = con.execute(
         f"""SELECT count(*) > count(DISTINCT idempotency_key) FROM {ALIAS}.shard_profiles
             WHERE shard_count = $n AND ($all OR list_contains($shards, shard_id))""",
@@ -61,8 +60,8 @@ def replace_shards(
     customer_profiles is a view, `UNION ALL` over one table per shard (each sorted by
     customer_id), so replacing a shard writes that shard's table alone and drops the old one.
     One table with a DELETE and INSERT per shard was measured first: a shard's rows are spread
-    over every row group, and the checkpoint's vacuum then rewrote most of the table (1.4 s of
-    CPU per 1M rows for a one-shard change). The view names its tables without a catalog, so it
+    over every row group, and the checkpoint's vacuum then rewrote most of the table
+    (docs/performance.md). The view names its tables without a catalog, so it
     resolves in whichever database holds it: the warehouse or the snapshot, under any alias.
     At the `merge_duplicate` fault (the warehouse's table only) shard 0's first row is written
     twice, for the test that the audit stops it.
@@ -182,9 +181,8 @@ def per_shard_threads(con: duckdb.DuckDBPyConnection, rows_per_shard: float) -> 
     groups, then the connection's own setting again.
 
     DuckDB splits work by row group, so a second thread has nothing of its own to do on a
-    shard table of one row group and only adds overhead: measured on 1M customers in 10
-    shards, the publish took 13.1-14.4 s of CPU with 2 threads and 8.0 s with 1 (the whole-table
-    rebuild it replaced: 9.0 s). Larger shards (10M customers) keep every thread.
+    shard table of one row group and only adds overhead (docs/performance.md, "Tried and not
+    kept"). Larger shards (10M customers) keep every thread.
     """
     if rows_per_shard >= 2 * ROW_GROUP_ROWS:
         yield

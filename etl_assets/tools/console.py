@@ -1,11 +1,11 @@
 """The `etl-assets` console script: `cli.main`, then Python's own exit without its teardown.
 
-Python exits in this order: other threads are joined (after their pools were told to stop),
-the atexit handlers run, last registered first, then stdout and stderr are flushed, and then
-it frees every module object by object: for Dagster's module graph 0.45 s of every command
-here, a tenth of the default run on the sample. The handler registered here, before anything
-else is imported, is the last one to run: it flushes stdout and stderr as Python would (a
-failed flush is a failed command: 120, Python's own code for it) and ends the process there.
+Python exits in this order: other threads are joined (after their pools were told to stop), the
+atexit handlers run, last registered first, then stdout and stderr are flushed, and then it
+frees every module object by object: for Dagster's module graph a tenth of the default run on
+the sample (docs/performance.md, "Dagster and the process"). The handler registered here, before
+anything else is imported, is the last one to run: it flushes stdout and stderr as Python would
+(a failed flush is a failed command: 120, Python's own code for it) and ends the process there.
 Everything an exit must do is done by Python itself, through its public exit path.
 """
 

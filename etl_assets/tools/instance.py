@@ -86,7 +86,7 @@ def instance_yaml(settings: EtlSettings, postgres: bool, n_cores: int, ram: int,
     if celery:
         slots = limits.orchestrator_slots(n_cores, ram)
         # Each phase of `etl-assets run --submit` waits for the queue to launch its runs; the
-        # default 5 s between looks would add up to 15 s a pipeline.
+        # default 5 s between looks would add three of them to a pipeline.
         dequeue = "\n    dequeue_interval_seconds: 1"
         queue_comment = f"""\
 # The run queue (the daemon launches queued runs). With {BROKER_VAR} set, a run here only
@@ -107,7 +107,7 @@ storage:
         storage = f"""\
 # The events of every run in one SQLite database (a class Dagster documents for this file).
 # Its default creates a database per run, table by table, loading its migration scripts each
-# time: the sample's first run (12 runs) took 1.1-1.5 s more CPU and 14-29% longer.
+# time: a sample's first run much longer (docs/performance.md, "Dagster and the process").
 event_log_storage:
   module: dagster._core.storage.event_log
   class: ConsolidatedSqliteEventLogStorage
