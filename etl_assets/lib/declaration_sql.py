@@ -41,6 +41,7 @@ def check_sql(doc: Document, decl: Declaration, engine_macros: Sequence[str]) ->
         taken = {name for name, _ in functions}
         unstable = {name for name, stability in functions
                     if stability in ("VOLATILE", "CONSISTENT_WITHIN_QUERY")}
+        _domains_distinct(doc, decl, con)
         for macro in decl.macros:
             path: Path_ = ("macros", macro.name)
             if macro.name.lower() in taken:
@@ -76,6 +77,24 @@ def _derived_type(doc: Document, con: duckdb.DuckDBPyConnection, key: str, deriv
         doc.fail(path, f"its type is {sql_type}, not a column type (BOOLEAN, an integer, FLOAT, "
                        "DOUBLE, DECIMAL, VARCHAR, DATE, TIME or TIMESTAMP)")
     return dataclasses.replace(derived, sql_type=sql_type)
+
+
+def _domains_distinct(doc: Document, decl: Declaration, con: duckdb.DuckDBPyConnection) -> None:
+    """Two domain values the engine's etl_norm reads alike would be one value (and the second
+    spelling unreachable): refused here, with the rule that will compare them."""
+    for s in decl.sources:
+        for c in s.columns:
+            if not c.domain:
+                continue
+            values = ", ".join(_dollar_quoted(v) for v in c.domain)
+            normalized = con.execute(f"SELECT list_transform([{values}], v -> etl_norm(v))"
+                                     ).fetchone()[0]
+            for i, value in enumerate(normalized):
+                if value in normalized[:i]:
+                    first = c.domain[normalized.index(value)]
+                    doc.fail(("sources", s.name, "columns", c.name, "domain", i),
+                             f"'{c.domain[i]}' is '{first}' once normalized (case, spaces, - "
+                             "and _ do not tell values apart)")
 
 
 def _no_keywords(doc: Document, decl: Declaration, con: duckdb.DuckDBPyConnection) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import duckdb
 
-from etl_assets.lib import declaration
+from etl_assets.lib import declaration, declaration_file
 from etl_assets.lib.declaration import Declaration
 
 # The engine's rules, the same for every declaration (a change here bumps CODE_VERSION in
@@ -39,7 +39,7 @@ ENGINE_MACROS: tuple[str, ...] = (
 
 
 # The shipped declaration, checked against the engine's macros: the customer domain.
-DECLARATION: Declaration = declaration.load(declaration.SHIPPED, ENGINE_MACROS)
+DECLARATION: Declaration = declaration_file.load(declaration.SHIPPED, ENGINE_MACROS)
 
 RULE_MACROS: tuple[str, ...] = ENGINE_MACROS + tuple(m.create_sql for m in DECLARATION.macros)
 
