@@ -76,6 +76,8 @@ INVALID = [
                  id="not_a_mapping"),
     pytest.param(None, "key: vehicle_id\n", "fleet.yaml: 'sources' is required",
                  id="missing_sources"),
+    pytest.param(None, '"key\\nsources": 1\n', "fleet.yaml:1: 'key\\nsources': unknown option "
+                 "(one of key, sources, prefer, macros, derived, export)", id="line_break_in_a_name"),
     # Unknown kind, unknown option.
     pytest.param("{kind: int, min: 0}", "{kind: integer, min: 0}",
                  "fleet.yaml:11: sources.vehicles.columns.capacity_kg.kind: unknown kind 'integer' "

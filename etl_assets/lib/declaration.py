@@ -211,7 +211,9 @@ def field_name(path: Path_) -> str:
     """`sources.billing.columns.mrr.kind`, `export[2]`: a field as a user finds it."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, str) and not part.isprintable():
+            part = repr(part)  # a name with a line break must not break the one line
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
     return text
 
 

@@ -37,6 +37,7 @@ _MACRO = ("params", "sql")
 # Names go into SQL unquoted, hence plain identifiers only.
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
+
 def read(path: str | Path) -> Document:
     """The file parsed as YAML (PyYAML's SafeLoader, as safe_load), duplicate keys refused."""
     name = str(path)
@@ -146,8 +147,14 @@ def structure(doc: Document) -> Declaration:
     return Declaration(doc.name, key, sources, prefer, macros, tuple(derived), export)
 
 
+def _repr(value: object) -> str:
+    """`value` as written in an error: repr (one line whatever it holds), shortened."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _shown(value: object) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "nothing"
+    return f"{type(value).__name__} {_repr(value)}" if value is not None else "nothing"
 
 
 def _mapping(doc: Document, value: object, path: Path_, options: Sequence[str] = (),
@@ -168,8 +175,8 @@ def _mapping(doc: Document, value: object, path: Path_, options: Sequence[str] =
 
 def _name(doc: Document, value: object, path: Path_) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
-        doc.fail(path, f"{value!r} is not a name (letters, digits and _, not starting with a "
-                       "digit)")
+        doc.fail(path, f"{_repr(value)} is not a name (letters, digits and _, not starting with "
+                       "a digit)")
     return value
 
 
@@ -196,9 +203,9 @@ def _source(doc: Document, name: str, raw: object, key: str) -> SourceSchema:
                        "choose another name")
     body = _mapping(doc, raw, path, _SOURCE, required=("file", "columns"))
     filename = body["file"]
-    if not isinstance(filename, str) or not re.fullmatch(r"[^/\\\x00]+", filename) \
-            or filename in (".", ".."):
-        doc.fail((*path, "file"), f"{filename!r} is not a file name (no folders: the data "
+    if not isinstance(filename, str) or not re.fullmatch(r"[^/\\]+", filename) \
+            or not filename.isprintable() or filename in (".", ".."):
+        doc.fail((*path, "file"), f"{_repr(filename)} is not a file name (no folders: the data "
                                   "folder holds every source)")
     description = body.get("description", "")
     if not isinstance(description, str):
@@ -226,7 +233,7 @@ def _column(doc: Document, path: Path_, name: str, raw: object, key: str) -> Col
     spec = _mapping(doc, raw, path, _COLUMN, required=("kind",))
     kind = spec["kind"]
     if kind not in KINDS:
-        doc.fail((*path, "kind"), f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
+        doc.fail((*path, "kind"), f"unknown kind {_repr(kind)} (one of {', '.join(KINDS)})")
     if name == key and kind != "id":
         doc.fail((*path, "kind"), f"the key ({key}) is of kind id")
     if kind == "id" and name != key:
@@ -263,7 +270,7 @@ def _domain(doc: Document, raw: object, path: Path_, kind: str) -> tuple[str, ..
         # YAML reads yes/no/on/off as booleans and 1.0 as a number: a value must be written
         # as the text it is.
         if not isinstance(value, str) or not value.strip() or value != value.strip():
-            doc.fail((*path, i), f"{value!r} is not a value (text without surrounding spaces; "
+            doc.fail((*path, i), f"{_repr(value)} is not a value (text without surrounding spaces; "
                                  "quote it in YAML)")
     if len(set(raw)) != len(raw):
         doc.fail(path, "a value is listed twice")
@@ -278,11 +285,11 @@ def _not_greater_than(doc: Document, raw: object, path: Path_,
     pairs = []
     for i, pair in enumerate(raw):
         if not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]:
-            doc.fail((*path, i), f"must be a pair of two columns [left, right], got {pair!r}")
+            doc.fail((*path, i), f"must be a pair of two columns [left, right], got {_repr(pair)}")
         kinds = set()
         for side in pair:
             if side not in columns:
-                doc.fail((*path, i), f"{side!r} is not a column of this source")
+                doc.fail((*path, i), f"{_repr(side)} is not a column of this source")
             kinds.add("date" if columns[side].kind == "date" else columns[side].kind in NUMERIC_KINDS)
         if kinds not in ({True}, {"date"}):
             doc.fail((*path, i), "compares two numbers or two dates")
@@ -317,7 +324,7 @@ def _prefer(doc: Document, raw: object, key: str,
         if column == key:
             doc.fail(path, "the key is every source's: there is nothing to prefer")
         if column not in carried:
-            doc.fail(path, f"no source declares a column '{column}'")
+            doc.fail(path, f"no source declares a column {_repr(column)}")
         if len(carried[column]) < 2:
             doc.fail(path, f"only {carried[column][0]} carries {column} (prefer is for a column "
                            "several sources carry)")
@@ -346,7 +353,7 @@ def _export(doc: Document, raw: object, key: str, columns: tuple[str, ...]) -> t
         doc.fail(("export",), f"must be a list of column names, got {_shown(raw)}")
     for i, name in enumerate(raw):
         if name not in columns:
-            doc.fail(("export", i), f"no source or derived column is called {name!r}")
+            doc.fail(("export", i), f"no source or derived column is called {_repr(name)}")
         if name in raw[:i]:
             doc.fail(("export", i), f"{name} is listed twice")
     if not raw or raw[0] != key:
