@@ -1,6 +1,8 @@
-"""The README and docs/: the column tables come from the schema, links resolve, tables are whole.
+"""The README and docs/: the column tables and the rules come from the declaration, links
+resolve, tables are whole.
 
-Fast and Dagster-free: it reads Markdown files and calls `columns_markdown()`.
+Fast and Dagster-free: it reads Markdown files and calls `columns_markdown()` and
+`rules_markdown()`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from etl_assets.lib.rules import rules_markdown
 from etl_assets.lib.schema import columns_markdown
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,6 +119,18 @@ def test_readme_column_tables_are_generated_from_the_schema():
     assert between.strip() == columns_markdown().strip(), (
         "README.md: the text between the column markers differs from "
         "etl_assets.lib.schema.columns_markdown(); paste its output there")
+
+
+def test_the_rules_page_shows_the_declared_rules():
+    """docs/rules.md's scores are the declaration's expressions and macros, not a retelling."""
+    begin, end = "<!-- rules:begin -->", "<!-- rules:end -->"
+    text = (REPO / "docs" / "rules.md").read_text(encoding="utf-8")
+    assert text.count(begin) == 1 and text.count(end) == 1, (
+        f"docs/rules.md must hold exactly one {begin} and one {end} marker")
+    between = text.split(begin, 1)[1].split(end, 1)[0]
+    assert between.strip() == rules_markdown().strip(), (
+        "docs/rules.md: the text between the rules markers differs from "
+        "etl_assets.lib.rules.rules_markdown(); paste its output there")
 
 
 def test_readme_is_at_most_12_kb():

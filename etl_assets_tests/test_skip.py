@@ -2,6 +2,9 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -11,14 +14,15 @@ import pytest
 
 from etl_assets.definitions import build_defs
 from etl_assets.defs.contracts import SHARD_INPUTS, SOURCES_JOB
-from etl_assets.lib import profile_tables, staging, warehouse
+from etl_assets.lib import declaration_file, profile_tables, staging, warehouse
 from etl_assets.lib.checks import SOURCE_CUSTOMERS
 from etl_assets.lib.events import progress_listener
-from etl_assets.lib.freshness import guess_shards_needed, staging_key
+from etl_assets.lib.freshness import ENGINE_VERSION, guess_shards_needed, staging_key
 from etl_assets.lib.profiles import profile_summary
+from etl_assets.lib.rules import ENGINE_MACROS
 from etl_assets.lib.sharding import shard_of
 from etl_assets.tools.runner import run_pipeline
-from etl_assets_tests.conftest import make_settings, user_tables
+from etl_assets_tests.conftest import REPO, make_settings, read_export, user_tables
 
 # Four shards prove every skip rule as well as ten, at less than half the Dagster runs.
 SHARDS = 4
@@ -213,3 +217,48 @@ def test_shard_inputs_is_recorded_again_if_a_run_died_after_staging(ran, sample_
     assert sum('"event": "source_skip"' in line for line in lines) == 4  # crm is staged already
     assert _sources_runs(instance)[0].asset_selection == {SHARD_INPUTS}
     assert instance.get_latest_materialization_event(SHARD_INPUTS).timestamp > recorded
+
+
+def test_an_edited_declaration_recomputes_every_shard(ran, tmp_path):
+    """The declaration's digest is part of the code version (issue 33): the package with one
+    derived expression edited, run from the command line on this home, recomputes every shard
+    (none is skipped as unchanged) without staging a source again, and its export differs in
+    that column alone; the shipped declaration, run again, gives back the first export."""
+    settings = ran
+    first = Path(settings.export_path).read_bytes()
+    before = {row["customer_id"]: row for row in read_export(Path(settings.export_path))}
+    edited = tmp_path / "edited"
+    shutil.copytree(REPO / "etl_assets", edited / "etl_assets",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    declared = edited / "etl_assets" / "customers.yaml"
+    score = "health_score: etl_health_score(usage_pct, payment_status, nps_score, open_tickets)"
+    text = declared.read_text(encoding="utf-8")
+    assert text.count(score) == 1
+    declared.write_text(text.replace(score, f"{score} + 1"), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("EXPORT_PATH", "DUCKDB_PATH", "CHAOS_FAIL_SHARD", "CHAOS_FAIL_MODE")}
+    env.update(PYTHONPATH=str(edited), ETL_HOME=settings.home_dir, DATA_DIR=settings.data_dir,
+               SHARD_COUNT=str(SHARDS))
+    # Not from the checkout: `python -m` puts the working folder first on the path.
+    proc = subprocess.run([sys.executable, "-m", "etl_assets.tools.cli", "run", "--workers", "1"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count('"event": "source_skip"') == 4
+    assert proc.stdout.count('"event": "shard_end"') == SHARDS
+    assert '"event": "shard_skip"' not in proc.stdout
+    digest = declaration_file.load(declared, ENGINE_MACROS).digest
+    with warehouse.read_only(settings.database, 5) as con:
+        versions = {e["code_version"] for e in warehouse.read_manifest(con, SHARDS).values()}
+    assert versions == {f"{ENGINE_VERSION}-{digest[:16]}"}
+
+    after = {row["customer_id"]: row for row in read_export(Path(settings.export_path))}
+    assert after.keys() == before.keys() and len(after) == 1000
+    for customer, row in after.items():
+        old = before[customer]
+        assert int(row.pop("health_score")) == int(old.pop("health_score")) + 1
+        # The idempotency key hashes the inputs, which did not change.
+        assert row == old
+
+    again = run_pipeline(settings, echo=lambda line: None)
+    assert again.ok and not any(r.skipped for r in again.shards)
+    assert Path(settings.export_path).read_bytes() == first

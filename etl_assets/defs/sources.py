@@ -16,7 +16,7 @@ from etl_assets.defs.resources import (
 from etl_assets.lib import errors
 from etl_assets.lib.checks import source_checks
 from etl_assets.lib.files import SourceChangedError
-from etl_assets.lib.freshness import SOURCE_SKIP_REASON, STAGING_VERSION
+from etl_assets.lib.freshness import SOURCE_SKIP_REASON, staging_code
 from etl_assets.lib.schema import SOURCES, SourceSchema
 from etl_assets.lib.sources import stage_source
 from etl_assets.lib.validation import SourceFileError
@@ -50,7 +50,7 @@ def build_source_asset(schema: SourceSchema, shard_count: int) -> dg.AssetsDefin
         group_name="sources",
         kinds={"csv", "duckdb"},
         owners=["team:data-platform"],
-        code_version=STAGING_VERSION,
+        code_version=staging_code(),
         description=(
             f"{schema.description} Reads `{schema.filename}` under DATA_DIR with a typed schema, "
             "quarantines bad rows in `rejected_rows`, and stages one Parquet slice per shard."

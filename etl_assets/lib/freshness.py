@@ -41,17 +41,22 @@ import duckdb
 from etl_assets.lib import checks, files, staging, uncached, warehouse
 from etl_assets.lib.files import file_sha256
 from etl_assets.lib.paths import duckdb_literals
+from etl_assets.lib.rules import DECLARATION
 from etl_assets.lib.schema import SOURCES, SourceSchema
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.validation import ReadReport
 
-# Bump when staging output would change for the same input (types, validation, hashing): every
-# source is then staged again. 4: the pointer records each slice file's sha256 (a version
-# staged before has none, so nothing proves its files).
+# Bump when staging output would change for the same input and declaration (types,
+# validation, hashing): every source is then staged again. 4: the pointer records each slice
+# file's sha256 (a version staged before has none, so nothing proves its files). The
+# declaration's sources (their columns, kinds, ranges) are part of the staging key by themselves.
 STAGING_VERSION = "4"
-# Bump when the rows a shard writes would change for the same input (rules, merge, columns):
-# every shard is then recomputed.
-CODE_VERSION = "1"
+# Bump ENGINE_VERSION when the rows a shard writes would change for the same input and
+# declaration (the engine's rules, the merge): every shard is then recomputed. The
+# declaration's digest is part of CODE_VERSION, so editing a derived expression, a macro or a
+# column recomputes every shard by itself.
+ENGINE_VERSION = "1"
+CODE_VERSION = f"{ENGINE_VERSION}-{DECLARATION.digest[:16]}"
 
 SOURCE_SKIP_REASON = ("file sha256, shard layout and staging code unchanged since the last "
                       "staging (checked against the warehouse manifest)")
@@ -60,7 +65,12 @@ SOURCE_SKIP_REASON = ("file sha256, shard layout and staging code unchanged sinc
 def staging_key(settings: EtlSettings) -> str:
     """The shard layout and staging code a source is staged for (in its version folder's name
     and in its manifest row)."""
-    return f"n{settings.shard_count}-v{STAGING_VERSION}"
+    return f"n{settings.shard_count}-v{staging_code()}"
+
+
+def staging_code() -> str:
+    """The staging code: ours (STAGING_VERSION) and the declaration's sources."""
+    return f"{STAGING_VERSION}-{DECLARATION.sources_digest[:12]}"
 
 
 def without_overrides(settings: EtlSettings) -> EtlSettings:

@@ -1,18 +1,22 @@
 """The business rules, defined once, as DuckDB macros and the merge query.
 
-Every place that normalizes a categorical, scores a customer or merges sources goes through the
-macros installed by `install_rules`, so the pipeline, the checks and the tests cannot disagree.
+Two owners: the engine's macros are code (the id rule, categorical normalization, routing), the
+domain's are the declaration's (`DECLARATION`, etl_assets/customers.yaml: the scores, which
+source wins a shared column). Every place that normalizes a categorical, scores a customer or
+merges sources goes through the macros installed by `install_rules` and `merge_sql`, so the
+pipeline, the checks and the tests cannot disagree.
 """
 
 from __future__ import annotations
 
 import duckdb
 
-from etl_assets.lib.schema import SOURCES
+from etl_assets.lib import declaration, declaration_file
+from etl_assets.lib.declaration import Declaration
 
-# Thresholds are part of the rule text on purpose: a rule change is a code change (and bumps
-# CODE_VERSION in freshness.py so every shard is recomputed).
-RULE_MACROS: tuple[str, ...] = (
+# The engine's rules, the same for every declaration (a change here bumps CODE_VERSION in
+# freshness.py so every shard is recomputed; a change to the declaration does so by itself).
+ENGINE_MACROS: tuple[str, ...] = (
     # Categoricals compare trimmed, case-insensitively, spaces/hyphens/underscores alike.
     r"""CREATE OR REPLACE TEMP MACRO etl_norm(v) AS
         regexp_replace(lower(trim(v)), '[\s_-]+', '_', 'g')""",
@@ -28,44 +32,16 @@ RULE_MACROS: tuple[str, ...] = (
     # same can never be two customers: one of them is rejected.
     r"""CREATE OR REPLACE TEMP MACRO etl_customer_id_invalid(id) AS
         regexp_matches(id, '[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]|[^\P{Zs} ]')""",
-    # Missing usage counts as 50%; missing open tickets as none.
-    "CREATE OR REPLACE TEMP MACRO etl_usage(u) AS coalesce(CAST(u AS DOUBLE), 50)",
-    "CREATE OR REPLACE TEMP MACRO etl_open(t) AS coalesce(t, 0)",
-    """CREATE OR REPLACE TEMP MACRO etl_health_score(usage_pct, payment_status, nps_score, open_tickets) AS
-        CAST(greatest(0, least(100, 50
-          + CASE WHEN etl_usage(usage_pct) >= 80 THEN 20
-                 WHEN etl_usage(usage_pct) >= 60 THEN 10
-                 WHEN etl_usage(usage_pct) < 30 THEN -10 ELSE 0 END
-          + CASE WHEN etl_norm(payment_status) = 'active' THEN 15
-                 WHEN etl_norm(payment_status) IN ('past_due', 'failed') THEN -15 ELSE 0 END
-          + CASE WHEN nps_score IS NULL THEN 0
-                 WHEN nps_score >= 9 THEN 10
-                 WHEN nps_score >= 7 THEN 5
-                 WHEN nps_score <= 5 THEN -10 ELSE 0 END
-          + CASE WHEN etl_open(open_tickets) = 0 THEN 5
-                 WHEN etl_open(open_tickets) > 3 THEN -5 ELSE 0 END
-        )) AS INTEGER)""",
-    """CREATE OR REPLACE TEMP MACRO etl_churn_points(usage_pct, payment_status, nps_score, open_tickets) AS
-          CASE WHEN etl_usage(usage_pct) < 30 THEN 3 WHEN etl_usage(usage_pct) < 50 THEN 1 ELSE 0 END
-        + CASE WHEN etl_norm(payment_status) IN ('past_due', 'failed') THEN 3 ELSE 0 END
-        + CASE WHEN nps_score <= 6 THEN 2 ELSE 0 END
-        + CASE WHEN etl_open(open_tickets) > 3 THEN 1 ELSE 0 END""",
-    """CREATE OR REPLACE TEMP MACRO etl_expansion_points(usage_pct, plan, nps_score, deal_stage) AS
-          CASE WHEN etl_usage(usage_pct) >= 80 THEN 3 WHEN etl_usage(usage_pct) >= 60 THEN 1 ELSE 0 END
-        + CASE WHEN etl_norm(plan) IN ('starter', 'free', 'basic') THEN 2
-               WHEN etl_norm(plan) IN ('business', 'professional') THEN 1 ELSE 0 END
-        + CASE WHEN nps_score >= 9 THEN 2 ELSE 0 END
-        + CASE WHEN etl_norm(deal_stage) = 'enterprise' THEN 1 ELSE 0 END""",
-    """CREATE OR REPLACE TEMP MACRO etl_level(points) AS
-        CASE WHEN points >= 5 THEN 'HIGH' WHEN points >= 2 THEN 'MEDIUM' ELSE 'LOW' END""",
-    """CREATE OR REPLACE TEMP MACRO etl_churn_risk(usage_pct, payment_status, nps_score, open_tickets) AS
-        etl_level(etl_churn_points(usage_pct, payment_status, nps_score, open_tickets))""",
-    """CREATE OR REPLACE TEMP MACRO etl_expansion_potential(usage_pct, plan, nps_score, deal_stage) AS
-        etl_level(etl_expansion_points(usage_pct, plan, nps_score, deal_stage))""",
     # Routing: the first 4 bytes of md5(customer_id), big-endian, modulo the shard count.
     """CREATE OR REPLACE TEMP MACRO etl_shard(customer_id, shard_count) AS
         CAST(CAST('0x' || substr(md5(customer_id), 1, 8) AS UBIGINT) % shard_count AS INTEGER)""",
 )
+
+
+# The shipped declaration, checked against the engine's macros: the customer domain.
+DECLARATION: Declaration = declaration_file.load(declaration.SHIPPED, ENGINE_MACROS)
+
+RULE_MACROS: tuple[str, ...] = ENGINE_MACROS + tuple(m.create_sql for m in DECLARATION.macros)
 
 
 def install_rules(con: duckdb.DuckDBPyConnection) -> None:
@@ -74,37 +50,59 @@ def install_rules(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(sql)
 
 
-def merge_sql() -> str:
+def merge_sql(decl: Declaration = DECLARATION) -> str:
     """The profile query over relations named after the sources (crm, billing, product, support).
 
-    Each relation holds one shard's staged rows: customer_id, typed columns and row_hash. The
-    query takes `$shard_id` and returns one row per distinct customer_id in any source, in no
-    particular order: the one sort happens where the rows are written (`overwrite_shard`).
+    Each relation holds one shard's staged rows: the key, typed columns and row_hash. The query
+    takes `$shard_id` and returns one row per distinct key in any source, in no particular
+    order: the one sort happens where the rows are written (`overwrite_shard`). The merged row
+    is built first; the derived columns are computed over it, as the declaration was checked.
     """
-    ids = " UNION ".join(f"SELECT customer_id FROM {name}" for name in SOURCES)
-    # CRM is the system of record for identity: its email wins, the others only fill a gap.
-    email = "coalesce(" + ", ".join(f"{name}.email" for name in SOURCES) + ") AS email"
-    fields = [
-        f"{name}.{col.name}"
-        for name, source in SOURCES.items()
-        for col in source.data_columns
-        if col.name != "email"
-    ]
-    key_parts = ", ".join(f"coalesce({name}.row_hash, '-')" for name in SOURCES)
-    joins = "\n".join(
-        f"LEFT JOIN {name} ON {name}.customer_id = ids.customer_id" for name in SOURCES
-    )
+    key, names = decl.key, [s.name for s in decl.sources]
+    ids = " UNION ".join(f"SELECT {key} FROM {name}" for name in names)
+    fields = []
+    for column, _ in decl.merged_columns()[1:]:
+        carriers = decl.carriers(column)
+        # A shared column: the preferred source's value, the others only fill a gap.
+        fields.append(f"{carriers[0]}.{column}" if len(carriers) == 1 else
+                      f"coalesce({', '.join(f'{s}.{column}' for s in carriers)}) AS {column}")
+    key_parts = ", ".join(f"coalesce({name}.row_hash, '-')" for name in names)
+    joins = "\n".join(f"LEFT JOIN {name} ON {name}.{key} = ids.{key}" for name in names)
+    derived = {d.name: d.select_sql for d in decl.derived}
+    exported = ",\n".join(derived.get(column, column) for column in decl.export)
     return f"""
-        WITH ids AS ({ids})
-        SELECT ids.customer_id, {email}, {", ".join(fields)},
-            etl_health_score(product.usage_pct, billing.payment_status, support.nps_score,
-                             support.open_tickets) AS health_score,
-            etl_churn_risk(product.usage_pct, billing.payment_status, support.nps_score,
-                           support.open_tickets) AS churn_risk,
-            etl_expansion_potential(product.usage_pct, billing.plan, support.nps_score,
-                                    crm.deal_stage) AS expansion_potential,
-            CAST($shard_id AS INTEGER) AS shard_id,
-            ids.customer_id || ':' || md5(concat_ws('|', {key_parts})) AS idempotency_key
-        FROM ids
-        {joins}
+        WITH ids AS ({ids}),
+        merged AS (
+            SELECT ids.{key}, {", ".join(fields)},
+                ids.{key} || ':' || md5(concat_ws('|', {key_parts})) AS idempotency_key
+            FROM ids
+            {joins}
+        )
+        SELECT {exported},
+            CAST($shard_id AS INTEGER) AS shard_id, idempotency_key
+        FROM merged
     """
+
+
+def _code(sql: str, indent: str = "") -> str:
+    """`sql` as inline code, or as an SQL block when one line would not hold it."""
+    if "\n" not in sql and "`" not in sql:
+        return f"`{sql}`"
+    body = "\n".join(f"{indent}{line}" if line else "" for line in sql.splitlines())
+    return f"\n\n{indent}```sql\n{body}\n{indent}```"
+
+
+def rules_markdown(decl: Declaration = DECLARATION) -> str:
+    """docs/rules.md's generated part: shared columns, derived columns and the macros, from the
+    declaration (a test holds the page to it)."""
+    lines = ["**Shared columns**, the first non-empty value in this order:", ""]
+    lines += [f"- `{column}`: {', '.join(sources)}" for column, sources in decl.prefer]
+    lines += ["", "**Derived columns**, computed over the merged row (types from DuckDB):", ""]
+    lines += [f"- `{d.name}` ({d.sql_type}) = {_code(d.sql, '  ')}" for d in decl.derived]
+    if decl.macros:
+        lines += ["", "**Macros** they use:", "", "```sql"]
+        for i, m in enumerate(decl.macros):
+            body = "\n".join(f"  {line}" if line else "" for line in m.sql.splitlines())
+            lines += [*([""] if i else []), f"MACRO {m.name}({', '.join(m.params)}) AS", body]
+        lines += ["```"]
+    return "\n".join(lines)

@@ -20,7 +20,6 @@ from etl_assets.lib.paths import duckdb_literal
 from etl_assets.lib.schema import (
     MAX_FIELD_BYTES,
     MAX_LINE_BYTES,
-    NOT_GREATER_THAN,
     Column,
     SourceSchema,
 )
@@ -255,6 +254,8 @@ def checked_select(
     ]
     params["max_field_bytes"] = MAX_FIELD_BYTES
     for col in schema.data_columns:
+        if col.required:
+            checks.append(f"WHEN v_{col.name} IS NULL THEN 'missing({col.name})'")
         checks += _value_checks(col)
         if col.kind == "category":
             params[f"domain_{col.name}"] = list(col.domain)
@@ -265,9 +266,8 @@ def checked_select(
         if col.max is not None:
             params[f"max_{col.name}"] = col.max
             checks.append(f"WHEN {col.name} > $max_{col.name} THEN 'out_of_range({col.name})'")
-    for source, left, right in NOT_GREATER_THAN:
-        if source == schema.name:
-            checks.append(f"WHEN {left} > {right} THEN '{left}_exceeds_{right}'")
+    for left, right in schema.not_greater_than:
+        checks.append(f"WHEN {left} > {right} THEN '{left}_exceeds_{right}'")
     raw_values = ", ".join(_quote(c) for c in schema.column_names)
     shaped = [(c.name, _shape_expr(c)) for c in schema.columns if _shape_expr(c) is not None]
     shapes = "".join(f", {expr} AS m_{name}" for name, expr in shaped)
