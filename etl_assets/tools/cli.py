@@ -1,4 +1,4 @@
-"""The `etl-assets` command: run the pipeline, generate data."""
+"""The `etl-assets` command: run the pipeline, generate data, start a declaration."""
 
 from __future__ import annotations
 
@@ -242,6 +242,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a declaration inferred from a folder of CSV files."""
+    from etl_assets.tools.init import init, summary
+
+    sources = init(args.data_dir, args.key, args.out, force=args.force)
+    for line in summary(sources):
+        print(line)
+    print(f"written: {args.out} (edit it: kinds, ranges, required columns, domains, derived "
+          "columns)")
+    return 0
+
+
 def cmd_drill(args: argparse.Namespace) -> int:
     """The chaos drill end to end: shard fails once, retry heals, exactly-once verified."""
     from etl_assets.tools.drill import run_drill
@@ -324,6 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a declaration (YAML): one file per source, from its kinds, ranges and "
                      "domains")
     gen.set_defaults(func=cmd_generate)
+
+    init = sub.add_parser("init", help="write a declaration inferred from a folder of CSV files, "
+                          "to edit")
+    init.add_argument("--data-dir", required=True, metavar="DIR",
+                      help="folder of CSV files, one source each")
+    init.add_argument("--key", required=True, metavar="COLUMN",
+                      help="the join column every file carries")
+    init.add_argument("--out", required=True, metavar="FILE",
+                      help="the declaration file to write (YAML)")
+    init.add_argument("--force", action="store_true", help="replace --out if it exists")
+    init.set_defaults(func=cmd_init)
 
     drill = sub.add_parser("drill", help="chaos drill: fail a shard once, verify exactly-once")
     drill.add_argument("--shard", type=int, default=3, help="shard to fail on attempt 1 (3)")
