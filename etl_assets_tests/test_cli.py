@@ -181,6 +181,16 @@ def test_help_and_generate_work_whatever_the_environment(tmp_path):
                           env=env, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     assert (tmp_path / "g" / "crm.csv").is_file()
+    # Nor do `init` and `generate --pipeline`, which read a folder and a declaration only.
+    declared = str(tmp_path / "g.yaml")
+    for command in (["init", "--data-dir", str(tmp_path / "g"), "--key", "customer_id",
+                     "--out", declared],
+                    ["generate", "--pipeline", declared, "--rows", "20", "--out",
+                     str(tmp_path / "h")]):
+        done = subprocess.run([etl, *command], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "h" / "crm.csv").is_file()
 
 
 @pytest.mark.parametrize("var", sorted(BAD_ENVIRONMENT))

@@ -1,4 +1,4 @@
-"""The `etl-assets` command: run the pipeline, generate data."""
+"""The `etl-assets` command: run the pipeline, generate data, start a declaration."""
 
 from __future__ import annotations
 
@@ -223,14 +223,34 @@ def print_summary(outcome: RunOutcome) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Write the four synthetic source files."""
-    from etl_assets.tools.generate import generate
-
+    """Write synthetic source files: the customer domain's four, or a declaration's."""
     started = time.monotonic()
-    paths = generate(args.rows, seed=args.seed, out_dir=args.out)
+    if args.pipeline:
+        from etl_assets.tools.generate_declared import generate_declared, load
+
+        paths = generate_declared(load(args.pipeline), args.rows, seed=args.seed,
+                                  out_dir=args.out)
+        what = "keys"
+    else:
+        from etl_assets.tools.generate import generate
+
+        paths = generate(args.rows, seed=args.seed, out_dir=args.out)
+        what = "customers"
     for path in paths.values():
         print(path)
-    print(f"generated {args.rows} customers in {time.monotonic() - started:.2f}s")
+    print(f"generated {args.rows} {what} in {time.monotonic() - started:.2f}s")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a declaration inferred from a folder of CSV files."""
+    from etl_assets.tools.init import init, summary
+
+    sources = init(args.data_dir, args.key, args.out, force=args.force)
+    for line in summary(sources):
+        print(line)
+    print(f"written: {args.out} (edit it: kinds, ranges, required columns, domains, derived "
+          "columns)")
     return 0
 
 
@@ -306,11 +326,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="also show Dagster's own logs")
     run.set_defaults(func=cmd_run)
 
-    gen = sub.add_parser("generate", help="write synthetic source CSVs")
-    gen.add_argument("--rows", type=int, required=True, help="number of customers")
+    gen = sub.add_parser("generate", help="write synthetic source CSVs (the customer "
+                         "domain's, or any declaration's with --pipeline)")
+    gen.add_argument("--rows", type=int, required=True,
+                     help="number of customers (keys, with --pipeline)")
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--out", default="data", help="output folder (default data/)")
+    gen.add_argument("--pipeline", metavar="FILE",
+                     help="a declaration (YAML): one file per source, from its kinds, ranges and "
+                     "domains")
     gen.set_defaults(func=cmd_generate)
+
+    init = sub.add_parser("init", help="write a declaration inferred from a folder of CSV files, "
+                          "to edit")
+    init.add_argument("--data-dir", required=True, metavar="DIR",
+                      help="folder of CSV files, one source each")
+    init.add_argument("--key", required=True, metavar="COLUMN",
+                      help="the join column every file carries")
+    init.add_argument("--out", required=True, metavar="FILE",
+                      help="the declaration file to write (YAML)")
+    init.add_argument("--force", action="store_true", help="replace --out if it exists")
+    init.set_defaults(func=cmd_init)
+
     drill = sub.add_parser("drill", help="chaos drill: fail a shard once, verify exactly-once")
     drill.add_argument("--shard", type=int, default=3, help="shard to fail on attempt 1 (3)")
     drill.add_argument("--data-dir", help="folder with the four CSV files")
