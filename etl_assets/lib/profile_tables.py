@@ -17,7 +17,6 @@ import duckdb
 
 from etl_assets.lib.faults import Hook, injected, no_hook
 from etl_assets.lib.limits import cores
-from etl_assets.lib.schema import profile_columns
 from etl_assets.lib.warehouse import ALIAS, T, read_manifest, transaction
 
 
@@ -38,10 +37,11 @@ def one_per_key_sql(con: duckdb.DuckDBPyConnection, shard_count: int,
 
 
 def _shard_rows_sql(one_per_key: str) -> str:
-    """One shard's profile rows, sorted by customer_id (parameters: shard_count, shard_id)."""
-    cols = ", ".join(name for name, _ in profile_columns())
-    return (f"SELECT {cols} FROM {ALIAS}.shard_profiles WHERE shard_count = ? AND shard_id = ? "
-            f"{one_per_key} ORDER BY customer_id")
+    """One shard's profile rows, sorted by the key (parameters: shard_count, shard_id): the
+    table's columns are the profile's (schema.profile_columns, the key first) and shard_count,
+    whatever the pipeline."""
+    return (f"SELECT * EXCLUDE (shard_count) FROM {ALIAS}.shard_profiles "
+            f"WHERE shard_count = ? AND shard_id = ? {one_per_key} ORDER BY 1")
 
 
 PROFILES_SHARD_TABLE = "customer_profiles_shard_{}"  # one shard's rows of customer_profiles
@@ -83,7 +83,7 @@ def replace_shards(
                 + " UNION ALL ".join(f"SELECT * FROM {name}" for name in current))
     if injected(hook, "merge_duplicate"):
         first = f"{db}.{current[0]}"
-        con.execute(f"INSERT INTO {first} SELECT * FROM {first} ORDER BY customer_id LIMIT 1")
+        con.execute(f"INSERT INTO {first} SELECT * FROM {first} ORDER BY 1 LIMIT 1")
 
 
 def write_shard_tables(

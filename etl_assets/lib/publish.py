@@ -59,6 +59,8 @@ from etl_assets.lib.warehouse import (
 
 log = logging.getLogger(__name__)
 
+Columns = tuple[tuple[str, str], ...]  # (name, SQL type) of each profile column, the key first
+
 
 SNAPSHOT = "snap"  # the snapshot temp file's alias while it is attached
 
@@ -121,7 +123,7 @@ def _write_snapshot(
 
 
 def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dict[int, str],
-                 parts_dir: Path, kept: dict[int, str]) -> list[Path]:
+                 parts_dir: Path, kept: dict[int, str], columns: Columns) -> list[Path]:
     """Each shard's sorted CSV part, written only where its version has none yet (see
     export_parts); older parts of this layout (but the `kept` versions': shard -> version)
     and dead processes' temp files are removed.
@@ -137,7 +139,7 @@ def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dic
         def part(shard_id: int, version: str) -> Callable[[duckdb.DuckDBPyConnection], Path]:
             found = _parts_of(parts_dir, shard_count, shard_id, version)
             return lambda cur: found[0] if found else _write_part(
-                cur, shard_count, shard_id, version, parts_dir)
+                cur, shard_count, shard_id, version, parts_dir, columns)
 
         # Each part read and written on its own cursor, side by side (see in_parallel).
         parts = in_parallel(con, [part(k, v) for k, v in sorted(versions.items())])
@@ -152,12 +154,12 @@ def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dic
 
 
 def _write_part(cur: duckdb.DuckDBPyConnection, shard_count: int, shard_id: int, version: str,
-                parts_dir: Path) -> Path:
+                parts_dir: Path, columns: Columns) -> Path:
     """Write one shard version's part from its table in the snapshot being published."""
-    text = [name for name, sql_type in profile_columns() if sql_type == "VARCHAR"]
+    text = [name for name, sql_type in columns if sql_type == "VARCHAR"]
     return export_parts.write_part(
         cur, f"SELECT * FROM {SNAPSHOT}.{PROFILES_SHARD_TABLE.format(shard_id)}", text,
-        parts_dir, export_parts.part_prefix(shard_count, shard_id, version))
+        parts_dir, export_parts.part_prefix(shard_count, shard_id, version), key=columns[0][0])
 
 
 def _parts_of(parts_dir: Path, shard_count: int, shard_id: int, version: str) -> list[Path]:
@@ -208,12 +210,13 @@ def _patch_base(target: Path, entry: dict | None, kept: dict[int, str], parts: l
     return _PatchBase(target, entry["export_sha256"], replaced)
 
 
-def _export_header(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path) -> bytes:
+def _export_header(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path,
+                   columns: Columns) -> bytes:
     """The export's header line, as DuckDB writes it for customer_profiles' columns (read from
     the snapshot being published: the same view as the warehouse's). Creates `tmp` empty first,
     so that a missing permission is an OSError naming the problem rather than DuckDB's wording
     of it. Errors name `target`: the path a user gave and has to fix or free space for."""
-    cols = ", ".join(name for name, _ in profile_columns())
+    cols = ", ".join(name for name, _ in columns)
     with errors.naming(target):
         with open(tmp, "xb"):
             pass
@@ -300,18 +303,21 @@ class _Background:
 @dataclass(frozen=True)
 class Targets:
     """Where customer_profiles is published: the layout, the export and the snapshot, the
-    folder of the export's kept parts, and whether to rebuild whole (--force)."""
+    folder of the export's kept parts, whether to rebuild whole (--force), and the profile's
+    columns (the key first; default: the shipped pipeline's)."""
 
     shard_count: int
     export_path: str
     snapshot_path: str
     parts_dir: str
     rebuild: bool = False
+    columns: Columns = tuple(profile_columns())
 
     @classmethod
     def of(cls, settings: EtlSettings) -> Targets:
         return cls(settings.shard_count, settings.export_path, settings.snapshot_path,
-                   settings.export_parts_dir, settings.force)
+                   settings.export_parts_dir, settings.force,
+                   tuple(profile_columns(settings.declaration)))
 
 
 def publish_customer_profiles(
@@ -385,7 +391,8 @@ def publish_customer_profiles(
                             "changed shard")
             kept = _kept_parts(entry, changed, shard_count, export_path)
             with per_shard_threads(con, rows_per_shard):
-                part_files = _write_parts(con, shard_count, versions, parts, kept)
+                part_files = _write_parts(con, shard_count, versions, parts, kept,
+                                          targets.columns)
             base = _patch_base(target, entry, kept, part_files, parts, shard_count)
 
             def publish_files() -> None:
@@ -405,11 +412,12 @@ def publish_customer_profiles(
                 cur = con.cursor()
                 try:
                     with errors.naming(parts):
-                        return _write_part(cur, shard_count, shard_id, versions[shard_id], parts)
+                        return _write_part(cur, shard_count, shard_id, versions[shard_id], parts,
+                                           targets.columns)
                 finally:
                     cur.close()
 
-            head = _export_header(con, tmp, target)
+            head = _export_header(con, tmp, target, targets.columns)
             # The merge is Python and DuckDB's copy of the shard tables below releases the
             # GIL: the export is written beside it, not after it.
             export = _Background(lambda stop: _write_export(tmp, target, head, part_files,
