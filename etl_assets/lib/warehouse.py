@@ -50,17 +50,12 @@ class WarehouseLockedError(errors.PathError):
     """The warehouse file stayed locked by another process for longer than the lock timeout."""
 
 
-def tables_ddl(decl: Declaration) -> tuple[str, ...]:
-    """The statements that create a pipeline's tables (its profile columns, its key).
-
-    Tables are created on first use; the statements are idempotent. The keys are not what
-    keeps one row per key (every write is DELETE by key + INSERT, in one transaction): DuckLake
-    has no PRIMARY KEY, and its DDL (`ddl`) leaves them out.
-    """
-    profile = ", ".join(f"{name} {sql_type}" for name, sql_type in profile_columns(decl))
-    return (
-        # shard_count is kept so rows from an earlier shard layout are never mixed with the current one.
-        f"CREATE TABLE IF NOT EXISTS {ALIAS}.shard_profiles ({profile}, shard_count INTEGER)",
+def tables_ddl(decl: Declaration | None) -> tuple[str, ...]:
+    """The statements that create a pipeline's tables (its profile columns, its key), or with
+    None those every pipeline has; run on first use, idempotent. The keys are not what keeps
+    one row per key (every write is DELETE by key + INSERT, in one transaction): DuckLake has
+    no PRIMARY KEY, and its DDL (`ddl`) leaves them out."""
+    shared = (
         f"""CREATE TABLE IF NOT EXISTS {ALIAS}.shard_manifest (
             shard_count INTEGER, shard_id INTEGER, source_data_hash VARCHAR, code_version VARCHAR,
             record_count BIGINT, run_id VARCHAR, PRIMARY KEY (shard_count, shard_id))""",
@@ -81,15 +76,21 @@ def tables_ddl(decl: Declaration) -> tuple[str, ...]:
         # and snapshot hold, so the next publish replaces only the shards that changed. NULL (older
         # code, another layout published since) means: rebuild everything.
         f"ALTER TABLE {ALIAS}.profiles_manifest ADD COLUMN IF NOT EXISTS shard_versions VARCHAR",
-        f"""CREATE TABLE IF NOT EXISTS {ALIAS}.rejected_rows (
-            source VARCHAR, line_number BIGINT, {decl.key} VARCHAR, reason VARCHAR, raw VARCHAR,
-            file_sha256 VARCHAR)""",
         # One row that every shard and rejected-rows write updates first (see `_claim`).
         f"CREATE TABLE IF NOT EXISTS {ALIAS}.write_guard AS SELECT CAST(0 AS BIGINT) AS writes",
     )
+    if decl is None:
+        return shared
+    profile = ", ".join(f"{name} {sql_type}" for name, sql_type in profile_columns(decl))
+    return shared + (
+        # shard_count is kept so rows from an earlier shard layout are never mixed with the current one.
+        f"CREATE TABLE IF NOT EXISTS {ALIAS}.shard_profiles ({profile}, shard_count INTEGER)",
+        f"""CREATE TABLE IF NOT EXISTS {ALIAS}.rejected_rows (
+            source VARCHAR, line_number BIGINT, {decl.key} VARCHAR, reason VARCHAR, raw VARCHAR,
+            file_sha256 VARCHAR)""")
 
 
-def ddl(on_ducklake: bool, decl: Declaration = DECLARATION) -> tuple[str, ...]:
+def ddl(on_ducklake: bool, decl: Declaration | None = DECLARATION) -> tuple[str, ...]:
     """The statements that create the tables, for a DuckDB file or for DuckLake (no keys)."""
     statements = tables_ddl(decl)
     return tuple(re.sub(r",\s*PRIMARY KEY \([^)]*\)| PRIMARY KEY", "", stmt)
@@ -197,9 +198,9 @@ def _attach(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float, data_pa
 
 @contextmanager
 def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float,
-             data_path: str = "", decl: Declaration = DECLARATION) -> Iterator[str]:
+             data_path: str = "", decl: Declaration | None = DECLARATION) -> Iterator[str]:
     """Attach the warehouse to `con` as `wh` for a short write; always detach afterwards.
-    A new warehouse gets the tables of `decl`'s pipeline.
+    A new warehouse gets the tables of `decl`'s pipeline (None: those of every pipeline).
 
     `path` is a DuckDB file, or a DuckLake catalog with its table data under `data_path`.
     A full disk anywhere inside (ATTACH replaying the WAL, a COMMIT, the CHECKPOINT of DETACH)
