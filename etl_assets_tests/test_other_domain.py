@@ -158,6 +158,11 @@ def test_fleet_runs_with_every_guarantee_beside_the_customers(tmp_path, fleet, s
     try:
         rejected = con.execute("SELECT source, line_number, vehicle_id, reason FROM rejected_rows "
                                "ORDER BY source").fetchall()
+        # The merged table is the pipeline's own `profiles`, its export's rows.
+        assert con.execute("SELECT count(*), count(DISTINCT vehicle_id) FROM profiles"
+                           ).fetchone() == (VEHICLES, VEHICLES)
+        assert con.execute("SELECT count(*) FROM duckdb_views() "
+                           "WHERE view_name = 'customer_profiles'").fetchone() == (0,)
     finally:
         con.close()
     assert rejected == [("services", VEHICLES + 2, None, "missing_vehicle_id"),

@@ -23,6 +23,7 @@ class PipelineNames:
 
     prefix: tuple[str, ...]
     source_names: tuple[str, ...]
+    profiles_table: str = "customer_profiles"
 
     def key(self, name: str) -> dg.AssetKey:
         return dg.AssetKey([*self.prefix, name])
@@ -45,8 +46,9 @@ class PipelineNames:
 
     @property
     def profiles(self) -> dg.AssetKey:
-        """The merged asset: `customer_profiles` when shipped, `<name>/profiles` otherwise."""
-        return self.key("profiles" if self.prefix else "customer_profiles")
+        """The merged asset, named after its table: `customer_profiles` when shipped,
+        `<name>/profiles` otherwise."""
+        return self.key(self.profiles_table)
 
     @property
     def sources_job(self) -> str:
@@ -64,7 +66,8 @@ class PipelineNames:
 def names_for(settings: EtlSettings) -> PipelineNames:
     """The names of the pipeline `settings` run."""
     return PipelineNames(tuple(pipeline.key_prefix(settings.pipeline)),
-                         tuple(s.name for s in settings.declaration.sources))
+                         tuple(s.name for s in settings.declaration.sources),
+                         settings.profiles_table)
 
 
 # The shipped pipeline's names, which tools and tests rely on.

@@ -145,7 +145,7 @@ def read_facts(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
     report_progress("checks")
     decl = settings.declaration
     expected = _source_customers(settings, con, staging.current_sources(settings))
-    rows, ids, keys, table_hash = _table_counts(con, decl)
+    rows, ids, keys, table_hash = _table_counts(con, decl, settings.profiles_table)
     stale = freshness.stale_shards(settings, con)
     export_rows, export_hash = export_facts(con, export(), decl)
     return ProfileFacts(int(expected), rows, ids, keys, export_rows, stale, table_hash,
@@ -207,7 +207,8 @@ def _source_customers(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
     return total
 
 
-def _table_counts(con: duckdb.DuckDBPyConnection, decl: Declaration) -> tuple[int, int, int, str]:
+def _table_counts(con: duckdb.DuckDBPyConnection, decl: Declaration,
+                  table: str) -> tuple[int, int, int, str]:
     """customer_profiles' rows, distinct customer_ids and distinct idempotency keys, and the
     hash of its rows (`_rows_hash`), in one scan.
 
@@ -226,23 +227,24 @@ def _table_counts(con: duckdb.DuckDBPyConnection, decl: Declaration) -> tuple[in
                        starts_with(idempotency_key, {key} || ':')
                        AND length(idempotency_key) = length({key}) + 33, false)),
                    {_rows_hash(decl)}
-            FROM {WH}.customer_profiles""").fetchone()
-    rows, ids = int(rows), _exact_distinct(con, key, int(ids), int(rows))
+            FROM {WH}.{table}""").fetchone()
+    rows, ids = int(rows), _exact_distinct(con, table, key, int(ids), int(rows))
     if odd_keys == 0 and ids == rows:
         return rows, ids, rows, rows_hash
     keys = int(con.execute(
         f"""SELECT count(DISTINCT hash(idempotency_key)) FILTER (WHERE idempotency_key IS NOT NULL)
-            FROM {WH}.customer_profiles""").fetchone()[0])
-    return rows, ids, _exact_distinct(con, "idempotency_key", keys, rows), rows_hash
+            FROM {WH}.{table}""").fetchone()[0])
+    return rows, ids, _exact_distinct(con, table, "idempotency_key", keys, rows), rows_hash
 
 
-def _exact_distinct(con: duckdb.DuckDBPyConnection, column: str, hashed: int, rows: int) -> int:
+def _exact_distinct(con: duckdb.DuckDBPyConnection, table: str, column: str, hashed: int,
+                    rows: int) -> int:
     """The distinct values of `column`: `hashed` (its distinct hashes) when that equals `rows`,
     else counted on the text."""
     if hashed == rows:
         return hashed
     return int(con.execute(
-        f"SELECT count(DISTINCT {column}) FROM {WH}.customer_profiles").fetchone()[0])
+        f"SELECT count(DISTINCT {column}) FROM {WH}.{table}").fetchone()[0])
 
 
 def export_facts(con: duckdb.DuckDBPyConnection, path: str | Path,

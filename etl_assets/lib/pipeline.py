@@ -65,6 +65,12 @@ def folder(home: Path, path: str) -> Path:
     return home if is_shipped(path) else home / "pipelines" / name(path)
 
 
+def profiles_table(path: str) -> str:
+    """The merged table (and asset) of the pipeline: `customer_profiles` for the shipped one,
+    `profiles` for another (in its own warehouse, under its own asset key prefix)."""
+    return "customer_profiles" if is_shipped(path) else "profiles"
+
+
 def key_prefix(path: str) -> list[str]:
     """The asset key prefix of the pipeline's assets: none for the shipped one."""
     return [] if is_shipped(path) else [name(path)]

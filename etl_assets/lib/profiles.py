@@ -15,6 +15,7 @@ from etl_assets.lib.checks import CheckOutcome
 from etl_assets.lib.declaration import Declaration
 from etl_assets.lib.faults import Hook
 from etl_assets.lib.paths import duckdb_literals
+from etl_assets.lib.profile_tables import PROFILES_TABLE
 from etl_assets.lib.rules import DECLARATION, install_rules, merge_sql
 from etl_assets.lib.settings import EtlSettings
 
@@ -146,7 +147,8 @@ def publish_profiles(settings: EtlSettings) -> Published:
                     checks.published_facts(settings, con),
                     settings.shard_count))
                 return Published(int(state.entry["row_count"]), True,
-                                 profile_summary(con, settings.declaration), outcomes)
+                                 profile_summary(con, settings.declaration,
+                                                 settings.profiles_table), outcomes)
     # On DuckLake another publisher can commit first: the whole publish runs again.
     return ducklake.retry_conflicts(lambda: _publish(settings), "customer_profiles")
 
@@ -180,7 +182,7 @@ def _publish(settings: EtlSettings) -> Published:
                 # The export is the audit's last fact, waited for while it is still being
                 # written: the summary is read meanwhile, from the staged table this
                 # transaction commits.
-                summary.append(profile_summary(con, decl))
+                summary.append(profile_summary(con, decl, settings.profiles_table))
                 return export()
             audit(con, summary_then_export)
 
@@ -189,8 +191,8 @@ def _publish(settings: EtlSettings) -> Published:
             {"shards_hash": freshness.shards_hash(shards),
              "code_version": freshness.profiles_code(decl)}, settings.hook, built_from,
             audit=audit_and_summarize)
-        return Published(count, False, summary[0] if summary else profile_summary(con, decl),
-                         outcomes)
+        return Published(count, False, summary[0] if summary
+                         else profile_summary(con, decl, settings.profiles_table), outcomes)
 
 
 def _not_current(stale: Iterable[int]) -> ShardsNotCurrentError:
@@ -199,7 +201,7 @@ def _not_current(stale: Iterable[int]) -> ShardsNotCurrentError:
         "materialize them first (customer_profiles left as it was)")
 
 
-def profile_summary(con, decl: Declaration = DECLARATION) -> str:
+def profile_summary(con, decl: Declaration = DECLARATION, table: str = PROFILES_TABLE) -> str:
     """Markdown: rows by the first text derived column (the shipped pipeline: churn_risk) with
     the average of the first numeric one (health_score), and rejected rows per source."""
     text = [d.name for d in decl.derived if d.sql_type == "VARCHAR"]
@@ -211,7 +213,7 @@ def profile_summary(con, decl: Declaration = DECLARATION) -> str:
     average = f"round(avg({numbers[0]}), 1)" if numbers else "NULL"
     rows = con.execute(
         f"""SELECT {by}, count(*), {average}
-            FROM {warehouse.ALIAS}.customer_profiles GROUP BY ALL ORDER BY 1"""
+            FROM {warehouse.ALIAS}.{table} GROUP BY ALL ORDER BY 1"""
     ).fetchall()
     rejected = con.execute(
         f"SELECT source, count(*) FROM {warehouse.ALIAS}.rejected_rows GROUP BY source ORDER BY source"

@@ -266,6 +266,11 @@ class EtlSettings(WarehouseSettings, StagingSettings, FaultSettings, AutomationS
         return pipeline.name(self.pipeline)
 
     @property
+    def profiles_table(self) -> str:
+        """The merged table: `customer_profiles` (shipped) or `profiles` (another pipeline)."""
+        return pipeline.profiles_table(self.pipeline)
+
+    @property
     def pipeline_dir(self) -> Path:
         """The folder of what is this pipeline's own by default: the home for the shipped one,
         `<home>/pipelines/<name>` for another."""
