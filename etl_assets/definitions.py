@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from etl_assets.defs.contracts import PROFILES_JOB, SHARDS_JOB, SOURCES_JOB
+from etl_assets.defs.contracts import names_for
 from etl_assets.defs.executor import executor_for
 from etl_assets.defs.profiles import build_profile_assets
 from etl_assets.defs.resources import resources_for
@@ -28,27 +28,27 @@ def build_defs(settings: EtlSettings | None = None, broker: str | None = None) -
     if from_environment and broker is None:
         broker = broker_url()
     settings = settings or EtlSettings.from_env()
-    shard_count = settings.shard_count
-    shard_profiles, customer_profiles = build_profile_assets(shard_count,
-                                                             settings.shard_retry_delay_s)
+    names = names_for(settings)
+    shard_profiles, customer_profiles = build_profile_assets(settings)
     jobs = [
         dg.define_asset_job(
-            SOURCES_JOB, selection=dg.AssetSelection.groups("sources"),
-            description="Read, validate and stage the four source files, then record "
+            names.sources_job, selection=dg.AssetSelection.groups(names.name("sources")),
+            description="Read, validate and stage the source files, then record "
             "each shard's slices (shard_inputs).",
         ),
         dg.define_asset_job(
-            SHARDS_JOB, selection=dg.AssetSelection.assets(shard_profiles),
+            names.shards_job, selection=dg.AssetSelection.assets(shard_profiles),
             description="Build one shard partition of shard_profiles.",
         ),
         dg.define_asset_job(
-            PROFILES_JOB, selection=dg.AssetSelection.assets(customer_profiles),
-            description="Merge every shard into customer_profiles, export, and run its checks.",
+            names.profiles_job, selection=dg.AssetSelection.assets(customer_profiles),
+            description=f"Merge every shard into {names.profiles.to_user_string()}, export, "
+            "and run its checks.",
         ),
     ]
     sensors_and_schedule = build_sensors(settings)
     return dg.Definitions(
-        assets=[*build_source_assets(shard_count), build_shard_inputs_asset(shard_count),
+        assets=[*build_source_assets(settings), build_shard_inputs_asset(settings),
                 shard_profiles, customer_profiles],
         sensors=[d for d in sensors_and_schedule if isinstance(d, dg.SensorDefinition)],
         schedules=[d for d in sensors_and_schedule if isinstance(d, dg.ScheduleDefinition)],

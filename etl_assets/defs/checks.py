@@ -8,15 +8,14 @@ their specs and turns the library's outcomes into check results.
 
 import dagster as dg
 
-from etl_assets.defs.contracts import CUSTOMER_PROFILES
-from etl_assets.lib.checks import PROFILE_CHECKS, CheckOutcome
+from etl_assets.lib.checks import CheckOutcome, profile_check_descriptions
 
 
-def profile_check_specs() -> list[dg.AssetCheckSpec]:
-    """The four blocking checks, as the customer_profiles asset declares them."""
-    return [dg.AssetCheckSpec(name, asset=CUSTOMER_PROFILES, blocking=True,
-                              description=description)
-            for name, description in PROFILE_CHECKS.items()]
+def profile_check_specs(asset: dg.AssetKey, key: str) -> list[dg.AssetCheckSpec]:
+    """The blocking checks, as the merged asset (`asset`, its pipeline's key column `key`)
+    declares them."""
+    return [dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description)
+            for name, description in profile_check_descriptions(key).items()]
 
 
 def check_results(outcomes: list[CheckOutcome]) -> list[dg.AssetCheckResult]:

@@ -4,21 +4,82 @@ the shard partitions, the shard event lines in a run's log, and the non-retryabl
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 
+from etl_assets.lib import pipeline
 from etl_assets.lib.events import format_event
-from etl_assets.lib.schema import SOURCES
+from etl_assets.lib.settings import EtlSettings
 
-SOURCE_KEYS: dict[str, dg.AssetKey] = {name: dg.AssetKey(name) for name in SOURCES}
-SHARD_INPUTS = dg.AssetKey("shard_inputs")
-SHARD_PROFILES = dg.AssetKey("shard_profiles")
-CUSTOMER_PROFILES = dg.AssetKey("customer_profiles")
 
-SOURCES_JOB = "sources_job"
-SHARDS_JOB = "shards_job"
-PROFILES_JOB = "profiles_job"
+@dataclass(frozen=True)
+class PipelineNames:
+    """A pipeline's asset keys, job, group and sensor names. The shipped pipeline's are the
+    plain names (`crm`, `shard_profiles`, `customer_profiles`, `sources_job`); another's
+    carry its name: keys under its prefix (`fleet/vehicles`, `fleet/profiles`), the others
+    as `fleet_<name>`, so two pipelines share one Dagster instance without sharing a name."""
+
+    prefix: tuple[str, ...]
+    source_names: tuple[str, ...]
+    profiles_table: str = "customer_profiles"
+
+    def key(self, name: str) -> dg.AssetKey:
+        return dg.AssetKey([*self.prefix, name])
+
+    def name(self, name: str) -> str:
+        """A job, group, sensor or schedule name of this pipeline."""
+        return "_".join([*self.prefix, name])
+
+    @property
+    def sources(self) -> dict[str, dg.AssetKey]:
+        return {name: self.key(name) for name in self.source_names}
+
+    @property
+    def shard_inputs(self) -> dg.AssetKey:
+        return self.key("shard_inputs")
+
+    @property
+    def shard_profiles(self) -> dg.AssetKey:
+        return self.key("shard_profiles")
+
+    @property
+    def profiles(self) -> dg.AssetKey:
+        """The merged asset, named after its table: `customer_profiles` when shipped,
+        `<name>/profiles` otherwise."""
+        return self.key(self.profiles_table)
+
+    @property
+    def sources_job(self) -> str:
+        return self.name("sources_job")
+
+    @property
+    def shards_job(self) -> str:
+        return self.name("shards_job")
+
+    @property
+    def profiles_job(self) -> str:
+        return self.name("profiles_job")
+
+
+def names_for(settings: EtlSettings) -> PipelineNames:
+    """The names of the pipeline `settings` run."""
+    return PipelineNames(tuple(pipeline.key_prefix(settings.pipeline)),
+                         tuple(s.name for s in settings.declaration.sources),
+                         settings.profiles_table)
+
+
+# The shipped pipeline's names, which tools and tests rely on.
+SHIPPED = PipelineNames((), tuple(s.name for s in pipeline.declaration("").sources))
+SOURCE_KEYS: dict[str, dg.AssetKey] = SHIPPED.sources
+SHARD_INPUTS = SHIPPED.shard_inputs
+SHARD_PROFILES = SHIPPED.shard_profiles
+CUSTOMER_PROFILES = SHIPPED.profiles
+
+SOURCES_JOB = SHIPPED.sources_job
+SHARDS_JOB = SHIPPED.shards_job
+PROFILES_JOB = SHIPPED.profiles_job
 
 PARTITION_TAG = "dagster/partition"
 DATA_VERSION_TAG = "dagster/data_version"

@@ -51,8 +51,10 @@ class WarehouseResource(DuckDBResource, WarehouseSettings):
                 if not name.isidentifier():
                     raise ValueError(f"connection_config: {name!r} is not a DuckDB setting name")
                 con.execute(f"SET {name} = $value", {"value": value})
+            # No declaration here (it is the staging resource's): a new warehouse gets the
+            # tables every pipeline has, its pipeline's own come with its first write.
             with warehouse.attached(con, self.database, self.lock_timeout_s,
-                                    self.ducklake_data_path) as alias:
+                                    self.ducklake_data_path, None) as alias:
                 con.execute(f"USE {alias}")
                 try:
                     yield con

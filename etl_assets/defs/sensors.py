@@ -32,18 +32,11 @@ from etl_assets.defs.contracts import (
     RERUN_ATTEMPT_TAG,
     RERUN_OF_TAG,
     RETRYABLE,
-    SHARD_INPUTS,
-    SHARDS_JOB,
-    SOURCE_KEYS,
     TRIGGER_TAG,
+    PipelineNames,
     launched_by_schedule,
     launched_by_sensor,
-)
-from etl_assets.defs.contracts import (
-    CUSTOMER_PROFILES as PROFILES,
-)
-from etl_assets.defs.contracts import (
-    SHARD_PROFILES as SHARDS,
+    names_for,
 )
 from etl_assets.defs.resources import (
     AutomationResource,
@@ -52,7 +45,6 @@ from etl_assets.defs.resources import (
 )
 from etl_assets.lib import freshness, staging
 from etl_assets.lib.files import file_sha256
-from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.sources import plan_slices
 from etl_assets.lib.validation import SourceFileError
@@ -89,7 +81,8 @@ def evaluate_source_files(
     pending: dict[str, str] = dict(cursor.get("pending", {}))
     requested: dict[str, str] = dict(cursor.get("requested", {}))
     data_dir = Path(settings.data_dir)
-    missing = [s.filename for s in SOURCES.values() if not (data_dir / s.filename).is_file()]
+    sources = {s.name: s for s in settings.declaration.sources}
+    missing = [s.filename for s in sources.values() if not (data_dir / s.filename).is_file()]
     if missing:
         return Evaluation(
             skip_reason=f"{', '.join(missing)} missing in {data_dir}: no run until it is back",
@@ -100,7 +93,7 @@ def evaluate_source_files(
     changed: dict[str, str] = {}
     settling: list[str] = []
     states: dict[str, freshness.SourceState] = {}
-    for name, schema in SOURCES.items():
+    for name, schema in sources.items():
         sha = file_sha256(data_dir / schema.filename)
         try:
             # Changed since it was staged? The same rule as the runner's (freshness).
@@ -136,20 +129,22 @@ def evaluate_source_files(
     return _requests_for_stale_shards(settings, new_cursor)
 
 
-def _staging_selection(changed: Iterable[str]) -> list[dg.AssetKey]:
+def _staging_selection(names: PipelineNames, changed: Iterable[str]) -> list[dg.AssetKey]:
     """The changed sources, then shard_inputs, so the UI knows which shard partitions changed."""
-    return [*(SOURCE_KEYS[name] for name in sorted(changed)), SHARD_INPUTS]
+    return [*(names.key(name) for name in sorted(changed)), names.shard_inputs]
 
 
 def _requests_for_changes(
     settings: EtlSettings, changed: dict[str, str], states: dict[str, freshness.SourceState]
 ) -> list[dg.RunRequest]:
     shards: set[int] = set()
+    names = names_for(settings)
+    sources_by_name = {s.name: s for s in settings.declaration.sources}
     for name in changed:
         # The shards whose slice of this source the file as it is now would change.
         staged = states[name].staged
         try:
-            _, hashes = plan_slices(SOURCES[name], settings)
+            _, hashes = plan_slices(sources_by_name[name], settings)
         except SourceFileError:
             hashes = {}  # the source run will fail with the clear message; no shard to plan
         shards |= {
@@ -157,12 +152,12 @@ def _requests_for_changes(
             if staged is None or hashes.get(k, staged.slice_hashes[k]) != staged.slice_hashes[k]
         }
     content = "+".join(f"{name}@{sha[:16]}" for name, sha in sorted(changed.items()))
-    sources = _staging_selection(changed)
+    sources = _staging_selection(names, changed)
     if len(shards) == 1:
         (k,) = shards
         return [dg.RunRequest(
             run_key=f"files:{content}:shard{k}",
-            asset_selection=[*sources, SHARDS, PROFILES],
+            asset_selection=[*sources, names.shard_profiles, names.profiles],
             partition_key=str(k),
             tags={TRIGGER_TAG: "source_files", CHANGED_SHARDS_TAG: str(k)},
         )]
@@ -189,7 +184,7 @@ def _requests_for_stale_shards(settings: EtlSettings, cursor: dict[str, Any]) ->
     return Evaluation(
         [dg.RunRequest(
             run_key=f"stale:shard{state.shard_id}:{state.input_hash[:16]}",
-            asset_selection=[SHARDS],
+            asset_selection=[names_for(settings).shard_profiles],
             partition_key=str(state.shard_id),
             tags={TRIGGER_TAG: "stale_shard"},
         ) for state in stale],
@@ -204,20 +199,21 @@ def evaluate_schedule(settings: EtlSettings) -> list[dg.RunRequest] | dg.SkipRea
     settings = _watching(settings)
     data_dir = Path(settings.data_dir)
     try:
-        changed = [name for name, schema in SOURCES.items()
+        changed = [schema.name for schema in settings.declaration.sources
                    if (data_dir / schema.filename).is_file()
                    and not freshness.source_state(schema, settings).unchanged]
     except WarehouseLockedError as exc:
         return dg.SkipReason(_busy(exc))
     if changed:
-        return [dg.RunRequest(asset_selection=_staging_selection(changed))]
+        return [dg.RunRequest(asset_selection=_staging_selection(names_for(settings), changed))]
     result = _requests_for_stale_shards(settings, {})
     return result.run_requests or dg.SkipReason(result.skip_reason or "nothing stale")
 
 
-def _shard_partition(run: dg.DagsterRun) -> str | None:
+def _shard_partition(names: PipelineNames, run: dg.DagsterRun) -> str | None:
     """The shard partition a run built, if it built one (asset selection or the shards job)."""
-    targets_shards = SHARDS in (run.asset_selection or set()) or run.job_name == SHARDS_JOB
+    targets_shards = names.shard_profiles in (run.asset_selection or set()) \
+        or run.job_name == names.shards_job
     return run.tags.get(PARTITION_TAG) if targets_shards else None
 
 
@@ -237,9 +233,10 @@ def evaluate_failed_shards(
     """Re-request shard partitions whose newest run failed, within the bound and the wait."""
     now = time.time() if now is None else now
     records = instance.get_run_records(limit=500)
+    names = names_for(settings)
     newest: dict[str, Any] = {}
     for record in records:  # newest first
-        partition = _shard_partition(record.dagster_run)
+        partition = _shard_partition(names, record.dagster_run)
         if partition is not None and partition not in newest:
             newest[partition] = record
     requests, waiting, exhausted = [], [], []
@@ -261,7 +258,7 @@ def evaluate_failed_shards(
             continue
         requests.append(dg.RunRequest(
             run_key=f"rerun:{partition}:{run.run_id}",
-            asset_selection=[SHARDS],
+            asset_selection=[names.shard_profiles],
             partition_key=partition,
             tags={RERUN_ATTEMPT_TAG: str(attempt + 1), RERUN_OF_TAG: run.run_id,
                   TRIGGER_TAG: "failed_shard"},
@@ -294,14 +291,17 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
     `settings` gives what is fixed when the definitions load (cadence, default status, shard
     count); each tick reads the rest from its resources.
     """
-    shard_count = settings.shard_count
-    targets = [*SOURCE_KEYS.values(), SHARD_INPUTS, SHARDS, PROFILES]
+    shard_count, names = settings.shard_count, names_for(settings)
+    targets = [*names.sources.values(), names.shard_inputs, names.shard_profiles, names.profiles]
+    source_files_name, failed_shard_name = (names.name(SOURCE_FILES_SENSOR),
+                                            names.name(FAILED_SHARD_SENSOR))
+    schedule_name, automation_name = names.name(STALE_SCHEDULE), names.name(PROFILES_AUTOMATION)
     # ETL_AUTOMATION=off starts every sensor stopped (each can still be turned on in the UI).
     default = (dg.DefaultSensorStatus.RUNNING if settings.automation == "on"
                else dg.DefaultSensorStatus.STOPPED)
 
     @dg.sensor(
-        name=SOURCE_FILES_SENSOR,
+        name=source_files_name,
         minimum_interval_seconds=settings.sensor_interval_s,
         default_status=default,
         target=targets,
@@ -315,16 +315,16 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         result = evaluate_source_files(EtlSettings.of(shard_count, warehouse, staging),
                                        json.loads(context.cursor or "{}"), context.instance)
         return dg.SensorResult(
-            run_requests=tagged(result.run_requests, launched_by_sensor(SOURCE_FILES_SENSOR)),
+            run_requests=tagged(result.run_requests, launched_by_sensor(source_files_name)),
             skip_reason=result.skip_reason,
             cursor=json.dumps(result.cursor, sort_keys=True),
         )
 
     @dg.sensor(
-        name=FAILED_SHARD_SENSOR,
+        name=failed_shard_name,
         minimum_interval_seconds=settings.sensor_interval_s,
         default_status=default,
-        target=[SHARDS],
+        target=[names.shard_profiles],
         description="Re-requests a failed shard partition up to RERUN_MAX_ATTEMPTS times, "
         "waiting RERUN_BASE_WAIT_S x 2^n; not for errors marked not retryable.",
     )
@@ -335,11 +335,11 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         settings = EtlSettings.of(shard_count, warehouse, staging, automation)
         result = evaluate_failed_shards(settings, context.instance)
         return dg.SensorResult(
-            run_requests=tagged(result.run_requests, launched_by_sensor(FAILED_SHARD_SENSOR)),
+            run_requests=tagged(result.run_requests, launched_by_sensor(failed_shard_name)),
             skip_reason=result.skip_reason)
 
     @dg.schedule(
-        name=STALE_SCHEDULE,
+        name=schedule_name,
         cron_schedule="0 3 * * *",
         target=targets,
         default_status=dg.DefaultScheduleStatus.STOPPED,
@@ -352,18 +352,18 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         result = evaluate_schedule(EtlSettings.of(shard_count, warehouse, staging))
         if isinstance(result, dg.SkipReason):
             return result
-        return tagged(result, launched_by_schedule(STALE_SCHEDULE))
+        return tagged(result, launched_by_schedule(schedule_name))
 
     # Declared here (not left to Dagster's implicit default) so that it is on by default,
     # ticks as often as the other sensors, and is visible by name in the UI.
     profiles_automation = dg.AutomationConditionSensorDefinition(
-        PROFILES_AUTOMATION,
-        target=[PROFILES],
-        run_tags={LAUNCHED_BY_TAG: launched_by_sensor(PROFILES_AUTOMATION)},
+        automation_name,
+        target=[names.profiles],
+        run_tags={LAUNCHED_BY_TAG: launched_by_sensor(automation_name)},
         default_status=default,
         minimum_interval_seconds=settings.sensor_interval_s,
-        description="Evaluates customer_profiles' automation condition: rebuild once its shards "
-        "were updated, none is in progress and blocking checks passed.",
+        description=f"Evaluates {names.profiles.to_user_string()}' automation condition: "
+        "rebuild once its shards were updated, none is in progress and blocking checks passed.",
     )
 
     return [source_files_sensor, failed_shard_sensor, profiles_automation,

@@ -20,8 +20,7 @@ import dagster as dg
 
 from etl_assets.defs.contracts import (
     DATA_VERSION_TAG,
-    SHARD_INPUTS,
-    SOURCE_KEYS,
+    names_for,
     not_retryable,
     shard_partitions,
 )
@@ -38,15 +37,16 @@ def _metadata(input_hash: str, rows: dict[str, int]) -> dict[str, object]:
     return {"source_data_hash": input_hash, **{f"rows_{name}": n for name, n in rows.items()}}
 
 
-def build_shard_inputs_asset(shard_count: int) -> dg.AssetsDefinition:
-    """The partitioned `shard_inputs` asset (downstream of the four sources)."""
+def build_shard_inputs_asset(settings: EtlSettings) -> dg.AssetsDefinition:
+    """The partitioned `shard_inputs` asset (downstream of the pipeline's sources)."""
+    shard_count, names = settings.shard_count, names_for(settings)
     partitions = shard_partitions(shard_count)
 
     @dg.asset(
-        key=SHARD_INPUTS,
-        deps=list(SOURCE_KEYS.values()),
+        key=names.shard_inputs,
+        deps=list(names.sources.values()),
         partitions_def=partitions,
-        group_name="sources",
+        group_name=names.name("sources"),
         kinds={"parquet"},
         owners=["team:data-platform"],
         code_version=SHARD_INPUTS_VERSION,
@@ -70,7 +70,7 @@ def build_shard_inputs_asset(shard_count: int) -> dg.AssetsDefinition:
         for k, (input_hash, rows) in inputs.items():
             if str(k) != own:
                 context.log_event(dg.AssetMaterialization(
-                    asset_key=SHARD_INPUTS, partition=str(k),
+                    asset_key=names.shard_inputs, partition=str(k),
                     tags={DATA_VERSION_TAG: input_hash}, metadata=_metadata(input_hash, rows)))
         if own is not None:
             input_hash, rows = inputs[int(own)]

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import dagster as dg
 
-from etl_assets.defs.contracts import COLUMN_SCHEMA, RETRYABLE, ROW_COUNT, not_retryable
+from etl_assets.defs.contracts import (
+    COLUMN_SCHEMA,
+    RETRYABLE,
+    ROW_COUNT,
+    PipelineNames,
+    names_for,
+    not_retryable,
+)
 from etl_assets.defs.resources import (
     FaultInjectionResource,
     StagingResource,
@@ -17,7 +24,8 @@ from etl_assets.lib import errors
 from etl_assets.lib.checks import source_checks
 from etl_assets.lib.files import SourceChangedError
 from etl_assets.lib.freshness import SOURCE_SKIP_REASON, staging_code
-from etl_assets.lib.schema import SOURCES, SourceSchema
+from etl_assets.lib.schema import SourceSchema
+from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.sources import stage_source
 from etl_assets.lib.validation import SourceFileError
 
@@ -35,22 +43,24 @@ def _column_schema(schema: SourceSchema) -> dg.TableSchema:
     )
 
 
-def build_source_asset(schema: SourceSchema, shard_count: int) -> dg.AssetsDefinition:
+def build_source_asset(schema: SourceSchema, shard_count: int, names: PipelineNames,
+                       staging_code_: str) -> dg.AssetsDefinition:
     """The asset for one source file, with its two checks (rows accounted, reject rate)."""
+    key = names.key(schema.name)
     accounted = dg.AssetCheckSpec(
-        "rows_accounted", asset=schema.name, blocking=True,
+        "rows_accounted", asset=key, blocking=True,
         description="rows read = rows accepted + rows rejected, and the staged slices hold "
         "exactly the accepted rows")
     reject_rate = dg.AssetCheckSpec(
-        "reject_rate", asset=schema.name, blocking=True,
+        "reject_rate", asset=key, blocking=True,
         description="invalid rows (superseded duplicates aside) within MAX_REJECT_FRACTION")
 
     @dg.asset(
-        name=schema.name,
-        group_name="sources",
+        key=key,
+        group_name=names.name("sources"),
         kinds={"csv", "duckdb"},
         owners=["team:data-platform"],
-        code_version=staging_code(),
+        code_version=staging_code_,
         description=(
             f"{schema.description} Reads `{schema.filename}` under DATA_DIR with a typed schema, "
             "quarantines bad rows in `rejected_rows`, and stages one Parquet slice per shard."
@@ -97,6 +107,8 @@ def build_source_asset(schema: SourceSchema, shard_count: int) -> dg.AssetsDefin
 
 
 
-def build_source_assets(shard_count: int) -> list[dg.AssetsDefinition]:
-    """One asset per source file, staging for `shard_count` shards."""
-    return [build_source_asset(schema, shard_count) for schema in SOURCES.values()]
+def build_source_assets(settings: EtlSettings) -> list[dg.AssetsDefinition]:
+    """One asset per source file of the pipeline `settings` run, staging for its shard count."""
+    decl, names = settings.declaration, names_for(settings)
+    return [build_source_asset(schema, settings.shard_count, names, staging_code(decl))
+            for schema in decl.sources]

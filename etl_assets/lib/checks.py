@@ -19,8 +19,10 @@ from pathlib import Path
 import duckdb
 
 from etl_assets.lib import freshness, staging, warehouse
+from etl_assets.lib.declaration import Declaration
 from etl_assets.lib.events import report_progress
 from etl_assets.lib.paths import duckdb_literal, duckdb_literals
+from etl_assets.lib.rules import DECLARATION
 from etl_assets.lib.schema import MAX_LINE_BYTES, SourceSchema, profile_columns
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.staging import StagedSource
@@ -78,17 +80,24 @@ def source_checks(
     ]
 
 
-# name -> description, in the order the checks are reported (the Dagster specs read this).
-PROFILE_CHECKS: dict[str, str] = {
-    "row_count_matches_sources":
-        "profiles (table and export) = distinct accepted customer_ids across sources",
-    "no_duplicate_customer_id": "each customer_id appears once",
-    "idempotency_keys_unique": "each idempotency_key appears once",
-    "shards_current": "every shard partition was written from the current source data and code",
-    "export_matches_table":
-        "the export's rows, as DuckDB's CSV reader reads them, are the table's (an "
-        "order-independent hash of every row)",
-}
+def profile_check_descriptions(key: str) -> dict[str, str]:
+    """name -> description of each check on a pipeline with this key, in the order the checks
+    are reported (the Dagster specs read this)."""
+    return {
+        "row_count_matches_sources":
+            f"profiles (table and export) = distinct accepted {key}s across sources",
+        f"no_duplicate_{key}": f"each {key} appears once",
+        "idempotency_keys_unique": "each idempotency_key appears once",
+        "shards_current": "every shard partition was written from the current source data and "
+                          "code",
+        "export_matches_table":
+            "the export's rows, as DuckDB's CSV reader reads them, are the table's (an "
+            "order-independent hash of every row)",
+    }
+
+
+# The shipped pipeline's checks.
+PROFILE_CHECKS: dict[str, str] = profile_check_descriptions("customer_id")
 
 
 class NoWarehouseError(RuntimeError):
@@ -123,6 +132,8 @@ class ProfileFacts:
     stale_shards: list[int]
     table_hash: str
     export_hash: str
+    # The key they were counted on.
+    key: str = "customer_id"
 
 
 def read_facts(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
@@ -132,19 +143,20 @@ def read_facts(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
     and rows hash, read by DuckDB from the file `export()` names, asked last (in a publish it
     waits for the export being written)."""
     report_progress("checks")
+    decl = settings.declaration
     expected = _source_customers(settings, con, staging.current_sources(settings))
-    rows, ids, keys, table_hash = _table_counts(con)
+    rows, ids, keys, table_hash = _table_counts(con, decl, settings.profiles_table)
     stale = freshness.stale_shards(settings, con)
-    export_rows, export_hash = export_facts(con, export())
+    export_rows, export_hash = export_facts(con, export(), decl)
     return ProfileFacts(int(expected), rows, ids, keys, export_rows, stale, table_hash,
-                        export_hash)
+                        export_hash, decl.key)
 
 
-def _rows_hash() -> str:
+def _rows_hash(decl: Declaration) -> str:
     """The aggregate that hashes a relation of customer_profiles' columns: the sum of each
     row's hash (DuckDB's 64-bit hash of every column, in order) as a HUGEINT, so that the
     order of the rows does not matter. The same expression for the table and the export."""
-    columns = ", ".join(name for name, _ in profile_columns())
+    columns = ", ".join(name for name, _ in profile_columns(decl))
     return f"CAST(coalesce(sum(CAST(hash({columns}) AS HUGEINT)), 0) AS VARCHAR)"
 
 
@@ -178,7 +190,7 @@ def _source_customers(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
             files = [f for source in staged.values()
                      for f in staging.slices_to_read(source, shard_id)]
             count = int(con.execute(
-                "SELECT count(DISTINCT customer_id) FROM read_parquet($paths)",
+                f"SELECT count(DISTINCT {settings.declaration.key}) FROM read_parquet($paths)",
                 {"paths": duckdb_literals(files)}).fetchone()[0])
         counts[key] = count
         total += count
@@ -195,7 +207,8 @@ def _source_customers(settings: EtlSettings, con: duckdb.DuckDBPyConnection,
     return total
 
 
-def _table_counts(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int, str]:
+def _table_counts(con: duckdb.DuckDBPyConnection, decl: Declaration,
+                  table: str) -> tuple[int, int, int, str]:
     """customer_profiles' rows, distinct customer_ids and distinct idempotency keys, and the
     hash of its rows (`_rows_hash`), in one scan.
 
@@ -206,43 +219,46 @@ def _table_counts(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int, str]:
     key has that shape and the ids are distinct, the keys are too (a key names its id). One
     set of hashes at a time, to halve the peak (docs/performance.md#shards-and-the-publish).
     """
+    key = decl.key
     rows, ids, odd_keys, rows_hash = con.execute(
         f"""SELECT count(*),
-                   count(DISTINCT hash(customer_id)) FILTER (WHERE customer_id IS NOT NULL),
+                   count(DISTINCT hash({key})) FILTER (WHERE {key} IS NOT NULL),
                    count(*) FILTER (WHERE NOT coalesce(
-                       starts_with(idempotency_key, customer_id || ':')
-                       AND length(idempotency_key) = length(customer_id) + 33, false)),
-                   {_rows_hash()}
-            FROM {WH}.customer_profiles""").fetchone()
-    rows, ids = int(rows), _exact_distinct(con, "customer_id", int(ids), int(rows))
+                       starts_with(idempotency_key, {key} || ':')
+                       AND length(idempotency_key) = length({key}) + 33, false)),
+                   {_rows_hash(decl)}
+            FROM {WH}.{table}""").fetchone()
+    rows, ids = int(rows), _exact_distinct(con, table, key, int(ids), int(rows))
     if odd_keys == 0 and ids == rows:
         return rows, ids, rows, rows_hash
     keys = int(con.execute(
         f"""SELECT count(DISTINCT hash(idempotency_key)) FILTER (WHERE idempotency_key IS NOT NULL)
-            FROM {WH}.customer_profiles""").fetchone()[0])
-    return rows, ids, _exact_distinct(con, "idempotency_key", keys, rows), rows_hash
+            FROM {WH}.{table}""").fetchone()[0])
+    return rows, ids, _exact_distinct(con, table, "idempotency_key", keys, rows), rows_hash
 
 
-def _exact_distinct(con: duckdb.DuckDBPyConnection, column: str, hashed: int, rows: int) -> int:
+def _exact_distinct(con: duckdb.DuckDBPyConnection, table: str, column: str, hashed: int,
+                    rows: int) -> int:
     """The distinct values of `column`: `hashed` (its distinct hashes) when that equals `rows`,
     else counted on the text."""
     if hashed == rows:
         return hashed
     return int(con.execute(
-        f"SELECT count(DISTINCT {column}) FROM {WH}.customer_profiles").fetchone()[0])
+        f"SELECT count(DISTINCT {column}) FROM {WH}.{table}").fetchone()[0])
 
 
-def export_facts(con: duckdb.DuckDBPyConnection, path: str | Path) -> tuple[int, str]:
+def export_facts(con: duckdb.DuckDBPyConnection, path: str | Path,
+                 decl: Declaration = DECLARATION) -> tuple[int, str]:
     """The records of the CSV at `path` and the hash of its rows (`_rows_hash`), in one read
     by DuckDB's CSV reader with customer_profiles' column types: the values a user reading
     the export gets (a quoted empty value is an empty string, an unquoted one NULL, as
     DuckDB's writer wrote them)."""
     rows, rows_hash = con.execute(
-        f"""SELECT count(*), {_rows_hash()}
+        f"""SELECT count(*), {_rows_hash(decl)}
             FROM read_csv($path, header = true, delim = ',', quote = '"', escape = '"',
                           columns = $columns, allow_quoted_nulls = false,
                           max_line_size = $max_line)""",
-        {"path": duckdb_literal(str(path)), "columns": dict(profile_columns()),
+        {"path": duckdb_literal(str(path)), "columns": dict(profile_columns(decl)),
          "max_line": MAX_LINE_BYTES}).fetchone()
     return int(rows), rows_hash
 
@@ -270,15 +286,16 @@ def profile_checks(facts: ProfileFacts, shard_count: int) -> list[CheckOutcome]:
     rows, expected, export_rows = facts.table_rows, facts.distinct_source_customers, facts.export_rows
     stale = facts.stale_shards
     duplicates = rows - facts.distinct_ids
+    key = facts.key
     return [
         CheckOutcome(
             "row_count_matches_sources", rows == expected == export_rows,
             {"table_rows": rows, "export_rows": export_rows, "distinct_source_customers": expected},
             f"table {rows}, export {export_rows}, distinct source customers {expected}"),
         CheckOutcome(
-            "no_duplicate_customer_id", duplicates == 0,
-            {"rows": rows, "distinct_customer_ids": facts.distinct_ids, "duplicates": duplicates},
-            f"{duplicates} duplicate customer_id row(s)"),
+            f"no_duplicate_{key}", duplicates == 0,
+            {"rows": rows, f"distinct_{key}s": facts.distinct_ids, "duplicates": duplicates},
+            f"{duplicates} duplicate {key} row(s)"),
         CheckOutcome(
             "idempotency_keys_unique", rows == facts.distinct_keys,
             {"rows": rows, "distinct_keys": facts.distinct_keys},

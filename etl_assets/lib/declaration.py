@@ -113,6 +113,11 @@ class SourceSchema:
         return [c.name for c in self.columns]
 
     @property
+    def key(self) -> str:
+        """The key column (of kind id, always the first)."""
+        return self.columns[0].name
+
+    @property
     def data_columns(self) -> tuple[Column, ...]:
         """Every column but the key."""
         return tuple(c for c in self.columns if c.kind != "id")

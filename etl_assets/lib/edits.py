@@ -28,6 +28,7 @@ from etl_assets.lib.validation import (
     ReadReport,
     SourceFileError,
     checked_select,
+    duplicate_reason,
     read_csv_params,
     read_header,
 )
@@ -98,11 +99,12 @@ def stage_changed(
                 # The stretch's old rows must be in the slices as staged (else the kept file is
                 # not what they were staged from), and a new id must not be another record's
                 # (the full path quarantines that).
+                key = schema.key
                 found, repeated = con.execute(
-                    """SELECT count(*) FILTER (WHERE (customer_id, row_hash) IN
-                                  (SELECT (customer_id, row_hash) FROM old_rows)),
-                              count(*) FILTER (WHERE customer_id IN (SELECT customer_id FROM new_rows)
-                                  AND customer_id NOT IN (SELECT customer_id FROM old_rows))
+                    f"""SELECT count(*) FILTER (WHERE ({key}, row_hash) IN
+                                  (SELECT ({key}, row_hash) FROM old_rows)),
+                              count(*) FILTER (WHERE {key} IN (SELECT {key} FROM new_rows)
+                                  AND {key} NOT IN (SELECT {key} FROM old_rows))
                        FROM read_parquet($files)""",
                     {"files": duckdb_literals([f for k in sorted(touched) for f in old_slices[k]])},
                 ).fetchone()
@@ -120,7 +122,7 @@ def stage_changed(
                     continue
                 con.execute(
                     f"""COPY (SELECT {cols}, row_hash FROM read_parquet($old)
-                              WHERE customer_id NOT IN (SELECT customer_id FROM old_rows)
+                              WHERE {schema.key} NOT IN (SELECT {schema.key} FROM old_rows)
                               UNION ALL
                               SELECT {cols}, row_hash FROM new_rows WHERE shard_id = $k)
                         TO $out (FORMAT parquet)""",
@@ -133,7 +135,7 @@ def stage_changed(
                             for k in range(n)}
             slice_rows = {k: counts[k] if k in touched else current.slice_rows[k] for k in range(n)}
             con.execute("CREATE OR REPLACE TEMP TABLE rejected (line_number BIGINT, "
-                        "customer_id VARCHAR, reason VARCHAR, raw VARCHAR)")
+                        f"{schema.key} VARCHAR, reason VARCHAR, raw VARCHAR)")
             # The linked slices keep the sha256 recorded when they were written (proven above).
             linked = {name: digest for k in range(n) if k not in touched
                       for name, digest in current.slice_sha256s(k).items()}
@@ -142,7 +144,7 @@ def stage_changed(
                 schema.name, sha, n, str(version_dir), slice_hashes, slice_rows, linked), hook,
                 replace=version_dir.is_dir())
     total = sum(slice_rows.values())
-    return ReadReport(total, total, 0, Counter(), extra), staged
+    return ReadReport(total, total, 0, Counter(), extra, duplicate_reason(schema.key)), staged
 
 
 def changed_rows(con: duckdb.DuckDBPyConnection, schema: SourceSchema, columns: list[str],
@@ -157,7 +159,7 @@ def changed_rows(con: duckdb.DuckDBPyConnection, schema: SourceSchema, columns: 
             con.execute(
                 f"""CREATE OR REPLACE TEMP TABLE {name}_rows AS
                     SELECT {', '.join(schema.column_names)}, row_hash, reason,
-                           etl_shard(customer_id, $n) AS shard_id FROM ({select})""",
+                           etl_shard({schema.key}, $n) AS shard_id FROM ({select})""",
                 {**params, **read_csv_params(folder / f"{name}.csv", columns), "n": shard_count})
         except duckdb.Error:
             return None
@@ -165,7 +167,7 @@ def changed_rows(con: duckdb.DuckDBPyConnection, schema: SourceSchema, columns: 
         con.execute("DROP TABLE IF EXISTS csv_rejects")
         con.execute("DROP TABLE IF EXISTS csv_reject_scans")
         bad, rows, ids = con.execute(
-            f"SELECT count(reason), count(*), count(DISTINCT customer_id) FROM {name}_rows"
+            f"SELECT count(reason), count(*), count(DISTINCT {schema.key}) FROM {name}_rows"
         ).fetchone()
         if refused or bad or rows != ids:
             return None

@@ -76,8 +76,10 @@ def is_plain(part: Path) -> bool:
 
 
 def write_part(con: duckdb.DuckDBPyConnection, rows_sql: str, text_columns: list[str],
-               folder: Path, prefix: str, params: list | None = None) -> Path:
-    """Write `rows_sql` (sorted by customer_id; bound `params`) as a header-less CSV part in
+               folder: Path, prefix: str, params: list | None = None,
+               key: str = "customer_id") -> Path:
+    """Write `rows_sql` (sorted by `key`, its first column; bound `params`) as a header-less
+    CSV part in
     `folder`, through a temp name, an fsync and a rename (a part on disk is always complete,
     also after a power cut: it is reused by later runs) to its name (`part_name`: the sha256
     of what was written, read back from the page cache); return it. `text_columns` are the
@@ -87,8 +89,8 @@ def write_part(con: duckdb.DuckDBPyConnection, rows_sql: str, text_columns: list
     breaks = " OR ".join(f"contains({c}, chr(10)) OR contains({c}, chr(13))"
                          for c in text_columns)
     not_plain = con.execute(
-        f"SELECT coalesce(bool_or(regexp_matches(customer_id, ?) OR {breaks}), false) "
-        f"OR count(*) <> count(DISTINCT hash(customer_id)) FROM ({rows_sql})",
+        f"SELECT coalesce(bool_or(regexp_matches({key}, ?) OR {breaks}), false) "
+        f"OR count(*) <> count(DISTINCT hash({key})) FROM ({rows_sql})",
         [_ID_NOT_PLAIN, *(params or [])],
     ).fetchone()[0]
     tmp = folder / f".{prefix}{os.getpid()}.tmp"

@@ -39,12 +39,13 @@ from pathlib import Path
 import duckdb
 
 from etl_assets.lib import checks, files, staging, uncached, warehouse
+from etl_assets.lib.declaration import Declaration
 from etl_assets.lib.files import file_sha256
 from etl_assets.lib.paths import duckdb_literals
 from etl_assets.lib.rules import DECLARATION
-from etl_assets.lib.schema import SOURCES, SourceSchema
+from etl_assets.lib.schema import SourceSchema
 from etl_assets.lib.settings import EtlSettings
-from etl_assets.lib.validation import ReadReport
+from etl_assets.lib.validation import ReadReport, duplicate_reason
 
 # Bump when staging output would change for the same input and declaration (types,
 # validation, hashing): every source is then staged again. 4: the pointer records each slice
@@ -56,7 +57,14 @@ STAGING_VERSION = "4"
 # declaration's digest is part of CODE_VERSION, so editing a derived expression, a macro or a
 # column recomputes every shard by itself.
 ENGINE_VERSION = "1"
-CODE_VERSION = f"{ENGINE_VERSION}-{DECLARATION.digest[:16]}"
+
+
+def code_version(decl: Declaration) -> str:
+    """The shards' code version for a declaration: the engine's and the declaration's digest."""
+    return f"{ENGINE_VERSION}-{decl.digest[:16]}"
+
+
+CODE_VERSION = code_version(DECLARATION)  # the shipped pipeline's
 
 SOURCE_SKIP_REASON = ("file sha256, shard layout and staging code unchanged since the last "
                       "staging (checked against the warehouse manifest)")
@@ -65,12 +73,12 @@ SOURCE_SKIP_REASON = ("file sha256, shard layout and staging code unchanged sinc
 def staging_key(settings: EtlSettings) -> str:
     """The shard layout and staging code a source is staged for (in its version folder's name
     and in its manifest row)."""
-    return f"n{settings.shard_count}-v{staging_code()}"
+    return f"n{settings.shard_count}-v{staging_code(settings.declaration)}"
 
 
-def staging_code() -> str:
+def staging_code(decl: Declaration = DECLARATION) -> str:
     """The staging code: ours (STAGING_VERSION) and the declaration's sources."""
-    return f"{STAGING_VERSION}-{DECLARATION.sources_digest[:12]}"
+    return f"{STAGING_VERSION}-{decl.sources_digest[:12]}"
 
 
 def without_overrides(settings: EtlSettings) -> EtlSettings:
@@ -178,7 +186,7 @@ def _after_hashing(
     if on_disk != staged.slice_rows or sum(on_disk.values()) != row["rows_accepted"]:
         return changed("its staged files do not hold the rows recorded for them")
     report = ReadReport(row["rows_read"], row["rows_accepted"], row["rows_rejected"],
-                        Counter(json.loads(row["reasons"])))
+                        Counter(json.loads(row["reasons"])), superseded=duplicate_reason(schema.key))
     failed = [c.name for c in checks.source_checks(schema, report, staged, settings) if not c.passed]
     return SourceState(
         name, not failed,
@@ -194,7 +202,8 @@ def source_states(settings: EtlSettings) -> dict[str, SourceState]:
     time: hashlib releases the GIL, so two cores hash two files at once
     (docs/performance.md#sources).
     """
-    before = {name: _before_hashing(schema, settings, None) for name, schema in SOURCES.items()}
+    sources = {s.name: s for s in settings.declaration.sources}
+    before = {name: _before_hashing(schema, settings, None) for name, schema in sources.items()}
     to_hash = {name: b for name, b in before.items() if not isinstance(b, SourceState)}
 
     def sha_or_none(path: Path) -> str | None:
@@ -207,7 +216,7 @@ def source_states(settings: EtlSettings) -> dict[str, SourceState]:
         shas = dict(zip(to_hash, pool.map(sha_or_none, [p for p, _ in to_hash.values()]),
                         strict=True))
     states: dict[str, SourceState] = {}
-    for name, schema in SOURCES.items():
+    for name, schema in sources.items():
         state = before[name]
         if isinstance(state, SourceState):
             states[name] = state
@@ -288,16 +297,17 @@ def shard_states(
                 manifest = {} if own is None else warehouse.read_manifest(own, settings.shard_count)
         else:
             manifest = warehouse.read_manifest(con, settings.shard_count)
+        code = code_version(settings.declaration)
         for k in judged:
-            states[k] = _shard_state(k, staging.shard_input_hash(staged, k), manifest.get(k))
+            states[k] = _shard_state(k, staging.shard_input_hash(staged, k), manifest.get(k), code)
     return dict(sorted(states.items()))
 
 
-def _shard_state(shard_id: int, input_hash: str, entry: dict | None) -> ShardState:
+def _shard_state(shard_id: int, input_hash: str, entry: dict | None, code: str) -> ShardState:
     if entry is None:
         reason = "not in the warehouse manifest"
-    elif entry["code_version"] != CODE_VERSION:
-        reason = f"written by code version {entry['code_version']}, not {CODE_VERSION}"
+    elif entry["code_version"] != code:
+        reason = f"written by code version {entry['code_version']}, not {code}"
     elif entry["source_data_hash"] != input_hash:
         reason = "its staged input slices changed since it was written"
     else:
@@ -329,9 +339,9 @@ PROFILES_SKIP_REASON = ("every shard and the code are unchanged since the last r
                         "beside the snapshot)")
 
 
-def profiles_code() -> str:
+def profiles_code(decl: Declaration = DECLARATION) -> str:
     """The code that shapes the table and the export: our rules and DuckDB's CSV writer."""
-    return f"{CODE_VERSION}-duckdb{duckdb.__version__}"
+    return f"{code_version(decl)}-duckdb{duckdb.__version__}"
 
 
 def shards_hash(states: dict[int, ShardState]) -> str:
@@ -389,7 +399,8 @@ def profiles_state(
     damaged = ""
     if entry is None:
         reason = "never built for this shard layout"
-    elif (entry["shards_hash"], entry["code_version"]) != (built_from, profiles_code()):
+    elif (entry["shards_hash"], entry["code_version"]) != (built_from,
+                                                           profiles_code(settings.declaration)):
         reason = "its shards or code changed since it was built"
     elif entry["export_path"] != settings.export_path:
         reason = f"last exported to {entry['export_path']}"
@@ -431,9 +442,10 @@ def guess_shards_needed(settings: EtlSettings) -> bool:
         return True
     try:
         staging.current_sources(settings)
-        for name, schema in SOURCES.items():
+        for schema in settings.declaration.sources:
             data = Path(settings.data_dir) / schema.filename
-            if data.stat().st_mtime_ns > staging.pointer_mtime_ns(settings.staging_dir, name):
+            if data.stat().st_mtime_ns > staging.pointer_mtime_ns(settings.staging_dir,
+                                                                  schema.name):
                 return True
     except (staging.StagingError, OSError):
         return True

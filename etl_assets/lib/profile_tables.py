@@ -17,7 +17,6 @@ import duckdb
 
 from etl_assets.lib.faults import Hook, injected, no_hook
 from etl_assets.lib.limits import cores
-from etl_assets.lib.schema import profile_columns
 from etl_assets.lib.warehouse import ALIAS, T, read_manifest, transaction
 
 
@@ -38,20 +37,27 @@ def one_per_key_sql(con: duckdb.DuckDBPyConnection, shard_count: int,
 
 
 def _shard_rows_sql(one_per_key: str) -> str:
-    """One shard's profile rows, sorted by customer_id (parameters: shard_count, shard_id)."""
-    cols = ", ".join(name for name, _ in profile_columns())
-    return (f"SELECT {cols} FROM {ALIAS}.shard_profiles WHERE shard_count = ? AND shard_id = ? "
-            f"{one_per_key} ORDER BY customer_id")
+    """One shard's profile rows, sorted by the key (parameters: shard_count, shard_id): the
+    table's columns are the profile's (schema.profile_columns, the key first) and shard_count,
+    whatever the pipeline."""
+    return (f"SELECT * EXCLUDE (shard_count) FROM {ALIAS}.shard_profiles "
+            f"WHERE shard_count = ? AND shard_id = ? {one_per_key} ORDER BY 1")
 
 
-PROFILES_SHARD_TABLE = "customer_profiles_shard_{}"  # one shard's rows of customer_profiles
+PROFILES_TABLE = "customer_profiles"  # the shipped pipeline's merged table
+
+
+def shard_table(table: str, shard_id: int | str) -> str:
+    """The table of one shard's rows of `table` (`customer_profiles_shard_3`)."""
+    return f"{table}_shard_{shard_id}"
 
 
 def replace_shards(
     con: duckdb.DuckDBPyConnection, shard_count: int, db: str, one_per_key: str,
     shards: list[int] | None = None, hook: Hook = no_hook, copy_from: str | None = None,
+    table: str = PROFILES_TABLE,
 ) -> None:
-    """Inside the caller's transaction: make `db`.customer_profiles hold the current shard
+    """Inside the caller's transaction: make `db`.`table` hold the current shard
     layout, one row per idempotency key. `shards` None: every shard; otherwise only those (the
     others already hold their current rows: the cost follows what changed). With `copy_from`
     (the snapshot being published, attached), each shard's table is copied from its table
@@ -67,41 +73,42 @@ def replace_shards(
     twice, for the test that the audit stops it.
     """
     write_shard_tables(con, shard_count, db, one_per_key,
-                        range(shard_count) if shards is None else shards, copy_from)
+                        range(shard_count) if shards is None else shards, copy_from, table=table)
     tables = {row[0]: row[1] for row in con.execute(
         """SELECT table_name, 'TABLE' FROM duckdb_tables() WHERE database_name = ?
            UNION ALL SELECT view_name, 'VIEW' FROM duckdb_views() WHERE database_name = ?""",
         [db, db]).fetchall()}
-    if tables.get("customer_profiles") == "TABLE":  # written by older code
-        con.execute(f"DROP TABLE {db}.customer_profiles")
-    current = [PROFILES_SHARD_TABLE.format(k) for k in range(shard_count)]
+    if tables.get(table) == "TABLE":  # written by older code
+        con.execute(f"DROP TABLE {db}.{table}")
+    current = [shard_table(table, k) for k in range(shard_count)]
     for name in tables:
-        # Another layout's shard tables: no longer part of customer_profiles.
-        if name.startswith(PROFILES_SHARD_TABLE.format("")) and name not in current:
+        # Another layout's shard tables: no longer part of the table.
+        if name.startswith(shard_table(table, "")) and name not in current:
             con.execute(f'DROP TABLE {db}."{name}"')
-    con.execute(f"CREATE OR REPLACE VIEW {db}.customer_profiles AS "
+    con.execute(f"CREATE OR REPLACE VIEW {db}.{table} AS "
                 + " UNION ALL ".join(f"SELECT * FROM {name}" for name in current))
     if injected(hook, "merge_duplicate"):
         first = f"{db}.{current[0]}"
-        con.execute(f"INSERT INTO {first} SELECT * FROM {first} ORDER BY customer_id LIMIT 1")
+        con.execute(f"INSERT INTO {first} SELECT * FROM {first} ORDER BY 1 LIMIT 1")
 
 
 def write_shard_tables(
     con: duckdb.DuckDBPyConnection, shard_count: int, db: str, one_per_key: str,
     shards: Iterable[int], copy_from: str | None = None, parallel: bool = False,
+    table: str = PROFILES_TABLE,
 ) -> None:
     """(Re)write `db`'s table of each of `shards` (see replace_shards). `parallel`: each table
     in its own transaction, on its own cursor, up to one per core (only where no transaction
     must hold them all: the snapshot's temp file)."""
     def task(shard_id: int) -> Callable[[duckdb.DuckDBPyConnection], None]:
-        table = PROFILES_SHARD_TABLE.format(shard_id)
+        own = shard_table(table, shard_id)
 
         def write(cur: duckdb.DuckDBPyConnection) -> None:
             if copy_from:
-                cur.execute(f"CREATE OR REPLACE TABLE {db}.{table} AS "
-                            f"SELECT * FROM {copy_from}.{table}")
+                cur.execute(f"CREATE OR REPLACE TABLE {db}.{own} AS "
+                            f"SELECT * FROM {copy_from}.{own}")
             else:
-                cur.execute(f"CREATE OR REPLACE TABLE {db}.{table} AS "
+                cur.execute(f"CREATE OR REPLACE TABLE {db}.{own} AS "
                             f"{_shard_rows_sql(one_per_key)}", [shard_count, shard_id])
         return write
 
@@ -157,11 +164,12 @@ def in_parallel(con: duckdb.DuckDBPyConnection,
                 cur.close()
 
 
-def rebuild_table(con: duckdb.DuckDBPyConnection, shard_count: int) -> int:
-    """Inside the caller's transaction: rebuild the warehouse's customer_profiles whole from
-    the current shard layout; return its row count."""
-    replace_shards(con, shard_count, ALIAS, one_per_key_sql(con, shard_count))
-    return int(con.execute(f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
+def rebuild_table(con: duckdb.DuckDBPyConnection, shard_count: int,
+                  table: str = PROFILES_TABLE) -> int:
+    """Inside the caller's transaction: rebuild the warehouse's `table` whole from the current
+    shard layout; return its row count."""
+    replace_shards(con, shard_count, ALIAS, one_per_key_sql(con, shard_count), table=table)
+    return int(con.execute(f"SELECT count(*) FROM {ALIAS}.{table}").fetchone()[0])
 
 
 def shard_versions(con: duckdb.DuckDBPyConnection, shard_count: int) -> dict[int, str]:

@@ -12,9 +12,11 @@ import duckdb
 
 from etl_assets.lib import checks, ducklake, freshness, publish, staging, warehouse
 from etl_assets.lib.checks import CheckOutcome
+from etl_assets.lib.declaration import Declaration
 from etl_assets.lib.faults import Hook
 from etl_assets.lib.paths import duckdb_literals
-from etl_assets.lib.rules import install_rules, merge_sql
+from etl_assets.lib.profile_tables import PROFILES_TABLE
+from etl_assets.lib.rules import DECLARATION, install_rules, merge_sql
 from etl_assets.lib.settings import EtlSettings
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,12 @@ class ShardResult:
     preview: list[tuple]
 
 
+def preview_columns(decl: Declaration) -> tuple[str, ...]:
+    """What a shard's preview shows: the key, the columns several sources share, the derived
+    columns (the shipped pipeline: customer_id, email and its three scores)."""
+    return (decl.key, *(column for column, _ in decl.prefer), *(d.name for d in decl.derived))
+
+
 def build_shard(
     settings: EtlSettings,
     shard_id: int,
@@ -60,17 +68,17 @@ def build_shard(
     hook = hook or settings.hook
     staged = staging.current_sources(settings)
     source_hash = staging.shard_input_hash(staged, shard_id)
+    decl = settings.declaration
     with warehouse.scratch(settings.duckdb_limits) as con:
-        install_rules(con)
+        install_rules(con, decl)
         # Views, not copies: the merge reads each slice once, straight from its Parquet file
         # (proven first: the file staged, by the sha256 recorded when it was written).
         for name, source in staged.items():
             con.read_parquet(duckdb_literals(staging.slices_to_read(source, shard_id))) \
                 .create_view(name)
-        con.execute(f"CREATE TEMP TABLE new_rows AS {merge_sql()}", {"shard_id": shard_id})
+        con.execute(f"CREATE TEMP TABLE new_rows AS {merge_sql(decl)}", {"shard_id": shard_id})
         preview = con.execute(
-            "SELECT customer_id, email, health_score, churn_risk, expansion_potential "
-            "FROM new_rows ORDER BY customer_id LIMIT 5"
+            f"SELECT {', '.join(preview_columns(decl))} FROM new_rows ORDER BY {decl.key} LIMIT 5"
         ).fetchall()
         hook("shard_before_write")
 
@@ -86,7 +94,7 @@ def build_shard(
                     "rows were not written (the next attempt uses the new slices)")
 
         with warehouse.attached(con, settings.database, settings.lock_timeout_s,
-                                settings.ducklake_data_path):
+                                settings.ducklake_data_path, decl):
             written = warehouse.overwrite_shard(
                 con,
                 "new_rows",
@@ -94,7 +102,7 @@ def build_shard(
                 shard_id=shard_id,
                 manifest={
                     "source_data_hash": source_hash,
-                    "code_version": freshness.CODE_VERSION,
+                    "code_version": freshness.code_version(decl),
                     "run_id": run_id,
                 },
                 hook=hook,
@@ -138,15 +146,17 @@ def publish_profiles(settings: EtlSettings) -> Published:
                 outcomes = checks.raise_if_failed(checks.profile_checks(
                     checks.published_facts(settings, con),
                     settings.shard_count))
-                return Published(int(state.entry["row_count"]), True, profile_summary(con),
-                                 outcomes)
+                return Published(int(state.entry["row_count"]), True,
+                                 profile_summary(con, settings.declaration,
+                                                 settings.profiles_table), outcomes)
     # On DuckLake another publisher can commit first: the whole publish runs again.
     return ducklake.retry_conflicts(lambda: _publish(settings), "customer_profiles")
 
 
 def _publish(settings: EtlSettings) -> Published:
+    decl = settings.declaration
     with warehouse.reader(settings.database, settings.lock_timeout_s,
-                          settings.duckdb_limits, settings.ducklake_data_path) as con:
+                          settings.duckdb_limits, settings.ducklake_data_path, decl) as con:
         # Judged again under the write lock: a shard may have moved since. Never merge a partly
         # updated set of shards: the previous table, export and snapshot stay.
         shards = freshness.shard_states(freshness.without_overrides(settings), con)
@@ -172,17 +182,17 @@ def _publish(settings: EtlSettings) -> Published:
                 # The export is the audit's last fact, waited for while it is still being
                 # written: the summary is read meanwhile, from the staged table this
                 # transaction commits.
-                summary.append(profile_summary(con))
+                summary.append(profile_summary(con, decl, settings.profiles_table))
                 return export()
             audit(con, summary_then_export)
 
         count = publish.publish_customer_profiles(
             con, publish.Targets.of(settings),
             {"shards_hash": freshness.shards_hash(shards),
-             "code_version": freshness.profiles_code()}, settings.hook, built_from,
+             "code_version": freshness.profiles_code(decl)}, settings.hook, built_from,
             audit=audit_and_summarize)
-        return Published(count, False, summary[0] if summary else profile_summary(con),
-                         outcomes)
+        return Published(count, False, summary[0] if summary
+                         else profile_summary(con, decl, settings.profiles_table), outcomes)
 
 
 def _not_current(stale: Iterable[int]) -> ShardsNotCurrentError:
@@ -191,16 +201,25 @@ def _not_current(stale: Iterable[int]) -> ShardsNotCurrentError:
         "materialize them first (customer_profiles left as it was)")
 
 
-def profile_summary(con) -> str:
-    """Markdown: churn and expansion distribution, average health, rejected rows per source."""
+def profile_summary(con, decl: Declaration = DECLARATION, table: str = PROFILES_TABLE) -> str:
+    """Markdown: rows by the first text derived column (the shipped pipeline: churn_risk) with
+    the average of the first numeric one (health_score), and rejected rows per source."""
+    text = [d.name for d in decl.derived if d.sql_type == "VARCHAR"]
+    numbers = [d.name for d in decl.derived
+               if d.sql_type.startswith(("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT",
+                                         "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT",
+                                         "FLOAT", "DOUBLE", "DECIMAL"))]
+    by = text[0] if text else "NULL"
+    average = f"round(avg({numbers[0]}), 1)" if numbers else "NULL"
     rows = con.execute(
-        f"""SELECT churn_risk, count(*), round(avg(health_score), 1)
-            FROM {warehouse.ALIAS}.customer_profiles GROUP BY churn_risk ORDER BY churn_risk"""
+        f"""SELECT {by}, count(*), {average}
+            FROM {warehouse.ALIAS}.{table} GROUP BY ALL ORDER BY 1"""
     ).fetchall()
     rejected = con.execute(
         f"SELECT source, count(*) FROM {warehouse.ALIAS}.rejected_rows GROUP BY source ORDER BY source"
     ).fetchall()
-    lines = ["| churn_risk | customers | avg health |", "|---|---|---|"]
+    lines = [f"| {text[0] if text else 'all'} | {decl.key}s | "
+             f"avg {numbers[0] if numbers else '-'} |", "|---|---|---|"]
     lines += [f"| {risk} | {n} | {avg} |" for risk, n, avg in rows]
     lines += ["", "| source | rejected rows |", "|---|---|"]
     lines += [f"| {source} | {n} |" for source, n in rejected] or ["| (none) | 0 |"]

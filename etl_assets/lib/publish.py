@@ -36,12 +36,13 @@ from etl_assets.lib.files import (
     write_durably,
 )
 from etl_assets.lib.profile_tables import (
-    PROFILES_SHARD_TABLE,
+    PROFILES_TABLE,
     changed_shards,
     in_parallel,
     one_per_key_sql,
     per_shard_threads,
     replace_shards,
+    shard_table,
     shard_versions,
     write_shard_tables,
 )
@@ -59,6 +60,8 @@ from etl_assets.lib.warehouse import (
 
 log = logging.getLogger(__name__)
 
+Columns = tuple[tuple[str, str], ...]  # (name, SQL type) of each profile column, the key first
+
 
 SNAPSHOT = "snap"  # the snapshot temp file's alias while it is attached
 
@@ -74,9 +77,9 @@ SNAPSHOT_TABLES: dict[str, str] = {
 
 def _write_snapshot(
     con: duckdb.DuckDBPyConnection, tmp: Path, target: Path, shard_count: int, one_per_key: str,
-    changed: list[int] | None, hook: Hook,
+    changed: list[int] | None, hook: Hook, table: str = PROFILES_TABLE,
 ) -> str:
-    """Build the snapshot in `tmp`, durably: the customer_profiles this publish will commit
+    """Build the snapshot in `tmp`, durably: the `table` this publish will commit
     and copies of SNAPSHOT_TABLES; return the file's sha256.
 
     With `changed` (the published snapshot is intact and holds the published shard versions),
@@ -102,13 +105,13 @@ def _write_snapshot(
             # no common transaction, so they are written side by side.
             write_shard_tables(con, shard_count, SNAPSHOT, one_per_key,
                                 range(shard_count) if changed is None else changed,
-                                parallel=True)
+                                parallel=True, table=table)
             with transaction(con):
                 # No fault hook: the export's parts are read from here and kept.
-                replace_shards(con, shard_count, SNAPSHOT, one_per_key, [])
-                for table, order in SNAPSHOT_TABLES.items():
-                    con.execute(f"CREATE OR REPLACE TABLE {SNAPSHOT}.{table} AS "
-                                f"SELECT * FROM {ALIAS}.{table} ORDER BY {order}")
+                replace_shards(con, shard_count, SNAPSHOT, one_per_key, [], table=table)
+                for copied, order in SNAPSHOT_TABLES.items():
+                    con.execute(f"CREATE OR REPLACE TABLE {SNAPSHOT}.{copied} AS "
+                                f"SELECT * FROM {ALIAS}.{copied} ORDER BY {order}")
                 hook("snapshot_write")
             # DETACH checkpoints: the file is complete (no WAL beside it) once it returns.
             con.execute(f"DETACH {SNAPSHOT}")
@@ -121,7 +124,8 @@ def _write_snapshot(
 
 
 def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dict[int, str],
-                 parts_dir: Path, kept: dict[int, str]) -> list[Path]:
+                 parts_dir: Path, kept: dict[int, str], columns: Columns,
+                 table: str) -> list[Path]:
     """Each shard's sorted CSV part, written only where its version has none yet (see
     export_parts); older parts of this layout (but the `kept` versions': shard -> version)
     and dead processes' temp files are removed.
@@ -137,7 +141,7 @@ def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dic
         def part(shard_id: int, version: str) -> Callable[[duckdb.DuckDBPyConnection], Path]:
             found = _parts_of(parts_dir, shard_count, shard_id, version)
             return lambda cur: found[0] if found else _write_part(
-                cur, shard_count, shard_id, version, parts_dir)
+                cur, shard_count, shard_id, version, parts_dir, columns, table)
 
         # Each part read and written on its own cursor, side by side (see in_parallel).
         parts = in_parallel(con, [part(k, v) for k, v in sorted(versions.items())])
@@ -152,12 +156,12 @@ def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dic
 
 
 def _write_part(cur: duckdb.DuckDBPyConnection, shard_count: int, shard_id: int, version: str,
-                parts_dir: Path) -> Path:
+                parts_dir: Path, columns: Columns, table: str) -> Path:
     """Write one shard version's part from its table in the snapshot being published."""
-    text = [name for name, sql_type in profile_columns() if sql_type == "VARCHAR"]
+    text = [name for name, sql_type in columns if sql_type == "VARCHAR"]
     return export_parts.write_part(
-        cur, f"SELECT * FROM {SNAPSHOT}.{PROFILES_SHARD_TABLE.format(shard_id)}", text,
-        parts_dir, export_parts.part_prefix(shard_count, shard_id, version))
+        cur, f"SELECT * FROM {SNAPSHOT}.{shard_table(table, shard_id)}", text,
+        parts_dir, export_parts.part_prefix(shard_count, shard_id, version), key=columns[0][0])
 
 
 def _parts_of(parts_dir: Path, shard_count: int, shard_id: int, version: str) -> list[Path]:
@@ -208,16 +212,17 @@ def _patch_base(target: Path, entry: dict | None, kept: dict[int, str], parts: l
     return _PatchBase(target, entry["export_sha256"], replaced)
 
 
-def _export_header(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path) -> bytes:
+def _export_header(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path,
+                   columns: Columns, table: str) -> bytes:
     """The export's header line, as DuckDB writes it for customer_profiles' columns (read from
     the snapshot being published: the same view as the warehouse's). Creates `tmp` empty first,
     so that a missing permission is an OSError naming the problem rather than DuckDB's wording
     of it. Errors name `target`: the path a user gave and has to fix or free space for."""
-    cols = ", ".join(name for name, _ in profile_columns())
+    cols = ", ".join(name for name, _ in columns)
     with errors.naming(target):
         with open(tmp, "xb"):
             pass
-        return export_parts.header(con, f"SELECT {cols} FROM {SNAPSHOT}.customer_profiles LIMIT 0",
+        return export_parts.header(con, f"SELECT {cols} FROM {SNAPSHOT}.{table} LIMIT 0",
                                    tmp.with_name(tmp.name + ".head"))
 
 
@@ -300,18 +305,22 @@ class _Background:
 @dataclass(frozen=True)
 class Targets:
     """Where customer_profiles is published: the layout, the export and the snapshot, the
-    folder of the export's kept parts, and whether to rebuild whole (--force)."""
+    folder of the export's kept parts, whether to rebuild whole (--force), and the profile's
+    columns (the key first) and table (default: the shipped pipeline's)."""
 
     shard_count: int
     export_path: str
     snapshot_path: str
     parts_dir: str
     rebuild: bool = False
+    columns: Columns = tuple(profile_columns())
+    table: str = PROFILES_TABLE
 
     @classmethod
     def of(cls, settings: EtlSettings) -> Targets:
         return cls(settings.shard_count, settings.export_path, settings.snapshot_path,
-                   settings.export_parts_dir, settings.force)
+                   settings.export_parts_dir, settings.force,
+                   tuple(profile_columns(settings.declaration)), settings.profiles_table)
 
 
 def publish_customer_profiles(
@@ -377,7 +386,7 @@ def publish_customer_profiles(
         report_progress("publish", step=f"snapshot: writing {written} of {shard_count} shards")
         with per_shard_threads(con, rows_per_shard):
             snapshot_sha = _write_snapshot(con, snapshot_tmp, snapshot, shard_count,
-                                           one_per_key, snapshot_base, hook)
+                                           one_per_key, snapshot_base, hook, targets.table)
         try:
             # Read-only: attaching never changes the file, so its sha256 stands.
             con.execute(f"ATTACH {sql_string(str(snapshot_tmp))} AS {SNAPSHOT} (READ_ONLY)")
@@ -385,7 +394,8 @@ def publish_customer_profiles(
                             "changed shard")
             kept = _kept_parts(entry, changed, shard_count, export_path)
             with per_shard_threads(con, rows_per_shard):
-                part_files = _write_parts(con, shard_count, versions, parts, kept)
+                part_files = _write_parts(con, shard_count, versions, parts, kept,
+                                          targets.columns, targets.table)
             base = _patch_base(target, entry, kept, part_files, parts, shard_count)
 
             def publish_files() -> None:
@@ -405,11 +415,12 @@ def publish_customer_profiles(
                 cur = con.cursor()
                 try:
                     with errors.naming(parts):
-                        return _write_part(cur, shard_count, shard_id, versions[shard_id], parts)
+                        return _write_part(cur, shard_count, shard_id, versions[shard_id], parts,
+                                           targets.columns, targets.table)
                 finally:
                     cur.close()
 
-            head = _export_header(con, tmp, target)
+            head = _export_header(con, tmp, target, targets.columns, targets.table)
             # The merge is Python and DuckDB's copy of the shard tables below releases the
             # GIL: the export is written beside it, not after it.
             export = _Background(lambda stop: _write_export(tmp, target, head, part_files,
@@ -430,9 +441,9 @@ def publish_customer_profiles(
                     con.execute("SET preserve_insertion_order = true")
                     with per_shard_threads(con, rows_per_shard):
                         replace_shards(con, shard_count, ALIAS, one_per_key, changed, hook,
-                                        copy_from=SNAPSHOT)
+                                        copy_from=SNAPSHOT, table=targets.table)
                     count = int(con.execute(
-                        f"SELECT count(*) FROM {ALIAS}.customer_profiles").fetchone()[0])
+                        f"SELECT count(*) FROM {ALIAS}.{targets.table}").fetchone()[0])
                     if audit is not None:
                         # The table's checks run while the merge still writes the export; the
                         # export's records and rows are the last facts they wait for.

@@ -41,12 +41,18 @@ ENGINE_MACROS: tuple[str, ...] = (
 # The shipped declaration, checked against the engine's macros: the customer domain.
 DECLARATION: Declaration = declaration_file.load(declaration.SHIPPED, ENGINE_MACROS)
 
-RULE_MACROS: tuple[str, ...] = ENGINE_MACROS + tuple(m.create_sql for m in DECLARATION.macros)
+def rule_macros(decl: Declaration) -> tuple[str, ...]:
+    """The engine's macros, then the declaration's."""
+    return ENGINE_MACROS + tuple(m.create_sql for m in decl.macros)
 
 
-def install_rules(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the rule macros in this connection (temp macros: nothing is written to a file)."""
-    for sql in RULE_MACROS:
+RULE_MACROS: tuple[str, ...] = rule_macros(DECLARATION)
+
+
+def install_rules(con: duckdb.DuckDBPyConnection, decl: Declaration = DECLARATION) -> None:
+    """Create the rule macros of `decl` in this connection (temp macros: nothing is written to
+    a file)."""
+    for sql in rule_macros(decl):
         con.execute(sql)
 
 

@@ -12,6 +12,7 @@ from etl_assets.lib.declaration import (
     MONEY_DECIMALS,
     SQL_TYPES,
     Column,
+    Declaration,
     Kind,
     SourceSchema,
 )
@@ -49,11 +50,11 @@ DEAL_STAGES = _domain("crm", "deal_stage")
 ACCOUNT_STATUSES = _domain("product", "account_status")
 
 
-def profile_columns() -> list[tuple[str, str]]:
+def profile_columns(decl: Declaration = DECLARATION) -> list[tuple[str, str]]:
     """The profile row, in export order: the declaration's export columns (by default the key,
     each source's columns, the derived columns), then the engine's shard id and key."""
-    types = DECLARATION.column_types()
-    return [(name, types[name]) for name in DECLARATION.export] + [
+    types = decl.column_types()
+    return [(name, types[name]) for name in decl.export] + [
         ("shard_id", "INTEGER"), ("idempotency_key", "VARCHAR")]
 
 

@@ -18,14 +18,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from etl_assets.lib import ducklake, secrets, targets
+from etl_assets.lib import ducklake, pipeline, secrets, targets
+from etl_assets.lib.declaration import Declaration
 from etl_assets.lib.faults import CRASH_MODES, FAULT_POINTS, Hook, crash_hook
 from etl_assets.lib.limits import DEFAULT_MEMORY_LIMIT, DuckDBLimits
-from etl_assets.lib.schema import SOURCES
 
 # Environment variable -> settings field. CLI flags override these.
 ENV_VARS: dict[str, str] = {
     "DATA_DIR": "data_dir",
+    "ETL_PIPELINE": "pipeline",
     "ETL_HOME": "home_dir",
     "DUCKDB_PATH": "database",
     "DUCKLAKE_DATA_PATH": "ducklake_data_path",
@@ -85,7 +86,10 @@ class WarehouseSettings(BaseModel):
 class StagingSettings(BaseModel):
     """Where the sources are read, staged per shard and exported, and what a source may reject."""
 
-    data_dir: str = Field(default="data", description="The folder holding crm.csv, billing.csv, ...")
+    data_dir: str = Field(default="data", description="The folder holding the source files.")
+    # A StagingSettings field, so every step's settings (EtlSettings.of) follow the same file.
+    pipeline: str = Field(default="", description="The declaration file the run follows "
+                          "(ETL_PIPELINE; empty: the shipped customers.yaml).")
     home_dir: str = Field(default=DEFAULT_HOME,
                           description="The run's home: the spill folder and the run lock.")
     staging_dir: str = Field(default="", description="Per-source, per-shard staged versions.")
@@ -214,6 +218,7 @@ class EtlSettings(WarehouseSettings, StagingSettings, FaultSettings, AutomationS
             raise SettingsError(
                 f"ETL_CRASH_MODE must be one of {', '.join(CRASH_MODES)}, got {self.crash_mode!r}"
             )
+        self.declaration  # noqa: B018 -- loads and checks it: SettingsError in one line
         problem = targets.collision(self.writes, self.reads)
         if problem:
             raise SettingsError(problem)
@@ -223,7 +228,6 @@ class EtlSettings(WarehouseSettings, StagingSettings, FaultSettings, AutomationS
     def writes(self) -> list[targets.Place]:
         """Every path a run writes (the export, the warehouse and its WAL, the snapshot, staging,
         the export's parts, the spill folder, the run lock, the default Dagster home)."""
-        home = Path(self.home_dir)
         Place = targets.Place
         if self.on_ducklake:
             warehouse = [Place("DUCKLAKE_DATA_PATH", Path(self.ducklake_data_path), folder=True)]
@@ -237,15 +241,45 @@ class EtlSettings(WarehouseSettings, StagingSettings, FaultSettings, AutomationS
             Place("staging (STAGING_DIR)", Path(self.staging_dir), folder=True),
             Place("export parts", Path(self.export_parts_dir), folder=True),
             Place("spill folder", Path(self.duckdb_limits.temp_directory), folder=True),
-            Place("run lock", home / ".run.lock"),
+            Place("run lock", Path(self.run_lock_path)),
             Place("Dagster home", self.dagster_home, folder=True),
         ]
 
     @property
     def reads(self) -> list[targets.Place]:
-        """The source files a run reads (what it keeps is among `writes`)."""
-        return [targets.Place(f"source file ({name})", Path(self.data_dir) / source.filename)
-                for name, source in SOURCES.items()]
+        """The files a run reads: the declaration and the source files (what it keeps is among
+        `writes`)."""
+        declaration = [targets.Place("declaration (ETL_PIPELINE / --pipeline)",
+                                     Path(self.pipeline))] if self.pipeline else []
+        return declaration + [
+            targets.Place(f"source file ({source.name})", Path(self.data_dir) / source.filename)
+            for source in self.declaration.sources]
+
+    @property
+    def declaration(self) -> Declaration:
+        """The declaration this run follows (`pipeline`), loaded once per process per content."""
+        return pipeline.declaration(self.pipeline)
+
+    @property
+    def pipeline_name(self) -> str:
+        """The pipeline's name: its declaration file's stem (`customers` when shipped)."""
+        return pipeline.name(self.pipeline)
+
+    @property
+    def profiles_table(self) -> str:
+        """The merged table: `customer_profiles` (shipped) or `profiles` (another pipeline)."""
+        return pipeline.profiles_table(self.pipeline)
+
+    @property
+    def pipeline_dir(self) -> Path:
+        """The folder of what is this pipeline's own by default: the home for the shipped one,
+        `<home>/pipelines/<name>` for another."""
+        return pipeline.folder(Path(self.home_dir), self.pipeline)
+
+    @property
+    def run_lock_path(self) -> str:
+        """The lock one `etl-assets run` of this pipeline holds (one run per pipeline at once)."""
+        return str(self.pipeline_dir / ".run.lock")
 
     def field_values(self) -> dict[str, Any]:
         """Every field's value, by name (what a copy of these settings is built from)."""
@@ -269,7 +303,7 @@ class EtlSettings(WarehouseSettings, StagingSettings, FaultSettings, AutomationS
     def duckdb_limits(self) -> DuckDBLimits:
         """Memory limit, threads and spill folder for the heavy DuckDB connections."""
         return DuckDBLimits(self.memory_limit.strip(), self.threads,
-                            str(Path(self.home_dir) / "duckdb_tmp"))
+                            str(self.pipeline_dir / "duckdb_tmp"))
 
     @property
     def on_ducklake(self) -> bool:
@@ -298,7 +332,7 @@ class EtlSettings(WarehouseSettings, StagingSettings, FaultSettings, AutomationS
     @property
     def export_parts_dir(self) -> str:
         """Where the export's per-shard sorted parts are kept between runs."""
-        return str(Path(self.home_dir) / "export_parts")
+        return str(self.pipeline_dir / "export_parts")
 
     @property
     def dagster_home(self) -> Path:
@@ -344,12 +378,15 @@ def _var(field: str) -> str:
 
 def _resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
     home = Path(values.get("home_dir") or DEFAULT_HOME).resolve()
+    own = values.get("pipeline") or ""
+    own = "" if pipeline.is_shipped(own) else str(Path(own).resolve())
+    folder = pipeline.folder(home, own)
     defaults = {
-        "database": home / "warehouse.duckdb",
-        "staging_dir": home / "staging",
-        "export_path": home / "merged_output.csv",
+        "database": folder / "warehouse.duckdb",
+        "staging_dir": folder / "staging",
+        "export_path": folder / "merged_output.csv",
     }
-    out = dict(values, home_dir=str(home))
+    out = dict(values, home_dir=str(home), pipeline=own)
     out["data_dir"] = str(Path(values.get("data_dir") or "data").resolve())
     for field, default in defaults.items():
         out[field] = str(Path(values[field]).resolve()) if values.get(field) else str(default)

@@ -30,6 +30,7 @@ from etl_assets.lib.validation import (
     ReadReport,
     SourceFileError,
     checked_select,
+    duplicate_reason,
     read_csv_params,
     read_header,
     read_source,
@@ -78,7 +79,7 @@ def stage_source(
         with errors.naming(snapshot_dir):
             sha = snapshot_file(path, snapshot, hook)
         with warehouse.scratch(settings.duckdb_limits) as con:
-            install_rules(con)
+            install_rules(con, settings.declaration)
             report_progress("source_validate", source=schema.name)
             clean = edits.stage_changed(con, snapshot, schema, settings, sha, hook) \
                 or _stage_clean(con, snapshot, schema, settings, sha, hook)
@@ -95,7 +96,7 @@ def stage_source(
             report_progress("source_rejected", source=schema.name, rows=report.rejected)
             hook("source_before_rejected")
             with warehouse.attached(con, settings.database, settings.lock_timeout_s,
-                                    settings.ducklake_data_path):
+                                    settings.ducklake_data_path, settings.declaration):
                 warehouse.replace_rejected(con, schema.name, "rejected", sha, {
                     "staging_key": freshness.staging_key(settings),
                     "rows_read": report.rows_read,
@@ -131,7 +132,7 @@ def _missing(path: Path) -> tuple[Path, str]:
 def _routed_sql(schema: SourceSchema) -> str:
     return (
         f"SELECT {', '.join(schema.column_names)}, row_hash, "
-        "etl_shard(customer_id, $n) AS shard_id FROM accepted"
+        f"etl_shard({schema.key}, $n) AS shard_id FROM accepted"
     )
 
 
@@ -147,7 +148,7 @@ def plan_slices(schema: SourceSchema, settings: EtlSettings) -> tuple[str, dict[
     path = Path(settings.data_dir) / schema.filename
     sha = file_sha256(path)
     with warehouse.scratch(settings.duckdb_limits) as con:
-        install_rules(con)
+        install_rules(con, settings.declaration)
         read_source(con, path, schema)
         hashes, _ = slice_stats(con, schema, settings.shard_count)
     return sha, hashes
@@ -234,7 +235,7 @@ def _stage_clean(
     the slices, without the two in-memory copies of the file (raw text, then checked rows) that
     quarantining needs: at 10M rows those copies outgrow the memory limit and spill. A row with
     a reason goes to a partition no shard reads; the file is clean when that partition is
-    empty, the reader refused no record and no customer_id repeats. Otherwise (and when the
+    empty, the reader refused no record and no key repeats. Otherwise (and when the
     version folder already exists: its reuse is proven row by row) the caller takes the full
     path, which quarantines exactly as always: the same rows, slices and reasons either way.
     """
@@ -257,7 +258,7 @@ def _stage_clean(
             try:
                 con.execute(
                     f"""COPY (SELECT {', '.join(schema.column_names)}, row_hash,
-                                     CASE WHEN reason IS NULL THEN etl_shard(customer_id, $n)
+                                     CASE WHEN reason IS NULL THEN etl_shard({schema.key}, $n)
                                           ELSE $not_clean END AS shard_id
                               FROM ({select}))
                         TO $out (FORMAT parquet, PARTITION_BY (shard_id))""",
@@ -273,7 +274,7 @@ def _stage_clean(
             rows = distinct = 0
             if clean:
                 rows, distinct = con.execute(
-                    "SELECT count(*), count(DISTINCT customer_id) FROM read_parquet($files, "
+                    f"SELECT count(*), count(DISTINCT {schema.key}) FROM read_parquet($files, "
                     "hive_partitioning = false)", {"files": duckdb_literals(files)}).fetchone()
             if not clean or rows != distinct:
                 staging.discard_pass(con, tmp)
@@ -281,12 +282,13 @@ def _stage_clean(
             report_progress("source_stage", source=schema.name, rows=int(rows), shards=n)
             slice_hashes, slice_rows = staging.staged_stats(con, tmp, n)
             con.execute("CREATE OR REPLACE TEMP TABLE rejected (line_number BIGINT, "
-                        "customer_id VARCHAR, reason VARCHAR, raw VARCHAR)")
+                        f"{schema.key} VARCHAR, reason VARCHAR, raw VARCHAR)")
             staged = _publish_slices(
                 con, schema, settings, sha, tmp, version_dir, hook, False, slice_hashes,
                 slice_rows, ("SELECT * FROM read_parquet($files, hive_partitioning = false)",
                              {"files": duckdb_literals(files)}))
-    return ReadReport(int(rows), int(rows), 0, Counter(), extra), staged
+    return ReadReport(int(rows), int(rows), 0, Counter(), extra,
+                      duplicate_reason(schema.key)), staged
 
 
 # The changed stretch of an edited file up to which only it is staged again (a larger edit

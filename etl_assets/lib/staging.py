@@ -28,7 +28,6 @@ from etl_assets.lib import files
 from etl_assets.lib.faults import Hook, no_hook
 from etl_assets.lib.files import file_sha256
 from etl_assets.lib.paths import duckdb_literals
-from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
 
 log = logging.getLogger(__name__)
@@ -234,7 +233,8 @@ def _prune(source_dir: Path, keep: str) -> None:
 def current_sources(settings: EtlSettings) -> dict[str, StagedSource]:
     """Every source's current staged version, in source order; StagingError if one is missing
     or staged for another shard count than `settings.shard_count`."""
-    staged = {name: read_pointer(settings.staging_dir, name) for name in SOURCES}
+    staged = {s.name: read_pointer(settings.staging_dir, s.name)
+              for s in settings.declaration.sources}
     for name, source in staged.items():
         if source.shard_count != settings.shard_count:
             raise StagingError(

@@ -30,11 +30,29 @@ if TYPE_CHECKING:  # staging hashes its files with file_sha256, defined here
 INT_PATTERN = "[+-]?[0-9]+"
 DECIMAL_PATTERN = r"[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)"
 DATE_PATTERN = "[0-9]{4}-[0-9]{2}-[0-9]{2}"
-DUPLICATE = "duplicate_customer_id"
 INVALID_UTF8 = "invalid_utf8"
 MAX_RAW_LINE = 1 << 20
-MISSING_ID = "missing_customer_id"
-INVALID_ID = "invalid_customer_id"
+
+
+def duplicate_reason(key: str) -> str:
+    """A valid row superseded by a later one with the same key (`duplicate_customer_id`)."""
+    return f"duplicate_{key}"
+
+
+def missing_reason(key: str) -> str:
+    """A row with no key (`missing_customer_id`)."""
+    return f"missing_{key}"
+
+
+def invalid_reason(key: str) -> str:
+    """A row whose key breaks the id rule (`invalid_customer_id`)."""
+    return f"invalid_{key}"
+
+
+# The shipped pipeline's reasons (key customer_id).
+DUPLICATE = duplicate_reason("customer_id")
+MISSING_ID = missing_reason("customer_id")
+INVALID_ID = invalid_reason("customer_id")
 _REASON_BY_KIND = {
     "int": "invalid_integer",
     "decimal": "invalid_decimal",
@@ -62,11 +80,13 @@ class ReadReport:
     rejected: int
     reasons: Counter = field(default_factory=Counter)
     extra_columns: list[str] = field(default_factory=list)
+    # The reason of a superseded duplicate (the source's key), which is not bad data.
+    superseded: str = DUPLICATE
 
     @property
     def invalid(self) -> int:
         """Rejected rows that are bad data (superseded duplicates are not)."""
-        return self.rejected - self.reasons.get(DUPLICATE, 0)
+        return self.rejected - self.reasons.get(self.superseded, 0)
 
     @property
     def invalid_fraction(self) -> float:
@@ -75,7 +95,7 @@ class ReadReport:
     @property
     def top_reason(self) -> str | None:
         """The most common reason a row was invalid (ties: alphabetical)."""
-        bad = sorted((-n, r) for r, n in self.reasons.items() if r != DUPLICATE)
+        bad = sorted((-n, r) for r, n in self.reasons.items() if r != self.superseded)
         return bad[0][1] if bad else None
 
 
@@ -239,7 +259,7 @@ def checked_select(
     """The one validation query: rec, the typed columns, row_hash and reason (NULL when
     valid) of each row of `rows_sql` (raw text columns plus `rec`), and its bound parameters."""
     params: dict[str, object] = {}
-    # The id goes through the one id rule (rules.etl_customer_id); other values are trimmed.
+    # The key goes through the one id rule (rules.etl_customer_id); other values are trimmed.
     trimmed = ", ".join(
         f"etl_customer_id({_quote(c.name)}) AS v_{c.name}" if c.kind == "id"
         else f"{_trimmed(_quote(c.name))} AS v_{c.name}"
@@ -247,8 +267,8 @@ def checked_select(
     )
     typed = ", ".join(f"{_typed_expr(c)} AS {c.name}" for c in schema.columns)
     checks: list[str] = [
-        f"WHEN v_customer_id IS NULL THEN '{MISSING_ID}'",
-        f"WHEN etl_customer_id_invalid(v_customer_id) THEN '{INVALID_ID}'",
+        f"WHEN v_{schema.key} IS NULL THEN '{missing_reason(schema.key)}'",
+        f"WHEN etl_customer_id_invalid(v_{schema.key}) THEN '{invalid_reason(schema.key)}'",
         *(f"WHEN strlen(v_{c.name}) > $max_field_bytes THEN 'field_too_long({c.name})'"
           for c in schema.columns),
     ]
@@ -305,8 +325,8 @@ def read_source(
 ) -> ReadReport:
     """Read and validate one source file into temp tables `accepted` and `rejected`.
 
-    accepted: customer_id, the typed columns, row_hash — one row per customer_id (the last valid
-    row in the file wins). rejected: line_number, customer_id, reason, raw.
+    accepted: the key, the typed columns, row_hash — one row per key (the last valid row in the
+    file wins). rejected: line_number, the key, reason, raw.
     """
     columns, extra = read_header(path, schema)
     try:
@@ -321,14 +341,15 @@ def read_source(
     con.execute(sql, params)
     # Earlier valid rows of a duplicated id are superseded (the last one in the file wins).
     # Most files have no duplicates, so the window runs only over the ids that repeat.
+    key = schema.key
     con.execute(
-        """CREATE OR REPLACE TEMP TABLE superseded AS
+        f"""CREATE OR REPLACE TEMP TABLE superseded AS
            SELECT rec FROM (
-               SELECT rec, row_number() OVER (PARTITION BY customer_id ORDER BY rec DESC) AS k
+               SELECT rec, row_number() OVER (PARTITION BY {key} ORDER BY rec DESC) AS k
                FROM checked
-               WHERE reason IS NULL AND customer_id IN (
-                   SELECT customer_id FROM checked WHERE reason IS NULL
-                   GROUP BY customer_id HAVING count(*) > 1))
+               WHERE reason IS NULL AND {key} IN (
+                   SELECT {key} FROM checked WHERE reason IS NULL
+                   GROUP BY {key} HAVING count(*) > 1))
            WHERE k > 1"""
     )
     con.execute(
@@ -336,7 +357,7 @@ def read_source(
             SELECT {", ".join(schema.column_names)}, row_hash FROM checked
             WHERE reason IS NULL AND rec NOT IN (SELECT rec FROM superseded)"""
     )
-    _build_rejected(con, columns, path)
+    _build_rejected(con, columns, path, key)
     rows_read, accepted, rejected = con.execute(
         """SELECT (SELECT count(*) FROM checked) + (SELECT count(DISTINCT line) FROM csv_rejects),
                   (SELECT count(*) FROM accepted), (SELECT count(*) FROM rejected)"""
@@ -346,15 +367,17 @@ def read_source(
     )
     if rows_read == 0:
         raise SourceFileError(path, "has a header but no data rows")
-    return ReadReport(int(rows_read), int(accepted), int(rejected), reasons, extra)
+    return ReadReport(int(rows_read), int(accepted), int(rejected), reasons, extra,
+                      duplicate_reason(key))
 
 
-def _build_rejected(con: duckdb.DuckDBPyConnection, columns: list[str], path: Path) -> None:
+def _build_rejected(con: duckdb.DuckDBPyConnection, columns: list[str], path: Path,
+                    key: str) -> None:
     con.execute(
         """CREATE OR REPLACE TEMP TABLE rejected_recs AS
            SELECT rec, reason FROM checked WHERE reason IS NOT NULL
            UNION ALL SELECT rec, $duplicate FROM superseded""",
-        {"duplicate": DUPLICATE},
+        {"duplicate": duplicate_reason(key)},
     )
     # Physical line of a record = header line + records before it + newlines embedded in them.
     # That needs a running sum over the file, computed only when there are rejected rows and
@@ -376,7 +399,7 @@ def _build_rejected(con: duckdb.DuckDBPyConnection, columns: list[str], path: Pa
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE rejected AS
             SELECT 2 + x.rec + p.before AS line_number,
-                   etl_customer_id(r.customer_id) AS customer_id, x.reason,
+                   etl_customer_id(r.{_quote(key)}) AS {key}, x.reason,
                    CAST(to_json(r) AS VARCHAR) AS raw
             FROM rejected_recs x
             JOIN {preceding_nl} p ON p.rec = x.rec
@@ -398,22 +421,23 @@ def _build_rejected(con: duckdb.DuckDBPyConnection, columns: list[str], path: Pa
             reason = INVALID_UTF8
         else:
             reason = f"malformed_row({str(error_type).lower().replace(' ', '_')})"
-        customer_id = con.execute(
-            "SELECT etl_customer_id(?)", [_first_field(csv_line or "")]).fetchone()[0]
+        key_value = con.execute(
+            "SELECT etl_customer_id(?)", [_field(csv_line or "", columns.index(key))]).fetchone()[0]
         con.execute(
             "INSERT INTO rejected VALUES (?, ?, ?, ?)",
-            [line, customer_id, reason, csv_line],
+            [line, key_value, reason, csv_line],
         )
 
 
-def _first_field(record: str) -> str | None:
-    """The first field of the reader's copy of a record it refused, or None. That copy may
-    begin with the line break of an empty line before it, or hold line breaks in a value, so
-    it is read as text with its own line breaks; a record too broken to read has none."""
+def _field(record: str, index: int) -> str | None:
+    """The key's field (at `index` in the header) of the reader's copy of a record it refused,
+    or None. That copy may begin with the line break of an empty line before it, or hold line
+    breaks in a value, so it is read as text with its own line breaks; a record too broken to
+    read has none."""
     try:
         for row in csv.reader(io.StringIO(record, newline="")):
             if row:
-                return row[0]
+                return row[index] if index < len(row) else None
     except csv.Error:
         pass
     return None

@@ -28,8 +28,10 @@ from typing import TypeVar
 import duckdb
 
 from etl_assets.lib import ducklake, errors, interrupts
+from etl_assets.lib.declaration import Declaration
 from etl_assets.lib.faults import Hook, no_hook
 from etl_assets.lib.limits import DuckDBLimits
+from etl_assets.lib.rules import DECLARATION
 from etl_assets.lib.schema import profile_columns
 
 ALIAS = "wh"
@@ -48,50 +50,51 @@ class WarehouseLockedError(errors.PathError):
     """The warehouse file stayed locked by another process for longer than the lock timeout."""
 
 
-def _profile_ddl(extra: str = "") -> str:
-    cols = ", ".join(f"{name} {sql_type}" for name, sql_type in profile_columns())
-    return f"({cols}{extra})"
+def tables_ddl(decl: Declaration | None) -> tuple[str, ...]:
+    """The statements that create a pipeline's tables (its profile columns, its key), or with
+    None those every pipeline has; run on first use, idempotent. The keys are not what keeps
+    one row per key (every write is DELETE by key + INSERT, in one transaction): DuckLake has
+    no PRIMARY KEY, and its DDL (`ddl`) leaves them out."""
+    shared = (
+        f"""CREATE TABLE IF NOT EXISTS {ALIAS}.shard_manifest (
+            shard_count INTEGER, shard_id INTEGER, source_data_hash VARCHAR, code_version VARCHAR,
+            record_count BIGINT, run_id VARCHAR, PRIMARY KEY (shard_count, shard_id))""",
+        # What each source's last staging produced, written with its rejected rows: the proof an
+        # unchanged file need not be read again.
+        f"""CREATE TABLE IF NOT EXISTS {ALIAS}.source_manifest (
+            source VARCHAR PRIMARY KEY, file_sha256 VARCHAR, staging_key VARCHAR, rows_read BIGINT,
+            rows_accepted BIGINT, rows_rejected BIGINT, reasons VARCHAR)""",
+        # What the last customer_profiles rebuild was made from and the export it wrote: the proof
+        # an unchanged re-run need not rebuild and export again.
+        f"""CREATE TABLE IF NOT EXISTS {ALIAS}.profiles_manifest (
+            shard_count INTEGER PRIMARY KEY, shards_hash VARCHAR, code_version VARCHAR,
+            row_count BIGINT, export_path VARCHAR, export_sha256 VARCHAR)""",
+        # Added after the table shipped: a warehouse made by older code gets the column (NULL,
+        # which matches no snapshot, so its next run publishes one).
+        f"ALTER TABLE {ALIAS}.profiles_manifest ADD COLUMN IF NOT EXISTS snapshot_sha256 VARCHAR",
+        # Which version of each shard (JSON: shard_id -> shard_versions' text) the published table
+        # and snapshot hold, so the next publish replaces only the shards that changed. NULL (older
+        # code, another layout published since) means: rebuild everything.
+        f"ALTER TABLE {ALIAS}.profiles_manifest ADD COLUMN IF NOT EXISTS shard_versions VARCHAR",
+        # One row that every shard and rejected-rows write updates first (see `_claim`).
+        f"CREATE TABLE IF NOT EXISTS {ALIAS}.write_guard AS SELECT CAST(0 AS BIGINT) AS writes",
+    )
+    if decl is None:
+        return shared
+    profile = ", ".join(f"{name} {sql_type}" for name, sql_type in profile_columns(decl))
+    return shared + (
+        # shard_count is kept so rows from an earlier shard layout are never mixed with the current one.
+        f"CREATE TABLE IF NOT EXISTS {ALIAS}.shard_profiles ({profile}, shard_count INTEGER)",
+        f"""CREATE TABLE IF NOT EXISTS {ALIAS}.rejected_rows (
+            source VARCHAR, line_number BIGINT, {decl.key} VARCHAR, reason VARCHAR, raw VARCHAR,
+            file_sha256 VARCHAR)""")
 
 
-# Tables are created on first use; the statements are idempotent. The keys are not what keeps
-# one row per key (every write is DELETE by key + INSERT, in one transaction): DuckLake has no
-# PRIMARY KEY, and its DDL (`ddl`) leaves them out.
-DDL: tuple[str, ...] = (
-    # shard_count is kept so rows from an earlier shard layout are never mixed with the current one.
-    f"CREATE TABLE IF NOT EXISTS {ALIAS}.shard_profiles {_profile_ddl(', shard_count INTEGER')}",
-    f"""CREATE TABLE IF NOT EXISTS {ALIAS}.shard_manifest (
-        shard_count INTEGER, shard_id INTEGER, source_data_hash VARCHAR, code_version VARCHAR,
-        record_count BIGINT, run_id VARCHAR, PRIMARY KEY (shard_count, shard_id))""",
-    # What each source's last staging produced, written with its rejected rows: the proof an
-    # unchanged file need not be read again.
-    f"""CREATE TABLE IF NOT EXISTS {ALIAS}.source_manifest (
-        source VARCHAR PRIMARY KEY, file_sha256 VARCHAR, staging_key VARCHAR, rows_read BIGINT,
-        rows_accepted BIGINT, rows_rejected BIGINT, reasons VARCHAR)""",
-    # What the last customer_profiles rebuild was made from and the export it wrote: the proof
-    # an unchanged re-run need not rebuild and export again.
-    f"""CREATE TABLE IF NOT EXISTS {ALIAS}.profiles_manifest (
-        shard_count INTEGER PRIMARY KEY, shards_hash VARCHAR, code_version VARCHAR,
-        row_count BIGINT, export_path VARCHAR, export_sha256 VARCHAR)""",
-    # Added after the table shipped: a warehouse made by older code gets the column (NULL,
-    # which matches no snapshot, so its next run publishes one).
-    f"ALTER TABLE {ALIAS}.profiles_manifest ADD COLUMN IF NOT EXISTS snapshot_sha256 VARCHAR",
-    # Which version of each shard (JSON: shard_id -> shard_versions' text) the published table
-    # and snapshot hold, so the next publish replaces only the shards that changed. NULL (older
-    # code, another layout published since) means: rebuild everything.
-    f"ALTER TABLE {ALIAS}.profiles_manifest ADD COLUMN IF NOT EXISTS shard_versions VARCHAR",
-    f"""CREATE TABLE IF NOT EXISTS {ALIAS}.rejected_rows (
-        source VARCHAR, line_number BIGINT, customer_id VARCHAR, reason VARCHAR, raw VARCHAR,
-        file_sha256 VARCHAR)""",
-    # One row that every shard and rejected-rows write updates first (see `_claim`).
-    f"CREATE TABLE IF NOT EXISTS {ALIAS}.write_guard AS SELECT CAST(0 AS BIGINT) AS writes",
-)
-
-
-def ddl(on_ducklake: bool) -> tuple[str, ...]:
+def ddl(on_ducklake: bool, decl: Declaration | None = DECLARATION) -> tuple[str, ...]:
     """The statements that create the tables, for a DuckDB file or for DuckLake (no keys)."""
-    if not on_ducklake:
-        return DDL
-    return tuple(re.sub(r",\s*PRIMARY KEY \([^)]*\)| PRIMARY KEY", "", stmt) for stmt in DDL)
+    statements = tables_ddl(decl)
+    return tuple(re.sub(r",\s*PRIMARY KEY \([^)]*\)| PRIMARY KEY", "", stmt)
+                 for stmt in statements) if on_ducklake else statements
 
 
 class WarehouseUnreachableError(RuntimeError):
@@ -195,8 +198,9 @@ def _attach(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float, data_pa
 
 @contextmanager
 def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float,
-             data_path: str = "") -> Iterator[str]:
+             data_path: str = "", decl: Declaration | None = DECLARATION) -> Iterator[str]:
     """Attach the warehouse to `con` as `wh` for a short write; always detach afterwards.
+    A new warehouse gets the tables of `decl`'s pipeline (None: those of every pipeline).
 
     `path` is a DuckDB file, or a DuckLake catalog with its table data under `data_path`.
     A full disk anywhere inside (ATTACH replaying the WAL, a COMMIT, the CHECKPOINT of DETACH)
@@ -207,7 +211,7 @@ def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float,
     with errors.disk_full_at(data_path if on_lake else path):
         _attach(con, path, timeout_s, data_path)
         try:
-            for statement in ddl(on_lake):
+            for statement in ddl(on_lake, decl):
                 # Two fresh writers creating the same table conflict on DuckLake; once the
                 # tables exist these statements change nothing and never conflict.
                 ducklake.retry_conflicts(lambda s=statement: con.execute(s), "creating tables")
@@ -264,10 +268,11 @@ def scratch(limits: DuckDBLimits | None = None) -> Iterator[duckdb.DuckDBPyConne
 
 @contextmanager
 def reader(
-    path: str, timeout_s: float, limits: DuckDBLimits | None = None, data_path: str = ""
+    path: str, timeout_s: float, limits: DuckDBLimits | None = None, data_path: str = "",
+    decl: Declaration = DECLARATION,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """A scratch connection with the warehouse attached (for reads and short writes)."""
-    with scratch(limits) as con, attached(con, path, timeout_s, data_path):
+    with scratch(limits) as con, attached(con, path, timeout_s, data_path, decl):
         yield con
 
 
@@ -392,8 +397,9 @@ def _overwrite_shard_once(
         )
         hook("shard_after_delete")
         con.execute(
+            # Sorted by the key, the first profile column (the export starts with it).
             f"INSERT INTO {ALIAS}.shard_profiles SELECT *, CAST(? AS INTEGER) FROM {rows_table} "
-            "ORDER BY customer_id",
+            "ORDER BY 1",
             [shard_count],
         )
         written = con.execute(
@@ -480,8 +486,9 @@ def _replace_rejected_once(
         _claim(con)
         con.execute(f"DELETE FROM {ALIAS}.rejected_rows WHERE source = ?", [source])
         con.execute(
-            f"INSERT INTO {ALIAS}.rejected_rows SELECT ?, line_number, customer_id, reason, raw, ? "
-            f"FROM {rejected_table} ORDER BY line_number",
+            # `rejected_table` holds line_number, the key, reason and raw, in that order.
+            f"INSERT INTO {ALIAS}.rejected_rows SELECT ?, r.*, ? "
+            f"FROM {rejected_table} r ORDER BY line_number",
             [source, file_sha256],
         )
         con.execute(f"DELETE FROM {ALIAS}.source_manifest WHERE source = ?", [source])

@@ -43,6 +43,7 @@ def _settings(args: argparse.Namespace) -> EtlSettings:
         export_path=getattr(args, "export", None),
         database=getattr(args, "duckdb", None),
         force=getattr(args, "force", None) or None,
+        pipeline=getattr(args, "pipeline", None),
     )
 
 
@@ -101,7 +102,8 @@ def one_run_at_a_time(settings: EtlSettings, interrupted: Callable[[], bool]) ->
     """Hold the home's run lock: a second `etl-assets run` on the same home waits, then finds
     the work done (unchanged sources and shards are skipped), instead of racing the first one
     through a brand-new Dagster home, the staging folders and the warehouse."""
-    lock = FileLock(str(Path(settings.home_dir) / ".run.lock"))
+    Path(settings.run_lock_path).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(settings.run_lock_path)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -125,7 +127,7 @@ def preflight(settings: EtlSettings) -> None:
     if data.exists() and not data.is_dir():
         raise errors.PathError(data, "is not a directory (DATA_DIR / --data-dir)")
     # ETL_HOME first: when it is the problem, it is the folder to name.
-    folders = [Path(settings.home_dir), Path(settings.staging_dir),
+    folders = [Path(settings.home_dir), settings.pipeline_dir, Path(settings.staging_dir),
                Path(settings.warehouse_dir)]
     for folder in dict.fromkeys(folders):
         ensure_writable_dir(folder)
@@ -261,7 +263,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
     settings = EtlSettings.from_env(
         data_dir=args.data_dir, shard_count=args.shards, export_path=args.export,
-        chaos_fail_shard=args.shard, chaos_fail_mode="once",
+        chaos_fail_shard=args.shard, chaos_fail_mode="once", pipeline=args.pipeline,
         force=True,  # the drill is about a real retry of real work, not a skip
     )
     if args.submit:  # a configuration error: exit 2 before anything starts
@@ -305,12 +307,19 @@ def cmd_home(args: argparse.Namespace) -> int:
     return 0
 
 
+PIPELINE_HELP = ("the declaration file to run (ETL_PIPELINE; default: the shipped "
+                 "customers.yaml); another pipeline keeps its tables, staging and export "
+                 "under <home>/pipelines/<file name>/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="etl-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="materialize sources, all shards, customer_profiles + checks")
-    run.add_argument("--data-dir", help="folder with crm.csv, billing.csv, product.csv, support.csv")
+    run.add_argument("--pipeline", help=PIPELINE_HELP)
+    run.add_argument("--data-dir", help="folder with the pipeline's source files (DATA_DIR; "
+                     "the shipped one's: crm.csv, billing.csv, product.csv, support.csv)")
     run.add_argument("--shards", type=int, help="number of shards (SHARD_COUNT, default 10)")
     run.add_argument("--export", help="path of the merged CSV (EXPORT_PATH)")
     run.add_argument("--duckdb", help="warehouse file (DUCKDB_PATH)")
@@ -350,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     drill = sub.add_parser("drill", help="chaos drill: fail a shard once, verify exactly-once")
     drill.add_argument("--shard", type=int, default=3, help="shard to fail on attempt 1 (3)")
-    drill.add_argument("--data-dir", help="folder with the four CSV files")
+    drill.add_argument("--pipeline", help=PIPELINE_HELP)
+    drill.add_argument("--data-dir", help="folder with the pipeline's source files")
     drill.add_argument("--shards", type=int, help="number of shards (SHARD_COUNT)")
     drill.add_argument("--export", help="path of the merged CSV (EXPORT_PATH)")
     drill.add_argument("--submit", action="store_true",
@@ -373,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     home = sub.add_parser("home", help="create the Dagster home used by run and `make ui`")
+    home.add_argument("--pipeline", help=PIPELINE_HELP)
     home.set_defaults(func=cmd_home)
     return parser
 

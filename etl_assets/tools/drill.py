@@ -11,14 +11,25 @@ from typing import Any
 import dagster as dg
 import duckdb
 
+from etl_assets.defs.contracts import names_for
 from etl_assets.lib import staging
 from etl_assets.lib.paths import duckdb_literal, duckdb_literals
-from etl_assets.lib.schema import MAX_LINE_BYTES, SOURCES
+from etl_assets.lib.schema import MAX_LINE_BYTES
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.tools.outcome import RunOutcome, shard_events
 from etl_assets.tools.runner import run_pipeline
 
-STEP = "shard_profiles"
+STEP = "shard_profiles"  # the shipped pipeline's shard step
+
+
+def shard_step(settings: EtlSettings) -> str:
+    """The step key of the pipeline's shard asset (`fleet__shard_profiles` under a prefix)."""
+    return "__".join(names_for(settings).shard_profiles.path)
+
+
+def entities(key: str) -> str:
+    """What the key counts, in words: customer_id -> customers."""
+    return (key.removesuffix("_id") if key.endswith("_id") else key) + "s"
 
 
 @dataclass
@@ -33,12 +44,12 @@ class Attempt:
     wait_before_s: float | None = None
 
 
-def retry_timeline(instance: dg.DagsterInstance, run_id: str) -> list[Attempt]:
+def retry_timeline(instance: dg.DagsterInstance, run_id: str, step: str = STEP) -> list[Attempt]:
     """Attempts of the shard step from STEP_START/RESTARTED/UP_FOR_RETRY/SUCCESS/FAILURE events."""
     attempts: list[Attempt] = []
     for entry in instance.all_logs(run_id):
         event = entry.dagster_event
-        if event is None or entry.step_key != STEP:
+        if event is None or entry.step_key != step:
             continue
         kind = event.event_type_value
         if kind in ("STEP_START", "STEP_RESTARTED"):
@@ -62,19 +73,21 @@ def verify_export(settings: EtlSettings) -> dict[str, Any]:
     """Export rows vs distinct accepted input customers, and duplicate ids in the export."""
     staged = staging.current_sources(settings)
     paths = duckdb_literals(staging.all_slice_files(staged, settings.shard_ids))
-    raw = duckdb_literals(Path(settings.data_dir) / s.filename for s in SOURCES.values())
+    decl = settings.declaration
+    key = decl.key
+    raw = duckdb_literals(Path(settings.data_dir) / s.filename for s in decl.sources)
     con = duckdb.connect()
     try:
         customers = con.execute(
-            "SELECT count(DISTINCT customer_id) FROM read_parquet($p)", {"p": paths}
+            f"SELECT count(DISTINCT {key}) FROM read_parquet($p)", {"p": paths}
         ).fetchone()[0]
         raw_ids = con.execute(
-            "SELECT count(DISTINCT trim(customer_id)) FROM read_csv($p, union_by_name = true, "
-            "all_varchar = true, max_line_size = $max_line) WHERE trim(customer_id) <> ''",
+            f"SELECT count(DISTINCT trim({key})) FROM read_csv($p, union_by_name = true, "
+            f"all_varchar = true, max_line_size = $max_line) WHERE trim({key}) <> ''",
             {"p": raw, "max_line": MAX_LINE_BYTES}
         ).fetchone()[0]
         rows, distinct = con.execute(
-            "SELECT count(*), count(DISTINCT customer_id) FROM read_csv($p, all_varchar = true, "
+            f"SELECT count(*), count(DISTINCT {key}) FROM read_csv($p, all_varchar = true, "
             "max_line_size = $max_line)",
             {"p": duckdb_literal(settings.export_path), "max_line": MAX_LINE_BYTES},
         ).fetchone()
@@ -106,7 +119,7 @@ def run_drill(settings: EtlSettings, echo: Callable[[str], None] = print,
     echo("")
     echo(f"retry timeline of shard {shard} (run {row.run_id}):")
     echo(f"{'attempt':>7}  {'start':>12}  {'end':>12}  {'wait_before_s':>13}  outcome")
-    for a in retry_timeline(dg.DagsterInstance.get(), row.run_id):
+    for a in retry_timeline(dg.DagsterInstance.get(), row.run_id, shard_step(settings)):
         wait = "" if a.wait_before_s is None else f"{a.wait_before_s:.2f}"
         detail = f" ({a.error})" if a.error else ""
         echo(f"{a.number:>7}  {_clock(a.start):>12}  {_clock(a.end):>12}  {wait:>13}  {a.outcome}{detail}")
@@ -117,9 +130,10 @@ def run_drill(settings: EtlSettings, echo: Callable[[str], None] = print,
     same = figures["export_rows"] == figures["input_customers"]
     unique = figures["duplicates"] == 0
     echo("")
+    key = settings.declaration.key
     echo(f"{'PASS' if same else 'FAIL'}  export rows {figures['export_rows']} = distinct input "
-         f"customers {figures['input_customers']} (ids in files, quarantined rows included: "
-         f"{figures['input_ids_incl_quarantined']})")
-    echo(f"{'PASS' if unique else 'FAIL'}  duplicate customer_id in export: {figures['duplicates']}")
+         f"{entities(key)} {figures['input_customers']} (ids in files, quarantined rows "
+         f"included: {figures['input_ids_incl_quarantined']})")
+    echo(f"{'PASS' if unique else 'FAIL'}  duplicate {key} in export: {figures['duplicates']}")
     echo(f"export: {settings.export_path}")
     return 0 if same and unique else 1

@@ -25,15 +25,11 @@ from etl_assets.definitions import build_defs
 from etl_assets.defs.contracts import (
     LAUNCHED_BY_CLI,
     LAUNCHED_BY_TAG,
-    PROFILES_JOB,
-    SHARD_INPUTS,
-    SHARDS_JOB,
-    SOURCES_JOB,
+    names_for,
 )
 from etl_assets.lib import freshness, limits, staging
 from etl_assets.lib.events import format_event
 from etl_assets.lib.interrupts import Interrupted
-from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.tools.outcome import (
     RunOutcome,
@@ -89,7 +85,8 @@ def _shards_job(values: tuple[tuple[str, Any], ...]) -> dg.JobDefinition:
     Every shard of a run uses the same settings; reusing the job object lets Dagster reuse the
     job snapshot it computes when it creates a run, instead of computing it for every shard.
     """
-    return build_defs(EtlSettings(**dict(values))).resolve_job_def(SHARDS_JOB)
+    settings = EtlSettings(**dict(values))
+    return build_defs(settings).resolve_job_def(names_for(settings).shards_job)
 
 
 def _settings_key(settings: EtlSettings, **changes: Any) -> tuple[tuple[str, Any], ...]:
@@ -280,11 +277,12 @@ def shard_inputs_recorded(settings: EtlSettings, instance: dg.DagsterInstance) -
     pointer means the UI's per-shard versions are current. A run that died between staging a
     source and that step leaves it older, and the next run records it again.
     """
-    event = instance.get_latest_materialization_event(SHARD_INPUTS)
+    event = instance.get_latest_materialization_event(names_for(settings).shard_inputs)
     if event is None:
         return False
     try:
-        staged_ns = max(staging.pointer_mtime_ns(settings.staging_dir, name) for name in SOURCES)
+        staged_ns = max(staging.pointer_mtime_ns(settings.staging_dir, s.name)
+                        for s in settings.declaration.sources)
     except OSError:
         return False
     return event.timestamp * 1e9 > staged_ns
@@ -348,7 +346,7 @@ def _run_all(
     pool: _LazyPool, instance: dg.DagsterInstance, outcome: RunOutcome, tags: dict[str, str],
     interrupted: Callable[[], bool], progress: Progress,
 ) -> None:
-    defs = build_defs(settings)
+    defs, names = build_defs(settings), names_for(settings)
     run_config = {} if verbose else QUIET_RUN_CONFIG
 
     def execute(job_name: str, **kwargs: Any) -> dg.ExecuteInProcessResult:
@@ -364,11 +362,11 @@ def _run_all(
 
     progress.start_phase("sources", "checking which source files changed")
     changed = sources_to_stage(settings, echo)
-    progress.expect(len(changed), f"{len(changed)} of {len(SOURCES)} sources to stage"
+    progress.expect(len(changed), f"{len(changed)} of {len(names.source_names)} sources to stage"
                     + (f" ({', '.join(changed)})" if changed else ", the others unchanged"))
     if changed or not shard_inputs_recorded(settings, instance):
-        result = execute(SOURCES_JOB,
-                         asset_selection=[dg.AssetKey(name) for name in changed] + [SHARD_INPUTS])
+        result = execute(names.sources_job,
+                         asset_selection=[names.key(name) for name in changed] + [names.shard_inputs])
         for evaluation in result.get_asset_check_evaluations():
             name = f"{evaluation.asset_key.to_user_string()}.{evaluation.check_name}"
             outcome.checks.append((name, evaluation.passed, metadata_values(evaluation)))
@@ -410,7 +408,7 @@ def _run_all(
     outcome.phase = "customer_profiles"
     progress.start_phase("customer_profiles", f"merging {settings.shard_count} shards into the "
                          "table and the export (or finding them current)")
-    result = execute(PROFILES_JOB)
+    result = execute(names.profiles_job)
     for evaluation in result.get_asset_check_evaluations():
         outcome.checks.append((evaluation.check_name, evaluation.passed, metadata_values(evaluation)))
     failed_checks = [name for name, passed, _ in outcome.checks if not passed]

@@ -28,10 +28,7 @@ from etl_assets.defs.contracts import (
     LAUNCHED_BY_SUBMIT,
     LAUNCHED_BY_TAG,
     PARTITION_TAG,
-    PROFILES_JOB,
-    SHARD_INPUTS,
-    SHARDS_JOB,
-    SOURCES_JOB,
+    names_for,
 )
 from etl_assets.defs.resources import resources_for
 from etl_assets.lib.events import format_event
@@ -188,10 +185,11 @@ def submit_pipeline(
         outcome.run_ids.append(run_id)
         return next(wait_for(instance, [run_id], interrupted))
 
+    names = names_for(settings)
     changed = sources_to_stage(settings, echo)
     if changed or not shard_inputs_recorded(settings, instance):
-        run = run_and_wait(SOURCES_JOB, asset_selection=[dg.AssetKey(n) for n in changed]
-                           + [SHARD_INPUTS])
+        run = run_and_wait(names.sources_job, asset_selection=[names.key(n) for n in changed]
+                           + [names.shard_inputs])
         for name, passed, metadata, description in check_results(instance, run.run_id, True):
             outcome.checks.append((name, passed, metadata))
             if not passed and not outcome.reason:
@@ -203,7 +201,7 @@ def submit_pipeline(
     outcome.phase = "shards"
     todo, rows = shards_to_run(settings, echo)
     # All at once: the deployment's queue decides how many run together, and where.
-    shard_of = {submit_run(client, SHARDS_JOB, run_config, {**tags, PARTITION_TAG: str(k)}): k
+    shard_of = {submit_run(client, names.shards_job, run_config, {**tags, PARTITION_TAG: str(k)}): k
                 for k in todo}
     outcome.run_ids.extend(shard_of)
     for run in wait_for(instance, list(shard_of), interrupted):
@@ -220,7 +218,7 @@ def submit_pipeline(
         return outcome
 
     outcome.phase = "customer_profiles"
-    run = run_and_wait(PROFILES_JOB)
+    run = run_and_wait(names.profiles_job)
     checks = check_results(instance, run.run_id, False)
     outcome.checks.extend((name, passed, metadata) for name, passed, metadata, _ in checks)
     failed_checks = [name for name, passed, _, _ in checks if not passed]
