@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import random
 from pathlib import Path
@@ -86,37 +85,3 @@ def test_a_new_file_gets_the_mode_open_gives(tmp_path: Path):
     finally:
         os.umask(old)
     assert (tmp_path / "new.bin").stat().st_mode == (tmp_path / "reference.bin").stat().st_mode
-
-
-def test_a_patch_removes_a_line_that_straddles_two_blocks(tmp_path: Path):
-    """The patch reads the published export block by block: a removed line that begins in one
-    block and ends in the next is still found, removed and hashed exactly. (Its pieces are
-    copied as they come, since a block's buffer is refilled once the next is read; the race
-    that guards against is too narrow for a test to hit reliably.)"""
-    from etl_assets.lib import export_parts
-
-    head = b"customer_id,v\n"
-    lines = [f"c{i:09d},".encode() + b"x" * 87 + b"\n" for i in range(5 * B // 98 + 50)]
-    starts = itertools.accumulate((len(line) for line in lines), initial=len(head))
-    straddling = [i for i, start in enumerate(starts)
-                  if i < len(lines) and start < B < start + len(lines[i])]
-    assert len(straddling) == 1
-    data = head + b"".join(lines)
-    export = tmp_path / "export.csv"
-    export.write_bytes(data)
-
-    def part(version: str, data: bytes) -> Path:
-        """A part named as write_part names it: by the sha256 of its bytes."""
-        path = tmp_path / export_parts.part_name(f"4-1-{version}.",
-                                                 hashlib.sha256(data).hexdigest(), plain=True)
-        path.write_bytes(data)
-        return path
-
-    published, new = part("a", lines[straddling[0]]), part("b", b"")
-    want = data.replace(lines[straddling[0]], b"")
-    with uncached.UncachedWriter(tmp_path / "out.csv") as out:
-        records, sha = export_parts.patch(head, export, hashlib.sha256(data).hexdigest(),
-                                          [(published, new)], out)
-        out.finish()
-    assert (tmp_path / "out.csv").read_bytes() == want
-    assert (records, sha) == (len(lines) - 1, hashlib.sha256(want).hexdigest())

@@ -1,6 +1,6 @@
 """Big files written and read around the page cache (O_DIRECT), where the filesystem allows it.
 
-The export is 2.8 GB at 10M customers, written whole (or patched) by every publish and read
+The export is 2.8 GB at 10M customers, written whole by every publish and read
 only by the next one. Through the page cache, every page of it is memory the kernel must first
 find and fill: measured on this 2-core VM, writing 2.85 GB cost 3-8.5 CPU-s buffered against
 0.35 CPU-s direct, and reading it back uncached 6.3-6.9 CPU-s buffered against 0.2 direct
