@@ -87,10 +87,10 @@ def test_unchanged_rerun_skips_then_one_row_rebuilds_one_shard(ran, sample_dir, 
     with progress_listener(lambda stage, fields: steps.append(str(fields.get("step")))):
         changed = run_pipeline(settings, echo=lambda line: None)
     assert changed.ok, changed.reason
-    # The export is the published one with that shard's changed line replaced, not a merge
-    # of every part, and holds the bytes of one sorted copy of the table.
-    assert "export: patched: the published export with the changed lines of 1 shard(s)" \
-        in steps, steps
+    # One shard's table is replaced; the export, merged from the parts (one of them new),
+    # holds the bytes of one sorted copy of the table.
+    assert f"table: replacing 1 of {SHARDS} shards, while the export is merged from {SHARDS} " \
+        "parts" in steps, steps
     whole = Path(settings.home_dir) / "whole.csv"
     with warehouse.reader(settings.database, 5) as con:
         con.sql("SELECT * FROM wh.customer_profiles ORDER BY customer_id").write_csv(

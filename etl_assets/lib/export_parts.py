@@ -5,7 +5,7 @@ DuckDB's own CSV writer (the same writer, options and column order as a whole-ta
 every row's bytes are the same). A part is named by the shard's version (its manifest entry),
 so an unchanged shard's part is reused; the export is the header followed by a k-way merge of
 the parts on customer_id. A part's name also records the sha256 of its bytes, taken when it was
-written: a part is hashed as it is merged (or diffed, for a patch) and refused if it is not
+written: a part is hashed as it is merged and refused if it is not
 the file written. Shards route customers by hash, so every part spans the whole id
 range and the merge interleaves them all; it is a streaming merge of sorted files, not a sort.
 
@@ -34,11 +34,10 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import duckdb
 
-from etl_assets.lib import uncached
 from etl_assets.lib.files import file_sha256
 
 _BUFFER = 1 << 20
@@ -261,170 +260,3 @@ def merge(head: bytes, parts: list[Path], out: BinaryIO,
     finally:
         for fh in files:
             fh.close()
-
-
-class NotPatchable(RuntimeError):
-    """The published export cannot be patched into the new one (see `patch`): merge instead."""
-
-
-# Changed lines up to which patching is tried: each is two binary searches over the export.
-PATCH_MAX_LINES = 10_000
-
-
-def _part_lines(path: Path) -> Iterator[bytes]:
-    """The lines of a plain part, refusing one that is cut short or out of order, or (once
-    read) whose bytes are not the sha256 its name records."""
-    previous = b""
-    fh, raw = _open_part(path, _BUFFER)
-    with fh:
-        for line in fh:
-            if not line.endswith(b"\n") or line <= previous:
-                raise NotPatchable(f"{path}: cut short or out of order")
-            previous = line
-            yield line
-        if not raw.proven():
-            raise NotPatchable(f"{path}: not the part written (sha256)")
-
-
-def _diff(old: Path, new: Path, removed: list[bytes], added: list[bytes]) -> None:
-    """Append the lines only `old` holds to `removed` and those only `new` holds to `added`
-    (both parts sorted: one pass over each, like a merge)."""
-    olds, news = _part_lines(old), _part_lines(new)
-    a, b = next(olds, None), next(news, None)
-    while a is not None or b is not None:
-        if a == b:
-            a, b = next(olds, None), next(news, None)
-        elif b is None or (a is not None and a < b):
-            removed.append(a)  # type: ignore[arg-type]
-            a = next(olds, None)
-        else:
-            added.append(b)
-            b = next(news, None)
-        if len(removed) + len(added) > PATCH_MAX_LINES:
-            raise NotPatchable("too many changed lines")
-
-
-def _first_line_from(fh: BinaryIO, lo: int, hi: int, target: bytes) -> int:
-    """The offset of the first line >= `target` in the sorted lines that start at `lo` and
-    end at `hi` (or `hi` if none is): a binary search on byte offsets, each probe reading the
-    first line that starts at or after the middle."""
-    while lo < hi:
-        mid = (lo + hi) // 2
-        start = lo
-        if mid > lo:
-            fh.seek(mid - 1)
-            fh.readline()  # to the end of the line holding byte mid - 1
-            start = fh.tell()
-        if start >= hi:  # no line starts in [mid, hi): look at the one at lo
-            start = lo
-        fh.seek(start)
-        line = fh.readline()
-        if line < target:
-            lo = start + len(line)
-        elif start == lo:
-            return lo
-        else:
-            hi = start
-    return hi
-
-
-def _newlines(view: memoryview) -> int:
-    """The line breaks in `view` (a memoryview has no count)."""
-    return bytes(view).count(b"\n")
-
-
-def patch(head: bytes, published: Path, published_sha256: str,
-          replaced: list[tuple[Path, Path]], out: BinaryIO,
-          stop: threading.Event | None = None) -> tuple[int, str]:
-    """Write to `out` what `merge` would write from the new parts, by editing the published
-    export instead of merging every part again: `replaced` pairs each changed shard's
-    published part with its new one, and only the lines that differ between them are removed
-    from and inserted into the published export's bytes, which are otherwise copied as they
-    are. Return the records written and their sha256 (taken as they are written; up to the
-    first edit the published export's bytes are the new one's, so that stretch is hashed once).
-
-    Exact only if the published export is `head` and the merge of the published parts, all
-    plain (one record per line, lines sorted as their ids, no line twice): the caller passes
-    plain parts and the sha256 its manifest recorded for the export, which the copy checks as
-    it reads. Each removed line must be found where the sort puts it and each inserted line
-    must not be there already. NotPatchable if any of that fails (nothing is then valid in
-    `out`) or more than PATCH_MAX_LINES lines changed; MergeStopped as `merge`.
-    """
-    removed: list[bytes] = []
-    added: list[bytes] = []
-    for old, new in replaced:
-        _diff(old, new, removed, added)
-    size = published.stat().st_size
-    # Buffered small (8 KiB): each probe of the searches reads one line near where it seeks.
-    with open(published, "rb") as fh:
-        if fh.read(len(head)) != head:
-            raise NotPatchable("the published export has another header")
-        edits: list[tuple[int, int, bytes]] = []  # (offset, 0 insert / 1 remove, line)
-        for line in removed:
-            at = _first_line_from(fh, len(head), size, line)
-            fh.seek(at)
-            if fh.readline() != line:
-                raise NotPatchable("a removed line is not in the published export")
-            edits.append((at, 1, line))
-        for line in added:
-            at = _first_line_from(fh, len(head), size, line)
-            fh.seek(at)
-            if fh.readline() == line:
-                raise NotPatchable("an inserted line is already in the published export")
-            edits.append((at, 0, line))
-        # At one offset the inserts come first (in order) and then the line there is removed:
-        # an insert goes before the first line that sorts after it.
-        edits.sort()
-    # The sequential pass reads around the page cache (uncached.blocks): the published export
-    # was written that way and nothing reads it after this.
-    digest = hashlib.sha256()
-    written: Any = None  # the new bytes' hashlib digest, from the first edit on
-    lines = 0
-    pos = 0
-    data = uncached.blocks(published)
-    view = memoryview(b"")
-
-    def write(piece: bytes | memoryview) -> None:
-        if written is not None:
-            written.update(piece)
-        out.write(piece)
-
-    def take(end: int) -> Iterator[memoryview]:
-        """The published export's bytes from `pos` up to `end`, hashed as they are read."""
-        nonlocal pos, view
-        while pos < end:
-            if stop is not None and stop.is_set():
-                raise MergeStopped("export merge stopped")
-            if not view:
-                view = next(data, memoryview(b""))
-                if not view:
-                    raise NotPatchable("the published export is shorter than it was")
-            piece, view = view[:end - pos], view[end - pos:]
-            digest.update(piece)
-            pos += len(piece)
-            yield piece
-
-    try:
-        for at, remove, line in edits:
-            for piece in take(at):
-                lines += _newlines(piece)
-                write(piece)
-            if written is None:
-                written = digest.copy()
-            if remove:
-                # Copied as they come: a piece's buffer is refilled once the next is read.
-                if b"".join(bytes(piece) for piece in take(at + len(line))) != line:
-                    raise NotPatchable("the published export changed while it was read")
-            else:
-                write(line)
-                lines += 1
-        for piece in take(size):
-            lines += _newlines(piece)
-            write(piece)
-        if view or next(data, None) is not None:
-            raise NotPatchable("the published export grew while it was read")
-    finally:
-        data.close()
-    if digest.hexdigest() != published_sha256:
-        raise NotPatchable("the published export is not the one its manifest names")
-    return lines - head.count(b"\n"), (written or digest).hexdigest()

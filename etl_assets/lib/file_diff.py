@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from etl_assets.lib import uncached
 from etl_assets.lib.schema import MAX_LINE_BYTES
 
 _CHUNK = 1 << 20
@@ -161,14 +160,12 @@ def changed_region(old: Path, old_sha256: str, new: Path, header_end: int,
     with open(old, "rb") as fo, open(new, "rb") as fn:
         # Forward: the common prefix, its quotes checked on the way up to its last record
         # boundary (the stretch starts there); the rest of `old` is read on for its hash.
-        # `old` is the copy kept at staging, written and so read around the page cache.
         prefix = 0
         quoted = _QuotedStream()
         differs = False
-        for view in uncached.blocks(old):
-            digest.update(view)
+        for a in iter(lambda: fo.read(_CHUNK), b""):
+            digest.update(a)
             if not differs:
-                a = bytes(view)
                 b = fn.read(len(a))
                 same = _common_prefix(a, b)
                 quoted.feed(a[:same])

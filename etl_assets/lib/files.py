@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from etl_assets.lib import errors, uncached
+from etl_assets.lib import errors
 from etl_assets.lib.faults import Hook, no_hook
 
 
@@ -236,10 +236,10 @@ def write_durably(tmp: Path, fill: Callable[[BinaryIO], tuple[int, str]]) -> tup
     wrote (taken as it is written); then it is fsynced (on disk before the manifest that names
     its hash commits; a full disk can also show up only here, when delayed writes are flushed).
     Its sha256 and the count."""
-    # Written around the page cache (uncached): nothing in this run reads the export again.
-    with uncached.UncachedWriter(tmp) as out:
-        records, sha = fill(out)  # type: ignore[arg-type]
-        out.finish()
+    with open(tmp, "wb") as out:
+        records, sha = fill(out)
+        out.flush()
+        os.fsync(out.fileno())
     return sha, records
 
 
@@ -263,9 +263,7 @@ def snapshot_file(source: str | Path, target: str | Path, hook: Hook = no_hook) 
     """
     digest = hashlib.sha256()
     copied = 0
-    # The copy is written around the page cache: an edit is staged from a few of its records
-    # and the copy kept for the next edit's diff, which reads it that way too (uncached).
-    with open(source, "rb") as fin, uncached.UncachedWriter(target) as fout:
+    with open(source, "rb") as fin, open(target, "wb") as fout:
         before = os.fstat(fin.fileno())
         for chunk in iter(lambda: fin.read(1 << 20), b""):
             digest.update(chunk)
@@ -273,7 +271,8 @@ def snapshot_file(source: str | Path, target: str | Path, hook: Hook = no_hook) 
             copied += len(chunk)
             if copied == len(chunk):
                 hook("source_mid_snapshot")
-        fout.finish()
+        fout.flush()
+        os.fsync(fout.fileno())
         after = os.fstat(fin.fileno())
     if copied != after.st_size or \
             (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):

@@ -31,14 +31,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
-from etl_assets.lib import checks, files, staging, uncached, warehouse
+from etl_assets.lib import checks, files, staging, warehouse
 from etl_assets.lib.declaration import Declaration
 from etl_assets.lib.files import file_sha256
 from etl_assets.lib.paths import duckdb_literals
@@ -404,7 +403,7 @@ def profiles_state(
         reason = "its shards or code changed since it was built"
     elif entry["export_path"] != settings.export_path:
         reason = f"last exported to {entry['export_path']}"
-    elif not _intact(export, entry["export_sha256"], uncached.sha256):
+    elif not _intact(export, entry["export_sha256"]):
         reason = "the export on disk is not the one it wrote"
         damaged = str(export) if export.is_file() else ""
     # Absent in a manifest written before snapshots existed: never intact then.
@@ -421,12 +420,10 @@ def profiles_state(
     return ProfilesState(False, reason, shards_hash=built_from, entry=entry, damaged=damaged)
 
 
-def _intact(path: Path, sha256: str | None,
-            hasher: Callable[[Path], str] = file_sha256) -> bool:
+def _intact(path: Path, sha256: str | None) -> bool:
     """True if `path` is a file whose sha256 is `sha256` (hashed without opening it in DuckDB,
-    so a reader holding the file never delays the decision). The export is written and so
-    read around the page cache (`uncached.sha256`)."""
-    return sha256 is not None and path.is_file() and hasher(path) == sha256
+    so a reader holding the file never delays the decision)."""
+    return sha256 is not None and path.is_file() and file_sha256(path) == sha256
 
 
 def guess_shards_needed(settings: EtlSettings) -> bool:

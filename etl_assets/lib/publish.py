@@ -2,7 +2,7 @@
 
 `publish_customer_profiles` reads top to bottom as the protocol's steps: check the targets,
 write the snapshot to a temp file, write the changed shards' export parts, then in one
-transaction replace the changed shards while a thread merges (or patches) the export, audit
+transaction replace the changed shards while a thread merges the export, audit
 table and export, record the manifest, COMMIT, and rename both files into place.
 """
 
@@ -124,11 +124,9 @@ def _write_snapshot(
 
 
 def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dict[int, str],
-                 parts_dir: Path, kept: dict[int, str], columns: Columns,
-                 table: str) -> list[Path]:
+                 parts_dir: Path, columns: Columns, table: str) -> list[Path]:
     """Each shard's sorted CSV part, written only where its version has none yet (see
-    export_parts); older parts of this layout (but the `kept` versions': shard -> version)
-    and dead processes' temp files are removed.
+    export_parts); older parts of this layout and dead processes' temp files are removed.
 
     Read from the snapshot being published (attached as `snap`): its shard tables hold these
     versions, already sorted by customer_id, and a scan keeps that order
@@ -145,8 +143,7 @@ def _write_parts(con: duckdb.DuckDBPyConnection, shard_count: int, versions: dic
 
         # Each part read and written on its own cursor, side by side (see in_parallel).
         parts = in_parallel(con, [part(k, v) for k, v in sorted(versions.items())])
-        keep = {p.name for p in parts} | {p.name for k, v in kept.items()
-                                          for p in _parts_of(parts_dir, shard_count, k, v)}
+        keep = {p.name for p in parts}
         for old in parts_dir.glob(f"{shard_count}-*.csv"):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
@@ -172,46 +169,6 @@ def _parts_of(parts_dir: Path, shard_count: int, shard_id: int, version: str) ->
             if export_parts.recorded_sha256(p)]
 
 
-def _kept_parts(entry: dict | None, changed: list[int] | None, shard_count: int,
-                export_path: str) -> dict[int, str]:
-    """Changed shard -> the version of it the published export holds, for the shards whose
-    published part is kept so that the export can be patched rather than merged whole
-    (export_parts.patch): only when at most a quarter of the shards changed (beyond that, most
-    of the export changes) and the export is where it was published."""
-    if not changed or entry is None or not entry.get("export_sha256") \
-            or entry.get("export_path") != export_path \
-            or len(changed) > max(1, shard_count // 4):
-        return {}
-    published = json.loads(entry["shard_versions"])
-    return {k: published[str(k)] for k in changed}
-
-
-@dataclass(frozen=True)
-class _PatchBase:
-    """What the export can be patched from: the published export, its recorded sha256, and
-    each changed shard's (published part, new part)."""
-
-    export: Path
-    sha256: str
-    replaced: list[tuple[Path, Path]]
-
-
-def _patch_base(target: Path, entry: dict | None, kept: dict[int, str], parts: list[Path],
-                parts_dir: Path, shard_count: int) -> _PatchBase | None:
-    """The base to patch the export from, or None when it must be merged whole: no part kept,
-    no export where it was published, or a part that is not plain (patching edits lines)."""
-    if entry is None or not kept or not target.is_file() \
-            or not all(map(export_parts.is_plain, parts)):
-        return None
-    replaced = []
-    for shard_id, version in sorted(kept.items()):
-        found = _parts_of(parts_dir, shard_count, shard_id, version)
-        if not found or not export_parts.is_plain(found[0]):
-            return None
-        replaced.append((found[0], parts[shard_id]))
-    return _PatchBase(target, entry["export_sha256"], replaced)
-
-
 def _export_header(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path,
                    columns: Columns, table: str) -> bytes:
     """The export's header line, as DuckDB writes it for customer_profiles' columns (read from
@@ -227,13 +184,12 @@ def _export_header(con: duckdb.DuckDBPyConnection, tmp: Path, target: Path,
 
 
 def _write_export(tmp: Path, target: Path, head: bytes, parts: list[Path], hook: Hook,
-                  stop: threading.Event | None = None, base: _PatchBase | None = None,
+                  stop: threading.Event | None = None,
                   rewrite: Callable[[int], Path] | None = None) -> tuple[str, int, str]:
     """Write the export to `tmp` (made by _export_header), durably: `head`, then the shards'
-    sorted parts merged on customer_id (export_parts), or the same bytes patched from `base`
-    when it can be; return its sha256, how many records it holds (both taken from the bytes as
-    they are written) and how it was written. Stops (MergeStopped) once `stop` is set. Errors
-    name `target`.
+    sorted parts merged on their key (export_parts); return its sha256, how many records it
+    holds (both taken from the bytes as they are written) and how it was written. Stops
+    (MergeStopped) once `stop` is set. Errors name `target`.
 
     A part found damaged as it is merged (not the bytes its name records, cut short, out of
     order) is written again by `rewrite(shard_id)` from the table, with one warning line, and
@@ -242,14 +198,6 @@ def _write_export(tmp: Path, target: Path, head: bytes, parts: list[Path], hook:
     with errors.naming(target):
         written = None
         how = f"merged from {len(parts)} parts"
-        if base is not None:
-            try:
-                written = write_durably(tmp, lambda out: export_parts.patch(
-                    head, base.export, base.sha256, base.replaced, out, stop))
-                how = (f"patched: the published export with the changed lines of "
-                       f"{len(base.replaced)} shard(s)")
-            except export_parts.NotPatchable as exc:
-                how += f" (not patched: {exc})"
 
         def merged(out: BinaryIO) -> tuple[int, str]:
             writer = HashingWriter(out)
@@ -392,11 +340,9 @@ def publish_customer_profiles(
             con.execute(f"ATTACH {sql_string(str(snapshot_tmp))} AS {SNAPSHOT} (READ_ONLY)")
             report_progress("publish", step="export: writing the sorted part of each "
                             "changed shard")
-            kept = _kept_parts(entry, changed, shard_count, export_path)
             with per_shard_threads(con, rows_per_shard):
-                part_files = _write_parts(con, shard_count, versions, parts, kept,
+                part_files = _write_parts(con, shard_count, versions, parts,
                                           targets.columns, targets.table)
-            base = _patch_base(target, entry, kept, part_files, parts, shard_count)
 
             def publish_files() -> None:
                 con.execute(f"DETACH {SNAPSHOT}")
@@ -424,7 +370,7 @@ def publish_customer_profiles(
             # The merge is Python and DuckDB's copy of the shard tables below releases the
             # GIL: the export is written beside it, not after it.
             export = _Background(lambda stop: _write_export(tmp, target, head, part_files,
-                                                            hook, stop, base, rewrite))
+                                                            hook, stop, rewrite))
 
             def export_written() -> Path:
                 report_progress("publish", step="waiting for the export's merge")
@@ -432,8 +378,8 @@ def publish_customer_profiles(
                 return tmp
             try:
                 report_progress("publish", step=f"table: replacing {table_shards} of "
-                                f"{shard_count} shards, while the export is "
-                                + ("patched" if base else f"merged from {len(part_files)} parts"))
+                                f"{shard_count} shards, while the export is merged from "
+                                f"{len(part_files)} parts")
                 with transaction(con, after_commit=publish_files):
                     if built_from is not None:
                         built_from(manifest_in(con, SNAPSHOT, shard_count))
