@@ -1,12 +1,10 @@
 """The scale-up benchmark: `etl-assets run` per shard/worker setting beside the single-query floor.
 
 Every measured command runs as its own process, in a fresh ETL_HOME and DAGSTER_HOME, so wall
-time and peak RSS (from wait4) are what a user would see. The data is generated in a child
-process too: Linux carries a process's peak RSS over fork/vfork + exec into the child's
-ru_maxrss, so a bench process that had grown while generating would inflate every figure.
-After the first run: an unchanged re-run, a one-row change and the realistic refreshes
-(REFRESHES), each refresh beside a first run in a fresh home on the same edited files.
-Results go to bench.md, bench.json and bench.png in the output folder.
+time and peak RSS are what a user would see; the data is generated in a child process too (see
+the launcher below). After the first run: an unchanged re-run, a one-row change and the
+realistic refreshes (REFRESHES), each beside a first run in a fresh home on the same edited
+files. Results go to bench.md, bench.json and bench.png in the output folder.
 """
 
 from __future__ import annotations
