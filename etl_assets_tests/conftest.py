@@ -39,7 +39,7 @@ def examples(full: int) -> int:
 # ones (a daemon's 30 s backfill ticks) overlap everything else instead of trailing at the end.
 SLOWEST_FIRST = ("test_distributed.py", "test_ui.py", "test_crash.py", "test_daemon.py",
                  "test_ducklake.py", "test_failures.py", "test_interrupt.py", "test_bench.py",
-                 "test_hostile.py", "test_properties.py")
+                 "test_other_domain.py", "test_hostile.py", "test_properties.py")
 # Modules whose tests share one expensive module fixture (a `dagster dev`, homes built by real
 # runs) and, for test_ui and test_failures, use it in file order or in place: each goes to one
 # xdist worker as a whole.
