@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import duckdb
@@ -177,39 +179,56 @@ def generate(rows: int, seed: int = 42, out_dir: str | Path = "data") -> dict[st
     if rows < 1:
         raise ValueError("rows must be at least 1")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out / f".generate-{os.getpid()}"
-    tmp_dir.mkdir(exist_ok=True)
     finals = {name: out / f"{name}.csv" for name in ("crm", "billing", "product", "support")}
-    # Open for the whole generation, closed in the `finally` below.
-    partials = {name: open(tmp_dir / f"{name}.csv", "wb") for name in finals}  # noqa: SIM115
     con = duckdb.connect()
     for macro in _MACROS:
         con.execute(macro)
     try:
-        for n, start in enumerate(range(0, rows, CHUNK_ROWS)):
-            frames = _chunk(seed, start, min(CHUNK_ROWS, rows - start))
-            for name, frame in frames.items():
-                part = tmp_dir / f"{name}.part.csv"
-                con.register(name, frame)
-                sql = FILE_SQL[name]
-                used = {k: v for k, v in LISTS.items() if f"${k}" in sql}
-                con.execute(
-                    f"COPY ({sql}) TO $path (FORMAT csv, HEADER $header)",
-                    {**used, "path": str(part), "header": n == 0},
-                )
-                con.unregister(name)
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, partials[name], 1 << 20)
+        with chunked_files(finals) as chunk_of:
+            for n, start in enumerate(range(0, rows, CHUNK_ROWS)):
+                frames = _chunk(seed, start, min(CHUNK_ROWS, rows - start))
+                for name, frame in frames.items():
+                    sql = FILE_SQL[name]
+                    used = {k: v for k, v in LISTS.items() if f"${k}" in sql}
+                    con.register(name, frame)
+                    with chunk_of(name) as part:
+                        con.execute(f"COPY ({sql}) TO $path (FORMAT csv, HEADER $header)",
+                                    {**used, "path": str(part), "header": n == 0})
+                    con.unregister(name)
+    finally:
+        con.close()
+    return finals
+
+
+@contextmanager
+def chunked_files(finals: dict[str, Path]) -> Iterator[Callable[[str], AbstractContextManager[Path]]]:
+    """Files written chunk by chunk, each renamed into place only once all are complete.
+
+    `with chunk_of(name) as part:` writes one chunk to the temp file `part`, then appends it to
+    `name`'s file; on any failure none of `finals` is touched and the temp folder goes."""
+    out = next(iter(finals.values())).parent
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out / f".generate-{os.getpid()}"
+    tmp_dir.mkdir(exist_ok=True)
+    # Open for the whole generation, closed in the `finally` below.
+    partials = {name: open(tmp_dir / f"{name}.csv", "wb") for name in finals}  # noqa: SIM115
+
+    @contextmanager
+    def chunk_of(name: str) -> Iterator[Path]:
+        part = tmp_dir / f"{name}.part.csv"
+        yield part
+        with open(part, "rb") as src:
+            shutil.copyfileobj(src, partials[name], 1 << 20)
+
+    try:
+        yield chunk_of
         for name, fh in partials.items():
             fh.close()
             os.replace(tmp_dir / f"{name}.csv", finals[name])
     finally:
         for fh in partials.values():
             fh.close()
-        con.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return finals
 
 
 if __name__ == "__main__":  # a quick timing aid: python -m etl_assets.tools.generate ROWS DIR

@@ -23,8 +23,6 @@ output is the shipped sample's, byte for byte.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,7 +33,7 @@ import pandas as pd
 from etl_assets.lib import declaration_file
 from etl_assets.lib.declaration import Column, Declaration, SourceSchema
 from etl_assets.lib.settings import SettingsError
-from etl_assets.tools.generate import ANCHOR, CHUNK_ROWS, LISTS
+from etl_assets.tools.generate import ANCHOR, CHUNK_ROWS, LISTS, chunked_files
 
 SHARED = 0.8
 EMPTY = 0.03
@@ -202,36 +200,24 @@ def generate_declared(decl: Declaration, rows: int, seed: int = 42,
         ranges = {c.name: bounds(decl, source, c) for c in source.columns
                   if c.kind not in ("id", "category", "text")}
         _hold_rules(decl, source, {c: np.array(r) for c, r in ranges.items()}, ranges)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out / f".generate-{os.getpid()}"
-    tmp_dir.mkdir(exist_ok=True)
-    finals = {s.name: out / s.filename for s in decl.sources}
-    # Open for the whole generation, closed in the `finally` below.
-    partials = {name: open(tmp_dir / f"{name}.csv", "wb") for name in finals}  # noqa: SIM115
+    finals = {s.name: Path(out_dir) / s.filename for s in decl.sources}
     con = duckdb.connect(":memory:")
     try:
-        for n, start in enumerate(range(0, rows, CHUNK_ROWS)):
-            count = min(CHUNK_ROWS, rows - start)
-            rng = np.random.default_rng([seed, start])
-            idx = np.arange(start + 1, start + count + 1, dtype=np.int64)
-            shared = (rng.random(count) < SHARED) | (idx == 1)
-            only = rng.integers(0, len(decl.sources), count)
-            for s, source in enumerate(decl.sources):
-                chunk = _frame(decl, source, idx[shared | (only == s)], seed, start, s)
-                part = tmp_dir / f"{source.name}.part.csv"
-                con.register("chunk", chunk)
-                con.execute(f"COPY ({file_sql(source)}) TO $path (FORMAT csv, HEADER $header)",
+        with chunked_files(finals) as chunk_of:
+            for n, start in enumerate(range(0, rows, CHUNK_ROWS)):
+                count = min(CHUNK_ROWS, rows - start)
+                rng = np.random.default_rng([seed, start])
+                idx = np.arange(start + 1, start + count + 1, dtype=np.int64)
+                shared = (rng.random(count) < SHARED) | (idx == 1)
+                only = rng.integers(0, len(decl.sources), count)
+                for s, source in enumerate(decl.sources):
+                    chunk = _frame(decl, source, idx[shared | (only == s)], seed, start, s)
+                    con.register("chunk", chunk)
+                    with chunk_of(source.name) as part:
+                        con.execute(
+                            f"COPY ({file_sql(source)}) TO $path (FORMAT csv, HEADER $header)",
                             {**_params(decl, source), "path": str(part), "header": n == 0})
-                con.unregister("chunk")
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, partials[source.name], 1 << 20)
-        for name, fh in partials.items():
-            fh.close()
-            os.replace(tmp_dir / f"{name}.csv", finals[name])
+                    con.unregister("chunk")
     finally:
-        for fh in partials.values():
-            fh.close()
         con.close()
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return finals
