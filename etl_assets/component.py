@@ -94,8 +94,6 @@ class DeclaredPipelineScaffolder(dg.Scaffolder[ScaffoldParams]):
         from etl_assets.tools import init  # the inference, only when scaffolding
 
         params, folder = request.params, request.target_path
-        folder.mkdir(parents=True, exist_ok=True)
-        attributes: dict[str, Any] = {}
         if params.data_dir and params.key and not params.declaration:
             out = folder / f"{folder.name}.yaml"
             init.init(params.data_dir, params.key, out)
