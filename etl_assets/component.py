@@ -149,10 +149,19 @@ class DeclaredPipeline(dg.Component, dg.Model, dg.Resolvable):
         """The declaration file: this defs.yaml itself (inline) or the file it names."""
         if isinstance(self.declaration, str):
             return str((here.parent / self.declaration).resolve())
-        # Read from the file, where each field has its line for the errors; Dagster's own
-        # reading resolved templates, which the declaration's text must not have.
+        # Every process reads it from the file, where each field has its line for the errors.
+        # Dagster's reading resolves templates; that reading does not, so none may be there.
         text = here.read_text(encoding="utf-8")
-        if declaration_file.parse(text, str(here), pipeline.INLINE).data != self.declaration:
+        if "{{" in _strings(declaration_file.parse(text, str(here), pipeline.INLINE).data):
             raise SettingsError(f"{here}: attributes.declaration: holds a template ({{{{ }}}}); "
                                 "write the declaration without one")
         return str(here)
+
+
+def _strings(data: object) -> str:
+    """Every key and text value of parsed YAML, joined."""
+    if isinstance(data, dict):
+        return " ".join(_strings(k) + " " + _strings(v) for k, v in data.items())
+    if isinstance(data, list):
+        return " ".join(_strings(v) for v in data)
+    return data if isinstance(data, str) else ""

@@ -214,6 +214,21 @@ def test_an_unknown_setting_fails_with_one_line(tmp_path, clean_env, monkeypatch
     assert "\n" not in str(cause)
 
 
+def test_a_template_in_an_inline_declaration_fails_with_one_line(tmp_path, clean_env, monkeypatch):
+    """Dagster resolves templates in attributes, but every process reads the declaration from
+    the file: a template there is refused, not read two ways."""
+    project = _project(tmp_path, "templated", tmp_path / "var")
+    fleet = project / "templated" / "defs" / "fleet" / "defs.yaml"
+    fleet.write_text(fleet.read_text().replace("mileage: fleet_band(km)",
+                                               "mileage: \"fleet_band({{ 'km' }})\""),
+                     encoding="utf-8")
+    with pytest.raises(Exception) as failed:
+        _load(project, "templated", monkeypatch)
+    assert str(failed.value.__cause__) == (
+        f"{fleet}: attributes.declaration: holds a template ({{{{ }}}}); write the declaration "
+        "without one")
+
+
 @pytest.mark.cli
 def test_dg_scaffold_defs_creates_an_instance(tmp_path, clean_env, monkeypatch):
     """`dg scaffold defs` with a data folder and its key writes the instance's defs.yaml and
