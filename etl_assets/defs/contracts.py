@@ -16,10 +16,11 @@ from etl_assets.lib.settings import EtlSettings
 
 @dataclass(frozen=True)
 class PipelineNames:
-    """A pipeline's asset keys, job, group and sensor names. The shipped pipeline's are the
-    plain names (`crm`, `shard_profiles`, `customer_profiles`, `sources_job`); another's
-    carry its name: keys under its prefix (`fleet/vehicles`, `fleet/profiles`), the others
-    as `fleet_<name>`, so two pipelines share one Dagster instance without sharing a name."""
+    """A pipeline's asset keys, job, group, sensor and resource names. The shipped pipeline's
+    are the plain names (`crm`, `shard_profiles`, `customer_profiles`, `sources_job`,
+    `warehouse`); another's carry its name: keys under its prefix (`fleet/vehicles`,
+    `fleet/profiles`), the others as `fleet_<name>`, so two pipelines share one Dagster
+    instance, or one code location, without sharing a name."""
 
     prefix: tuple[str, ...]
     source_names: tuple[str, ...]
@@ -29,8 +30,13 @@ class PipelineNames:
         return dg.AssetKey([*self.prefix, name])
 
     def name(self, name: str) -> str:
-        """A job, group, sensor or schedule name of this pipeline."""
+        """A job, group, sensor, schedule or resource key of this pipeline."""
         return "_".join([*self.prefix, name])
+
+    def resource(self, concern: str) -> str:
+        """The key of this pipeline's resource of one concern (`warehouse` when shipped,
+        `fleet_warehouse` for fleet): two pipelines in one code location each keep their own."""
+        return self.name(concern)
 
     @property
     def sources(self) -> dict[str, dg.AssetKey]:

@@ -16,6 +16,7 @@ the broker without being told twice. The settings below are the one definition b
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import dagster as dg
@@ -51,9 +52,11 @@ def app_args(broker: str) -> dict[str, Any]:
     return {"broker": broker, "backend": result_backend(broker), "config_source": CELERY_CONFIG}
 
 
+@functools.cache
 def executor_for(broker: str | None) -> dg.ExecutorDefinition:
     """dagster-celery's executor configured for `broker`, or without one Dagster's in-process
-    executor (step retries and their back-off work the same in it)."""
+    executor (step retries and their back-off work the same in it). One object per broker:
+    the pipelines of one code location merge only when their executors are the same object."""
     if broker is None:
         return dg.in_process_executor
     from dagster_celery import celery_executor

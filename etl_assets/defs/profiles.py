@@ -16,12 +16,7 @@ from etl_assets.defs.contracts import (
     shard_event,
     shard_partitions,
 )
-from etl_assets.defs.resources import (
-    FaultInjectionResource,
-    StagingResource,
-    WarehouseResource,
-    step_settings,
-)
+from etl_assets.defs.resources import STEP_CONCERNS, resource_keys, resources_of, step_settings
 from etl_assets.lib import errors, freshness
 from etl_assets.lib.checks import AuditFailedError
 from etl_assets.lib.declaration import Declaration
@@ -107,12 +102,10 @@ def build_profile_assets(
             "the shard's rows in DuckDB `shard_profiles` in one transaction."
         ),
         metadata={COLUMN_SCHEMA: _profile_column_schema(decl)},
+        required_resource_keys=resource_keys(names, *STEP_CONCERNS),
     )
-    def shard_profiles(
-        context: dg.AssetExecutionContext, warehouse: WarehouseResource,
-        staging: StagingResource, faults: FaultInjectionResource,
-    ) -> dg.MaterializeResult:
-        settings = step_settings(context, shard_count, warehouse, staging, faults)
+    def shard_profiles(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        settings = step_settings(context, shard_count, *resources_of(context, names, *STEP_CONCERNS))
         shard_id = int(context.partition_key)
         attempt = context.retry_number + 1
         started = time.monotonic()
@@ -165,12 +158,12 @@ def build_profile_assets(
         automation_condition=(
             dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
         ),
+        required_resource_keys=resource_keys(names, *STEP_CONCERNS),
     )
     def customer_profiles(
-        context: dg.AssetExecutionContext, warehouse: WarehouseResource,
-        staging: StagingResource, faults: FaultInjectionResource,
+        context: dg.AssetExecutionContext,
     ) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
-        settings = step_settings(context, shard_count, warehouse, staging, faults)
+        settings = step_settings(context, shard_count, *resources_of(context, names, *STEP_CONCERNS))
         try:
             published = publish_profiles(settings)
         except AuditFailedError as exc:

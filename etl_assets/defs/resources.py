@@ -11,14 +11,15 @@ the definitions are built.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
-from etl_assets.defs.contracts import LAUNCHED_BY_CLI, LAUNCHED_BY_TAG
+from etl_assets.defs.contracts import LAUNCHED_BY_CLI, LAUNCHED_BY_TAG, PipelineNames, names_for
 from etl_assets.lib import limits, warehouse
 from etl_assets.lib.settings import (
     CONCERNS,
@@ -83,7 +84,8 @@ class AutomationResource(dg.ConfigurableResource, AutomationSettings):
     """What the sensors may launch on their own."""
 
 
-# Resource key -> its class: every concern of the settings is exactly one of them.
+# Concern -> its resource class: every concern of the settings is exactly one of them. The
+# shipped pipeline's resource keys are these names; another's carry its name (names.resource).
 RESOURCE_TYPES: dict[str, type[dg.ConfigurableResource]] = {
     "warehouse": WarehouseResource, "staging": StagingResource,
     "faults": FaultInjectionResource, "automation": AutomationResource,
@@ -122,12 +124,31 @@ def step_settings(
     return for_this_run(context, EtlSettings.of(shard_count, warehouse, staging, faults))
 
 
-def resources_for(settings: EtlSettings, named: bool = False) -> dict[str, dg.ConfigurableResource]:
-    """Every resource, holding the values of `settings`. With `named`, a value an environment
-    variable set is configured as that variable (`dg.EnvVar`, so the UI's resource page names
-    it) where Dagster can read one: text and whole numbers. A fraction or a switch is given as
-    the value `settings` parsed from it."""
-    var_of = set_in_environment() if named else {}
+# What an asset step reads: the warehouse, staging and fault injection.
+STEP_CONCERNS = ("warehouse", "staging", "faults")
+
+
+def resource_keys(names: PipelineNames, *concerns: str) -> set[str]:
+    """The keys of a pipeline's resources of these concerns (its steps' `required_resource_keys`)."""
+    return {names.resource(concern) for concern in concerns}
+
+
+def resources_of(context: dg.AssetExecutionContext | dg.SensorEvaluationContext
+                 | dg.ScheduleEvaluationContext, names: PipelineNames,
+                 *concerns: str) -> tuple[Any, ...]:
+    """A step's or a tick's resources of these concerns, in order, under its pipeline's keys."""
+    return tuple(getattr(context.resources, names.resource(concern)) for concern in concerns)
+
+
+def resources_for(settings: EtlSettings, named: bool | Mapping[str, str] = False,
+                  ) -> dict[str, dg.ConfigurableResource]:
+    """Every resource of the pipeline `settings` run, under its keys (`names.resource`), holding
+    the values of `settings`. With `named` (True: every variable the environment sets; or a
+    mapping field -> variable), a value an environment variable set is configured as that
+    variable (`dg.EnvVar`, so the UI's resource page names it) where Dagster can read one: text
+    and whole numbers. A fraction or a switch is given as the value `settings` parsed from it."""
+    var_of = set_in_environment() if named is True else dict(named or {})
+    names = names_for(settings)
     out = {}
     for key, cls in RESOURCE_TYPES.items():
         config = settings.part(next(c for c in cls.__mro__ if c in CONCERNS))
@@ -137,5 +158,5 @@ def resources_for(settings: EtlSettings, named: bool = False) -> dict[str, dg.Co
                 config[name] = dg.EnvVar(var)
             elif kind is int:
                 config[name] = dg.EnvVar.int(var)
-        out[key] = cls(**config)
+        out[names.resource(key)] = cls(**config)
     return out

@@ -38,11 +38,7 @@ from etl_assets.defs.contracts import (
     launched_by_sensor,
     names_for,
 )
-from etl_assets.defs.resources import (
-    AutomationResource,
-    StagingResource,
-    WarehouseResource,
-)
+from etl_assets.defs.resources import resource_keys, resources_of
 from etl_assets.lib import freshness, staging
 from etl_assets.lib.files import file_sha256
 from etl_assets.lib.settings import EtlSettings
@@ -307,12 +303,11 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         target=targets,
         description="Rebuilds exactly the shards whose input changed when a CSV's content "
         "changes (content hashes, two ticks to settle).",
+        required_resource_keys=resource_keys(names, "warehouse", "staging"),
     )
-    def source_files_sensor(
-        context: dg.SensorEvaluationContext, warehouse: WarehouseResource,
-        staging: StagingResource,
-    ) -> dg.SensorResult:
-        result = evaluate_source_files(EtlSettings.of(shard_count, warehouse, staging),
+    def source_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        own = resources_of(context, names, "warehouse", "staging")
+        result = evaluate_source_files(EtlSettings.of(shard_count, *own),
                                        json.loads(context.cursor or "{}"), context.instance)
         return dg.SensorResult(
             run_requests=tagged(result.run_requests, launched_by_sensor(source_files_name)),
@@ -327,12 +322,11 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         target=[names.shard_profiles],
         description="Re-requests a failed shard partition up to RERUN_MAX_ATTEMPTS times, "
         "waiting RERUN_BASE_WAIT_S x 2^n; not for errors marked not retryable.",
+        required_resource_keys=resource_keys(names, "warehouse", "staging", "automation"),
     )
-    def failed_shard_sensor(
-        context: dg.SensorEvaluationContext, warehouse: WarehouseResource,
-        staging: StagingResource, automation: AutomationResource,
-    ) -> dg.SensorResult:
-        settings = EtlSettings.of(shard_count, warehouse, staging, automation)
+    def failed_shard_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        settings = EtlSettings.of(
+            shard_count, *resources_of(context, names, "warehouse", "staging", "automation"))
         result = evaluate_failed_shards(settings, context.instance)
         return dg.SensorResult(
             run_requests=tagged(result.run_requests, launched_by_sensor(failed_shard_name)),
@@ -344,12 +338,11 @@ def build_sensors(settings: EtlSettings) -> list[Any]:
         target=targets,
         default_status=dg.DefaultScheduleStatus.STOPPED,
         description="Daily: stage changed sources, or rebuild stale/missing shard partitions.",
+        required_resource_keys=resource_keys(names, "warehouse", "staging"),
     )
-    def stale_partitions_schedule(
-        context: dg.ScheduleEvaluationContext, warehouse: WarehouseResource,
-        staging: StagingResource,
-    ) -> Any:
-        result = evaluate_schedule(EtlSettings.of(shard_count, warehouse, staging))
+    def stale_partitions_schedule(context: dg.ScheduleEvaluationContext) -> Any:
+        result = evaluate_schedule(EtlSettings.of(
+            shard_count, *resources_of(context, names, "warehouse", "staging")))
         if isinstance(result, dg.SkipReason):
             return result
         return tagged(result, launched_by_schedule(schedule_name))

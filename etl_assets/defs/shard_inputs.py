@@ -24,7 +24,7 @@ from etl_assets.defs.contracts import (
     not_retryable,
     shard_partitions,
 )
-from etl_assets.defs.resources import StagingResource, WarehouseResource
+from etl_assets.defs.resources import resource_keys, resources_of
 from etl_assets.lib.settings import EtlSettings
 from etl_assets.lib.sources import read_shard_inputs
 from etl_assets.lib.staging import StagingError
@@ -55,16 +55,17 @@ def build_shard_inputs_asset(settings: EtlSettings) -> dg.AssetsDefinition:
             "version is the hash of shard k's four slices, so after the sources are staged only "
             "the shards whose slices changed become stale."
         ),
+        required_resource_keys=resource_keys(names, "warehouse", "staging"),
     )
-    def shard_inputs(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
-                     staging: StagingResource) -> dg.MaterializeResult:
+    def shard_inputs(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         if context.has_partition_key_range and not context.has_partition_key:
             raise not_retryable(ValueError(
                 "materialize shard_inputs for one partition or for all (no partition), not a "
                 "range: a range would share one data version"))
         own = context.partition_key if context.has_partition_key else None
         try:
-            inputs = read_shard_inputs(EtlSettings.of(shard_count, warehouse, staging))
+            inputs = read_shard_inputs(EtlSettings.of(
+                shard_count, *resources_of(context, names, "warehouse", "staging")))
         except StagingError as exc:
             raise not_retryable(exc) from exc
         for k, (input_hash, rows) in inputs.items():

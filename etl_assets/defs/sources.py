@@ -14,12 +14,7 @@ from etl_assets.defs.contracts import (
     names_for,
     not_retryable,
 )
-from etl_assets.defs.resources import (
-    FaultInjectionResource,
-    StagingResource,
-    WarehouseResource,
-    step_settings,
-)
+from etl_assets.defs.resources import STEP_CONCERNS, resource_keys, resources_of, step_settings
 from etl_assets.lib import errors
 from etl_assets.lib.checks import source_checks
 from etl_assets.lib.files import SourceChangedError
@@ -67,10 +62,10 @@ def build_source_asset(schema: SourceSchema, shard_count: int, names: PipelineNa
         ),
         metadata={COLUMN_SCHEMA: _column_schema(schema), "file": schema.filename},
         check_specs=[accounted, reject_rate],
+        required_resource_keys=resource_keys(names, *STEP_CONCERNS),
     )
-    def _source(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
-                staging: StagingResource, faults: FaultInjectionResource) -> dg.MaterializeResult:
-        settings = step_settings(context, shard_count, warehouse, staging, faults)
+    def _source(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        settings = step_settings(context, shard_count, *resources_of(context, names, *STEP_CONCERNS))
         try:
             result = stage_source(schema, settings)
         except (SourceFileError, errors.PathError, errors.MemoryLimitError) as exc:

@@ -50,11 +50,14 @@ def read(path: str | Path) -> Document:
     return parse(text, name)
 
 
-def parse(text: str, name: str) -> Document:
-    """`text` parsed as a declaration file called `name` (see `read`)."""
+def parse(text: str, name: str, within: Path_ = ()) -> Document:
+    """`text` parsed as a declaration file called `name` (see `read`). With `within` (a
+    component's defs.yaml holds its declaration at `attributes.declaration`), the declaration
+    is the value at that field of the file's first document holding one; each field's line
+    is still its line in the file."""
     loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
+        node = _node_within(loader, within, name) if within else loader.get_single_node()
         lines: dict[Path_, int] = {}
         duplicate = _walk(node, (), lines, set()) if node is not None else None
         data = loader.construct_document(node) if node is not None else None
@@ -70,6 +73,19 @@ def parse(text: str, name: str) -> Document:
         path, first = duplicate
         doc.fail(path, f"duplicate name (first on line {first})")
     return doc
+
+
+def _node_within(loader: yaml.SafeLoader, within: Path_, name: str) -> yaml.Node:
+    """The node at `within` in the first of the stream's documents that has one."""
+    while loader.check_node():
+        node: yaml.Node | None = loader.get_node()
+        for field in within:
+            node = next((value for key, value in node.value
+                         if isinstance(key, yaml.ScalarNode) and key.value == field), None) \
+                if isinstance(node, yaml.MappingNode) else None
+        if node is not None:
+            return node
+    raise error(f"{name}: {field_name(within)}: missing (the declaration this component hosts)")
 
 
 def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int],

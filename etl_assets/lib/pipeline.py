@@ -5,10 +5,15 @@ customers.yaml). It is loaded here once per process per file content, so every c
 `settings.declaration` gets one object, and two declarations in one process never mix: each
 engine function reads the declaration of the settings it is given.
 
+A Dagster component instance (etl_assets.component) may hold its declaration inline in its
+own `defs.yaml` (under `attributes.declaration`): that file is then the declaration file, read
+at that field, and the pipeline is named after the instance's folder.
+
 The shipped pipeline keeps every default path and name it always had. Another pipeline is
-named after its file (`fleet.yaml` -> `fleet`) and defaults to a folder of its own under the
-home (`<home>/pipelines/fleet/`) for its warehouse, staging, export parts, export, spill folder
-and run lock; its Dagster assets carry its name as a key prefix. The Dagster home is shared.
+named after its file (`fleet.yaml` -> `fleet`, `fleet/defs.yaml` -> `fleet`) and defaults to
+a folder of its own under the home (`<home>/pipelines/fleet/`) for its warehouse, staging,
+export parts, export, spill folder and run lock; its Dagster assets carry its name as a key
+prefix. The Dagster home is shared.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from etl_assets.lib.rules import DECLARATION, ENGINE_MACROS
 
 # A pipeline's name is a folder, an asset key prefix and part of job names.
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# A component instance's file, and where in it an inline declaration is.
+COMPONENT_FILE = "defs.yaml"
+INLINE = ("attributes", "declaration")
+
+
+def is_component_file(path: str) -> bool:
+    """True when `path` is a component instance's defs.yaml holding its declaration inline."""
+    return Path(path).name == COMPONENT_FILE
 
 
 def is_shipped(path: str) -> bool:
@@ -31,12 +44,15 @@ def is_shipped(path: str) -> bool:
 
 
 def name(path: str) -> str:
-    """The pipeline's name: its file's stem (the shipped one is `customers`); SettingsError
-    when the stem is not a name."""
-    stem = Path(path).stem if path else SHIPPED.stem
+    """The pipeline's name: its file's stem (the shipped one is `customers`), or a component's
+    folder; SettingsError when that is not a name."""
+    if is_component_file(path):
+        stem, what = Path(path).parent.name, "folder"
+    else:
+        stem, what = (Path(path).stem if path else SHIPPED.stem), "file"
     if not _NAME.match(stem):
-        raise error(f"{path}: the file name makes the pipeline's name, and {stem!r} is not one "
-                    "(letters, digits and _, not starting with a digit): rename the file")
+        raise error(f"{path}: the {what} name makes the pipeline's name, and {stem!r} is not one "
+                    f"(letters, digits and _, not starting with a digit): rename the {what}")
     return stem
 
 
@@ -56,7 +72,8 @@ def declaration(path: str) -> Declaration:
 @functools.lru_cache(maxsize=16)
 def _load(path: str, text: str) -> Declaration:
     """The declaration `text` read from `path`: loaded once per content, however often asked."""
-    return declaration_file.check(declaration_file.parse(text, path), ENGINE_MACROS)
+    within = INLINE if is_component_file(path) else ()
+    return declaration_file.check(declaration_file.parse(text, path, within), ENGINE_MACROS)
 
 
 def folder(home: Path, path: str) -> Path:

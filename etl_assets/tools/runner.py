@@ -21,7 +21,7 @@ from typing import Any
 
 import dagster as dg
 
-from etl_assets.definitions import build_defs
+from etl_assets.component import build_defs
 from etl_assets.defs.contracts import (
     LAUNCHED_BY_CLI,
     LAUNCHED_BY_TAG,

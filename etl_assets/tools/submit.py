@@ -68,10 +68,11 @@ def submit_config(settings: EtlSettings) -> dict[str, Any]:
     """The run config every submitted run carries: this command's warehouse and staging paths,
     and the faults it was asked to inject (the chaos drill); otherwise the deployment's own
     fault settings (none, normally) stand."""
-    resources = resources_for(settings)
-    keys = ["warehouse", "staging"]
+    resources, names = resources_for(settings), names_for(settings)
+    concerns = ["warehouse", "staging"]
     if settings.chaos_fail_shard is not None or settings.crash_at:
-        keys.append("faults")
+        concerns.append("faults")
+    keys = [names.resource(concern) for concern in concerns]
     return {"resources": {key: {"config": _config_of(resources[key])} for key in keys}}
 
 
