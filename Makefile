@@ -13,7 +13,7 @@ export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 # Test homes on tmpfs where there is one: the suite creates hundreds of SQLite and DuckDB files
 # whose fsyncs otherwise make it wait on the disk (test_skip: 145 s -> 91 s wall here).
 TEST_TMPDIR ?= $(if $(wildcard /dev/shm/.),/dev/shm,/tmp)
-PYTEST := TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -n 3 --dist loadscope
+PYTEST := TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -n 4 --dist loadscope
 FAST := not browser and not daemon and not kill and not cli and not slow
 
 .PHONY: help install run test test-fast lint ui sample clean chromium postgres broker
