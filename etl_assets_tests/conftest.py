@@ -8,9 +8,12 @@ import glob
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -368,10 +371,51 @@ def _pg_bin(name: str) -> str | None:
     return candidates[-1] if candidates else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def process_group(args: list[str], log: Path, **popen: object) -> Iterator[subprocess.Popen]:
+    """`args` in a session of its own (a server and its children), its output to `log`; the
+    whole group is stopped at the end of the block (`stop_group`)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, **popen)  # type: ignore[call-overload]
+        try:
+            yield proc
+        finally:
+            stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM to `proc`'s process group, SIGKILL if it has not ended within `timeout_s`."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def wait_for_webserver(url: str, proc: subprocess.Popen, log: Path,
+                       timeout_s: float = 120) -> None:
+    """Until the Dagster webserver at `url` answers; fails with its log if `proc` ends first or
+    it does not answer within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url + "/server_info", timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                log.read_text(errors="replace")[-4000:]
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
@@ -403,7 +447,7 @@ def pg_cluster() -> Iterator[PgCluster]:
         if init.returncode != 0:
             unavailable(f"initdb failed: {init.stderr.strip()[-500:]}")
         for _ in range(3):  # a free port can be taken before the server binds it
-            port = _free_port()
+            port = free_port()
             options = (f"-k {root} -c listen_addresses=127.0.0.1 -p {port} -c fsync=off "
                        "-c synchronous_commit=off -c full_page_writes=off")
             start = subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-l", str(log), "-w",

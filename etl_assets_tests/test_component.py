@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pytest
 
 from etl_assets.component import build_defs
 from etl_assets.lib.settings import EtlSettings
-from etl_assets_tests.conftest import SAMPLE, _free_port
+from etl_assets_tests.conftest import SAMPLE, free_port, process_group, wait_for_webserver
 from etl_assets_tests.test_other_domain import FLEET, HEADER, SHARDS, write_fleet
 
 BIN = Path(sys.executable).parent
@@ -253,34 +251,16 @@ def test_dg_scaffold_defs_creates_an_instance(tmp_path, clean_env, monkeypatch):
 def test_the_webserver_shows_both_instances(tmp_path, clean_env):
     """`dagster dev` on the two-instance project: its GraphQL asset graph holds both."""
     project = _project(tmp_path, "uipipes", tmp_path / "var")
-    port = _free_port()
-    log = open(tmp_path / "dev.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [str(BIN / "dagster"), "dev", "-m", "uipipes.definitions", "-h", "127.0.0.1", "-p",
-         str(port)], cwd=project, env=clean_env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    try:
+    port = free_port()
+    with process_group([str(BIN / "dagster"), "dev", "-m", "uipipes.definitions", "-h",
+                        "127.0.0.1", "-p", str(port)],
+                       tmp_path / "dev.log", cwd=project, env=clean_env) as proc:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/server_info", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, \
-                    (tmp_path / "dev.log").read_text()
-                time.sleep(0.5)
+        wait_for_webserver(url, proc, tmp_path / "dev.log")
         query = "{ assetNodes { assetKey { path } groupName } }"
         request = urllib.request.Request(url + "/graphql", data=json.dumps({"query": query}).encode(),
                                          headers={"Content-Type": "application/json"})
         nodes = json.load(urllib.request.urlopen(request, timeout=60))["data"]["assetNodes"]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
     groups = {"/".join(n["assetKey"]["path"]): n["groupName"] for n in nodes}
     assert set(groups) == SHIPPED_KEYS | FLEET_KEYS
     assert groups["crm"] == "sources" and groups["fleet/vehicles"] == "fleet_sources"

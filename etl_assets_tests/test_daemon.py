@@ -2,7 +2,6 @@
 
 import csv
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 
 from etl_assets.defs.contracts import LAUNCHED_BY_TAG
 from etl_assets.lib.sharding import shard_of
-from etl_assets_tests.conftest import edit_crm
+from etl_assets_tests.conftest import edit_crm, process_group
 
 pytestmark = pytest.mark.daemon
 
@@ -96,25 +95,15 @@ def test_daemon_rebuilds_changed_customers_without_a_click(tmp_path, sample_dir)
     assert len(before) == 4
 
     log_path = tmp_path / "daemon.log"
-    with open(log_path, "w") as log:
-        daemon = subprocess.Popen(
-            [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
-            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            time.sleep(5)  # let the sensor record its first, quiet tick
-            # One customer: one run of crm + that shard + customer_profiles.
-            _wait_for(db, _bump(sample_dir, one), daemon, log_path)
-            # Several shards: sources first, then each stale shard, then customer_profiles
-            # through its automation condition.
-            _wait_for(db, _bump(sample_dir, several), daemon, log_path)
-            runs = _settled_runs(tmp_path / "dagster_home", daemon, log_path)
-        finally:
-            os.killpg(daemon.pid, signal.SIGTERM)
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(daemon.pid, signal.SIGKILL)
+    with process_group([str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+                       log_path, env=env, cwd=REPO) as daemon:
+        time.sleep(5)  # let the sensor record its first, quiet tick
+        # One customer: one run of crm + that shard + customer_profiles.
+        _wait_for(db, _bump(sample_dir, one), daemon, log_path)
+        # Several shards: sources first, then each stale shard, then customer_profiles
+        # through its automation condition.
+        _wait_for(db, _bump(sample_dir, several), daemon, log_path)
+        runs = _settled_runs(tmp_path / "dagster_home", daemon, log_path)
     # Exactly the runs the changes needed, all successful, none twice, each tagged with the
     # sensor that requested it.
     assert all(status == "SUCCESS" for status, _, _, _ in runs), runs

@@ -31,7 +31,17 @@ from etl_assets.lib import warehouse
 from etl_assets.lib.settings import SettingsError
 from etl_assets.lib.sharding import shard_of
 from etl_assets.tools.submit import webserver_url
-from etl_assets_tests.conftest import SAMPLE, PgCluster, edit_crm, new_database, shard_rows, unavailable
+from etl_assets_tests.conftest import (
+    SAMPLE,
+    PgCluster,
+    edit_crm,
+    free_port,
+    new_database,
+    shard_rows,
+    stop_group,
+    unavailable,
+    wait_for_webserver,
+)
 
 pytestmark = pytest.mark.daemon
 
@@ -57,14 +67,6 @@ def warehouse_env(shared: Path, cluster: PgCluster) -> dict[str, str]:
             "DUCKLAKE_DATA_PATH": str(shared / "lake") + "/"}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Redis server (Debian's redis-server, `make broker`) on 127.0.0.1, no persistence."""
@@ -75,7 +77,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     folder = tmp_path_factory.mktemp("redis")
     for _ in range(3):
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                  "--appendonly", "no", "--dir", str(folder)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -125,18 +127,9 @@ class Deployment:
         return self.start(name, [str(BIN / "etl-assets"), "worker", "--name", name], folder,
                           **extra)
 
-    def wait_for_webserver(self, timeout_s: float = 120) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                urllib.request.urlopen(self.env["DAGSTER_WEBSERVER_URL"] + "/server_info", timeout=2)
-                return
-            except OSError:
-                assert self.procs["webserver"].poll() is None and time.monotonic() < deadline, \
-                    self.log("webserver")
-                time.sleep(0.5)
+    def wait_for_webserver(self) -> None:
+        wait_for_webserver(self.env["DAGSTER_WEBSERVER_URL"], self.procs["webserver"],
+                           self.root / "webserver.log")
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]
@@ -164,14 +157,7 @@ class Deployment:
         return f"{name}@{socket.gethostname()}"
 
     def stop(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_group(self.procs.pop(name), timeout_s=20)
 
     def client(self, *args: str, cwd: Path | None = None, **extra: str):
         """An `etl-assets` command from a folder of its own, against the deployment."""
@@ -224,7 +210,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, pg_cluster: PgCluster,
         SHARD_COUNT=str(SHARDS),
         SHARD_RETRY_DELAY_S="0.5",
         # `--submit` hands its runs to the deployment's webserver (Dagster's GraphQL client).
-        DAGSTER_WEBSERVER_URL=f"http://127.0.0.1:{_free_port()}",
+        DAGSTER_WEBSERVER_URL=f"http://127.0.0.1:{free_port()}",
     )
     daemon_home = root / "daemon" / "dagster_home"
     dep = Deployment(root, shared, env, daemon_home)

@@ -8,8 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +21,7 @@ import pytest
 from etl_assets.defs.contracts import LAUNCHED_BY_TAG
 from etl_assets.lib import limits
 from etl_assets.lib.sharding import shard_of
-from etl_assets_tests.conftest import edit_crm
+from etl_assets_tests.conftest import edit_crm, free_port, process_group, wait_for_webserver
 
 # One `dagster dev` (webserver + daemon) serves every test here, in file order: under xdist the
 # module goes to one worker whole (conftest.ONE_WORKER).
@@ -41,12 +39,6 @@ ASSETS = ["crm", "billing", "product", "support", "shard_inputs", "shard_profile
           "customer_profiles"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`dagster dev` from workspace.yaml on a free port, temp home/warehouse, sources staged
@@ -61,35 +53,20 @@ def server(tmp_path_factory):
                DATA_DIR=str(data), ETL_AUTOMATION="off", CHAOS_FAIL_SHARD="3",
                SHARD_COUNT=str(SHARDS))
     subprocess.run([str(BIN / "etl-assets"), "home"], env=env, check=True, capture_output=True)
-    port = _free_port()
-    log = open(root / "dev.log", "w")  # noqa: SIM115 (the server's log, closed at teardown)
-    proc = subprocess.Popen(
-        [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
-         "-h", "127.0.0.1", "-p", str(port)],
-        env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    # Staged while the server starts (the two only share the instance's storage).
-    staged = subprocess.run(
-        [str(BIN / "dagster"), "job", "execute", "-m", "etl_assets.definitions", "-j",
-         "sources_job"],
-        env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert staged.returncode == 0, staged.stdout[-2000:] + staged.stderr[-2000:]
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/server_info", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, (root / "dev.log").read_text()
-            time.sleep(1)
-    yield {"url": url, "root": root, "home": root / "dagster_home", "env": env,
-           "db": root / "var" / "warehouse.duckdb", "log": root / "dev.log"}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    port = free_port()
+    with process_group([str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
+                        "-h", "127.0.0.1", "-p", str(port)],
+                       root / "dev.log", env=env, cwd=root) as proc:
+        # Staged while the server starts (the two only share the instance's storage).
+        staged = subprocess.run(
+            [str(BIN / "dagster"), "job", "execute", "-m", "etl_assets.definitions", "-j",
+             "sources_job"],
+            env=env, cwd=root, capture_output=True, text=True, timeout=300)
+        assert staged.returncode == 0, staged.stdout[-2000:] + staged.stderr[-2000:]
+        url = f"http://127.0.0.1:{port}"
+        wait_for_webserver(url, proc, root / "dev.log")
+        yield {"url": url, "root": root, "home": root / "dagster_home", "env": env,
+               "db": root / "var" / "warehouse.duckdb", "log": root / "dev.log"}
 
 
 def _runs(home: Path, partition: str | None = None) -> list[dg.DagsterRun]:
