@@ -111,26 +111,26 @@ def cell_count(row: str) -> int:
     return len(cells)
 
 
+def _generated(page: Path, begin: str, end: str, expected: str, source: str) -> None:
+    """`page` holds exactly one `begin`/`end` pair, and between them the text `source` gives."""
+    text = page.read_text(encoding="utf-8")
+    assert text.count(begin) == 1 and text.count(end) == 1, (
+        f"{_rel(page)} must hold exactly one {begin} and one {end} marker")
+    between = text.split(begin, 1)[1].split(end, 1)[0]
+    assert between.strip() == expected.strip(), (
+        f"{_rel(page)}: the text between {begin} and {end} differs from {source}; paste its "
+        "output there")
+
+
 def test_the_column_tables_are_generated_from_the_declaration():
-    text = (REPO / "docs" / "rules.md").read_text(encoding="utf-8")
-    assert text.count(BEGIN) == 1 and text.count(END) == 1, (
-        f"docs/rules.md must hold exactly one {BEGIN} and one {END} marker")
-    between = text.split(BEGIN, 1)[1].split(END, 1)[0]
-    assert between.strip() == columns_markdown().strip(), (
-        "docs/rules.md: the text between the column markers differs from "
-        "etl_assets.lib.schema.columns_markdown(); paste its output there")
+    _generated(REPO / "docs" / "rules.md", BEGIN, END, columns_markdown(),
+               "etl_assets.lib.schema.columns_markdown()")
 
 
 def test_the_rules_page_shows_the_declared_rules():
     """docs/rules.md's scores are the declaration's expressions and macros, not a retelling."""
-    begin, end = "<!-- rules:begin -->", "<!-- rules:end -->"
-    text = (REPO / "docs" / "rules.md").read_text(encoding="utf-8")
-    assert text.count(begin) == 1 and text.count(end) == 1, (
-        f"docs/rules.md must hold exactly one {begin} and one {end} marker")
-    between = text.split(begin, 1)[1].split(end, 1)[0]
-    assert between.strip() == rules_markdown().strip(), (
-        "docs/rules.md: the text between the rules markers differs from "
-        "etl_assets.lib.rules.rules_markdown(); paste its output there")
+    _generated(REPO / "docs" / "rules.md", "<!-- rules:begin -->", "<!-- rules:end -->",
+               rules_markdown(), "etl_assets.lib.rules.rules_markdown()")
 
 
 def test_readme_is_at_most_12_kb():
