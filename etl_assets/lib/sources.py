@@ -17,7 +17,7 @@ from pathlib import Path
 
 import duckdb
 
-from etl_assets.lib import edits, errors, freshness, staging, warehouse
+from etl_assets.lib import edits, errors, freshness, ownership, staging, warehouse
 from etl_assets.lib.events import report_progress
 from etl_assets.lib.faults import Hook
 from etl_assets.lib.files import file_sha256, snapshot_file
@@ -72,6 +72,7 @@ def stage_source(
         _report_staged(schema, result)
         return result
     hook("source_after_hash")
+    ownership.claim_folder(Path(settings.staging_dir), settings.pipeline_name)
     # Held until the end: the snapshot is moved into the version after it is published.
     with staging.temp_dir(settings.staging_dir, schema.name) as snapshot_dir:
         snapshot = snapshot_dir / schema.filename

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import duckdb
 
-from etl_assets.lib import ducklake, errors, interrupts
+from etl_assets.lib import ducklake, errors, interrupts, ownership
 from etl_assets.lib.declaration import Declaration
 from etl_assets.lib.faults import Hook, no_hook
 from etl_assets.lib.limits import DuckDBLimits
@@ -140,12 +140,9 @@ def _with_lock_retry(action: Callable[[], None], path: str, timeout_s: float) ->
 
 
 def rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
-    """ROLLBACK if a transaction is open; never raise.
-
-    Called while another error is on its way out: a COMMIT that failed (a full disk) has already
-    ended the transaction, and DuckDB's "cannot rollback - no transaction is active" must not
-    replace the error that says what happened.
-    """
+    """ROLLBACK if a transaction is open; never raise: called while another error is on its
+    way out (a COMMIT that failed, on a full disk, has already ended the transaction, and
+    DuckDB's "no transaction is active" must not replace the error that says what happened)."""
     with suppress(duckdb.Error):
         con.execute("ROLLBACK")
 
@@ -200,7 +197,8 @@ def _attach(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float, data_pa
 def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float,
              data_path: str = "", decl: Declaration | None = DECLARATION) -> Iterator[str]:
     """Attach the warehouse to `con` as `wh` for a short write; always detach afterwards.
-    A new warehouse gets the tables of `decl`'s pipeline (None: those of every pipeline).
+    A new warehouse gets the tables of `decl`'s pipeline (None: those of every pipeline),
+    which must own it and whose declaration its tables then follow (`ownership`).
 
     `path` is a DuckDB file, or a DuckLake catalog with its table data under `data_path`.
     A full disk anywhere inside (ATTACH replaying the WAL, a COMMIT, the CHECKPOINT of DETACH)
@@ -211,10 +209,12 @@ def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float,
     with errors.disk_full_at(data_path if on_lake else path):
         _attach(con, path, timeout_s, data_path)
         try:
-            for statement in ddl(on_lake, decl):
+            statements = ddl(on_lake, decl)
+            for statement in (*statements, ownership.ddl(ALIAS)):
                 # Two fresh writers creating the same table conflict on DuckLake; once the
                 # tables exist these statements change nothing and never conflict.
                 ducklake.retry_conflicts(lambda s=statement: con.execute(s), "creating tables")
+            ownership.claim(con, ALIAS, decl, ducklake.redact(path), statements[-2:])
             yield ALIAS
         except BaseException:
             rollback_quietly(con)

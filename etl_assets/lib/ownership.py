@@ -1,0 +1,134 @@
+"""Whose tables a warehouse holds, and those tables kept to their pipeline's declaration.
+
+Each pipeline has a warehouse of its own by default, but DUCKDB_PATH (or a component's
+`settings.database`) can give two pipelines the same one, and their `shard_profiles`,
+manifests and rejected rows would then mix. A warehouse records the name of its pipeline in
+`pipeline` on first use; another pipeline's run stops there, in one line, before it writes a
+row. A warehouse made before that record belongs to the pipeline whose key its profiles carry.
+
+A declaration edited (a column added, removed, renamed, retyped or moved) changes the columns
+of `shard_profiles`, and the shard writes insert by position: into the old table they would
+fail or, worse, put values under another column's name. So when the table's columns are not
+the declaration's, it is made again, empty, in one transaction that also forgets every shard's
+manifest row (the declaration's digest is part of the code version, so every shard was to be
+rebuilt anyway); `rejected_rows` too when the key changed, with the sources' manifest rows, so
+each source is staged again and its rejected rows recorded under the new key.
+
+A staging folder (STAGING_DIR) shared the same way would let two pipelines' sources of one name
+replace each other's staged files: it holds its pipeline's name in `.pipeline`, checked before
+a source is staged there.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import duckdb
+
+from etl_assets.lib import ducklake, errors, pipeline
+from etl_assets.lib.declaration import SHIPPED, Declaration
+from etl_assets.lib.schema import profile_columns
+
+
+class OtherPipelineError(errors.PathError):
+    """The warehouse holds another pipeline's tables."""
+
+
+def ddl(db: str) -> str:
+    """The statement creating the one-row record of the warehouse's pipeline."""
+    return f"CREATE TABLE IF NOT EXISTS {db}.pipeline (name VARCHAR)"
+
+
+def claim(con: duckdb.DuckDBPyConnection, db: str, decl: Declaration | None, shown_path: str,
+          tables: tuple[str, ...]) -> None:
+    """Record `decl`'s pipeline as the owner of the warehouse attached as `db` if none is,
+    refuse another's (OtherPipelineError naming `shown_path`), then make its tables follow
+    `decl` (see the module docstring) with `tables`, the statements creating shard_profiles
+    and rejected_rows. Idempotent; on a current warehouse, three reads. None: the tables
+    every pipeline has are attached, and there is nothing to claim."""
+    if decl is None:
+        return
+    own = pipeline.name(decl.path)
+    ducklake.retry_conflicts(lambda: _record(con, db, decl, own, shown_path),
+                             "recording the pipeline")
+    owner = con.execute(f"SELECT min(name) FROM {db}.pipeline").fetchone()[0]
+    if owner != own:
+        raise _other(shown_path, f"pipeline {owner!r}", own)
+    if _columns(con, db, "shard_profiles") != _expected(con, decl):
+        ducklake.retry_conflicts(lambda: _reshape(con, db, decl, tables),
+                                 "following the declaration")
+
+
+def claim_folder(folder: Path, own: str) -> None:
+    """Record pipeline `own` as the owner of staging `folder` if none is; OtherPipelineError
+    naming the folder if another pipeline is."""
+    marker = folder / ".pipeline"
+    if not marker.is_file():
+        with errors.naming(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            draft = folder / f".pipeline.{uuid.uuid4().hex}"
+            draft.write_text(own + "\n", encoding="utf-8")
+            try:
+                os.link(draft, marker)  # the first pipeline to get here owns it
+            except FileExistsError:
+                pass
+            finally:
+                draft.unlink()
+    owner = marker.read_text(encoding="utf-8").strip()
+    if owner != own:
+        raise _other(str(folder), f"pipeline {owner!r}", own, "staged files", "STAGING_DIR")
+
+
+def _other(shown_path: str, owner: str, own: str, what: str = "tables",
+           variable: str = "DUCKDB_PATH") -> OtherPipelineError:
+    return OtherPipelineError(
+        shown_path, f"holds the {what} of {owner}, not of pipeline {own!r}: give each pipeline "
+        f"its own (without {variable}, {own!r} has them under "
+        f"{pipeline.folder(Path('<home>'), '' if own == SHIPPED.stem else own)}/)")
+
+
+def _record(con: duckdb.DuckDBPyConnection, db: str, decl: Declaration, own: str,
+            shown_path: str) -> None:
+    con.execute("BEGIN")
+    if con.execute(f"SELECT count(*) FROM {db}.pipeline").fetchone()[0] == 0:
+        # Made before the record: the pipeline whose key its profiles carry first owns it.
+        first = next(iter(_columns(con, db, "shard_profiles")), ("", ""))[0]
+        used = con.execute(f"SELECT (SELECT count(*) FROM {db}.shard_manifest) + "
+                           f"(SELECT count(*) FROM {db}.source_manifest)").fetchone()[0]
+        if used and first != decl.key:
+            raise _other(shown_path, f"another pipeline (keyed on {first})", own)
+        con.execute(f"INSERT INTO {db}.pipeline VALUES (?)", [own])
+    con.execute("COMMIT")
+
+
+def _columns(con: duckdb.DuckDBPyConnection, db: str, table: str) -> list[tuple[str, str]]:
+    return [tuple(row) for row in con.execute(
+        "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = ? "
+        "AND schema_name = 'main' AND table_name = ? ORDER BY column_index",
+        [db, table]).fetchall()]
+
+
+def _expected(con: duckdb.DuckDBPyConnection, decl: Declaration) -> list[tuple[str, str]]:
+    """shard_profiles' columns as DuckDB spells their types (a temp table of the same DDL)."""
+    columns = ", ".join(f"{name} {sql_type}" for name, sql_type in profile_columns(decl))
+    con.execute(f"CREATE OR REPLACE TEMP TABLE expected_shape ({columns}, shard_count INTEGER)")
+    try:
+        return _columns(con, "temp", "expected_shape")
+    finally:
+        con.execute("DROP TABLE temp.expected_shape")
+
+
+def _reshape(con: duckdb.DuckDBPyConnection, db: str, decl: Declaration,
+             tables: tuple[str, ...]) -> None:
+    con.execute("BEGIN")
+    if _columns(con, db, "shard_profiles") != _expected(con, decl):  # not done meanwhile
+        con.execute(f"DROP TABLE {db}.shard_profiles")
+        con.execute(f"DELETE FROM {db}.shard_manifest")
+        if decl.key not in dict(_columns(con, db, "rejected_rows")):
+            con.execute(f"DROP TABLE {db}.rejected_rows")
+            con.execute(f"DELETE FROM {db}.source_manifest")
+        for statement in tables:
+            con.execute(statement)
+    con.execute("COMMIT")
