@@ -1,6 +1,7 @@
 """`etl-assets init`: a declaration inferred from a folder of CSV files, that the project's own
 loader accepts, that `generate --pipeline` can use, and whose kinds accept every value of the
-files it came from. Real files, real DuckDB; no pipeline run."""
+files it came from; and the README's init, edit, run on one folder. Real files, real DuckDB,
+a real Dagster instance."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from etl_assets.lib.validation import read_source
 from etl_assets.tools import cli
 from etl_assets.tools.generate import generate
 from etl_assets.tools.generate_declared import generate_declared
-from etl_assets_tests.conftest import write_csv
+from etl_assets.tools.runner import run_pipeline
+from etl_assets_tests.conftest import make_settings, read_export, write_csv
 from etl_assets_tests.test_generate import validate_declared
+from etl_assets_tests.test_other_domain import VEHICLES as VEHICLE_COUNT
+from etl_assets_tests.test_other_domain import write_fleet
 
 VEHICLES = (["vehicle_id", "make", "capacity_kg", "bought", "depot", "code", "tare"], [
     ["v01", "Volvo", "12000", "2019-03-01", "North", "007", "7.50"],
@@ -211,3 +215,25 @@ def test_each_error_is_one_line_and_writes_nothing(tmp_path, capsys, case, probl
     assert err == "error: " + problem.format(data=data, out=out) + "\n"
     assert out.read_text(encoding="utf-8") == "mine\n" if case == "existing out" \
         else not out.exists()
+
+
+def test_init_edit_run_on_the_same_folder(tmp_path, capsys, instance):
+    """The README's three steps on one folder: init, a derived column added, run (in-process,
+    a real Dagster instance): every vehicle exported, the bad row quarantined."""
+    data = tmp_path / "fleet"
+    write_fleet(data)
+    out = tmp_path / "fleet.yaml"
+    assert _init(capsys, data, out)[0] == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.count("derived: {}") == 1
+    out.write_text(text.replace("derived: {}", "derived:\n  long_haul: km >= 2000"),
+                   encoding="utf-8")
+    settings = make_settings(tmp_path, data, pipeline=str(out), shard_count=3)
+    outcome = run_pipeline(settings, echo=lambda line: None, instance=instance)
+    assert outcome.ok, outcome.reason
+    rows = {row["vehicle_id"]: row for row in read_export(Path(settings.export_path))}
+    assert len(rows) == VEHICLE_COUNT and rows["V0200"]["long_haul"] == "true"
+    assert rows["V0007"]["km"] == "91.5" and rows["V0007"]["long_haul"] == "false"
+    with duckdb.connect(settings.database, read_only=True) as con:
+        assert con.execute("SELECT source, reason FROM rejected_rows").fetchall() == [
+            ("services", "missing_vehicle_id")]
