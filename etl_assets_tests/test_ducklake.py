@@ -25,18 +25,23 @@ from etl_assets.lib.settings import PG_URL_VAR, EtlSettings, SettingsError
 from etl_assets.lib.sharding import shard_of
 from etl_assets.lib.sources import stage_source
 from etl_assets_tests.conftest import edit_crm, make_settings, new_database, outdated_by_a_newer_run
+from etl_assets_tests.test_other_domain import FLEET, VEHICLES, write_fleet
 
 BIN = Path(sys.executable).parent
 SHARDS = 10
 
 
+def new_lake(cluster, data_path: Path) -> dict[str, str]:
+    """DUCKDB_PATH and DUCKLAKE_DATA_PATH of a new, empty DuckLake (its own database)."""
+    name = new_database(cluster, "lake")
+    return {"DUCKDB_PATH": f"ducklake:postgres:dbname={name} host=127.0.0.1 "
+                           f"port={cluster.port} user=postgres",
+            "DUCKLAKE_DATA_PATH": str(data_path)}
+
+
 @pytest.fixture
 def lake(pg_cluster, tmp_path) -> dict[str, str]:
-    """DUCKDB_PATH and DUCKLAKE_DATA_PATH of a new, empty DuckLake (its own database)."""
-    name = new_database(pg_cluster, "lake")
-    return {"DUCKDB_PATH": f"ducklake:postgres:dbname={name} host=127.0.0.1 "
-                           f"port={pg_cluster.port} user=postgres",
-            "DUCKLAKE_DATA_PATH": str(tmp_path / "lake-data")}
+    return new_lake(pg_cluster, tmp_path / "lake-data")
 
 
 def _on_lake(tmp_path: Path, data_dir: Path, lake: dict[str, str], **overrides) -> EtlSettings:
@@ -274,6 +279,33 @@ def test_etl_assets_run_on_postgres_and_ducklake_matches_the_embedded_run(
     assert [job for job, _ in runs].count("shards_job") == 4
     assert not (tmp_path / "shared" / "var" / "warehouse.duckdb").exists()
     assert (tmp_path / "shared" / "var" / "merged_output.snapshot.duckdb").is_file()
+
+    # Another domain (issue 33's fleet) on the same deployment: given the customers' lake it
+    # stops in one line before writing; on a lake of its own, its export, bad row quarantined,
+    # is the embedded run's, byte for byte.
+    (tmp_path / "fleet.yaml").write_text(FLEET, encoding="utf-8")
+    write_fleet(tmp_path / "fleet_data")
+    fleet = ("run", "--pipeline", str(tmp_path / "fleet.yaml"), "--data-dir",
+             str(tmp_path / "fleet_data"), "--shards", "3")
+    refused = _cli(shared_env, tmp_path, *fleet)
+    out = refused.communicate(timeout=300)[0]
+    assert refused.returncode == 1 and out.strip().splitlines()[-1].endswith(
+        "holds the tables of pipeline 'customers', not of pipeline 'fleet': give each pipeline "
+        "its own (without DUCKDB_PATH, 'fleet' has them under <home>/pipelines/fleet/)"), out
+    shared_env.update(new_lake(pg_cluster, tmp_path / "fleet-lake"))
+    procs = {"embedded": _cli(embedded_env, tmp_path, *fleet),
+             "shared": _cli(shared_env, tmp_path, *fleet)}
+    for name, proc in procs.items():
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, (name, out[-3000:])
+    exports = [tmp_path / home / "var" / "pipelines" / "fleet" / "merged_output.csv"
+               for home in ("embedded", "shared")]
+    assert exports[0].read_bytes() == exports[1].read_bytes()
+    assert len(exports[1].read_bytes().splitlines()) == VEHICLES + 1
+    with warehouse.read_only(shared_env["DUCKDB_PATH"], 5) as con:
+        assert con.execute("SELECT source, reason FROM wh.rejected_rows ORDER BY source"
+                           ).fetchall() == [("services", "missing_vehicle_id"),
+                                            ("trips", "invalid_integer(trips)")]
 
 
 def test_an_unreachable_catalog_is_one_line_without_the_password(tmp_path):
