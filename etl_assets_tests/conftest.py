@@ -22,8 +22,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from etl_assets.lib import limits
 from etl_assets.lib.schema import SOURCES
 from etl_assets.lib.settings import EtlSettings
+from etl_assets.tools.instance import instance_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data"
@@ -114,8 +116,14 @@ def instance(dagster_home: Path) -> Iterator[dg.DagsterInstance]:
 
 
 def _new_dagster_home(home: Path) -> Path:
+    """A Dagster home with the `dagster.yaml` `etl-assets home` writes (every run's events in
+    one SQLite database, no compute-log capture), so in-process runs store what a user's do
+    (and faster than with Dagster's default, a database per run)."""
     home.mkdir(parents=True)
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    (home / "dagster.yaml").write_text(
+        instance_yaml(EtlSettings.from_env(env={}), postgres=False, n_cores=limits.cores(),
+                      ram=limits.ram_bytes(), home=home),
+        encoding="utf-8")
     return home
 
 
