@@ -1,10 +1,9 @@
-"""The bench's edits of the source files, for any declaration: one row, 1% scattered, appended keys.
+"""The bench's edits of a declaration's source files: one row, 1% scattered, new keys appended."""
 
-Byte-level, line by line, so they stay fast at 10M rows: a record is one line (both generators
-quote no line break; a line with an open quote is refused), a field is found by the file's
-header and may be quoted (RFC 4180, `""` inside). The changed column is one numeric column of
-one source (`edit_target`); a changed value stays within its kind and the declared range.
-"""
+# Byte-level, line by line, so they stay fast at 10M rows: a record is one line (neither
+# generator quotes a line break; a line with an open quote is refused), a field is found by the
+# file's header and may be quoted (RFC 4180, `""` inside). The changed column is one numeric
+# column of one source (`edit_target`); a changed value stays within its kind and range.
 
 from __future__ import annotations
 

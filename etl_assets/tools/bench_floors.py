@@ -1,13 +1,12 @@
-"""The bench's floors, from a declaration: the least work a pipeline producing its profiles does.
+"""The bench's floors for any declaration: the least work a pipeline making its profiles does."""
 
-Each floor is a DuckDB query or a few, with no validation, quarantine, staging manifests,
-transactions or Dagster: the plain floor (key, shared columns, derived columns: one query
-reading every source, joining and scoring with the declaration's own macros), the full-width
-floor (every profile column sorted by the key into a table, then the CSV export) and the phase
-floors (one query per phase's work, timed one after the other). The bench runs each in its own
-process, `python -m etl_assets.tools.bench_floors KIND PIPELINE DATA WORKDIR [SHARDS]`, so its
-wall time and peak RSS are measured like a run's; PIPELINE "" is the shipped declaration.
-"""
+# Each floor is a DuckDB query or a few, with no validation, quarantine, staging manifests,
+# transactions or Dagster: the plain floor (the key, the shared columns and the derived ones:
+# one query reading every source, joining and deriving with the declaration's own macros), the
+# full-width floor (every profile column sorted by the key into a table, then the CSV export)
+# and the phase floors (one query per phase's work, timed one after the other). The bench runs
+# each in a process of its own, `python -m etl_assets.tools.bench_floors KIND PIPELINE DATA
+# WORKDIR [SHARDS]`, so its wall time and peak RSS are measured like a run's.
 
 from __future__ import annotations
 
@@ -23,8 +22,6 @@ import duckdb
 from etl_assets.lib import pipeline
 from etl_assets.lib.declaration import Declaration, SourceSchema
 from etl_assets.lib.rules import install_rules, merge_sql
-
-KINDS = ("plain", "full", "phases")
 
 
 def quote(name: str) -> str:
@@ -148,8 +145,9 @@ def phase_floors(con: duckdb.DuckDBPyConnection, decl: Declaration, data: Path, 
 
 
 def main(argv: list[str]) -> None:
-    """KIND PIPELINE DATA WORKDIR [SHARDS]: one floor, its database and files in WORKDIR;
-    prints the row count (plain, full) or the phase times as JSON (phases)."""
+    """KIND PIPELINE DATA WORKDIR [SHARDS]: one floor (plain, full or phases; PIPELINE "" is
+    the shipped declaration), its database and files in WORKDIR; prints the row count (plain,
+    full) or the phase times as JSON (phases)."""
     kind, path, data, work = argv[0], argv[1], Path(argv[2]), Path(argv[3])
     decl = pipeline.declaration(path)
     con = duckdb.connect(str(work / f"{kind}.duckdb"))
@@ -159,9 +157,11 @@ def main(argv: list[str]) -> None:
             print(plain_floor(con, decl, data))
         elif kind == "full":
             print(full_floor(con, decl, data, work / "full.csv"))
-        else:
+        elif kind == "phases":
             print(json.dumps(phase_floors(con, decl, data, work / "phases_staged",
                                           work / "phases.csv", int(argv[4]))))
+        else:
+            raise SystemExit(f"unknown floor {kind!r} (plain, full or phases)")
     finally:
         con.close()
 
