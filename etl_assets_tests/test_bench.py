@@ -1,23 +1,38 @@
-"""A small smoke of the benchmark: it measures, and writes the table, the JSON and the chart."""
+"""The benchmark: a small smoke of it (it measures, and writes the table, the JSON and the
+chart), and its floors and edits on another declaration than the customers'."""
 
+import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pytest
 
+from etl_assets.lib import pipeline
+from etl_assets.lib.declaration import Declaration
+from etl_assets.lib.rules import DECLARATION, install_rules
+from etl_assets.lib.validation import read_source
+from etl_assets.tools import bench_floors
 from etl_assets.tools.bench import (
     FULL_FLOOR_LABEL,
     PHASE_FLOOR_LABEL,
     REFRESHES,
     _measure,
-    append_customers,
-    change_scattered,
     fixed_cost_label,
     fresh_label,
 )
+from etl_assets.tools.bench_edits import (
+    EditError,
+    append_keys,
+    change_one_row,
+    change_scattered,
+    edit_target,
+)
 from etl_assets.tools.generate import generate
+from etl_assets.tools.generate_declared import generate_declared
+from etl_assets_tests.test_other_domain import FLEET
 
 BIN = Path(sys.executable).parent
 
@@ -111,10 +126,121 @@ def test_refresh_edits(tmp_path):
     change_scattered(again, 2000)
     assert (again / "billing.csv").read_bytes() == (data / "billing.csv").read_bytes()
 
-    assert append_customers(data, 2000) == 10
+    assert append_keys(data, 2000) == 10
     new_ids = [b"cust_%08d" % i for i in range(2001, 2011)]
     for name, lines in before.items():
         now = (data / f"{name}.csv").read_bytes().splitlines()
         assert now[:len(lines)] == (lines if name != "billing" else after)
         assert [line.split(b",")[0] for line in now[len(lines):]] == new_ids
         assert not {line.split(b",")[0] for line in lines} & set(new_ids)
+
+
+def test_the_shipped_bench_still_changes_billing_mrr():
+    """Any declaration's bench edits one column; the shipped one's stays billing's mrr, under
+    the labels every earlier bench used, so their figures stay comparable."""
+    source, column = edit_target(DECLARATION)
+    assert (source.name, column.name) == ("billing", "mrr")
+    assert [label for label, _ in REFRESHES] == [
+        "1% of billing rows changed, scattered, re-run",
+        "0.5% new customers in every source, re-run"]
+
+
+def _fleet(tmp_path: Path, text: str = FLEET) -> tuple[Declaration, Path]:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text, encoding="utf-8")
+    decl = pipeline.declaration(str(path))
+    data = tmp_path / "data"
+    generate_declared(decl, ROWS, out_dir=data)
+    return decl, data
+
+
+ROWS = 1000
+
+
+def test_floors_of_another_declaration(tmp_path):
+    """Each floor of the fleet runs and gives one row per key; the phase floors' merge (the
+    pipeline's query) and the full-width floor's agree on every column."""
+    decl, data = _fleet(tmp_path)
+    keys = set()
+    for source in decl.sources:
+        with open(data / source.filename, newline="", encoding="utf-8") as fh:
+            keys |= {r["vehicle_id"] for r in csv.DictReader(fh)}
+    con = duckdb.connect()
+    assert bench_floors.plain_floor(con, decl, data) == len(keys)
+    plain = con.execute("SELECT * FROM profiles")
+    assert [c[0] for c in plain.description] == ["vehicle_id", "km_per_trip", "mileage"]
+    assert {r[0] for r in plain.fetchall()} == keys
+    assert bench_floors.full_floor(con, decl, data, tmp_path / "full.csv") == len(keys)
+    full = con.execute("SELECT * FROM profiles").fetchall()
+    assert [r[0] for r in full] == sorted(keys)
+    assert len((tmp_path / "full.csv").read_bytes().splitlines()) == len(keys) + 1
+    times = bench_floors.phase_floors(duckdb.connect(str(tmp_path / "p.duckdb")), decl, data,
+                                      tmp_path / "staged", tmp_path / "p.csv", 3)
+    assert set(times) == {"sources_s", "shards_s", "profiles_s"}
+    with duckdb.connect(str(tmp_path / "p.duckdb")) as phases:
+        merged = phases.execute("SELECT * EXCLUDE (shard_id, idempotency_key) FROM profiles "
+                                "ORDER BY vehicle_id").fetchall()
+    assert merged == full
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_edits_of_another_declaration(tmp_path):
+    """The edits on a fleet with a quoted text column before the changed one and the key not
+    first: exactly the expected records of that one column change, within its range, and the
+    files stay valid; the append adds the same new keys to every source."""
+    # trips as wide as vehicles: the first narrowest source is then vehicles, whose price comes
+    # after the quoted `make` (`"Kraków Systems, Inc."`).
+    decl, data = _fleet(tmp_path, FLEET.replace("      last_trip:", "      driver: {kind: text}\n"
+                                                "      last_trip:"))
+    source, column = edit_target(decl)
+    assert (source.name, column.name) == ("vehicles", "price")
+    path = data / "vehicles.csv"
+    table = _rows(path)
+    order = ["make", "price", "vehicle_id", "fuel", "bought"]
+    with open(path, "w", newline="", encoding="utf-8") as fh:  # the key not first
+        writer = csv.DictWriter(fh, order, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+    assert b'"' in path.read_bytes()
+
+    def changed(before: list[dict[str, str]], after: list[dict[str, str]]) -> list[int]:
+        assert len(before) == len(after)
+        for b, a in zip(before, after, strict=True):
+            assert {k: v for k, v in b.items() if k != "price"} == \
+                {k: v for k, v in a.items() if k != "price"}
+            if a["price"] != b["price"]:
+                assert float(a["price"]) >= 0 and len(a["price"].split(".")[1]) == 2
+                assert not b["price"] or float(a["price"]) == pytest.approx(float(b["price"]) + 1)
+        return [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if a != b]
+
+    assert change_scattered(data, ROWS, decl=decl) == 0
+    scattered = _rows(path)
+    assert len(changed(table, scattered)) == round(len(table) * 0.01)
+    change_one_row(data, decl)
+    assert changed(scattered, _rows(path)) == [0]
+    before = {s.name: _rows(data / s.filename) for s in decl.sources}
+    assert append_keys(data, ROWS, decl=decl) == 5
+    new = [f"vehicle_{i:08d}" for i in range(ROWS + 1, ROWS + 6)]
+    for s in decl.sources:
+        rows = _rows(data / s.filename)
+        assert rows[:len(before[s.name])] == before[s.name]
+        assert [r["vehicle_id"] for r in rows[len(before[s.name]):]] == new
+        with duckdb.connect() as con:  # the engine's own validation of the source
+            install_rules(con, decl)
+            report = read_source(con, data / s.filename, s)
+        assert report.rejected == 0 and report.rows_read == len(rows), (s.name, report.reasons)
+    # A record that goes on past its line is refused in one line, not edited in half.
+    rows = _rows(path)
+    rows[0]["make"] = "Multi\nline"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, order, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    kept = path.read_bytes()
+    with pytest.raises(EditError, match="vehicles.csv: a quoted field holds a line break"):
+        change_one_row(data, decl)
+    assert path.read_bytes() == kept

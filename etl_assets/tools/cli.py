@@ -284,7 +284,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     run_bench(args.rows, [int(x) for x in args.shards.split(",")],
-              [int(x) for x in args.workers.split(",")], out)
+              [int(x) for x in args.workers.split(",")], out, pipeline_file=args.pipeline or "")
     print((out / "bench.md").read_text(encoding="utf-8"))
     print(f"written: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
     return 0
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     drill.set_defaults(func=cmd_drill)
 
     bench = sub.add_parser("bench", help="time etl-assets run against shards/workers and the floor")
+    bench.add_argument("--pipeline", help="the declaration to measure (default: the shipped "
+                       "customers.yaml); its data comes from `generate --pipeline`")
     bench.add_argument("--rows", type=int, default=1_000_000)
     bench.add_argument("--shards", default="1,4,10", help="comma-separated shard counts")
     bench.add_argument("--workers", default="1,2", help="comma-separated worker counts")
