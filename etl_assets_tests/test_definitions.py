@@ -147,6 +147,14 @@ def test_library_imports_neither_dagster_nor_defs_nor_tools():
     assert checked >= 20
 
 
+def test_no_module_over_500_lines():
+    """Issue 32's bound: a module a newcomer reads whole; past it, split along its seams."""
+    sizes = {path.relative_to(REPO): len(path.read_text(encoding="utf-8").splitlines())
+             for path in (REPO / "etl_assets").rglob("*.py")}
+    assert len(sizes) >= 40
+    assert {path: n for path, n in sizes.items() if n > 500} == {}
+
+
 def test_nothing_private_of_another_library():
     """Issue 32: no module of etl_assets imports a private module or name of another library
     (`dagster._core...`, `from dagster import _check`), and none reads or calls a
