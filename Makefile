@@ -7,9 +7,9 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
-# Three test processes on two cores: the longest tests mostly wait (daemon ticks, retry
-# back-offs), so a third worker keeps both cores busy meanwhile; a fourth only made the others
-# contend (measured: 460 s with three, 478-540 s with four).
+# Four test processes on two cores: the longest tests mostly wait (daemon ticks, servers
+# starting), and the others keep both cores busy meanwhile; the suite is then bound by its CPU
+# time (docs/performance.md, "The test suite").
 # Test homes on tmpfs where there is one: the suite creates hundreds of SQLite and DuckDB files
 # whose fsyncs otherwise make it wait on the disk (test_skip: 145 s -> 91 s wall here).
 TEST_TMPDIR ?= $(if $(wildcard /dev/shm/.),/dev/shm,/tmp)
