@@ -72,22 +72,25 @@ def test_an_edited_declaration_gives_the_export_of_a_fresh_home(tmp_path, instan
     assert Path(again.export_path).read_bytes() == Path(first.export_path).read_bytes()
 
 
-def test_a_warehouse_or_staging_folder_of_another_pipeline_is_refused_unchanged(
+def test_a_warehouse_staging_folder_or_export_of_another_pipeline_is_refused_unchanged(
         tmp_path, sample_dir, instance):
     fleet = _fleet(tmp_path)
     assert run_pipeline(fleet, echo=_quiet, instance=instance).ok
     held = _tables(fleet.database)
     customers = make_settings(tmp_path / "c", sample_dir, shard_count=4)
-    for shared in ({"database": fleet.database}, {"staging_dir": fleet.staging_dir}):
-        outcome = run_pipeline(customers.model_copy(update=shared), echo=_quiet,
+    export = Path(fleet.export_path).read_bytes()
+    for field, what, variable in (("database", "tables", "DUCKDB_PATH"),
+                                  ("staging_dir", "staged files", "STAGING_DIR"),
+                                  ("export_path", "export", "EXPORT_PATH")):
+        place = getattr(fleet, field)
+        outcome = run_pipeline(customers.model_copy(update={field: place}), echo=_quiet,
                                instance=instance)
-        place = next(iter(shared.values()))
-        assert outcome.reason == (
-            f"{place}: holds the {'tables' if 'database' in shared else 'staged files'} of "
-            f"pipeline 'fleet', not of pipeline 'customers': give each pipeline its own "
-            f"(without {'DUCKDB_PATH' if 'database' in shared else 'STAGING_DIR'}, 'customers' "
-            "has them under <home>/)")
+        assert outcome.reason.endswith(
+            f"{place}: holds the {what} of pipeline 'fleet', not of pipeline 'customers': give "
+            f"each pipeline its own (without {variable}, 'customers' has them under <home>/)"), \
+            outcome.reason
         assert _tables(fleet.database) == held
+        assert Path(fleet.export_path).read_bytes() == export
     # Each on its own: both run, the customers with the sample's export.
     assert run_pipeline(customers, echo=_quiet, instance=instance).ok
     digest = hashlib.sha256(Path(customers.export_path).read_bytes()).hexdigest()

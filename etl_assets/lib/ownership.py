@@ -14,9 +14,10 @@ manifest row (the declaration's digest is part of the code version, so every sha
 rebuilt anyway); `rejected_rows` too when the key changed, with the sources' manifest rows, so
 each source is staged again and its rejected rows recorded under the new key.
 
-A staging folder (STAGING_DIR) shared the same way would let two pipelines' sources of one name
-replace each other's staged files: it holds its pipeline's name in `.pipeline`, checked before
-a source is staged there.
+A staging folder (STAGING_DIR) or an export (EXPORT_PATH) shared the same way would let two
+pipelines replace each other's staged files or export: a marker beside it (`.pipeline` in the
+folder, `.<export name>.pipeline`) holds its pipeline's name, checked before a source is
+staged there or the export published.
 """
 
 from __future__ import annotations
@@ -64,11 +65,21 @@ def claim(con: duckdb.DuckDBPyConnection, db: str, decl: Declaration | None, sho
 def claim_folder(folder: Path, own: str) -> None:
     """Record pipeline `own` as the owner of staging `folder` if none is; OtherPipelineError
     naming the folder if another pipeline is."""
-    marker = folder / ".pipeline"
+    _claim_marker(folder / ".pipeline", own, folder, "staged files", "STAGING_DIR")
+
+
+def claim_export(export: Path, own: str) -> None:
+    """The same for the export file (and the snapshot named after it on DuckLake), with its
+    marker `.<name>.pipeline` beside it: checked before a publish writes either."""
+    _claim_marker(export.parent / f".{export.name}.pipeline", own, export, "export",
+                  "EXPORT_PATH")
+
+
+def _claim_marker(marker: Path, own: str, shown: Path, what: str, variable: str) -> None:
     if not marker.is_file():
-        with errors.naming(folder):
-            folder.mkdir(parents=True, exist_ok=True)
-            draft = folder / f".pipeline.{uuid.uuid4().hex}"
+        with errors.naming(shown):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            draft = marker.parent / f"{marker.name}.{uuid.uuid4().hex}"
             draft.write_text(own + "\n", encoding="utf-8")
             try:
                 os.link(draft, marker)  # the first pipeline to get here owns it
@@ -78,7 +89,7 @@ def claim_folder(folder: Path, own: str) -> None:
                 draft.unlink()
     owner = marker.read_text(encoding="utf-8").strip()
     if owner != own:
-        raise _other(str(folder), f"pipeline {owner!r}", own, "staged files", "STAGING_DIR")
+        raise _other(str(shown), f"pipeline {owner!r}", own, what, variable)
 
 
 def _other(shown_path: str, owner: str, own: str, what: str = "tables",

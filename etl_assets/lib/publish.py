@@ -21,7 +21,8 @@ from typing import BinaryIO
 
 import duckdb
 
-from etl_assets.lib import errors, export_parts
+from etl_assets.lib import errors, export_parts, ownership
+from etl_assets.lib.declaration import SHIPPED
 from etl_assets.lib.events import report_progress
 from etl_assets.lib.faults import Hook, no_hook
 from etl_assets.lib.files import (
@@ -254,7 +255,7 @@ class _Background:
 class Targets:
     """Where customer_profiles is published: the layout, the export and the snapshot, the
     folder of the export's kept parts, whether to rebuild whole (--force), and the profile's
-    columns (the key first) and table (default: the shipped pipeline's)."""
+    columns (the key first), table and pipeline (default: the shipped pipeline's)."""
 
     shard_count: int
     export_path: str
@@ -263,12 +264,14 @@ class Targets:
     rebuild: bool = False
     columns: Columns = tuple(profile_columns())
     table: str = PROFILES_TABLE
+    pipeline: str = SHIPPED.stem
 
     @classmethod
     def of(cls, settings: EtlSettings) -> Targets:
         return cls(settings.shard_count, settings.export_path, settings.snapshot_path,
                    settings.export_parts_dir, settings.force,
-                   tuple(profile_columns(settings.declaration)), settings.profiles_table)
+                   tuple(profile_columns(settings.declaration)), settings.profiles_table,
+                   settings.pipeline_name)
 
 
 def publish_customer_profiles(
@@ -314,6 +317,7 @@ def publish_customer_profiles(
     target, snapshot, parts = Path(export_path), Path(targets.snapshot_path), Path(targets.parts_dir)
     check_export_target(export_path)
     check_export_target(str(snapshot))
+    ownership.claim_export(target, targets.pipeline)
     for stale in [*stale_temps(target), *stale_temps(snapshot)]:
         stale.unlink(missing_ok=True)
     versions = shard_versions(con, shard_count)
