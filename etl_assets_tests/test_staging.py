@@ -96,9 +96,9 @@ def _small_billing(tmp_path: Path) -> tuple[Path, bytes]:
 
 
 def _age(folder: Path) -> None:
-    """Make every temp folder and lock file in `folder` two minutes old (by mtime)."""
+    """Make every temp folder, lock file and temp file in `folder` two minutes old (by mtime)."""
     then = time.time() - 120
-    for path in folder.glob(".tmp-*"):
+    for path in [*folder.glob(".tmp-*"), *folder.glob(".*.tmp")]:
         os.utime(path, (then, then))
 
 
@@ -134,7 +134,8 @@ with files.temp_dir(Path(sys.argv[1])) as path:
 
 def test_only_temp_folders_of_dead_writers_are_pruned_however_old(tmp_path: Path):
     """A publish removes a temp folder whose writer is gone (killed: its lock is free) or, with
-    no lock file (older code's), one that is old; a live writer's stays, however old."""
+    no lock file (older code's), one that is old; a live writer's stays, however old. A
+    pointer's temp file (written in microseconds) goes once old: a crash left it."""
     data, _ = _small_billing(tmp_path)
     settings = make_settings(tmp_path, data, shard_count=3)
     folder = Path(settings.staging_dir) / "billing"
@@ -146,13 +147,18 @@ def test_only_temp_folders_of_dead_writers_are_pruned_however_old(tmp_path: Path
         dead.send_signal(signal.SIGKILL)
         dead.wait()
         (folder / ".tmp-older-code").mkdir()
+        crashed = folder / f".{staging.POINTER}.{'a' * 32}.tmp"
+        crashed.write_text("{}", encoding="utf-8")
         _age(folder)
         (folder / ".tmp-older-code-young").mkdir()
+        writing = folder / f".{staging.POINTER}.{'b' * 32}.tmp"
+        writing.write_text("{}", encoding="utf-8")
         assert (dead_dir / "part.parquet").is_file()
         stage_source(SOURCES["billing"], settings)
         assert sorted(p.name for p in folder.glob(".tmp-*")) == sorted(
             [live_dir.name, f"{live_dir.name}.lock", ".tmp-older-code-young"])
         assert (live_dir / "part.parquet").read_bytes() == b"partial"
+        assert not crashed.exists() and writing.exists()
     finally:
         live.communicate("")
     assert live.returncode == 0

@@ -146,7 +146,7 @@ def remove_dead_temp_dirs(parent: Path) -> None:
             os.close(fd)
     for path in parent.glob(f"{TEMP_DIR_PREFIX}*"):
         if path.is_dir() and not path.with_name(path.name + _LOCK_SUFFIX).exists() \
-                and _age_s(path) > UNLOCKED_TEMP_DIR_AGE_S:
+                and age_s(path) > UNLOCKED_TEMP_DIR_AGE_S:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -208,7 +208,8 @@ def _file_id(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _age_s(path: Path) -> float:
+def age_s(path: Path) -> float:
+    """Seconds since `path` last changed (0 when it is gone)."""
     try:
         return time.time() - path.stat().st_mtime
     except OSError:

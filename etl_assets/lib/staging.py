@@ -221,6 +221,10 @@ def _prune(source_dir: Path, keep: str) -> None:
     # However old, a temp folder whose writer lives (this run's own snapshot, another run's
     # slices) is kept: staging one source can take minutes.
     files.remove_dead_temp_dirs(source_dir)
+    # A pointer is written in microseconds: its temp file, once old, was left by a crash.
+    for tmp in source_dir.glob(f".{POINTER}.*.tmp"):
+        if files.age_s(tmp) > files.UNLOCKED_TEMP_DIR_AGE_S:
+            tmp.unlink(missing_ok=True)
     versions = [child for child in source_dir.iterdir() if child.is_dir() and child.name != keep
                 and not child.name.startswith(files.TEMP_DIR_PREFIX)]
     versions.sort(key=lambda p: p.stat().st_mtime, reverse=True)
