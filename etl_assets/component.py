@@ -29,7 +29,13 @@ from etl_assets.defs.sensors import build_sensors
 from etl_assets.defs.shard_inputs import build_shard_inputs_asset
 from etl_assets.defs.sources import build_source_assets
 from etl_assets.lib import declaration_file, pipeline
-from etl_assets.lib.settings import EtlSettings, SettingsError, broker_url, set_in_environment
+from etl_assets.lib.settings import (
+    ENV_VARS,
+    EtlSettings,
+    SettingsError,
+    broker_url,
+    set_in_environment,
+)
 
 
 def build_defs(settings: EtlSettings | None = None, broker: str | None = None, *,
@@ -141,6 +147,13 @@ class DeclaredPipeline(dg.Component, dg.Model, dg.Resolvable):
             problem = exc.errors()[0]
             field = ".".join(str(part) for part in problem["loc"])
             raise SettingsError(f"{here}: settings.{field}: {problem['msg']}") from None
+        except SettingsError as exc:
+            # Worded for the environment variable ("SHARD_COUNT must be ..."): when this
+            # instance gave the value, name its field here instead.
+            variable, _, problem = str(exc).partition(" ")
+            if ENV_VARS.get(variable) in overrides:
+                raise SettingsError(f"{here}: settings.{ENV_VARS[variable]}: {problem}") from None
+            raise
         # A value this instance gives is its own, not the environment variable's.
         named = {f: var for f, var in set_in_environment().items() if f not in overrides}
         return build_defs(settings, broker_url(), named=named)

@@ -210,6 +210,11 @@ def test_an_unknown_setting_fails_with_one_line(tmp_path, clean_env, monkeypatch
     cause = failed.value.__cause__
     assert str(cause).startswith(f"{fleet}: settings.shards: not a setting (one of ")
     assert "\n" not in str(cause)
+    # A value the settings refuse is named as the instance's field, not as its variable.
+    fleet.write_text(fleet.read_text().replace("shards:", "shard_count: 0 #"), encoding="utf-8")
+    with pytest.raises(Exception) as failed:
+        _load(project, "badsetting", monkeypatch)
+    assert str(failed.value.__cause__) == f"{fleet}: settings.shard_count: must be at least 1, got 0"
 
 
 def test_a_template_in_an_inline_declaration_fails_with_one_line(tmp_path, clean_env, monkeypatch):
