@@ -22,6 +22,7 @@ staged there or the export published.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from pathlib import Path
@@ -37,27 +38,24 @@ class OtherPipelineError(errors.PathError):
     """The warehouse holds another pipeline's tables."""
 
 
-def ddl(db: str) -> str:
-    """The statement creating the one-row record of the warehouse's pipeline."""
-    return f"CREATE TABLE IF NOT EXISTS {db}.pipeline (name VARCHAR)"
-
-
 def claim(con: duckdb.DuckDBPyConnection, db: str, decl: Declaration | None, shown_path: str,
           tables: tuple[str, ...]) -> None:
     """Record `decl`'s pipeline as the owner of the warehouse attached as `db` if none is,
     refuse another's (OtherPipelineError naming `shown_path`), then make its tables follow
     `decl` (see the module docstring) with `tables`, the statements creating shard_profiles
-    and rejected_rows. Idempotent; on a current warehouse, three reads. None: the tables
+    and rejected_rows. Idempotent; on a current warehouse, two reads. None: the tables
     every pipeline has are attached, and there is nothing to claim."""
     if decl is None:
         return
     own = pipeline.name(decl.path)
-    ducklake.retry_conflicts(lambda: _record(con, db, decl, own, shown_path),
-                             "recording the pipeline")
-    owner = con.execute(f"SELECT min(name) FROM {db}.pipeline").fetchone()[0]
+    owner = _owner(con, db)
+    if owner is None:  # a new warehouse, or one from before the record
+        ducklake.retry_conflicts(lambda: _record(con, db, decl, own, shown_path),
+                                 "recording the pipeline")
+        owner = _owner(con, db)
     if owner != own:
         raise _other(shown_path, f"pipeline {owner!r}", own)
-    if _columns(con, db, "shard_profiles") != _expected(con, decl):
+    if _columns(con, db, "shard_profiles") != _expected(decl):
         ducklake.retry_conflicts(lambda: _reshape(con, db, decl, tables),
                                  "following the declaration")
 
@@ -100,6 +98,10 @@ def _other(shown_path: str, owner: str, own: str, what: str = "tables",
         f"{pipeline.folder(Path('<home>'), '' if own == SHIPPED.stem else own)}/)")
 
 
+def _owner(con: duckdb.DuckDBPyConnection, db: str) -> str | None:
+    return con.execute(f"SELECT min(name) FROM {db}.pipeline").fetchone()[0]
+
+
 def _record(con: duckdb.DuckDBPyConnection, db: str, decl: Declaration, own: str,
             shown_path: str) -> None:
     con.execute("BEGIN")
@@ -114,27 +116,28 @@ def _record(con: duckdb.DuckDBPyConnection, db: str, decl: Declaration, own: str
     con.execute("COMMIT")
 
 
-def _columns(con: duckdb.DuckDBPyConnection, db: str, table: str) -> list[tuple[str, str]]:
-    return [tuple(row) for row in con.execute(
+def _columns(con: duckdb.DuckDBPyConnection, db: str, table: str) -> tuple[tuple[str, str], ...]:
+    """(name, DuckDB type) of each column of `db`.`table`, in order."""
+    return tuple(tuple(row) for row in con.execute(
         "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = ? "
         "AND schema_name = 'main' AND table_name = ? ORDER BY column_index",
-        [db, table]).fetchall()]
+        [db, table]).fetchall())
 
 
-def _expected(con: duckdb.DuckDBPyConnection, decl: Declaration) -> list[tuple[str, str]]:
-    """shard_profiles' columns as DuckDB spells their types (a temp table of the same DDL)."""
+@functools.lru_cache(maxsize=16)
+def _expected(decl: Declaration) -> tuple[tuple[str, str], ...]:
+    """shard_profiles' columns as DuckDB spells their types (a table of the same DDL in a
+    connection of its own), worked out once per process and declaration, not on each attach."""
     columns = ", ".join(f"{name} {sql_type}" for name, sql_type in profile_columns(decl))
-    con.execute(f"CREATE OR REPLACE TEMP TABLE expected_shape ({columns}, shard_count INTEGER)")
-    try:
-        return _columns(con, "temp", "expected_shape")
-    finally:
-        con.execute("DROP TABLE temp.expected_shape")
+    with duckdb.connect() as con:
+        con.execute(f"CREATE TABLE expected_shape ({columns}, shard_count INTEGER)")
+        return _columns(con, "memory", "expected_shape")
 
 
 def _reshape(con: duckdb.DuckDBPyConnection, db: str, decl: Declaration,
              tables: tuple[str, ...]) -> None:
     con.execute("BEGIN")
-    if _columns(con, db, "shard_profiles") != _expected(con, decl):  # not done meanwhile
+    if _columns(con, db, "shard_profiles") != _expected(decl):  # not done meanwhile
         con.execute(f"DROP TABLE {db}.shard_profiles")
         con.execute(f"DELETE FROM {db}.shard_manifest")
         if decl.key not in dict(_columns(con, db, "rejected_rows")):

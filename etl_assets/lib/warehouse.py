@@ -78,6 +78,7 @@ def tables_ddl(decl: Declaration | None) -> tuple[str, ...]:
         f"ALTER TABLE {ALIAS}.profiles_manifest ADD COLUMN IF NOT EXISTS shard_versions VARCHAR",
         # One row that every shard and rejected-rows write updates first (see `_claim`).
         f"CREATE TABLE IF NOT EXISTS {ALIAS}.write_guard AS SELECT CAST(0 AS BIGINT) AS writes",
+        f"CREATE TABLE IF NOT EXISTS {ALIAS}.pipeline (name VARCHAR)",  # whose (ownership)
     )
     if decl is None:
         return shared
@@ -108,8 +109,7 @@ def sql_string(path: str) -> str:
 
 
 def _holder(message: str) -> str:
-    match = _LOCK_HOLDER.search(message)
-    if not match:
+    if not (match := _LOCK_HOLDER.search(message)):
         return "another process"
     pid = match.group(1)
     try:
@@ -196,9 +196,9 @@ def _attach(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float, data_pa
 @contextmanager
 def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float,
              data_path: str = "", decl: Declaration | None = DECLARATION) -> Iterator[str]:
-    """Attach the warehouse to `con` as `wh` for a short write; always detach afterwards.
-    A new warehouse gets the tables of `decl`'s pipeline (None: those of every pipeline),
-    which must own it and whose declaration its tables then follow (`ownership`).
+    """Attach the warehouse to `con` as `wh` for a short write; always detach afterwards. A
+    new one gets `decl`'s tables (None: every pipeline's); `decl`'s pipeline must own it, and
+    its tables follow `decl` (`ownership`).
 
     `path` is a DuckDB file, or a DuckLake catalog with its table data under `data_path`.
     A full disk anywhere inside (ATTACH replaying the WAL, a COMMIT, the CHECKPOINT of DETACH)
@@ -210,7 +210,7 @@ def attached(con: duckdb.DuckDBPyConnection, path: str, timeout_s: float,
         _attach(con, path, timeout_s, data_path)
         try:
             statements = ddl(on_lake, decl)
-            for statement in (*statements, ownership.ddl(ALIAS)):
+            for statement in statements:
                 # Two fresh writers creating the same table conflict on DuckLake; once the
                 # tables exist these statements change nothing and never conflict.
                 ducklake.retry_conflicts(lambda s=statement: con.execute(s), "creating tables")
