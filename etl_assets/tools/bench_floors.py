@@ -21,16 +21,14 @@ import duckdb
 
 from etl_assets.lib import pipeline
 from etl_assets.lib.declaration import Declaration, SourceSchema
+from etl_assets.lib.paths import duckdb_literal
 from etl_assets.lib.rules import install_rules, merge_sql
+from etl_assets.lib.warehouse import sql_string
 
 
 def quote(name: str) -> str:
     """An identifier from the declaration, quoted for SQL."""
     return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def read_types(path: Path, source: SourceSchema) -> dict[str, str]:
@@ -55,7 +53,7 @@ def _read_params(decl: Declaration, data: Path) -> dict[str, object]:
     params: dict[str, object] = {}
     for i, source in enumerate(decl.sources):
         path = data / source.filename
-        params |= {f"file_{i}": str(path), f"types_{i}": read_types(path, source)}
+        params |= {f"file_{i}": duckdb_literal(path), f"types_{i}": read_types(path, source)}
     return params
 
 
@@ -129,8 +127,9 @@ def phase_floors(con: duckdb.DuckDBPyConnection, decl: Declaration, data: Path, 
     times["sources_s"] = time.monotonic() - started
     started = time.monotonic()
     for source in decl.sources:
-        # A view cannot hold a bound parameter: the path goes in as an escaped literal.
-        glob = _literal(f"{staged / source.name}/*/*.parquet")
+        # A view cannot hold a bound parameter: the path goes in as a SQL literal, the folder
+        # (under the user's --out) escaped so that only the slices' own pattern is one.
+        glob = sql_string(f"{duckdb_literal(staged / source.name)}/*/*.parquet")
         con.execute(f"CREATE VIEW {quote(source.name)} AS SELECT * EXCLUDE (shard_id) FROM "
                     f"read_parquet({glob}, hive_partitioning = true)")
     con.execute(f"CREATE TABLE shard_profiles AS {merge_sql(decl)}", {"shard_id": 0})
